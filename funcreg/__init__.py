@@ -1,0 +1,93 @@
+"""funcreg: regularization as pure functions for PyTorch.
+
+Penalties say *which* parameters and *which* regularizer; strengths are data passed at
+call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import prox
+from .eager import (
+    buffers,
+    from_keras,
+    from_sklearn,
+    from_weight_decay,
+    param_groups,
+    params,
+    penalty,
+    prox_,
+)
+from .penalties import (
+    L1,
+    L2,
+    MCP,
+    SCAD,
+    Box,
+    Constraint,
+    ElasticNet,
+    GroupLasso,
+    MaxNorm,
+    NonNegative,
+    Nuclear,
+    Orthogonal,
+    Penalty,
+    SparseGroupLasso,
+    SpectralNorm,
+)
+from .selectors import (
+    Selector,
+    as_selector,
+    biases,
+    by_module,
+    by_name,
+    by_ndim,
+    everything,
+    norm_layers,
+    weights,
+)
+from .spec import Spec, as_spec, penalized
+
+try:
+    __version__ = version("funcreg")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "L1",
+    "L2",
+    "MCP",
+    "SCAD",
+    "Box",
+    "Constraint",
+    "ElasticNet",
+    "GroupLasso",
+    "MaxNorm",
+    "NonNegative",
+    "Nuclear",
+    "Orthogonal",
+    "Penalty",
+    "Selector",
+    "SparseGroupLasso",
+    "Spec",
+    "SpectralNorm",
+    "__version__",
+    "as_selector",
+    "as_spec",
+    "biases",
+    "buffers",
+    "by_module",
+    "by_name",
+    "by_ndim",
+    "everything",
+    "from_keras",
+    "from_sklearn",
+    "from_weight_decay",
+    "norm_layers",
+    "param_groups",
+    "params",
+    "penalized",
+    "penalty",
+    "prox",
+    "prox_",
+    "weights",
+]

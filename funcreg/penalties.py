@@ -1,0 +1,586 @@
+"""Penalties: small frozen dataclasses that say *what* a regularizer is, never how strong.
+
+Every penalty ``Ω`` has
+
+* ``select`` — its first positional argument: which parameters it touches (a selector,
+  a glob string or a list of them; default :func:`~funcreg.weights`, i.e. ``ndim >= 2``);
+* ``value(w)`` — ``Ω(w)`` at unit strength;
+* ``penalty(w, s)`` — the term as it enters the objective, ``s·Ω(w)`` (MCP and SCAD,
+  whose strength is the λ inside the formula, override it);
+* ``prox(w, t)`` — ``argmin_y ½‖w − y‖² + t·Ω(y)`` where a closed form exists
+  (``has_prox``), and ``prox_step(w, lr, s)`` — the prox of ``lr·s·Ω`` used by training;
+* ``smooth`` — whether it goes through the gradient (``spec.smooth()``) or through its prox
+  (``spec.nonsmooth()``).
+
+Two options on every penalty:
+
+* ``toward=`` — a tensor or a ``{name: tensor}`` dict of reference weights: the penalty
+  acts on ``w − w_ref`` (L2-SP: stay close to pretrained weights). Its prox is
+  ``w_ref + prox(w − w_ref)``.
+* ``weight=`` — per-coordinate (separable penalties) or per-group (group penalties)
+  non-negative factors ``c``, a tensor or a ``{name: tensor}`` dict; names missing from a
+  dict get factor 1 (glmnet's ``penalty.factor``, adaptive lasso).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import prox as P
+from .selectors import Selector, SelectorLike, as_selector
+
+Ref = Tensor | Mapping[str, Tensor] | float | None
+Dim = int | tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Penalty:
+    """Base class of all penalties (see the module docstring for the protocol)."""
+
+    select: SelectorLike | None = None
+    _: KW_ONLY
+    toward: Ref = None
+    weight: Ref = None
+
+    smooth: ClassVar[bool] = True
+    has_prox: ClassVar[bool] = False
+    is_constraint: ClassVar[bool] = False
+    min_ndim: ClassVar[int] = 0
+    min_ndim_reason: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "select", as_selector(self.select))
+        name = type(self).__name__
+        if isinstance(self.weight, Mapping):
+            for k, v in self.weight.items():
+                _checks.check_factor_values(name, torch.as_tensor(v), f" for {k!r}")
+        elif self.weight is not None:
+            _checks.check_factor_values(name, torch.as_tensor(self.weight))
+
+    @property
+    def selector(self) -> Selector:
+        assert isinstance(self.select, Selector)
+        return self.select
+
+    # -- kernels: override these, on the shifted tensor d = w - w_ref and factor c ------
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form proximal operator; "
+            "put it in spec.smooth() (gradient) instead"
+        )
+
+    def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
+        """The shape ``weight=`` factors must broadcast to (elementwise by default)."""
+        return tuple(w.shape)
+
+    # -- resolution of toward= and weight= for one parameter -----------------------------
+    def reference(self, name: str | None) -> Tensor | None:
+        return _lookup(self.toward, name, missing_ok=False)
+
+    def factor(self, name: str | None) -> Tensor | None:
+        return _lookup(self.weight, name, missing_ok=True)
+
+    def _shift(self, w: Tensor, name: str | None) -> Tensor:
+        ref = self.reference(name)
+        return w if ref is None else w - ref.to(w.dtype)
+
+    def _c(self, w: Tensor, name: str | None) -> Tensor | None:
+        c = self.factor(name)
+        return None if c is None else c.to(w.dtype)
+
+    # -- public protocol ------------------------------------------------------------------
+    def value(self, w: Tensor, name: str | None = None) -> Tensor:
+        """``Ω(w)`` at unit strength (``name`` resolves dict-valued ``toward``/``weight``)."""
+        return self._value(self._shift(w, name), self._c(w, name))
+
+    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
+        """The term in the objective: ``strength · Ω(w)``."""
+        return strength * self.value(w, name)
+
+    def prox(self, w: Tensor, t: Tensor | float, name: str | None = None) -> Tensor:
+        """``argmin_y ½‖w − y‖² + t·Ω(y)`` (with ``toward=``: ``w_ref + prox(w − w_ref)``)."""
+        ref = self.reference(name)
+        c = self._c(w, name)
+        if ref is None:
+            return self._prox(w, t, c)
+        ref = ref.to(w.dtype)
+        return ref + self._prox(w - ref, t, c)
+
+    def prox_step(
+        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
+    ) -> Tensor:
+        """The proximal step of training: ``prox`` of ``lr · strength · Ω``."""
+        return self.prox(w, lr * strength, name)
+
+    def check(self, term: str, name: str, w: Tensor) -> None:
+        """Static checks of this penalty against one selected parameter (eager)."""
+        if w.dim() < self.min_ndim:
+            _checks.check_min_ndim(
+                term, type(self).__name__, name, w, self.min_ndim, self.min_ndim_reason
+            )
+        ref = self.reference(name)
+        if ref is not None:
+            _checks.check_toward(term, name, w, ref)
+        c = self.factor(name)
+        if c is not None:
+            _checks.check_weight(term, name, w, c, self._factor_shape(w))
+
+    def check_names(self, term: str, selected: list[str]) -> None:
+        if isinstance(self.toward, Mapping):
+            _checks.check_toward_names(term, list(self.toward), selected)
+
+    def __repr__(self) -> str:
+        parts = [repr(self.select)]
+        for f in fields(self):
+            if f.name in ("select", "_"):
+                continue
+            v = getattr(self, f.name)
+            if f.name in ("toward", "weight"):
+                if v is not None:
+                    parts.append(f"{f.name}=<{type(v).__name__}>")
+            else:
+                parts.append(f"{f.name}={v!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _lookup(ref: Ref, name: str | None, *, missing_ok: bool) -> Tensor | None:
+    if ref is None:
+        return None
+    if isinstance(ref, Mapping):
+        if name is None:
+            raise ValueError("this penalty has dict-valued toward=/weight=: pass name=")
+        if name not in ref:
+            if missing_ok:
+                return None
+            raise KeyError(name)
+        return torch.as_tensor(ref[name])
+    return torch.as_tensor(ref)
+
+
+def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
+    return x if c is None else x * c
+
+
+_P = TypeVar("_P", bound=type)
+
+
+def _penalty(cls: _P) -> _P:
+    """Make ``cls`` a frozen dataclass whose ``__init__`` gives helpful keyword errors."""
+    cls = dataclass(frozen=True, eq=False, repr=False)(cls)
+    init: Callable[..., None] = cls.__init__  # type: ignore[misc]
+    allowed = [f.name for f in fields(cls) if f.name != "_"]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "strength" in kwargs or "alpha" in kwargs or "lam" in kwargs:
+            raise TypeError(
+                f"{cls.__name__} takes no strength: a penalty says what, the strength is data "
+                "passed at call time, e.g. penalized(loss, Spec(l1=L1()))(params, {'l1': 1e-3})"
+            )
+        _checks.check_keyword(cls.__name__, kwargs, allowed)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+# ---------------------------------------------------------------------------------------
+# Separable penalties
+# ---------------------------------------------------------------------------------------
+
+
+@_penalty
+class L1(Penalty):
+    """Lasso: ``Ω(w) = Σ_i c_i |w_i|``; prox: soft-thresholding ``sign(w)·max(|w| − t c, 0)``.
+
+    Equivalents: Keras ``L1(l)`` = strength ``l``; the hand-written ``l * p.abs().sum()``
+    = strength ``l``; scikit-learn ``Lasso(alpha)`` with data term ``1/(2n)‖y − Xw‖²``
+    = strength ``alpha``.
+    """
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return _scaled(d.abs(), c).sum()
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return P.soft_threshold(d, _scaled_step(t, c))
+
+
+@_penalty
+class L2(Penalty):
+    """Ridge / weight decay: ``Ω(w) = ½ Σ_i c_i w_i²``, gradient ``c·w``; prox ``w/(1 + t c)``.
+
+    Strength ``λ`` is exactly ``torch.optim.SGD(weight_decay=λ)``. Keras ``L2(l)`` and the
+    hand-written ``l * p.pow(2).sum()`` are strength ``2l`` (see :func:`fr.from_keras`);
+    scikit-learn ``Ridge(alpha)`` (data term ``‖y − Xw‖²``) is strength ``2·alpha`` on
+    ``½‖y − Xw‖²``.
+    """
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return 0.5 * _scaled(d.square(), c).sum()
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return P.ridge_shrink(d, _scaled_step(t, c))
+
+    has_prox: ClassVar[bool] = True
+
+
+@_penalty
+class ElasticNet(Penalty):
+    """``Ω(w) = r Σ c|w| + (1 − r)/2 Σ c w²`` with ``r = l1_ratio``;
+    prox ``soft(w, t r c) / (1 + t (1 − r) c)``.
+
+    With data term ``1/(2n)‖y − Xw‖²`` and strength ``α`` its minimiser is
+    ``sklearn.linear_model.ElasticNet(alpha=α, l1_ratio=r)``.
+    """
+
+    l1_ratio: float = 0.5
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.l1_ratio <= 1.0:
+            raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {self.l1_ratio}")
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        r = self.l1_ratio
+        return _scaled(r * d.abs() + 0.5 * (1 - r) * d.square(), c).sum()
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return P.elastic_net_prox(d, _scaled_step(t, c), self.l1_ratio)
+
+
+def _scaled_step(t: Tensor | float, c: Tensor | None) -> Tensor | float:
+    return t if c is None else t * c
+
+
+# ---------------------------------------------------------------------------------------
+# Group penalties
+# ---------------------------------------------------------------------------------------
+
+
+def _as_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    return tuple(sorted(d % ndim for d in dims))
+
+
+def _group_size(w: Tensor, dims: tuple[int, ...]) -> int:
+    return math.prod(w.shape[d] for d in dims)
+
+
+@_penalty
+class GroupLasso(Penalty):
+    """``Ω(w) = Σ_g c_g √|g| ‖w_g‖₂``; the norm is taken over ``dim``, so groups are indexed
+    by the remaining axes. For an ``nn.Linear`` weight ``(out, in)``: ``dim=0`` (default)
+    gives one group per *input feature* (feature selection, LassoNet), ``dim=1`` one group
+    per output unit. ``|g|`` is the group size. Prox: block soft-thresholding
+    ``w_g · max(1 − t c_g √|g| / ‖w_g‖, 0)``. ``weight=`` is per group (it broadcasts
+    against the norms taken with ``keepdim=True``).
+    """
+
+    dim: Dim = 0
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+    min_ndim: ClassVar[int] = 2
+    min_ndim_reason: ClassVar[str] = "a group is a slice along the axes not in dim"
+
+    def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
+        dims = _as_dims(self.dim, w.dim())
+        return tuple(1 if i in dims else s for i, s in enumerate(w.shape))
+
+    def _group_scale(self, d: Tensor, c: Tensor | None) -> Tensor | float:
+        root = math.sqrt(_group_size(d, _as_dims(self.dim, d.dim())))
+        return root if c is None else root * c
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        dims = _as_dims(self.dim, d.dim())
+        norms = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+        return (self._group_scale(d, c) * norms).sum()
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        dims = _as_dims(self.dim, d.dim())
+        return P.group_shrink(d, t * self._group_scale(d, c), dims)
+
+
+@_penalty
+class SparseGroupLasso(GroupLasso):
+    """``Ω(w) = r Σ_i c|w_i| + (1 − r) Σ_g c_g √|g| ‖w_g‖₂`` (Simon et al. 2013), groups as
+    in :class:`GroupLasso`. Prox: soft-threshold, then block-shrink (exact for this sum)."""
+
+    l1_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.l1_ratio <= 1.0:
+            raise ValueError(f"SparseGroupLasso: l1_ratio must be in [0, 1], got {self.l1_ratio}")
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        r = self.l1_ratio
+        return r * _scaled(d.abs(), c).sum() + (1 - r) * super()._value(d, c)
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        r = self.l1_ratio
+        return super()._prox(P.soft_threshold(d, _scaled_step(t * r, c)), t * (1 - r), c)
+
+
+# ---------------------------------------------------------------------------------------
+# Matrix penalties (tensors with > 2 dims are seen as w.reshape(w.shape[0], -1))
+# ---------------------------------------------------------------------------------------
+
+
+def _matrix(w: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+class _MatrixPenalty(Penalty):
+    min_ndim: ClassVar[int] = 2
+    min_ndim_reason: ClassVar[str] = "it is a matrix penalty"
+
+    def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
+        return ()
+
+
+@_penalty
+class Nuclear(_MatrixPenalty):
+    """Nuclear (trace) norm ``Ω(W) = c Σ_i σ_i(W)``, a convex low-rank penalty; prox:
+    singular value thresholding ``U diag(max(σ − t c, 0)) Vᵀ``. Costs an SVD (~40× an L1)."""
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord="nuc"), c)
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return P.svd_threshold(d, _scaled_step(t, c))
+
+
+@_penalty
+class SpectralNorm(_MatrixPenalty):
+    """``Ω(W) = c σ_max(W)²`` (squared spectral norm; smooth wherever the top singular value
+    is simple). Goes through the gradient."""
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square(), c)
+
+
+@_penalty
+class Orthogonal(_MatrixPenalty):
+    """Keras ``OrthogonalRegularizer``: with ``Ŵ`` the rows (``mode="rows"``) or columns
+    (``mode="columns"``) of ``W`` normalised to unit norm and ``G = Ŵ Ŵᵀ`` (``m×m``),
+
+    ``Ω(W) = c · ½ Σ_{i≠j} |G_ij| / (m(m−1)/2)``.
+
+    Strength = Keras ``factor``. Keras kernels are ``(in, out)``, torch weights
+    ``(out, in)``: Keras ``mode="rows"`` on a Dense layer is ``mode="columns"`` here.
+    """
+
+    mode: str = "rows"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("rows", "columns"):
+            raise ValueError(f"Orthogonal: mode must be 'rows' or 'columns', got {self.mode!r}")
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        m = _matrix(d)
+        if self.mode == "columns":
+            m = m.T
+        u = torch.nn.functional.normalize(m, dim=1, eps=1e-6)
+        g = u @ u.T
+        size = g.shape[0]
+        off = g * (1 - torch.eye(size, dtype=g.dtype, device=g.device))
+        pairs = max(size * (size - 1) / 2, 1.0)
+        return _scaled(0.5 * off.abs().sum() / pairs, c)
+
+
+# ---------------------------------------------------------------------------------------
+# Nonconvex penalties: the strength is the λ inside the formula
+# ---------------------------------------------------------------------------------------
+
+
+@_penalty
+class MCP(Penalty):
+    """Minimax concave penalty (Zhang 2010), strength ``λ``, concavity ``γ > 1``:
+
+    ``p(w) = λ|w| − w²/(2γ)`` if ``|w| ≤ γλ``, else ``γλ²/2``; ``Ω = Σ_i p(w_i)`` with
+    ``λ_i = λ c_i``. ``value(w)`` is at ``λ = 1``. Prox (firm thresholding, needs
+    ``γ > lr``): ``soft(w, lr λ)/(1 − lr/γ)`` inside ``|w| ≤ γλ``, ``w`` outside.
+    """
+
+    gamma: float = 3.0
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.gamma > 1:
+            raise ValueError(f"MCP: gamma must be > 1, got {self.gamma}")
+
+    def _mcp(self, d: Tensor, lam: Tensor | float) -> Tensor:
+        a = d.abs()
+        inside = lam * a - a.square() / (2 * self.gamma)
+        return torch.where(a <= self.gamma * lam, inside, 0.5 * self.gamma * lam * lam)
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return self._mcp(d, 1.0 if c is None else c).sum()
+
+    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
+        c = self._c(w, name)
+        return self._mcp(self._shift(w, name), _scaled_step(strength, c)).sum()
+
+    def prox_step(
+        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
+    ) -> Tensor:
+        if isinstance(lr, (int, float)) and not lr < self.gamma:
+            raise ValueError(f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}")
+        ref = self.reference(name)
+        lam = _scaled_step(strength, self._c(w, name))
+        d = self._shift(w, name)
+        out = P.mcp_prox(d, lr, lam, self.gamma)
+        return out if ref is None else out + ref.to(w.dtype)
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        # prox of t·Ω with Ω at λ = 1: step t, λ = c (or 1)
+        return P.mcp_prox(d, t, 1.0 if c is None else c, self.gamma)
+
+
+@_penalty
+class SCAD(Penalty):
+    """Smoothly clipped absolute deviation (Fan & Li 2001), strength ``λ``, ``a > 2``:
+
+    ``p(w) = λ|w|`` if ``|w| ≤ λ``; ``(2aλ|w| − w² − λ²) / (2(a − 1))`` if ``λ < |w| ≤ aλ``;
+    ``λ²(a + 1)/2`` otherwise. ``value(w)`` is at ``λ = 1``. Prox needs ``a > 1 + lr``.
+    """
+
+    a: float = 3.7
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.a > 2:
+            raise ValueError(f"SCAD: a must be > 2, got {self.a}")
+
+    def _scad(self, d: Tensor, lam: Tensor | float) -> Tensor:
+        x = d.abs()
+        a = self.a
+        mid = (2 * a * lam * x - x.square() - lam * lam) / (2 * (a - 1))
+        big = 0.5 * lam * lam * (a + 1)
+        return torch.where(x <= lam, lam * x, torch.where(x <= a * lam, mid, big))
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return self._scad(d, 1.0 if c is None else c).sum()
+
+    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
+        c = self._c(w, name)
+        return self._scad(self._shift(w, name), _scaled_step(strength, c)).sum()
+
+    def prox_step(
+        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
+    ) -> Tensor:
+        if isinstance(lr, (int, float)) and not self.a > 1 + lr:
+            raise ValueError(f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}")
+        ref = self.reference(name)
+        lam = _scaled_step(strength, self._c(w, name))
+        out = P.scad_prox(self._shift(w, name), lr, lam, self.a)
+        return out if ref is None else out + ref.to(w.dtype)
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return P.scad_prox(d, t, 1.0 if c is None else c, self.a)
+
+
+# ---------------------------------------------------------------------------------------
+# Constraints: no strength, no value, only a projection
+# ---------------------------------------------------------------------------------------
+
+
+class Constraint(Penalty):
+    """A constraint set ``C``: ``value`` is 0 (the indicator of ``C`` on feasible points),
+    ``prox`` is the Euclidean projection onto ``C`` whatever the step. Needs no strength."""
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+    is_constraint: ClassVar[bool] = True
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return d.new_zeros(())
+
+    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
+        return w.new_zeros(())
+
+    def _project(self, d: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        return self._project(d)
+
+    def prox_step(
+        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
+    ) -> Tensor:
+        return self.prox(w, 0.0, name)
+
+
+@_penalty
+class NonNegative(Constraint):
+    """``w ≥ 0`` (with ``toward=``: ``w ≥ w_ref``); projection ``max(w, 0)``. Like Keras
+    ``NonNeg`` and scikit-learn's ``positive=True``."""
+
+    def _project(self, d: Tensor) -> Tensor:
+        return P.project_nonnegative(d)
+
+
+@_penalty
+class Box(Constraint):
+    """``lo ≤ w ≤ hi`` elementwise (with ``toward=``: ``lo ≤ w − w_ref ≤ hi``);
+    projection ``clamp(w, lo, hi)``."""
+
+    lo: float = -1.0
+    hi: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lo <= self.hi:
+            raise ValueError(f"Box: needs lo <= hi, got lo={self.lo}, hi={self.hi}")
+
+    def _project(self, d: Tensor) -> Tensor:
+        return P.project_box(d, self.lo, self.hi)
+
+
+@_penalty
+class MaxNorm(Constraint):
+    """Keras ``MaxNorm``: ``‖w_g‖₂ ≤ max_value`` for every group, the norm over ``dim``.
+    ``dim=None`` (default) means all axes but 0: each output unit's incoming weights for
+    ``nn.Linear (out, in)`` and ``nn.Conv* (out, in, *k)`` — Keras' default ``axis=0`` on
+    its ``(in, out)`` kernel. Projection ``w_g · min(1, max_value/‖w_g‖)``."""
+
+    max_value: float = 2.0
+    dim: Dim | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.max_value >= 0:
+            raise ValueError(f"MaxNorm: max_value must be >= 0, got {self.max_value}")
+
+    def _project(self, d: Tensor) -> Tensor:
+        dims = tuple(range(1, d.dim())) if self.dim is None else _as_dims(self.dim, d.dim())
+        if not dims:
+            dims = (0,)
+        return P.project_max_norm(d, self.max_value, dims)

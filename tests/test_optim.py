@@ -1,0 +1,361 @@
+"""Tests for funcreg.optim: reference checks against torch.optim, vmap, compile, properties."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from funcreg import optim
+from funcreg.optim import AdamState, MissingHyperparameterError, SGDState, adam, adamw, sgd
+
+DTYPE = torch.float64
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def _no_vmap_fallback():
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = DTYPE) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(3, 4, generator=gen, dtype=dtype),
+        "b": torch.randn(4, generator=gen, dtype=dtype),
+    }
+
+
+def grad_fn(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradient of a smooth non-quadratic objective, so trajectories depend on the params."""
+    return {k: 0.7 * (p - 0.5) + 0.3 * torch.sin(3 * p) for k, p in params.items()}
+
+
+# (factory, torch class, our kwargs, torch kwargs)
+SGD_CASES: list[dict[str, Any]] = [
+    {"lr": 0.1},
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.05, "momentum": 0.9, "dampening": 0.3},
+    {"lr": 0.05, "momentum": 0.8, "nesterov": True},
+    {"lr": 0.05, "momentum": 0.5, "nesterov": True, "weight_decay": 0.1},
+    {"lr": 0.1, "momentum": 0.0, "dampening": 0.5, "weight_decay": 0.01},
+    {"lr": 0.0, "momentum": 0.9},
+]
+ADAM_CASES: list[dict[str, Any]] = [
+    {"lr": 0.05},
+    {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+    {"lr": 0.02, "weight_decay": 0.1},
+    {"lr": 0.1, "betas": (0.0, 0.5), "eps": 1e-3, "weight_decay": 0.01},
+]
+ADAMW_CASES: list[dict[str, Any]] = [
+    {"lr": 0.05},
+    {"lr": 0.05, "weight_decay": 0.3},
+    {"lr": 0.1, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.0},
+]
+CASES = (
+    [("sgd", kw) for kw in SGD_CASES]
+    + [("adam", kw) for kw in ADAM_CASES]
+    + [("adamw", kw) for kw in ADAMW_CASES]
+)
+FACTORIES: dict[str, tuple[Callable[..., optim.Optimizer], type[torch.optim.Optimizer]]] = {
+    "sgd": (sgd, torch.optim.SGD),
+    "adam": (adam, torch.optim.Adam),
+    "adamw": (adamw, torch.optim.AdamW),
+}
+
+
+def as_names(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Replace every numeric hyperparameter by a name; return the kwargs and the hyper dict."""
+    named: dict[str, Any] = {}
+    hyper: dict[str, torch.Tensor] = {}
+    for key, value in kwargs.items():
+        if key == "betas":
+            named[key] = ("beta1", "beta2")
+            hyper["beta1"] = torch.tensor(value[0], dtype=DTYPE)
+            hyper["beta2"] = torch.tensor(value[1], dtype=DTYPE)
+        elif key == "nesterov":
+            named[key] = value
+        else:
+            named[key] = key
+            hyper[key] = torch.tensor(value, dtype=DTYPE)
+    return named, hyper
+
+
+def torch_trajectory(kind: str, kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    tparams = {k: torch.nn.Parameter(v.clone()) for k, v in make_params().items()}
+    opt = FACTORIES[kind][1](list(tparams.values()), **kwargs)
+    out = []
+    for _ in range(STEPS):
+        grads = grad_fn({k: p.detach() for k, p in tparams.items()})
+        for k, p in tparams.items():
+            p.grad = grads[k]
+        opt.step()
+        out.append({k: p.detach().clone() for k, p in tparams.items()})
+    return out
+
+
+@pytest.mark.parametrize("by_name", [False, True], ids=["numbers", "names"])
+@pytest.mark.parametrize(("kind", "kwargs"), CASES, ids=[f"{k}-{kw}" for k, kw in CASES])
+def test_matches_torch_optim(kind: str, kwargs: dict[str, Any], by_name: bool) -> None:
+    expected = torch_trajectory(kind, kwargs)
+    ours_kwargs, hyper = as_names(kwargs) if by_name else (kwargs, {})
+    opt = FACTORIES[kind][0](**ours_kwargs)
+    assert opt.hyperparams == frozenset(hyper)
+    params = make_params()
+    state = opt.init(params)
+    for t in range(STEPS):
+        params, state = opt.step(grad_fn(params), state, params, hyper)
+        for k in params:
+            torch.testing.assert_close(params[k], expected[t][k], rtol=0, atol=1e-12)
+    assert state.count.dtype.is_floating_point and state.count.ndim == 0
+    assert float(state.count) == STEPS
+
+
+def test_float32_close_to_torch() -> None:
+    tparams = {k: torch.nn.Parameter(v) for k, v in make_params(dtype=torch.float32).items()}
+    ref = torch.optim.Adam(list(tparams.values()), lr=0.05, weight_decay=0.1)
+    opt = adam(lr=0.05, weight_decay=0.1)
+    params = make_params(dtype=torch.float32)
+    state = opt.init(params)
+    for _ in range(STEPS):
+        for k, p in tparams.items():
+            p.grad = grad_fn({k: p.detach()})[k]
+        ref.step()
+        params, state = opt.step(grad_fn(params), state, params, {})
+    for k, p in params.items():
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, tparams[k].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_step_is_pure() -> None:
+    for opt in (sgd(0.1, momentum=0.9, weight_decay=0.1), adam(0.1), adamw(0.1)):
+        params = make_params()
+        grads = grad_fn(params)
+        state = opt.init(params)
+        snapshot = tree_map(torch.clone, (params, grads, state))
+        opt.step(grads, state, params, {})
+        for a, b in zip(tree_flatten((params, grads, state))[0], tree_flatten(snapshot)[0]):
+            assert torch.equal(a, b)
+
+
+def test_state_is_a_tensor_pytree() -> None:
+    params = make_params()
+    s = sgd(0.1, momentum=0.9).init(params)
+    assert isinstance(s, SGDState) and set(s.momentum_buffer) == set(params)
+    assert sgd(0.1).init(params).momentum_buffer == {}
+    a = adam().init(params)
+    assert isinstance(a, AdamState)
+    leaves = tree_flatten(a)[0]
+    assert all(isinstance(leaf, torch.Tensor) for leaf in leaves) and len(leaves) == 5
+    assert a.count.ndim == 0 and a.count.dtype.is_floating_point
+
+
+# --------------------------------------------------------------------------- vmap
+
+
+VMAP_CASES = [
+    ("adam", {"lr": "lr"}, {}),
+    ("adamw", {"lr": "lr", "weight_decay": "wd"}, {}),
+    ("sgd", {"lr": "lr", "momentum": "mom", "dampening": 0.2}, {}),
+    ("sgd", {"lr": "lr", "momentum": 0.9, "nesterov": True}, {}),
+]
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "_"), VMAP_CASES)
+def test_vmap_over_named_hyper_equals_separate_runs(
+    kind: str, kwargs: dict[str, Any], _: Any
+) -> None:
+    k = 4
+    hyper = {
+        "lr": torch.tensor([0.0, 0.01, 0.05, 0.2], dtype=DTYPE),
+        "wd": torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=DTYPE),
+        "mom": torch.tensor([0.0, 0.5, 0.9, 0.99], dtype=DTYPE),
+    }
+    opt = FACTORIES[kind][0](**kwargs)
+    hyper = {n: v for n, v in hyper.items() if n in opt.hyperparams}
+    assert set(hyper) == opt.hyperparams
+    singles = [make_params(seed=i) for i in range(k)]
+    stacked = {n: torch.stack([p[n] for p in singles]) for n in singles[0]}
+    state = vmap(opt.init)(stacked)
+    assert state.count.shape == (k,)
+    vstep = vmap(opt.step)
+    for _step in range(5):
+        stacked, state = vstep(grad_fn(stacked), state, stacked, hyper)
+    for i in range(k):
+        params = singles[i]
+        s = opt.init(params)
+        h = {n: v[i] for n, v in hyper.items()}
+        for _step in range(5):
+            params, s = opt.step(grad_fn(params), s, params, h)
+        for n in params:
+            torch.testing.assert_close(stacked[n][i], params[n], rtol=0, atol=1e-13)
+    torch.testing.assert_close(vmap(opt.learning_rate)(hyper), hyper["lr"])
+
+
+def test_hypergradient_through_step() -> None:
+    opt = sgd("lr")
+    params = make_params()
+    grads = grad_fn(params)
+    state = opt.init(params)
+
+    def new_w_sum(lr: torch.Tensor) -> torch.Tensor:
+        new, _ = opt.step(grads, state, params, {"lr": lr})
+        return new["w"].sum()
+
+    d = grad(new_w_sum)(torch.tensor(0.1, dtype=DTYPE))
+    torch.testing.assert_close(d, -grads["w"].sum())
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_vmapped_adam() -> None:
+    opt = adam(lr="lr", weight_decay=0.01)
+    stacked = {"w": torch.randn(3, 2, 2, dtype=DTYPE)}
+    hyper = {"lr": torch.tensor([0.01, 0.1, 0.3], dtype=DTYPE)}
+    state = vmap(opt.init)(stacked)
+    compiled = torch.compile(vmap(opt.step), fullgraph=True)
+    eager = vmap(opt.step)
+    p_c, s_c, p_e, s_e = stacked, state, stacked, state
+    for _ in range(3):
+        p_c, s_c = compiled(grad_fn(p_c), s_c, p_c, hyper)
+        p_e, s_e = eager(grad_fn(p_e), s_e, p_e, hyper)
+    torch.testing.assert_close(p_c, p_e, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s_c.count, s_e.count)
+
+
+# --------------------------------------------------------------------------- names and errors
+
+
+def test_hyperparams_lists_exactly_the_names() -> None:
+    assert sgd(0.1).hyperparams == frozenset()
+    assert sgd("lr", momentum="m", dampening=0.1, weight_decay="l2").hyperparams == {
+        "lr",
+        "m",
+        "l2",
+    }
+    assert adam(lr="lr").hyperparams == {"lr"}
+    assert adam(betas=("b1", 0.99), eps="eps").hyperparams == {"b1", "eps"}
+    assert adamw(weight_decay="wd").hyperparams == {"wd"}
+    assert adamw().hyperparams == frozenset()
+
+
+def test_resolve_and_learning_rate() -> None:
+    assert optim.resolve(0.5, {}) == 0.5
+    lr = torch.tensor(0.3)
+    assert optim.resolve("lr", {"lr": lr}) is lr
+    assert adam(0.02).learning_rate({}) == 0.02
+    assert adam("lr").learning_rate({"lr": lr}) is lr
+
+
+def test_missing_name_raises_helpful_error() -> None:
+    opt = adam(lr="lr")
+    params = make_params()
+    msg = (
+        r"optimizer hyperparameter 'lr' is not in the hyperparameters dict "
+        r"\(available: 'l1', 'l2'\); pass it in the grid/strengths or give a number"
+    )
+    with pytest.raises(MissingHyperparameterError, match=msg):
+        opt.step(grad_fn(params), opt.init(params), params, {"l1": 1.0, "l2": 2.0})
+    with pytest.raises(KeyError, match=msg):
+        opt.learning_rate({"l1": 1.0, "l2": 2.0})
+    with pytest.raises(ValueError, match="available: none"):
+        optim.resolve("lr", {})
+    with pytest.raises(ValueError, match="Did you mean 'lr'"):
+        optim.resolve("Lr", {"lr": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: sgd(-0.1), r"sgd: lr must be a finite number >= 0, got -0\.1"),
+        (lambda: sgd(math.nan), r"sgd: lr must be a finite number >= 0, got nan"),
+        (lambda: adam(math.inf), r"adam: lr must be a finite number >= 0, got inf"),
+        (lambda: sgd(0.1, momentum=-0.5), r"momentum must be a finite number >= 0, got -0\.5"),
+        (lambda: sgd(0.1, weight_decay=-1), r"weight_decay must be .*>= 0, got -1\.0"),
+        (lambda: sgd(0.1, nesterov=True), r"nesterov=True requires momentum > 0"),
+        (
+            lambda: sgd(0.1, momentum=0.9, dampening=0.1, nesterov=True),
+            r"nesterov=True requires dampening == 0, got dampening=0\.1",
+        ),
+        (lambda: adam(betas=(1.0, 0.9)), r"adam: betas\[0\] must be a number in \[0, 1\)"),
+        (lambda: adamw(betas=(0.9, -0.1)), r"adamw: betas\[1\] must be .*got -0\.1"),
+        (lambda: adam(eps=0.0), r"adam: eps must be a finite number > 0, got 0\.0"),
+        (lambda: adamw(weight_decay=-0.01), r"adamw: weight_decay must be .*got -0\.01"),
+        (lambda: adam(lr=""), r"adam: lr is an empty string"),
+    ],
+)
+def test_bad_numbers_raise_value_error(make: Callable[[], Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_types_raise_type_error() -> None:
+    with pytest.raises(TypeError, match=r"lr must be a number or the name"):
+        adam(lr=torch.tensor(0.1))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"lr must be a number or the name"):
+        sgd(True)
+    with pytest.raises(TypeError, match=r"betas must be a pair"):
+        adam(betas=(0.9,))  # type: ignore[arg-type]
+
+
+def test_bad_number_from_hyper_dict_and_key_mismatch() -> None:
+    opt = sgd("lr")
+    params = make_params()
+    with pytest.raises(ValueError, match=r"lr must be .* got -1\.0 \(from hyperparameters\['lr'\]"):
+        opt.step(grad_fn(params), opt.init(params), params, {"lr": -1.0})
+    grads = grad_fn(params)
+    del grads["b"]
+    with pytest.raises(ValueError, match=r"same keys; missing from grads: \['b'\]"):
+        opt.step(grads, opt.init(params), params, {"lr": 0.1})
+
+
+# --------------------------------------------------------------------------- properties
+
+finite = st.floats(-1e3, 1e3, allow_nan=False)
+unit = st.floats(0.0, 0.999)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(finite, min_size=1, max_size=6),
+    momentum=unit,
+    weight_decay=st.floats(0.0, 10.0),
+    nesterov=st.booleans(),
+)
+def test_sgd_lr_zero_is_identity(
+    values: list[float], momentum: float, weight_decay: float, nesterov: bool
+) -> None:
+    opt = sgd(0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0)
+    params = {"p": torch.tensor(values, dtype=DTYPE)}
+    state = opt.init(params)
+    for _ in range(2):
+        new, state = opt.step(grad_fn(params), state, params, {})
+        assert torch.equal(new["p"], params["p"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    grads=st.lists(finite, min_size=1, max_size=6),
+    lr=st.floats(1e-6, 1.0),
+    beta1=unit,
+    beta2=unit,
+    decoupled=st.booleans(),
+)
+def test_adam_first_step_bounded_by_lr(
+    grads: list[float], lr: float, beta1: float, beta2: float, decoupled: bool
+) -> None:
+    # at t = 1 the bias-corrected moments are g and g², so |Δw| = lr |g| / (|g| + eps) <= lr
+    opt = (adamw if decoupled else adam)(lr="lr", betas=(beta1, beta2), weight_decay=0.0)
+    params = {"p": torch.zeros(len(grads), dtype=DTYPE)}
+    g = {"p": torch.tensor(grads, dtype=DTYPE)}
+    new, _ = opt.step(g, opt.init(params), params, {"lr": torch.tensor(lr, dtype=DTYPE)})
+    assert torch.all(new["p"].abs() <= lr * (1 + 1e-12))
+    assert torch.all(torch.sign(new["p"]) == -torch.sign(g["p"]))
