@@ -118,8 +118,9 @@ def resolve(value: HyperValue, hyper: Hyper | None) -> Tensor | float:
         return value
     if hyper is None or value not in hyper:
         available = sorted(hyper) if hyper is not None else []
-        close = difflib.get_close_matches(value, [str(k) for k in available], n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        lowered = {str(k).lower(): k for k in available}
+        close = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+        hint = f" Did you mean {lowered[close[0]]!r}?" if close else ""
         raise MissingHyperparameterError(
             f"optimizer hyperparameter {value!r} is not in the hyperparameters dict "
             f"(available: {', '.join(map(repr, available)) or 'none'}); pass it in the "
@@ -174,9 +175,9 @@ def _get(opt: str, arg: str, value: HyperValue, hyper: Hyper | None, rule: _Rule
     return resolved
 
 
-def _is_zero(value: HyperValue) -> bool:
-    """True when ``value`` is the number 0 (a name is never statically zero)."""
-    return not isinstance(value, str) and value == 0
+def _is_zero(value: HyperValue | Tensor) -> bool:
+    """True when ``value`` is the number 0 (a name or a tensor is never statically zero)."""
+    return _is_number(value) and value == 0
 
 
 def _names(*values: HyperValue) -> frozenset[str]:

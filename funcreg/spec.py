@@ -23,7 +23,7 @@ from .penalties import Penalty
 
 Params = Mapping[str, Tensor]
 Strengths = Mapping[str, Any]
-SpecLike = "Spec | Mapping[str, Penalty]"
+RESERVED = ("loss", "penalty", "objective")
 
 
 class Spec(Mapping[str, Penalty]):
@@ -44,6 +44,10 @@ class Spec(Mapping[str, Penalty]):
         for k, v in merged.items():
             if not isinstance(k, str) or not k.isidentifier():
                 raise ValueError(f"term names must be identifiers (they name strengths), got {k!r}")
+            if k in RESERVED:
+                raise ValueError(
+                    f"term name {k!r} is reserved for metrics ({', '.join(RESERVED)}); rename it"
+                )
             if not isinstance(v, Penalty):
                 raise TypeError(
                     f"term {k!r} must be a penalty such as fr.L1(), got {type(v).__name__}"
