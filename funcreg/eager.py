@@ -26,9 +26,7 @@ def params(module: nn.Module) -> dict[str, Tensor]:
     ``named_parameters()`` — the ``torch.func.functional_call`` convention."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"params() expects an nn.Module, got {type(module).__name__}")
-    return {
-        n: p.detach().clone() for n, p in module.named_parameters() if p.is_floating_point()
-    }
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.is_floating_point()}
 
 
 def buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -87,7 +85,8 @@ def param_groups(
     """torch.optim param groups: decay on everything but ``exclude`` (default: biases and
     normalisation layers), which get ``weight_decay=0``. Pass to ``SGD``/``AdamW``."""
     sel: Selector = (biases() | norm_layers(module)) if exclude is None else as_selector(exclude)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for n, p in module.named_parameters():
         (no_decay if sel(n, p) else decay).append(p)
     return [

@@ -18,9 +18,9 @@ validated eagerly when the optimizer is built; tensors are never inspected.
 
 The updates reproduce ``torch.optim.SGD``, ``torch.optim.Adam`` and ``torch.optim.AdamW``
 (``maximize=False``, ``amsgrad=False``) step for step; the formulas are in each factory's
-docstring. The step count lives in the state as a 0-dim ``float32`` tensor (exact up to 2**24
-steps); bias corrections are computed in the promoted dtype of that count and the parameter,
-so ``float64`` parameters get ``float64`` corrections.
+docstring. The step count lives in the state (field ``step``) as a 0-dim ``float32`` tensor
+(exact up to 2**24 steps); bias corrections are computed in the promoted dtype of that count
+and the parameter, so ``float64`` parameters get ``float64`` corrections.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Optimizer(NamedTuple):
     """A functional optimizer.
 
     Attributes:
-        init: ``params -> state``; the state is a pytree of tensors whose step count is a
+        init: ``params -> state``; the state is a pytree of tensors whose step count ``step`` is a
             0-dim float tensor, so ``vmap(opt.init)(stacked_params)`` gives one state per model.
         step: ``step(grads, state, params, hyper) -> (new_params, new_state)``; pure, never in
             place. ``grads`` has exactly the keys of ``params``. ``hyper`` holds the values of the
@@ -77,19 +77,20 @@ class Optimizer(NamedTuple):
 
 
 class SGDState(NamedTuple):
-    """State of :func:`sgd`: step count (0-dim float tensor) and momentum buffers.
+    """State of :func:`sgd`: number of steps taken (0-dim float tensor) and momentum buffers.
 
     ``momentum_buffer`` is empty when ``momentum`` is the number 0.
     """
 
-    count: Tensor
+    step: Tensor
     momentum_buffer: Params
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam` / :func:`adamw`: step count and first and second moment estimates."""
+    """State of :func:`adam` / :func:`adamw`: number of steps taken (0-dim float tensor) and the
+    first and second moment estimates (``m``, ``v``)."""
 
-    count: Tensor
+    step: Tensor
     exp_avg: Params
     exp_avg_sq: Params
 
@@ -177,7 +178,7 @@ def _get(opt: str, arg: str, value: HyperValue, hyper: Hyper | None, rule: _Rule
 
 def _is_zero(value: HyperValue | Tensor) -> bool:
     """True when ``value`` is the number 0 (a name or a tensor is never statically zero)."""
-    return _is_number(value) and value == 0
+    return not isinstance(value, str | Tensor) and _is_number(value) and value == 0
 
 
 def _names(*values: HyperValue) -> frozenset[str]:
@@ -260,7 +261,7 @@ def sgd(
 
     def init(params: Params) -> SGDState:
         buffers = {k: torch.zeros_like(p) for k, p in params.items()} if use_momentum else {}
-        return SGDState(count=_zero_count(params), momentum_buffer=buffers)
+        return SGDState(step=_zero_count(params), momentum_buffer=buffers)
 
     def step(
         grads: Params, state: SGDState, params: Params, hyper: Hyper | None = None
@@ -278,7 +279,7 @@ def sgd(
                 tau = tau * (mu != 0).to(mu.dtype)
             elif mu == 0:
                 tau = 0.0
-            first = state.count == 0
+            first = state.step == 0
         for key, p in params.items():
             g = grads[key]
             if not _is_zero(wd):
@@ -288,7 +289,7 @@ def sgd(
                 new_buffers[key] = buf
                 g = g + mu * buf if nesterov else buf
             new_params[key] = p - lr_ * g
-        return new_params, SGDState(count=state.count + 1, momentum_buffer=new_buffers)
+        return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
 
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)
@@ -317,7 +318,7 @@ def _adam_like(
 
     def init(params: Params) -> AdamState:
         return AdamState(
-            count=_zero_count(params),
+            step=_zero_count(params),
             exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
             exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
         )
@@ -331,7 +332,7 @@ def _adam_like(
         b2 = _get(name, "betas[1]", beta2, hyper, _UNIT)
         eps_ = _get(name, "eps", eps, hyper, _POSITIVE)
         wd = _get(name, "weight_decay", weight_decay, hyper, _NONNEG)
-        count = state.count + 1
+        count = state.step + 1
         # bias corrections (1 - β1^t, sqrt(1 - β2^t)) per compute dtype
         corrections: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
         new_params: Params = {}
@@ -357,7 +358,7 @@ def _adam_like(
             new_params[key] = p - step_size * (m / denom)
             exp_avg[key] = m
             exp_avg_sq[key] = v
-        return new_params, AdamState(count=count, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        return new_params, AdamState(step=count, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)

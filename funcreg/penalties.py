@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, fields
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +35,14 @@ from torch import Tensor
 from . import _checks
 from . import prox as P
 from .selectors import Selector, SelectorLike, as_selector
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:
+
+    def dataclass_transform(**kwargs: Any) -> Callable[[Any], Any]:
+        return lambda f: f
+
 
 Ref = Tensor | Mapping[str, Tensor] | float | None
 Dim = int | tuple[int, ...]
@@ -174,9 +182,10 @@ def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
 _P = TypeVar("_P", bound=type)
 
 
+@dataclass_transform(frozen_default=True)
 def _penalty(cls: _P) -> _P:
     """Make ``cls`` a frozen dataclass whose ``__init__`` gives helpful keyword errors."""
-    cls = dataclass(frozen=True, eq=False, repr=False)(cls)
+    cls = dataclass(frozen=True, eq=False, repr=False)(cls)  # type: ignore[assignment]
     init: Callable[..., None] = cls.__init__  # type: ignore[misc]
     allowed = [f.name for f in fields(cls) if f.name != "_"]
 
@@ -279,7 +288,10 @@ def _as_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
 
 
 def _group_size(w: Tensor, dims: tuple[int, ...]) -> int:
-    return math.prod(w.shape[d] for d in dims)
+    size = 1
+    for d in dims:
+        size *= int(w.shape[d])
+    return size
 
 
 @_penalty

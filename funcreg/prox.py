@@ -58,7 +58,7 @@ def svd_threshold(x: Tensor, t: Step) -> Tensor:
 
 def project_box(x: Tensor, lo: Step, hi: Step) -> Tensor:
     """Euclidean projection onto ``{lo ≤ y ≤ hi}``: ``clamp(x, lo, hi)``."""
-    return torch.clamp(x, lo, hi)
+    return torch.clamp(x, lo, hi)  # type: ignore[arg-type]
 
 
 def project_nonnegative(x: Tensor) -> Tensor:

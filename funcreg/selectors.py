@@ -22,7 +22,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-SelectorLike = Union["Selector", str, re.Pattern, Iterable[Union[str, re.Pattern]]]
+SelectorLike = Union["Selector", str, re.Pattern, Iterable[str | re.Pattern]]
 
 
 class Selector:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import _checks
@@ -92,25 +93,19 @@ class Spec(Mapping[str, Penalty]):
     # -- selection ------------------------------------------------------------------------
     def selection(self, params: Params) -> dict[str, tuple[str, ...]]:
         """``{term: names of the params it penalises}``, resolved from names and static
-        facts and cached per key set; raises if a term selects nothing."""
+        facts (shape, dtype) and cached per key set; raises if a term selects nothing.
+
+        Under ``torch.compile`` the resolution is a traced constant, so it adds nothing to
+        the graph."""
         key = tuple(
             (n, tuple(v.shape), v.dtype) for n, v in params.items() if isinstance(v, Tensor)
         )
+        if torch.compiler.is_compiling():
+            return dict(_resolve_selection(self, key))
         hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        names = [n for n, v in params.items() if isinstance(v, Tensor) and v.is_floating_point()]
-        out: dict[str, tuple[str, ...]] = {}
-        for term, pen in self._terms.items():
-            chosen = pen.selector.select(params)
-            if not chosen:
-                raise _checks.no_match_error(term, pen.selector, names)
-            pen.check_names(term, chosen)
-            for n in chosen:
-                pen.check(term, n, params[n])
-            out[term] = tuple(chosen)
-        self._cache[key] = out
-        return out
+        if hit is None:
+            hit = self._cache[key] = dict(_resolve_selection(self, key))
+        return hit
 
     def describe(self, params: Params) -> str:
         """A printable table: every parameter, its shape, and the terms that touch it."""
@@ -176,6 +171,23 @@ class Spec(Mapping[str, Penalty]):
         _checks.check_float_params(params)
         self.selection(params)
         _checks.check_strengths(self._terms, strengths, needs=self.strength_names)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_selection(spec: Spec, key: tuple) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Selection from static facts only: selectors and checks see meta tensors."""
+    metas = {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape, dtype in key}
+    floats = [n for n, v in metas.items() if v.is_floating_point()]
+    out = []
+    for term, pen in spec.items():
+        chosen = pen.selector.select(metas)
+        if not chosen:
+            raise _checks.no_match_error(term, pen.selector, floats)
+        pen.check_names(term, chosen)
+        for n in chosen:
+            pen.check(term, n, metas[n])
+        out.append((term, tuple(chosen)))
+    return tuple(out)
 
 
 def _strength(strengths: Strengths, term: str) -> Any:
