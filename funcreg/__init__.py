@@ -6,7 +6,7 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import prox
+from . import optim, prox
 from .eager import (
     buffers,
     from_keras,
@@ -46,6 +46,7 @@ from .selectors import (
     weights,
 )
 from .spec import Spec, as_spec, penalized
+from .train import split_spec, train_step
 
 try:
     __version__ = version("funcreg")
@@ -83,11 +84,14 @@ __all__ = [
     "from_sklearn",
     "from_weight_decay",
     "norm_layers",
+    "optim",
     "param_groups",
     "params",
     "penalized",
     "penalty",
     "prox",
     "prox_",
+    "split_spec",
+    "train_step",
     "weights",
 ]

@@ -233,8 +233,8 @@ class L2(Penalty):
 
     Strength ``λ`` is exactly ``torch.optim.SGD(weight_decay=λ)``. Keras ``L2(l)`` and the
     hand-written ``l * p.pow(2).sum()`` are strength ``2l`` (see :func:`fr.from_keras`);
-    scikit-learn ``Ridge(alpha)`` (data term ``‖y − Xw‖²``) is strength ``2·alpha`` on
-    ``½‖y − Xw‖²``.
+    scikit-learn ``Ridge(alpha)`` (``‖y − Xw‖² + alpha‖w‖²``) is strength ``alpha`` with the
+    data term ``½‖y − Xw‖²`` (the same objective halved).
     """
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
