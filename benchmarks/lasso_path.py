@@ -1,0 +1,175 @@
+"""Lasso paths: funcreg's vmapped ``solve`` against ``sklearn.linear_model.lasso_path``.
+
+For each design, 100 strengths on a geometric grid from ``alpha_max`` (all-zero solution)
+down to ``1e-3 · alpha_max``, data term ``1/(2n)‖y − Xw‖²``, no intercept (data centred).
+Both sides get the same float64 data and one thread (``torch.set_num_threads(1)`` and
+``threadpoolctl`` for numpy's BLAS); times are CPU seconds (``time.process_time``), median
+of ``--repeats`` runs interleaved across methods, and include building the Gram matrix
+(``lasso_path`` builds its own: ``precompute='auto'`` uses it when ``n > p``).
+
+Accuracy is the max over the grid of the relative objective gap ``(F − F*)/F*`` against a
+reference ``F*``: per strength, the lower of ``lasso_path(tol=1e-14)`` and funcreg's
+``solve(tol=1e-13)``. The summary pairs each sklearn run with the fastest funcreg run that
+is at least as accurate.
+
+    python benchmarks/lasso_path.py            # n = 2000; p = 200, 200 (AR(1) 0.9), 1000
+    python benchmarks/lasso_path.py --quick    # CI size
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+from sklearn.linear_model import lasso_path
+from threadpoolctl import threadpool_limits
+
+import funcreg as fr
+from funcreg.solvers import least_squares, solve
+
+SPEC = fr.Spec(l1=fr.L1())
+
+
+def design(n: int, p: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian rows, AR(1) correlation ``rho`` between neighbouring features, a 10%-sparse
+    truth and unit noise; centred."""
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((n, p))
+    X = np.empty_like(Z)
+    X[:, 0] = Z[:, 0]
+    for j in range(1, p):
+        X[:, j] = rho * X[:, j - 1] + np.sqrt(1 - rho**2) * Z[:, j]
+    w = np.zeros(p)
+    support = rng.choice(p, max(1, p // 10), replace=False)
+    w[support] = rng.standard_normal(support.size)
+    y = X @ w + rng.standard_normal(n)
+    return X - X.mean(0), y - y.mean()
+
+
+def objective(X: np.ndarray, y: np.ndarray, W: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Lasso objective per column of ``W`` (p, K)."""
+    R = y[:, None] - X @ W
+    return (R**2).sum(0) / (2 * len(y)) + alphas * np.abs(W).sum(0)
+
+
+def run_sklearn(X: np.ndarray, y: np.ndarray, alphas: np.ndarray, tol: float) -> np.ndarray:
+    _, coefs, _ = lasso_path(X, y, alphas=alphas, tol=tol, max_iter=100_000)
+    return coefs  # (p, K), in the order of alphas
+
+
+def run_funcreg(
+    X: np.ndarray, y: np.ndarray, alphas: np.ndarray, tol: float, chunks: int = 1
+) -> np.ndarray:
+    """All strengths in one vmapped call (``chunks=1``), or in ``chunks`` consecutive
+    calls down the grid, each warm-started from the previous chunk's last solution."""
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
+    grid = torch.from_numpy(alphas)
+    start = ls.init()
+    parts = []
+    for block in torch.tensor_split(grid, chunks):
+        K = block.shape[0]
+        stacked = {k: v.expand(K, *v.shape[-2:]).clone() for k, v in start.items()}
+        sol = solve(ls, SPEC, stacked, {"l1": block}, tol=tol, max_iter=100_000, stacked=True)
+        parts.append(sol.params["weight"][:, 0])
+        start = {"weight": sol.params["weight"][-1:]}
+    return torch.cat(parts).numpy().T
+
+
+def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
+    t0 = time.process_time()
+    out = fn()
+    return time.process_time() - t0, out
+
+
+def main(quick: bool = False, repeats: int = 5, seed: int = 0) -> list[dict]:
+    torch.set_num_threads(1)
+    if quick:
+        cases = [("gaussian", 300, 30, 0.0), ("ar1-0.9", 300, 30, 0.9), ("wide", 300, 100, 0.0)]
+        repeats = min(repeats, 2)
+    else:
+        cases = [
+            ("gaussian", 2000, 200, 0.0),
+            ("ar1-0.9", 2000, 200, 0.9),
+            ("wide", 2000, 1000, 0.0),
+        ]
+    methods: list[tuple[str, float, Callable]] = []
+    for tol in (1e-4, 1e-6):
+        methods.append((f"sklearn tol={tol:g}", tol, run_sklearn))
+    for tol in (1e-4, 1e-6) if quick else (1e-3, 1e-4, 3e-5, 1e-5, 1e-6, 1e-7):
+        methods.append((f"funcreg tol={tol:g}", tol, run_funcreg))
+    for tol in () if quick else (1e-5, 1e-6):
+        methods.append((f"funcreg 4 warm chunks tol={tol:g}", tol, _chunked(4)))
+    rows = []
+    with threadpool_limits(1):
+        for name, n, p, rho in cases:
+            X, y = design(n, p, rho, seed)
+            amax = np.abs(X.T @ y).max() / n
+            alphas = amax * np.geomspace(1, 1e-3, 100)
+            ref = np.minimum(
+                objective(X, y, run_sklearn(X, y, alphas, 1e-14), alphas),
+                objective(X, y, run_funcreg(X, y, alphas, 1e-13), alphas),
+            )
+            times: dict[str, list[float]] = {m[0]: [] for m in methods}
+            gaps: dict[str, float] = {}
+            for _ in range(repeats):  # interleaved: one run of each method per round
+                for label, tol, fn in methods:
+                    dt, W = timed(partial(fn, X, y, alphas, tol))
+                    times[label].append(dt)
+                    gaps[label] = float(((objective(X, y, W, alphas) - ref) / ref).max())
+            for label, _, _ in methods:
+                rows.append(
+                    {
+                        "design": f"{name} n={n} p={p}",
+                        "method": label,
+                        "seconds": statistics.median(times[label]),
+                        "gap": max(gaps[label], 0.0),
+                    }
+                )
+    print_table(rows)
+    return rows
+
+
+def _chunked(chunks: int) -> Callable:
+    def run(X: np.ndarray, y: np.ndarray, alphas: np.ndarray, tol: float) -> np.ndarray:
+        return run_funcreg(X, y, alphas, tol, chunks=chunks)
+
+    return run
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"threads: torch {torch.get_num_threads()}, BLAS 1 (threadpoolctl); CPU seconds")
+    print(f"{'design':<22} {'method':<34} {'seconds':>8} {'max rel gap':>12}")
+    for r in rows:
+        print(f"{r['design']:<22} {r['method']:<34} {r['seconds']:8.4f} {r['gap']:12.1e}")
+    print("\nsummary: fastest funcreg run at least as accurate as each sklearn run")
+    for d in dict.fromkeys(r["design"] for r in rows):
+        mine = [r for r in rows if r["design"] == d]
+        for sk in (r for r in mine if r["method"].startswith("sklearn")):
+            ok = [
+                r
+                for r in mine
+                if r["method"].startswith("funcreg") and r["gap"] <= max(sk["gap"], 1e-15)
+            ]
+            if not ok:
+                print(f"{d:<22} vs {sk['method']:<18} no funcreg run reached {sk['gap']:.1e}")
+                continue
+            best = min(ok, key=lambda r: r["seconds"])
+            print(
+                f"{d:<22} vs {sk['method']:<18} (gap {sk['gap']:.1e}): {best['method']} "
+                f"gap {best['gap']:.1e}, time ratio funcreg/sklearn "
+                f"{best['seconds'] / sk['seconds']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small CI-size problems")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(quick=args.quick, repeats=args.repeats, seed=args.seed)

@@ -1,0 +1,313 @@
+"""SweepResult: everything a sweep produced, and the ways to use it.
+
+``fr.sweep`` returns a :class:`SweepResult`::
+
+    result = fr.sweep(net, loss, spec, grid, train=(x, y), val=(xv, yv), optimizer=opt, steps=500)
+    print(result)                        # one row per model: strengths, losses, zeros, status
+    best = result.best()                 # lowest final validation loss among healthy models
+    model = result.module(best)          # a fresh copy of the model with those weights
+    result.save("sweep.pt")              # atomic; SweepResult.load("sweep.pt", model=net)
+
+Contents (K models, S steps done, E evaluation points):
+
+* ``grid`` — ``{axis: (K,)}`` strengths and hyperparameters of each model;
+* ``stacked`` — final trained parameters ``{name: (K, *shape)}``; ``stacked_buffers`` —
+  buffers (BatchNorm running stats) and frozen parameters, also stacked;
+* ``history`` — ``"loss"``, ``"penalty"`` and each spec term's ``s·Ω``, each ``(S, K)``
+  (row ``t``: the minibatch of step ``t``, at the parameters before that step; NaN from the
+  step a model diverged); ``"eval_step"`` ``(E,)`` (steps done at each evaluation);
+  ``"val_loss"`` / ``"val_metric"`` ``(E, K)`` when validation data / ``val_fn`` was given;
+  ``"zeros"`` ``{param: (E, K)}``, the fraction of exact zeros of every parameter a spec
+  term selects;
+* ``diverged`` ``(K,)`` bool and ``diverged_at`` ``(K,)`` int (the step whose update was
+  rejected, -1 if none): a diverged model keeps its last finite parameters;
+* ``steps`` and ``meta`` (identity of the run, metric names, timing).
+
+Only tensors and plain containers are stored, so :meth:`SweepResult.load` uses
+``torch.load(weights_only=True)``. A saved result also holds the optimizer state and RNG
+state, so ``fr.sweep(..., checkpoint=path)`` can continue it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .stack import load_, unstack
+
+__all__ = ["FORMAT", "Best", "SweepResult"]
+
+FORMAT = "funcreg.SweepResult/1"
+_EVAL_METRICS = ("val_loss", "val_metric")
+
+
+@dataclass(frozen=True)
+class Best:
+    """The model a selection rule chose. Usable as an index: ``result.module(best)``."""
+
+    index: int
+    strengths: dict[str, float]
+    metric: str
+    value: float
+    note: str = ""
+
+    def __index__(self) -> int:
+        return self.index
+
+    def __int__(self) -> int:
+        return self.index
+
+    def __str__(self) -> str:
+        s = ", ".join(f"{k}={v:.4g}" for k, v in self.strengths.items())
+        out = f"model {self.index}: {s} ({self.metric} = {self.value:.6g})"
+        return f"{out}\n  note: {self.note}" if self.note else out
+
+
+@dataclass
+class SweepResult:
+    """The outcome of :func:`fr.sweep <funcreg.sweep.sweep>` (see the module docstring)."""
+
+    grid: dict[str, Tensor]
+    stacked: dict[str, Tensor]
+    stacked_buffers: dict[str, Tensor]
+    history: dict[str, Any]
+    diverged: Tensor
+    diverged_at: Tensor
+    steps: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    resume: dict[str, Any] | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    # -- basics ---------------------------------------------------------------------------
+    @property
+    def K(self) -> int:  # noqa: N802 - the sweep axis is called K everywhere
+        return int(self.diverged.shape[0])
+
+    def __len__(self) -> int:
+        return self.K
+
+    def _index(self, i: Any) -> int:
+        idx = operator.index(i)
+        if not -self.K <= idx < self.K:
+            raise IndexError(f"model index {idx} is out of range for a sweep of K={self.K}")
+        return idx % self.K
+
+    def strengths(self, i: Any) -> dict[str, float]:
+        """``{axis: value}`` of model ``i``."""
+        idx = self._index(i)
+        return {k: float(v[idx]) for k, v in self.grid.items()}
+
+    def params(self, i: Any) -> dict[str, Tensor]:
+        """Trained parameters of model ``i`` (detached copies)."""
+        return unstack(self.stacked, self._index(i))
+
+    def buffers(self, i: Any) -> dict[str, Tensor]:
+        """Buffers (and frozen parameters) of model ``i`` (detached copies)."""
+        if not self.stacked_buffers:
+            return {}
+        return unstack(self.stacked_buffers, self._index(i))
+
+    def module(self, i: Any) -> nn.Module:
+        """A fresh deep copy of the swept model holding model ``i``'s weights and buffers."""
+        if self.model is None:
+            raise ValueError(
+                "this result has no model to copy (results loaded from disk do not store "
+                "it): use SweepResult.load(path, model=net) or set result.model = net"
+            )
+        out = copy.deepcopy(self.model)
+        return load_(out, {**self.buffers(i), **self.params(i)})
+
+    # -- selection ------------------------------------------------------------------------
+    def values(self, metric: str = "val_loss") -> Tensor:
+        """Per-model value of ``metric`` (``(K,)`` float64): the last evaluation of
+        ``"val_loss"``/``"val_metric"``/a ``zeros`` parameter name, or for per-step
+        metrics (``"loss"``, ``"penalty"``, a term) the mean over the last 10% of steps."""
+        h = self.history
+        if (metric in _EVAL_METRICS and metric in h) or metric in h.get("zeros", {}):
+            rows = h[metric] if metric in _EVAL_METRICS else h["zeros"][metric]
+            if rows.shape[0] == 0:
+                raise ValueError(f"no evaluation of {metric!r} was recorded yet")
+            return rows[-1].double()
+        if metric in h and isinstance(h[metric], Tensor) and h[metric].ndim == 2:
+            rows = h[metric][: self.steps]
+            if rows.shape[0] == 0:
+                raise ValueError("no training step was recorded yet")
+            window = max(1, rows.shape[0] // 10)
+            return rows[-window:].double().mean(0)
+        known = [k for k, v in h.items() if isinstance(v, Tensor) and v.ndim == 2]
+        known += list(h.get("zeros", {}))
+        raise KeyError(f"unknown metric {metric!r}; this result has {known}")
+
+    def best(self, metric: str = "val_loss", mode: str = "min") -> Best:
+        """The healthy model with the lowest (``mode="max"``: highest) ``metric``.
+
+        ``metric="val_loss"`` (default) uses the last validation loss. Without validation
+        data it falls back to the training loss (mean over the last 10% of steps), says so
+        in ``Best.note`` and warns: that choice favours the weakest regularization.
+        Diverged models and non-finite values are never chosen.
+        """
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        note = ""
+        if metric in _EVAL_METRICS and metric not in self.history:
+            if metric == "val_metric":
+                raise ValueError("no val_metric recorded: pass val_fn= (and val=) to fr.sweep")
+            note = (
+                "no validation data: chose by training loss (mean of the last 10% of steps), "
+                "which favours the weakest regularization; pass val= to fr.sweep"
+            )
+            warnings.warn(note, UserWarning, stacklevel=2)
+            metric = "loss"
+        vals = self.values(metric).clone()
+        ok = torch.isfinite(vals) & ~self.diverged.cpu()
+        if not bool(ok.any()):
+            raise ValueError(
+                f"no model has a finite {metric!r}: all {self.K} diverged or are NaN; lower "
+                "the learning rate or the strengths"
+            )
+        fill = math.inf if mode == "min" else -math.inf
+        vals[~ok] = fill
+        idx = int(vals.argmin() if mode == "min" else vals.argmax())
+        return Best(idx, self.strengths(idx), metric, float(vals[idx]), note)
+
+    # -- display --------------------------------------------------------------------------
+    def table(self, max_rows: int | None = None) -> str:
+        """One row per model: grid values, final train/val losses, exact-zero fractions and
+        divergence; ``*`` marks :meth:`best` (by validation loss when available)."""
+        h = self.history
+        cols: list[tuple[str, list[str]]] = [("#", [str(i) for i in range(self.K)])]
+        for name, v in self.grid.items():
+            cols.append((name, [f"{float(x):.4g}" for x in v]))
+        metrics = ["loss"] + [m for m in _EVAL_METRICS if m in h]
+        for m in metrics:
+            if self.steps == 0 and m == "loss":
+                continue
+            try:
+                vals = self.values(m)
+            except ValueError:
+                continue
+            cols.append(("train_loss" if m == "loss" else m, [f"{float(x):.4g}" for x in vals]))
+        for name in list(h.get("zeros", {}))[:4]:
+            rows = h["zeros"][name]
+            if rows.shape[0]:
+                cols.append((f"zeros[{name}]", [f"{float(x):.3f}" for x in rows[-1]]))
+        status = [
+            f"diverged@{int(t)}" if d else ""
+            for d, t in zip(self.diverged.tolist(), self.diverged_at.tolist(), strict=True)
+        ]
+        cols.append(("status", status))
+        best_idx = -1
+        if self.steps:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    best_idx = self.best().index
+                except ValueError:
+                    best_idx = -1
+        cols[0] = ("#", [f"{r}{'*' if i == best_idx else ''}" for i, r in enumerate(cols[0][1])])
+        order = list(range(self.K))
+        if max_rows is not None and max_rows < self.K:
+            half = max(1, max_rows // 2)
+            order = order[:half] + [-1] + order[-half:]
+        widths = [max(len(title), *(len(c) for c in vals)) for title, vals in cols]
+        lines = ["  ".join(t.rjust(w) for (t, _), w in zip(cols, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        for i in order:
+            if i < 0:
+                lines.append("...")
+                continue
+            cells = [vals[i].rjust(w) for (_, vals), w in zip(cols, widths, strict=True)]
+            lines.append("  ".join(cells).rstrip())
+        n_div = int(self.diverged.sum())
+        foot = f"{self.K} models, {self.steps} steps"
+        if n_div:
+            foot += f", {n_div} diverged"
+        return "\n".join([*lines, foot])
+
+    def __str__(self) -> str:
+        return self.table(max_rows=40)
+
+    def __repr__(self) -> str:
+        axes = ", ".join(self.grid)
+        return (
+            f"SweepResult(K={self.K}, steps={self.steps}, grid=({axes}), "
+            f"diverged={int(self.diverged.sum())})"
+        )
+
+    # -- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: tensors (on CPU) and plain containers only."""
+
+        def cpu(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.detach().cpu()
+            if isinstance(x, dict):
+                return {k: cpu(v) for k, v in x.items()}
+            if isinstance(x, list | tuple):
+                return [cpu(v) for v in x]
+            return x
+
+        return {
+            "format": FORMAT,
+            "grid": cpu(self.grid),
+            "stacked": cpu(self.stacked),
+            "stacked_buffers": cpu(self.stacked_buffers),
+            "history": cpu(self.history),
+            "diverged": cpu(self.diverged),
+            "diverged_at": cpu(self.diverged_at),
+            "steps": int(self.steps),
+            "meta": cpu(self.meta),
+            "resume": cpu(self.resume),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result to ``path`` atomically (a temporary file in the same folder,
+        then ``os.replace``): a crash never leaves a half-written file."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module | None = None) -> SweepResult:
+        """Read a saved result (``torch.load(weights_only=True)``: no code is run). Pass
+        ``model`` (the swept architecture) to use :meth:`module`."""
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a saved funcreg SweepResult (format {found!r}, "
+                f"expected {FORMAT!r})"
+            )
+        return cls(
+            grid=data["grid"],
+            stacked=data["stacked"],
+            stacked_buffers=data["stacked_buffers"],
+            history=data["history"],
+            diverged=data["diverged"],
+            diverged_at=data["diverged_at"],
+            steps=int(data["steps"]),
+            meta=data["meta"],
+            resume=data["resume"],
+            model=model,
+        )

@@ -1,0 +1,747 @@
+"""Full-batch accelerated proximal gradient for convex regularized problems, vmapped over
+a grid of strengths.
+
+:func:`solve` minimises, for every model ``k`` of a grid of strengths ``s_k`` at once,
+
+    ``F_k(w) = f_k(w) + h_k(w)``,
+    ``f_k(w) = loss(w, *data) + Σ_{smooth terms j} s_kj Ω_j(w)``      (through the gradient)
+    ``h_k(w) = Σ_{non-smooth terms j} s_kj Ω_j(w)``                   (through its prox)
+
+by FISTA (Beck & Teboulle 2009) with the gradient-based adaptive restart of O'Donoghue &
+Candès (2015) and an adaptive step. Per model, with all state a tensor with a leading
+model axis::
+
+    x = y = start;  θ = 1;  L = an estimate of the largest curvature of f at the start
+    repeat
+        unless this model failed the test below in the last 3 iterations:
+            L ← max(0.8 L, 1.3 c)          # try a longer step; c = curvature met last step
+        x⁺ = prox_{h/L}(y − ∇f(y)/L);  d = x⁺ − y
+        c = 2 (f(x⁺) − f(y) − ⟨∇f(y), d⟩) / ‖d‖²          # curvature of f along d
+        if c > L (beyond a round-off allowance):           # sufficient decrease fails
+            L ← max(2L, 1.3 c); keep x, y, θ and try again next iteration
+            (on the first iteration: try again at once, until the test holds)
+            continue
+        G = L (y − x⁺)                     # the prox-gradient mapping at y
+        if ‖G‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖): stop; the answer is x⁺
+        θ⁺ = (1 + √(1 + 4θ²)) / 2;  β = (θ − 1)/θ⁺
+        if ⟨G, x⁺ − x⟩ > 0: θ⁺ = 1, β = 0      # restart: the last step went uphill
+        y ← x⁺ + β (x⁺ − x);  x ← x⁺;  θ ← θ⁺
+
+``G`` is zero exactly at a minimiser (it is ``∇F`` when ``h = 0``), so the stopping rule is
+a relative optimality test, the same for every penalty. Letting ``L`` fall back towards the
+curvature actually met (rather than keeping a global Lipschitz constant) matters for sparse
+models: the curvature on a small support is often several times below ``‖∇²f‖``. The first
+``L`` is a Lanczos estimate of ``‖XᵀX/n‖`` for least squares, else a secant estimate along
+``∇f(x_0)``; ``lipschitz=`` replaces it.
+
+Gradients come from ``vmap(grad(f))`` of the single-model objective and the prox from
+``vmap(spec.nonsmooth().prox)`` (elementwise penalties — ``L1``, ``L2``, ``ElasticNet``,
+``NonNegative``, ``Box`` — are applied to the stacked tensors directly, with the per-model
+step broadcast, which is the same arithmetic without vmap's per-call cost). The outer loop
+is eager Python; models that stop are written to the result and dropped from the batch, so
+they never change again and cost nothing more. A model that fails the decrease test waits
+for the next batched iteration instead of costing the batch a second round.
+
+Least squares has a fast path, :func:`least_squares`: the loss keeps ``XᵀX/n`` and
+``XᵀY/n``. Its gradient is affine, so ``∇f(y)`` is combined from the Gram products of the
+iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X``), and the
+backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
+
+For a non-convex ``f`` the iteration finds a stationary point at best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad, grad_and_value, vmap
+
+from . import _checks
+from .penalties import L1, L2, Box, ElasticNet, NonNegative, Penalty
+from .spec import Spec, as_spec, penalized
+
+__all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
+
+Params = dict[str, Tensor]
+_GROW = 2.0  # backtracking: L ← 2L
+_SHRINK = 0.8  # each iteration first tries L ← max(_SHRINK·L, _MARGIN·curvature met last step)
+_MARGIN = 1.3
+_COOLDOWN = 3  # ... unless the model backtracked in the last _COOLDOWN iterations
+_LANCZOS_STEPS = 16
+
+
+class Solution(NamedTuple):
+    """What :func:`solve` returns; every entry has the model axis K first.
+
+    Attributes:
+        params: ``{name: (K, *shape)}`` the solutions (detached).
+        iterations: ``(K,)`` int64, the iterations each model ran (one batched gradient
+            each; a step rejected by the decrease test counts); ``max_iter`` for the models
+            that did not stop earlier.
+        converged: ``(K,)`` bool, whether the model met the stopping rule within ``max_iter``.
+    """
+
+    params: Params
+    iterations: Tensor
+    converged: Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# Least squares with a Gram fast path
+# ---------------------------------------------------------------------------------------
+
+
+class LeastSquares:
+    """The loss ``1/(2n) ‖Y − X Wᵀ − 1 bᵀ‖²_F`` of a linear model, a pure function of
+    ``params = {"weight": W (m, p), "bias": b (m,)}`` — the names and shapes of
+    ``nn.Linear(p, m)``, so the default selector :func:`~funcreg.weights` penalises
+    ``weight`` and not ``bias``. ``y`` of shape ``(n,)`` means ``m = 1``; without
+    ``fit_intercept`` there is no ``bias``.
+
+    Conversions (data term ``1/(2n)‖y − Xw‖²``):
+
+    * ``L1`` at strength ``α`` = ``sklearn.linear_model.Lasso(alpha=α)``;
+    * ``ElasticNet(l1_ratio=r)`` at ``α`` = ``sklearn`` ``ElasticNet(alpha=α, l1_ratio=r)``;
+    * ``L2`` at ``λ`` = ``Ridge(alpha=n·λ)``: Ridge minimises ``‖y − Xw‖² + a‖w‖²``, which
+      is ``2n ×`` ``1/(2n)‖y − Xw‖² + (a/n)·½‖w‖²``. (On the data term ``½‖y − Xw‖²``,
+      ``Ridge(alpha=a)`` is ``L2`` at ``a``.)
+
+    Call it like any loss (``obj(params)``; it works under ``grad``/``vmap``). :func:`solve`
+    recognises it and uses ``gram = XᵀX/n`` and ``xty = (XᵀY/n)ᵀ`` instead of ``X``.
+    """
+
+    def __init__(self, X: Tensor, y: Tensor, fit_intercept: bool = False) -> None:
+        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(
+                f"least_squares(X, y): X and y must be tensors, got {type(X).__name__} "
+                f"and {type(y).__name__}; use torch.as_tensor"
+            )
+        if X.dim() != 2 or not X.is_floating_point():
+            raise ValueError(
+                f"least_squares: X must be a floating (n, p) matrix, got {X.dtype} "
+                f"of shape {tuple(X.shape)}"
+            )
+        if y.dim() not in (1, 2) or y.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"least_squares: y must be (n,) or (n, m) with n = {X.shape[0]} like X, "
+                f"got shape {tuple(y.shape)}"
+            )
+        X = X.detach()
+        Y = (y.detach() if y.dim() == 2 else y.detach()[:, None]).to(X.dtype)
+        n = X.shape[0]
+        self.X, self.Y, self.n = X, Y, n
+        self.fit_intercept = bool(fit_intercept)
+        self.gram = X.T @ X / n  # (p, p)
+        self.xty = (X.T @ Y / n).T.contiguous()  # (m, p)
+        self.x_mean = X.mean(0)  # (p,)
+        self.y_mean = Y.mean(0)  # (m,)
+        self.const = 0.5 * Y.square().sum() / n
+        # NaN/inf anywhere in X or y shows up in these (one pass less than isfinite(X))
+        if not bool(torch.isfinite(self.gram.diagonal()).all()):
+            raise ValueError("least_squares: X contains NaN or inf; clean the data first")
+        if not bool(torch.isfinite(self.const)) or not bool(torch.isfinite(self.xty).all()):
+            raise ValueError("least_squares: y contains NaN or inf; clean the data first")
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes: ``weight (m, p)`` and, with an intercept, ``bias (m,)``."""
+        m, p = self.Y.shape[1], self.X.shape[1]
+        out: dict[str, tuple[int, ...]] = {"weight": (m, p)}
+        if self.fit_intercept:
+            out["bias"] = (m,)
+        return out
+
+    def init(self) -> Params:
+        """Zero parameters of the right shapes and dtype, a starting point for :func:`solve`."""
+        return {k: self.X.new_zeros(s) for k, s in self.shapes.items()}
+
+    def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
+        pred = params["weight"] @ self.X.T  # (m, n)
+        if self.fit_intercept:
+            pred = pred + params["bias"][:, None]
+        return 0.5 * (self.Y.T - pred).square().sum() / self.n
+
+    def hessian_apply(self, theta: Mapping[str, Tensor]) -> Params:
+        """``A θ`` on stacked params ``(k, ...)``, where ``∇f(θ) = A θ − B``:
+        ``W G + b μᵀ`` and ``W μ + b`` (``G = XᵀX/n``, ``μ`` the column means of ``X``)."""
+        W = theta["weight"]
+        out = {"weight": W @ self.gram}
+        if self.fit_intercept:
+            b = theta["bias"]
+            out["weight"] = out["weight"] + b[..., None] * self.x_mean
+            out["bias"] = W @ self.x_mean + b
+        return out
+
+    def linear_term(self) -> Params:
+        """``B`` in ``∇f(θ) = A θ − B``: ``(XᵀY/n)ᵀ`` and the mean of ``Y``."""
+        out = {"weight": self.xty}
+        if self.fit_intercept:
+            out["bias"] = self.y_mean
+        return out
+
+
+def least_squares(X: Tensor, y: Tensor, *, fit_intercept: bool = False) -> LeastSquares:
+    """The loss ``1/(2n)‖y − X Wᵀ − b‖²`` of ``nn.Linear(p, m)``-shaped params, with a Gram
+    fast path in :func:`solve` (see :class:`LeastSquares` for the conventions).
+
+    >>> ls = fr.solvers.least_squares(X, y)
+    >>> sol = fr.solvers.solve(ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas})
+    >>> sol.params["weight"][:, 0]     # (K, p): sklearn Lasso(alpha=alphas[k]).coef_
+    """
+    return LeastSquares(X, y, fit_intercept=fit_intercept)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers on stacked dicts (leading axis = model)
+# ---------------------------------------------------------------------------------------
+
+
+def _rows(v: Tensor, s: Tensor) -> Tensor:
+    """A per-model ``(k,)`` tensor viewed to broadcast against a stacked ``(k, ...)`` one."""
+    return s.view(-1, *([1] * (v.dim() - 1)))
+
+
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """Per-model inner product ``⟨a, b⟩`` over all entries."""
+    total: Tensor | None = None
+    for key, v in a.items():
+        d = torch.linalg.vecdot(v.flatten(1), b[key].flatten(1))
+        total = d if total is None else total + d
+    assert total is not None
+    return total
+
+
+def _sqnorm(a: Mapping[str, Tensor]) -> Tensor:
+    """Per-model squared norm ``‖a‖²`` over all entries."""
+    total: Tensor | None = None
+    for v in a.values():
+        d = torch.linalg.vector_norm(v.flatten(1), dim=1).square()
+        total = d if total is None else total + d
+    assert total is not None
+    return total
+
+
+def _axpy(alpha: Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
+    """``y + alpha·x`` with a per-model ``alpha``."""
+    return {k: torch.addcmul(y[k], _rows(y[k], alpha), x[k]) for k in y}
+
+
+def _sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def _take(tree: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of every tensor in a (nested) dict/tuple."""
+    if isinstance(tree, Tensor):
+        return tree.index_select(0, idx)
+    if isinstance(tree, dict):
+        return {k: _take(v, idx) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(_take(v, idx) for v in tree)
+    return tree
+
+
+def _put(dst: Any, idx: Tensor, src: Any) -> None:
+    """In place: rows ``idx`` of ``dst`` ← ``src`` (same nesting)."""
+    if isinstance(dst, Tensor):
+        dst.index_copy_(0, idx, src)
+    elif isinstance(dst, dict):
+        for k in dst:
+            _put(dst[k], idx, src[k])
+    elif isinstance(dst, tuple):
+        for d, s in zip(dst, src, strict=True):
+            _put(d, idx, s)
+
+
+def _roundoff(*values: Tensor) -> Tensor:
+    """An allowance for round-off in a sum of these per-model values."""
+    eps = torch.finfo(values[0].dtype).eps
+    total = values[0].abs()
+    for v in values[1:]:
+        total = total + v.abs()
+    return 64 * eps * total
+
+
+# ---------------------------------------------------------------------------------------
+# The smooth part f, batched over models
+# ---------------------------------------------------------------------------------------
+
+
+class _Smooth:
+    """``f`` on stacked params. ``feats(x)`` are linear features carried along with the
+    iterates (``A x`` for least squares, nothing otherwise): iterates are combined linearly,
+    so combining their features the same way keeps the features exact."""
+
+    def feats(self, x: Params) -> Params:
+        return {}
+
+    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
+        """``∇f(y)`` and what :meth:`excess` needs from ``y`` (e.g. ``f(y)``)."""
+        raise NotImplementedError
+
+    def excess(
+        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
+    ) -> tuple[Tensor, Tensor]:
+        """``f(x) − f(y) − ⟨∇f(y), d⟩`` with ``d = x − y``, and a round-off allowance."""
+        raise NotImplementedError
+
+    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
+        """A first estimate of the largest curvature of ``f`` near ``x`` (``g = ∇f(x)``)."""
+        raise NotImplementedError
+
+    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
+        """``‖∇f(0)‖`` per model (0 where it is not finite): a start-independent scale."""
+        raise NotImplementedError
+
+
+class _Generic(_Smooth):
+    """Any differentiable single-model objective ``fn(params, strengths, *data)``."""
+
+    def __init__(self, fn: Callable[..., Tensor], data: tuple[Any, ...]) -> None:
+        dims = (0, 0) + (None,) * len(data)
+        self.data = data
+        self._value = vmap(fn, in_dims=dims)
+        self._vg = vmap(grad_and_value(fn), in_dims=dims)
+        self._grad = vmap(grad(fn), in_dims=dims)
+
+    def value(self, x: Params, s: Params) -> Tensor:
+        return self._value(x, s, *self.data)
+
+    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
+        g, v = self._vg(y, s, *self.data)
+        return g, v
+
+    def gradient(self, x: Params, s: Params) -> Params:
+        return self._grad(x, s, *self.data)
+
+    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
+        g = self.gradient({k: torch.zeros_like(v) for k, v in x.items()}, s)
+        n = _sqnorm(g).sqrt()
+        return torch.where(torch.isfinite(n), n, 0.0)
+
+    def excess(
+        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
+    ) -> tuple[Tensor, Tensor]:
+        vx = self.value(x, s)
+        lin = _dot(gy, d)
+        return vx - vy - lin, _roundoff(vx, vy, lin)
+
+    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
+        # secant along the gradient: ‖∇f(x + δ) − ∇f(x)‖ / ‖δ‖, ‖δ‖ = √eps · max(1, ‖x‖)
+        ref = next(iter(x.values()))
+        gn = _sqnorm(g).sqrt()
+        size = torch.finfo(ref.dtype).eps ** 0.5 * _sqnorm(x).sqrt().clamp(min=1)
+        ok = gn > 0
+        step = torch.where(ok, size / torch.where(ok, gn, torch.ones_like(gn)), 0.0)
+        g2 = self.gradient(_axpy(-step, g, x), s)
+        est = _sqnorm(_sub(g2, g)).sqrt() / size
+        return torch.where(ok & torch.isfinite(est) & (est > 0), est, torch.ones_like(est))
+
+
+class _Quadratic(_Smooth):
+    """Least squares (gradient ``A θ − B``), plus the smooth penalty terms if any."""
+
+    def __init__(self, ls: LeastSquares, penalty: _Generic | None) -> None:
+        self.ls = ls
+        self.B = ls.linear_term()
+        self.penalty = penalty
+
+    def feats(self, x: Params) -> Params:
+        return self.ls.hessian_apply(x)
+
+    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
+        g = {k: fy[k] - self.B[k] for k in fy}
+        if self.penalty is None:
+            return g, None
+        pg, pv = self.penalty.grad(y, {}, s)
+        return {k: g[k] + pg[k] for k in g}, (pv, pg)
+
+    def excess(
+        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
+    ) -> tuple[Tensor, Tensor]:
+        exc = 0.5 * (_dot(d, fx) - _dot(d, fy))  # exact: the data term is quadratic
+        if self.penalty is None:
+            return exc, torch.zeros_like(exc)
+        pvy, pgy = vy  # the penalty part's value and gradient at y
+        pvx = self.penalty.value(x, s)
+        lin = _dot(pgy, d)
+        return exc + pvx - pvy - lin, _roundoff(pvx, pvy, lin)
+
+    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
+        k = next(iter(x.values())).shape[0]
+        B = {n: b.expand_as(x[n]) for n, b in self.B.items()}
+        if self.penalty is None:
+            return _sqnorm(B).sqrt()
+        pg = self.penalty.gradient({n: torch.zeros_like(v) for n, v in x.items()}, s)
+        n = _sqnorm(_sub(pg, B)).sqrt()
+        return torch.where(torch.isfinite(n), n, 0.0).expand(k)
+
+    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
+        # one Hessian for all models: Lanczos on a single (seeded, random) start vector
+        k = next(iter(x.values())).shape[0]
+        gen = torch.Generator().manual_seed(0)
+        v0 = {
+            n: torch.randn(v[:1].shape, generator=gen, dtype=v.dtype).to(v.device)
+            for n, v in x.items()
+        }
+        est = _lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
+        if self.penalty is not None:
+            est = est + self.penalty.curvature(x, self.penalty.gradient(x, s), s)
+        return est
+
+
+def _zero_loss(params: Params) -> Tensor:
+    return next(iter(params.values())).sum() * 0
+
+
+def _lanczos_max(op: Callable[[Params], Params], v0: Params, steps: int) -> Tensor:
+    """Largest eigenvalue of a symmetric PSD operator on stacked params, per model, from
+    ``steps`` Lanczos steps (no reorthogonalisation: it only adds copies of converged
+    eigenvalues, which does not affect the largest)."""
+    v = {k: t / _rows(t, _sqnorm(v0).sqrt()) for k, t in v0.items()}
+    v_prev: Params | None = None
+    beta_prev: Tensor | None = None
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    dim = sum(t[0].numel() for t in v0.values())
+    for _ in range(min(steps, dim)):
+        w = op(v)
+        a = _dot(w, v)
+        w = _axpy(-a, v, w)
+        if v_prev is not None and beta_prev is not None:
+            w = _axpy(-beta_prev, v_prev, w)
+        b = _sqnorm(w).sqrt()
+        alphas.append(a)
+        betas.append(b)
+        ok = b > 1e-12 * alphas[0].abs()
+        if not bool(ok.any()):
+            break
+        safe = torch.where(ok, b, torch.ones_like(b))
+        v_prev, beta_prev = v, torch.where(ok, b, torch.zeros_like(b))
+        v = {k: torch.where(_rows(t, ok), t / _rows(t, safe), 0.0) for k, t in w.items()}
+    m = len(alphas)
+    diag = torch.stack(alphas, 1)
+    T = torch.diag_embed(diag)
+    if m > 1:
+        off = torch.stack(betas[:-1], 1)
+        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    return torch.linalg.eigvalsh(T)[:, -1].clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------
+# solve
+# ---------------------------------------------------------------------------------------
+
+
+def _check_solve_args(max_iter: Any, tol: Any) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"solve: max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise ValueError(f"solve: tol must be a finite number >= 0, got {tol!r}")
+
+
+def _check_finite(what: str, t: Tensor) -> None:
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"solve: {what} contains NaN or inf; clean it before solving")
+
+
+def _sweep_size(strengths: Mapping[str, Any]) -> int | None:
+    K: int | None = None
+    first = ""
+    for name, v in strengths.items():
+        if isinstance(v, Tensor) and v.dim() == 1:
+            if K is None:
+                K, first = v.shape[0], name
+            elif v.shape[0] != K:
+                raise ValueError(
+                    f"solve: strengths {first!r} and {name!r} have different lengths "
+                    f"({K} and {v.shape[0]}); every (K,) strength needs the same K"
+                )
+    return K
+
+
+def solve(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    params: Mapping[str, Tensor],
+    strengths: Mapping[str, Any],
+    *data: Any,
+    max_iter: int = 1000,
+    tol: float = 1e-8,
+    stacked: bool = False,
+    lipschitz: float | Tensor | None = None,
+    backtrack: bool = True,
+    restart: bool = True,
+) -> Solution:
+    """Minimise ``loss_fn(params, *data) + Σ_j s_j Ω_j(params)`` for every strength of a grid.
+
+    Accelerated proximal gradient (FISTA with adaptive restart and a per-model adaptive
+    step; the algorithm is in the module docstring), one batched gradient per iteration for
+    all models that have not stopped yet.
+
+    Args:
+        loss_fn: ``loss_fn(params, *data) -> 0-dim tensor``, differentiable (convex for the
+            guarantees). A :func:`least_squares` loss takes the Gram fast path (pass no data).
+        spec: the penalty terms. Smooth terms enter the gradient; the non-smooth ones are
+            applied through their prox and must have one.
+        params: the starting point: one model, replicated to K, or with ``stacked=True``
+            ``{name: (K, *shape)}`` (e.g. warm starts along a path).
+        strengths: ``{term: number or (K,) tensor}``, one entry per term that needs a
+            strength (constraints need none; entries that name no such term are ignored).
+            K is the length of the ``(K,)`` entries, else the leading size of stacked params,
+            else 1.
+        *data: passed to ``loss_fn`` unchanged (shared by all models).
+        max_iter: the most iterations per model (``>= 1``).
+        tol: model k stops at the first iteration with ``‖G(y)‖ ≤ tol · max(‖∇f(0)‖,
+            ‖∇f(x_0)‖, ‖∇f(y)‖)``, where ``G(y) = L (y − prox_{h/L}(y − ∇f(y)/L))`` is the
+            prox-gradient mapping (``∇F`` when ``h = 0``; zero exactly at a minimiser). The
+            scale includes ``∇f(0)`` so that a warm start does not tighten the test.
+        stacked: whether ``params`` already carry the leading K axis.
+        lipschitz: a Lipschitz constant of ``∇f`` (number or ``(K,)``) to start from instead
+            of the built-in estimate; with ``backtrack=False`` the step stays
+            ``1/lipschitz`` (plain FISTA).
+        backtrack: adapt ``L`` per model (grow it until the sufficient-decrease test holds,
+            and try shrinking it between iterations).
+        restart: gradient-based adaptive restart of the momentum.
+
+    Returns:
+        :class:`Solution` ``(params, iterations, converged)``, each with K first.
+
+    Raises:
+        ValueError: bad ``max_iter``, ``tol`` or ``lipschitz``; NaN or inf in the data or
+            the starting params; negative, non-finite or missing strengths; K mismatches;
+            a non-smooth term without a proximal operator.
+        TypeError: params or strengths that are not dicts of (floating) tensors.
+    """
+    _check_solve_args(max_iter, tol)
+    spec = as_spec(spec)
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError(
+            "solve: params must be a non-empty dict {name: tensor}, e.g. fr.params(model) "
+            "or least_squares(X, y).init()"
+        )
+    _checks.check_float_params(params)
+    for name, p in params.items():
+        if not p.is_floating_point():
+            raise TypeError(f"solve: params[{name!r}] must be floating point, got {p.dtype}")
+        _check_finite(f"params[{name!r}]", p)
+    for i, d in enumerate(data):
+        if isinstance(d, Tensor):
+            _check_finite(f"data[{i}]", d)
+    if isinstance(loss_fn, LeastSquares) and data:
+        raise TypeError("solve: a least_squares loss holds its data; pass no *data")
+    smooth, nonsmooth = spec.smooth(), spec.nonsmooth()
+    for term, pen in nonsmooth.items():
+        if not pen.has_prox:
+            raise ValueError(
+                f"solve: term {term!r} ({type(pen).__name__}) is non-smooth and has no "
+                "proximal operator; drop it from the spec or use a smooth penalty"
+            )
+    if not isinstance(strengths, Mapping):
+        raise TypeError(
+            f"solve: strengths must be a dict {{term: strength}}, got {type(strengths).__name__}"
+        )
+    names = spec.strength_names
+    needed = {k: v for k, v in strengths.items() if k in names}
+    _checks.check_strengths(spec, needed, needs=names)
+
+    # -- K and the starting point ---------------------------------------------------------
+    K = _sweep_size(needed)
+    first = next(iter(params.values()))
+    dtype, device = first.dtype, first.device
+    if stacked:
+        sizes = {p.shape[0] if p.dim() else -1 for p in params.values()}
+        if len(sizes) != 1 or -1 in sizes:
+            raise ValueError(
+                "solve: stacked=True needs every param to have the same leading size K, got "
+                f"shapes { {n: tuple(p.shape) for n, p in params.items()} }"
+            )
+        Kp = sizes.pop()
+        if K is not None and Kp != K:
+            raise ValueError(
+                f"solve: the stacked params hold {Kp} models but the strengths have K = {K}"
+            )
+        K = Kp
+        x0 = {n: p.detach().clone() for n, p in params.items()}
+    else:
+        K = 1 if K is None else K
+        x0 = {n: p.detach().expand(K, *p.shape).clone() for n, p in params.items()}
+    single = {n: p[0] for n, p in x0.items()}
+    if isinstance(loss_fn, LeastSquares):
+        shapes = {n: tuple(p.shape) for n, p in single.items()}
+        if shapes != loss_fn.shapes:
+            raise ValueError(
+                f"solve: a least_squares loss needs params of shapes {loss_fn.shapes}, got "
+                f"{shapes}; start from loss.init()"
+            )
+        if loss_fn.X.dtype != dtype:
+            raise ValueError(
+                f"solve: the least_squares data is {loss_fn.X.dtype} but params are {dtype}; "
+                "start from loss.init() or convert X and y"
+            )
+    spec.validate(single, needed)
+    S = {
+        n: torch.as_tensor(v, dtype=dtype, device=device).expand(K).clone()
+        for n, v in needed.items()
+    }
+    L0: Tensor | None = None
+    if lipschitz is not None:
+        L0 = torch.as_tensor(lipschitz, dtype=dtype, device=device)
+        if L0.dim() > 1 or not bool((torch.isfinite(L0) & (L0 > 0)).all()):
+            raise ValueError(f"solve: lipschitz must be finite and > 0, got {lipschitz!r}")
+        L0 = L0.expand(K).clone()
+    elif not backtrack:
+        raise ValueError("solve: backtrack=False needs lipschitz= (the fixed step is 1/lipschitz)")
+
+    # -- the smooth part and the prox -----------------------------------------------------
+    oracle: _Smooth
+    if isinstance(loss_fn, LeastSquares):
+        penalty = _Generic(penalized(_zero_loss, smooth), ()) if len(smooth) else None
+        oracle = _Quadratic(loss_fn, penalty)
+    else:
+        oracle = _Generic(penalized(loss_fn, smooth), data)
+    prox = _make_prox(nonsmooth, single)
+
+    with torch.no_grad():
+        return _fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+
+
+_ELEMENTWISE = (L1, L2, ElasticNet, NonNegative, Box)
+
+
+def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Tensor], Params]:
+    """The batched prox ``(stacked params, strengths (k,), steps (k,)) -> stacked params``.
+
+    Elementwise penalties (exact types ``L1``, ``L2``, ``ElasticNet``, ``NonNegative``,
+    ``Box``) are applied to the stacked tensors directly with per-model steps broadcast
+    along the leading axis (same arithmetic as ``vmap(spec.prox)``, without its per-call
+    overhead); any other term goes through ``vmap(spec.prox)``."""
+    if not len(nonsmooth):
+        return lambda z, s, t: z
+    if any(type(pen) not in _ELEMENTWISE for pen in nonsmooth.values()):
+        return vmap(nonsmooth.prox)
+    selection = nonsmooth.selection(single)  # resolved on one model's shapes
+
+    def prox(z: Params, s: Params, t: Tensor) -> Params:
+        out = dict(z)
+        for term, names in selection.items():
+            pen = nonsmooth[term]
+            for n in names:
+                v = out[n]
+                st = _rows(v, t)
+                sk = 1.0 if pen.is_constraint else _rows(v, s[term])
+                out[n] = pen.prox_step(v, st, sk, n)
+        return out
+
+    return prox
+
+
+def _fista(
+    oracle: _Smooth,
+    prox: Callable[[Params, Params, Tensor], Params],
+    x0: Params,
+    S: Params,
+    max_iter: int,
+    tol: float,
+    L0: Tensor | None,
+    backtrack: bool,
+    restart: bool,
+) -> Solution:
+    ref = next(iter(x0.values()))
+    K = ref.shape[0]
+    out = {k: v.clone() for k, v in x0.items()}
+    iterations = torch.full((K,), max_iter, dtype=torch.int64, device=ref.device)
+    converged = torch.zeros(K, dtype=torch.bool, device=ref.device)
+
+    idx = torch.arange(K, device=ref.device)  # global index of each model still running
+    x = x0
+    fx = oracle.feats(x)
+    y, fy = x, fx
+    theta = torch.ones(K, dtype=ref.dtype, device=ref.device)
+    curv = torch.zeros(K, dtype=ref.dtype, device=ref.device)
+    L = curv if L0 is None else L0  # set from the first gradient when L0 is None
+    # iterations since the model last backtracked
+    calm = torch.full((K,), float(_COOLDOWN), dtype=ref.dtype, device=ref.device)
+    scale = curv
+
+    def trial(
+        y: Params, fy: Params, vy: Any, gy: Params, S: Params, L: Tensor
+    ) -> tuple[Params, Params, Params, Tensor, Tensor]:
+        """Candidate ``x⁺`` at step ``1/L``: ``(x⁺, feats(x⁺), x⁺ − y, ‖x⁺ − y‖², test)``,
+        where ``test > 0`` means the sufficient-decrease test failed."""
+        t = 1.0 / L
+        xn = prox(_axpy(-t, gy, y), S, t)
+        fxn = oracle.feats(xn)
+        d = _sub(xn, y)
+        dd = _sqnorm(d)
+        if not backtrack:
+            return xn, fxn, d, dd, dd
+        exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
+        return xn, fxn, d, dd, torch.stack([exc, slack])
+
+    for it in range(1, max_iter + 1):
+        gy, vy = oracle.grad(y, fy, S)
+        gnorm = _sqnorm(gy).sqrt()
+        if it == 1:
+            scale = torch.maximum(gnorm, oracle.grad_norm_at_zero(y, S))
+            if L0 is None:
+                tiny = torch.finfo(ref.dtype).tiny ** 0.5
+                L = oracle.curvature(y, gy, S).clamp(min=tiny)
+        elif backtrack:
+            shrunk = torch.maximum(_SHRINK * L, _MARGIN * curv)
+            L = torch.where(calm >= _COOLDOWN, shrunk, L)
+        xn, fxn, d, dd, test = trial(y, fy, vy, gy, S, L)
+        rejected: Tensor | None = None
+        if backtrack:
+            # test[0] = f(x⁺) − f(y) − ⟨∇f(y), d⟩, test[1] = round-off allowance; the
+            # curvature along d, 2 test[0]/‖d‖², is where a failed model's L goes next
+            bad = test[0] > 0.5 * L * dd + test[1]
+            curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+            calm = torch.where(bad, 0.0, calm + 1)
+            while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
+                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
+                sel = bad.nonzero().squeeze(1)
+                part = trial(*_take((y, fy, vy, gy, S, L), sel))
+                _put((xn, fxn, d, dd), sel, part[:4])
+                test.index_copy_(1, sel, part[4])
+                bad = test[0] > 0.5 * L * dd + test[1]
+                curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+            if bool(bad.any()):
+                # later steps: a failed model keeps its point and retries at the next
+                # iteration with a larger L (a second batched round costs more than that)
+                rejected = bad
+                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
+        ok = L * dd.sqrt() <= tol * torch.maximum(scale, gnorm)
+        # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
+        step = _sub(xn, x)
+        theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
+        beta = (theta - 1) / theta_next
+        if restart:
+            reset = _dot(d, step) < 0
+            theta_next = torch.where(reset, 1.0, theta_next)
+            beta = torch.where(reset, 0.0, beta)
+        y_next = _axpy(beta, step, xn)
+        fy_next = _axpy(beta, _sub(fxn, fx), fxn)  # linear features: A y = A x⁺ + β A(x⁺ − x)
+        if rejected is not None:  # usually a few models: copy their old state back in
+            ok = ok & ~rejected
+            sel = rejected.nonzero().squeeze(1)
+            _put((xn, fxn, y_next, fy_next, theta_next), sel, _take((x, fx, y, fy, theta), sel))
+        x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
+        done = ok if it < max_iter else torch.ones_like(ok)
+        if bool(done.any()):
+            where = idx[done]
+            for k in out:
+                out[k][where] = xn[k][done]
+            iterations[where] = it
+            converged[where] = ok[done]
+            if bool(done.all()):
+                break
+            keep = (~done).nonzero().squeeze(1)
+            idx = idx[keep]
+            x, fx, y, fy, S, theta, L, curv, calm, scale = _take(
+                (x, fx, y, fy, S, theta, L, curv, calm, scale), keep
+            )
+    return Solution(out, iterations, converged)

@@ -1,0 +1,1069 @@
+"""fr.sweep: train K strengths (and learning rates) at once, in one vmapped run.
+
+    grid = fr.grid(l1=torch.logspace(-5, -1, 64), l2=1e-4)
+    result = fr.sweep(net, loss, spec, grid, train=(x, y), val=(xv, yv),
+                      optimizer=fr.optim.adam(1e-3), steps=500, batch_size=256)
+    print(result); net_best = result.module(result.best())
+
+Model ``k`` trains with the strengths and hyperparameters ``{axis: grid[axis][k]}`` using
+:func:`funcreg.train.train_step` (the same pure step a single-model loop would use), all K
+models from the same init (or ``init=``), on the same minibatches.
+
+How it runs
+-----------
+* **Vectorized**: the per-model step is ``vmap``-ed over stacked params, optimizer state,
+  buffers and strengths (``randomness="different"``: every model gets its own dropout
+  masks). Nothing in a step reduces over models, so each model's numbers do not depend on
+  the others.
+* **Buffers**: the dict handed to ``loss_fn`` holds the model's buffers beside the params,
+  stacked per model, so ``functional_call(model, params, x)`` works unchanged and
+  BatchNorm running stats update per model. Only floating-point parameters with
+  ``requires_grad=True`` are trained and penalised; frozen parameters travel with the
+  buffers. Training uses the module's current train/eval mode; validation runs in
+  ``eval()`` mode (the flags are restored afterwards).
+* **Data**: a tensor or a tuple of tensors is one dataset, minibatched by funcreg with one
+  seeded permutation per epoch (:func:`batch_order`; the same batches for every model and
+  reproducible from ``(seed, step)``); ``batch_size=None`` means full batch. Any other
+  iterable (a list of batches, a ``DataLoader``) yields batches (a tensor or a tuple of
+  tensors) and is re-iterated when exhausted.
+* **Chunks**: the grid runs in chunks of at most ``chunk_size`` models per vmapped call;
+  results equal the unchunked run (bit for bit whenever every chunk holds >= 2 models, as
+  far as we measured; a chunk of one model runs without ``vmap``, with plain autograd —
+  faster — and agrees to float rounding). ``chunk_size=None`` chooses it on CPU (see
+  :func:`auto_chunk_size`); on other devices the whole grid runs at once.
+* **Divergence**: after every step, a model whose loss, penalty or parameters are
+  non-finite is frozen at its last finite parameters (``torch.where`` per model) and
+  reported in ``result.diverged`` / ``result.diverged_at``; its history rows become NaN.
+  The other models are untouched.
+* **Compile**: ``compile=True`` wraps the whole chunk step (vmap, step, divergence guard)
+  in ``torch.compile(fullgraph=True)``; hyperparameters are tensors, so one graph serves
+  every strength (expect 10-80 s of compile time on CPU).
+* **Checkpoints**: with ``checkpoint=path`` the sweep saves its state every
+  ``checkpoint_every`` steps and at the end (atomically). Calling ``sweep`` again with the
+  same path resumes, also with a larger ``steps``/``epochs``, and ends with the same numbers
+  as an uninterrupted run (given deterministic data: tensors, or an iterable that yields
+  the same batches each pass). A checkpoint written by a different sweep (model, spec,
+  grid, optimizer, prox, data shapes, batch size or seed differ) is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from . import _checks
+from .optim import Optimizer
+from .penalties import Penalty
+from .progress import Progress
+from .result import SweepResult
+from .spec import Spec, as_spec, penalized
+from .stack import build_grid, check_stacked, stack
+from .train import split_spec, train_step
+
+__all__ = ["auto_chunk_size", "batch_order", "eager_step", "sweep"]
+
+Batch = tuple[Tensor, ...]
+
+# Auto chunking on CPU (measured on the 32-64-64-1 MLP task, 1 thread; see
+# auto_chunk_size): models whose forward handles megabytes train one by one without vmap;
+# otherwise a chunk's temporaries stay below glibc's mmap threshold.
+UNBATCHED_FORWARD_BYTES = 3 * 2**20
+LARGEST_TEMP_BYTES = 16 * 2**20
+FORWARD_BYTES = 64 * 2**20
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def batch_order(n: int, batch_size: int | None, seed: int, epoch: int) -> Tensor | None:
+    """The sample permutation ``fr.sweep`` uses for ``epoch`` (``None`` for full batch):
+    ``torch.randperm(n)`` from a generator seeded by ``(seed, epoch)``; batch ``i`` of the
+    epoch is ``perm[i*batch_size:(i+1)*batch_size]`` (the last one may be shorter)."""
+    if batch_size is None or batch_size >= n:
+        return None
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % 2**63)
+    return torch.randperm(n, generator=g)
+
+
+def _as_batch(b: Any, what: str) -> Batch:
+    if isinstance(b, Tensor):
+        return (b,)
+    if isinstance(b, tuple | list) and b and all(isinstance(t, Tensor) for t in b):
+        return tuple(b)
+    raise TypeError(
+        f"{what} batches must be a tensor or a tuple of tensors, got {type(b).__name__}"
+        + (f" of {[type(t).__name__ for t in b][:4]}" if isinstance(b, tuple | list) else "")
+    )
+
+
+class _TensorData:
+    """A dataset of tensors sharing their first dimension, minibatched by funcreg."""
+
+    def __init__(
+        self, tensors: Batch, what: str, batch_size: int | None, seed: int, device: torch.device
+    ) -> None:
+        sizes = [t.shape[0] if t.ndim else None for t in tensors]
+        if None in sizes or len(set(sizes)) != 1:
+            raise ValueError(
+                f"{what} tensors must share their first (sample) dimension, got shapes "
+                f"{[tuple(t.shape) for t in tensors]}"
+            )
+        self.n = int(sizes[0])  # type: ignore[arg-type]
+        if self.n == 0:
+            raise ValueError(f"{what} data is empty (0 samples)")
+        self.what, self.seed = what, seed
+        self.tensors = tuple(t.detach().to(device) for t in tensors)
+        self.bs = None if batch_size is None or batch_size >= self.n else batch_size
+        self.per_epoch = 1 if self.bs is None else -(-self.n // self.bs)
+        self._epoch = -1
+        self._perm: Tensor | None = None
+        self._cache: tuple[int, Batch] | None = None
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": "tensors",
+            "shapes": [list(t.shape) for t in self.tensors],
+            "dtypes": [str(t.dtype) for t in self.tensors],
+        }
+
+    def batch(self, step: int) -> Batch:
+        if self._cache is not None and self._cache[0] == step:
+            return self._cache[1]
+        if self.bs is None:
+            return self.tensors
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            perm = batch_order(self.n, self.bs, self.seed, epoch)
+            assert perm is not None
+            self._perm, self._epoch = perm.to(self.tensors[0].device), epoch
+        assert self._perm is not None
+        idx = self._perm[i * self.bs : (i + 1) * self.bs]
+        out = tuple(t.index_select(0, idx) for t in self.tensors)
+        self._cache = (step, out)
+        return out
+
+    def iter_batches(self) -> Iterator[Batch]:
+        if self.bs is None:
+            yield self.tensors
+            return
+        for i in range(0, self.n, self.bs):
+            yield tuple(t[i : i + self.bs] for t in self.tensors)
+
+
+class _IterData:
+    """Batches from an iterable (list of batches, DataLoader, ...), re-iterated when done."""
+
+    def __init__(self, src: Iterable[Any], what: str, device: torch.device) -> None:
+        self.src, self.what, self.device = src, what, device
+        self.one_shot = iter(src) is src
+        try:
+            self.len: int | None = len(src)  # type: ignore[arg-type]
+        except TypeError:
+            self.len = None
+        if self.len == 0:
+            raise ValueError(f"{what} data is empty (an iterable of length 0)")
+        self._it: Iterator[Any] | None = None
+        self._next = -1
+        self._cache: tuple[int, Batch] | None = None
+
+    def __len__(self) -> int:
+        if self.len is None:
+            raise TypeError(
+                f"{self.what} data has no len(); give steps= instead of epochs= for iterators"
+            )
+        return self.len
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": type(self.src).__name__, "len": -1 if self.len is None else self.len}
+
+    def _pull(self) -> Batch:
+        for attempt in range(2):
+            if self._it is None:
+                self._it = iter(self.src)
+            try:
+                return self._move(next(self._it))
+            except StopIteration:
+                self._it = None
+                if self.one_shot or attempt:
+                    raise ValueError(
+                        f"{self.what} data ran out of batches"
+                        + (
+                            " (a one-shot iterator: pass a list or a DataLoader, or fewer steps)"
+                            if self.one_shot
+                            else " (it yielded none)"
+                        )
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _move(self, b: Any) -> Batch:
+        return tuple(t.to(self.device) for t in _as_batch(b, self.what))
+
+    def batch(self, step: int) -> Batch:
+        if self._cache is not None and self._cache[0] == step:
+            return self._cache[1]
+        if step != self._next:  # (re)position: a fresh pass, skipping what came before
+            self._it = None
+            skip = step % self.len if self.len else step
+            if self.one_shot:
+                skip = max(0, step - max(self._next, 0))
+                self._it = iter(self.src)
+            for _ in range(skip):
+                self._pull()
+        out = self._pull()
+        self._next = step + 1
+        self._cache = (step, out)
+        return out
+
+    def iter_batches(self) -> Iterator[Batch]:
+        if self.one_shot:
+            raise TypeError(f"{self.what} data must be re-iterable (a list or a DataLoader)")
+        n = 0
+        for b in self.src:
+            n += 1
+            yield self._move(b)
+        if n == 0:
+            raise ValueError(f"{self.what} data is empty (it yielded no batches)")
+
+
+_Data = _TensorData | _IterData
+
+
+def _make_data(
+    obj: Any, what: str, batch_size: int | None, seed: int, device: torch.device
+) -> _Data:
+    if isinstance(obj, Tensor):
+        return _TensorData((obj,), what, batch_size, seed, device)
+    if isinstance(obj, tuple) and all(isinstance(t, Tensor) for t in obj):
+        if not obj:
+            raise ValueError(f"{what} data is empty (an empty tuple)")
+        return _TensorData(obj, what, batch_size, seed, device)
+    if isinstance(obj, str | bytes | Mapping) or not isinstance(obj, Iterable):
+        raise TypeError(
+            f"{what}= must be a tensor, a tuple of tensors (x, y) or an iterable of batches "
+            f"(a list or a DataLoader), got {type(obj).__name__}"
+        )
+    if batch_size is not None and what == "train":
+        raise TypeError(
+            "batch_size= applies to tensor data; an iterable (DataLoader) sets its own batches"
+        )
+    return _IterData(obj, what, device)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
+    strengths = set(spec.strength_names)
+    hyper = set(optimizer.hyperparams)
+    allowed = [*spec.strength_names, *sorted(hyper)]
+    for name in grid:
+        if name in strengths or name in hyper:
+            continue
+        if name in spec:
+            raise ValueError(
+                f"grid axis {name!r} names the constraint term {name!r}, which takes no "
+                "strength; remove it from the grid"
+            )
+        near = _checks.closest(name, allowed, 1)
+        raise ValueError(
+            f"grid axis {name!r} names no spec term and no optimizer hyperparameter "
+            f"(terms: {sorted(strengths)}, optimizer reads: {sorted(hyper)}). Did you mean "
+            f"{near[0] if near else None!r}? To sweep a learning rate, build the optimizer "
+            f'with a name, e.g. fr.optim.adam(lr="lr"), and add lr=[...] to the grid'
+        )
+    missing = [n for n in allowed if n not in grid]
+    if missing:
+        raise ValueError(
+            f"the grid has no value for {missing}; add them, e.g. fr.grid(..., "
+            f"{missing[0]}=1e-4) (a scalar is shared by all models)"
+        )
+
+
+def _resolve_device(model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _describe_optimizer(opt: Optimizer) -> str:
+    """A stable description of a functional optimizer: its kind and the numbers and names
+    its ``step`` closes over (``Optimizer`` keeps no config of its own)."""
+    parts = [getattr(opt.step, "__qualname__", type(opt.step).__name__)]
+    code = getattr(opt.step, "__code__", None)
+    cells = getattr(opt.step, "__closure__", None) or ()
+    if code is not None:
+        for name, cell in zip(code.co_freevars, cells, strict=False):
+            try:
+                v = cell.cell_contents
+            except ValueError:
+                continue
+            plain = isinstance(v, bool | int | float | str | None) or (
+                isinstance(v, tuple) and all(isinstance(x, int | float | str) for x in v)
+            )
+            if plain:
+                parts.append(f"{name}={v!r}")
+    parts.append(f"hyperparams={sorted(opt.hyperparams)}")
+    return "; ".join(parts)
+
+
+def _check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
+    def refuse(what: str, a: Any, b: Any) -> ValueError:
+        return ValueError(
+            f"checkpoint {os.fspath(path)!r} belongs to a different sweep: the {what} differs "
+            f"(checkpoint: {a!s:.200}; this run: {b!s:.200}). Use another checkpoint path, "
+            "or delete the file to start over."
+        )
+
+    if not isinstance(old, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds no sweep identity; it is not a checkpoint")
+    for key, b in new.items():
+        a = old.get(key)
+        if key == "grid":
+            if not isinstance(a, dict) or list(a) != list(b):
+                raise refuse("grid axes", list(a or {}), list(b))
+            for axis, vb in b.items():
+                va = a[axis]
+                if va.shape != vb.shape or not torch.equal(va.double(), vb.double()):
+                    raise refuse(
+                        f"grid axis {axis!r}",
+                        f"K={va.numel()} {va.tolist()[:6]}",
+                        f"K={vb.numel()} {vb.tolist()[:6]}",
+                    )
+        elif a != b:
+            raise refuse(key, a, b)
+
+
+# -------------------------------------------------------------------- chunk heuristic
+
+
+class _Bytes(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.total += t.nbytes
+                self.largest = max(self.largest, t.nbytes)
+        return out
+
+
+def auto_chunk_size(forward: Callable[[], Any], k: int, device: torch.device | str = "cpu") -> int:
+    """The chunk size ``fr.sweep`` uses when ``chunk_size=None``.
+
+    Runs ``forward()`` (one model's loss on one training batch) once under ``no_grad`` and
+    measures its floating-point temporaries (per-model footprint ``A``, largest one ``M``).
+    On CPU:
+
+    * ``A >= 3 MiB``: 1 — every model trains alone, without ``vmap`` (:func:`eager_step`).
+      vmap on CPU only saves per-op dispatch overhead, which is nothing once each op
+      handles megabytes, while its batching rules add copies: on the 32-64-64-1 MLP with
+      full batch 4096 (A = 4.75 MB) a plain per-model step took 2.99 ms and a vmapped one
+      3.2-4.0 ms per model (the torch.optim loop: 2.79 ms); at batch 2048 they tied.
+    * otherwise the largest C with ``C·M <= 16 MiB`` and ``C·A <= 64 MiB`` (at least 2, at
+      most K). glibc ``malloc`` hands blocks above its mmap threshold (at most 32 MiB) back
+      to the OS on every free, so a step with bigger temporaries page-faults them in again
+      each time: past it a vmapped step got 2x slower per model (batch 512: K=256 in one
+      call), below it the time per model is flat. (A high ``MALLOC_MMAP_THRESHOLD_``
+      environment variable removes this cliff; pass ``chunk_size`` yourself then.) The
+      footprint cap is a precaution for small caches, not binding in our measurements.
+
+    On other devices the whole grid runs at once (K).
+    """
+    if k <= 1:
+        return k
+    if torch.device(device).type != "cpu":
+        return k
+    counter = _Bytes()
+    with torch.no_grad(), counter:
+        forward()
+    if counter.total >= UNBATCHED_FORWARD_BYTES:
+        return 1
+    c = min(LARGEST_TEMP_BYTES // max(counter.largest, 1), FORWARD_BYTES // max(counter.total, 1))
+    return int(max(2, min(k, c)))
+
+
+def _plan_chunks(k: int, size: int) -> list[tuple[int, int]]:
+    """Contiguous, balanced chunks of at most ``size`` models (sizes differ by <= 1)."""
+    n = -(-k // size)
+    base, extra = divmod(k, n)
+    out, start = [], 0
+    for j in range(n):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+# ---------------------------------------------------------------------- guard helpers
+
+
+def _keep_view(keep: Tensor, t: Tensor, batched: bool) -> Tensor:
+    return keep.view(-1, *([1] * (t.ndim - 1))) if batched else keep.view(())
+
+
+def _merge(keep: Tensor, new: Any, old: Any, batched: bool) -> Any:
+    return tree_map(lambda n, o: torch.where(_keep_view(keep, n, batched), n, o), new, old)
+
+
+def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor:
+    """Per-model ``(C,)`` bool: metrics and params finite (one sum per tensor: a NaN or an
+    infinity anywhere makes the sum non-finite; half precision is summed in float32)."""
+    if batched:
+        s = mvec.sum(1, dtype=_acc(mvec))
+        for p in params.values():
+            s = s + p.reshape(p.shape[0], -1).sum(1, dtype=_acc(p))
+        return torch.isfinite(s)
+    s = mvec.sum(dtype=_acc(mvec))
+    for p in params.values():
+        s = s + p.sum(dtype=_acc(p))
+    return torch.isfinite(s).reshape(1)
+
+
+def _acc(t: Tensor) -> torch.dtype | None:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
+    return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
+
+
+@dataclass
+class _Chunk:
+    start: int
+    stop: int
+    batched: bool
+    params: dict[str, Tensor]
+    state: Any
+    bufs: dict[str, Tensor]
+    strengths: dict[str, Tensor]
+    alive: Tensor
+    diverged_at: Tensor
+    hist: Tensor
+    healthy: bool = True
+
+    def take(self, t: Tensor) -> Tensor:
+        return t[self.start : self.stop].clone() if self.batched else t[self.start].clone()
+
+
+def _unsplit(chunks: list[_Chunk], get: Callable[[_Chunk], Any]) -> Any:
+    """Concatenate a pytree over chunks along axis 0 (unbatched chunks get one)."""
+    trees = [get(ch) for ch in chunks]
+    flat = [tree_flatten(t) for t in trees]
+    spec = flat[0][1]
+    leaves = []
+    for i in range(len(flat[0][0])):
+        parts = [
+            f[0][i] if ch.batched else f[0][i].unsqueeze(0)
+            for f, ch in zip(flat, chunks, strict=True)
+        ]
+        leaves.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
+    return tree_unflatten(leaves, spec)
+
+
+# ------------------------------------------------------------- single-model eager step
+
+
+def eager_step(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    optimizer: Optimizer,
+    prox: bool = True,
+) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
+    """:func:`funcreg.train.train_step` for one unbatched model, computed with
+    ``torch.autograd.grad`` instead of ``torch.func.grad``: same signature, same numbers
+    (to float rounding), about 0.6 ms less per step on CPU. ``fr.sweep`` runs chunks of one
+    model with it; it is not for ``vmap``/``torch.compile`` (use ``train_step`` there)."""
+    grad_part, prox_part = split_spec(spec, prox)
+    objective = penalized(loss_fn, grad_part, return_parts=True)
+
+    def step(
+        params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
+    ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+            total, parts = objective(leaves, strengths, *batch)
+            grads = torch.autograd.grad(
+                total, list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        with torch.no_grad():
+            metrics = {k: v.detach() for k, v in parts.items()}
+            metrics.update(prox_part.parts(params, strengths))
+            penalty_total = None
+            for k, v in metrics.items():
+                if k != "loss":
+                    penalty_total = v if penalty_total is None else penalty_total + v
+            metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
+            g = dict(zip(leaves, grads, strict=True))
+            new_params, new_state = optimizer.step(g, state, params, strengths)
+            if len(prox_part):
+                lr = optimizer.learning_rate(strengths)
+                new_params = prox_part.prox(new_params, strengths, lr)
+        return new_params, new_state, metrics
+
+    return step
+
+
+# --------------------------------------------------------------------------- the setup
+
+
+@dataclass
+class _Setup:
+    """Everything ``sweep`` validated and resolved before training starts."""
+
+    model: nn.Module
+    loss_fn: Callable[..., Tensor]
+    val_fn: Callable[..., Tensor] | None
+    spec: Spec
+    optimizer: Optimizer
+    prox: bool
+    compile: bool
+    progress: bool
+    seed: int
+    grid: dict[str, Tensor]  # float64, CPU
+    k: int
+    dev: torch.device
+    dtype: torch.dtype
+    params0: dict[str, Tensor]  # one model: trained params
+    fixed0: dict[str, Tensor]  # one model: buffers and frozen params
+    stacked_p: dict[str, Tensor]
+    stacked_b: dict[str, Tensor]
+    train: _Data
+    val: _Data | None
+    steps: int
+    eval_every: int
+    checkpoint_every: int
+    chunk_size: int | None
+    metric_names: tuple[str, ...]
+    selected: list[str]
+    identity: dict[str, Any]
+    ckpt: Path | None
+    prev: SweepResult | None
+    t_start: float
+
+
+def _split_model(
+    model: nn.Module, dev: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(trained, carried)``: floating params with ``requires_grad`` vs buffers and the rest."""
+    params0: dict[str, Tensor] = {}
+    fixed0: dict[str, Tensor] = {}
+    for n, p in model.named_parameters():
+        target = params0 if p.is_floating_point() and p.requires_grad else fixed0
+        target[n] = p.detach().to(dev)
+    for n, b in model.named_buffers():
+        fixed0[n] = b.detach().to(dev)
+    if not params0:
+        raise ValueError("sweep: the model has no floating-point parameter to train")
+    return params0, fixed0
+
+
+def _initial(
+    init: Any, params0: dict[str, Tensor], fixed0: dict[str, Tensor], k: int, dev: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stacked ``(params, buffers)`` every model starts from."""
+    if init is None:
+        return stack(params0, k), stack(fixed0, k)
+    init_p, init_b = init if isinstance(init, tuple) else (init, {})
+    check_stacked(init_p, k, "init")
+    check_stacked(init_b, k, "init buffers")
+    if list(init_p) != list(params0):
+        raise ValueError(
+            f"sweep: init has params {_checks._names(init_p)}, the model trains "
+            f"{_checks._names(params0)}; give exactly the model's trainable parameters"
+        )
+    for n, v in init_p.items():
+        if tuple(v.shape[1:]) != tuple(params0[n].shape):
+            raise ValueError(
+                f"sweep: init[{n!r}] is {tuple(v.shape)}, expected (K={k}, "
+                f"*{tuple(params0[n].shape)})"
+            )
+    unknown = [n for n in init_b if n not in fixed0]
+    if unknown:
+        raise ValueError(f"sweep: init buffers {unknown} are not buffers of the model")
+    stacked_p = {n: v.detach().to(dev, params0[n].dtype).clone() for n, v in init_p.items()}
+    stacked_b = stack(fixed0, k)
+    for n, v in init_b.items():
+        stacked_b[n] = v.detach().to(dev, fixed0[n].dtype).clone()
+    return stacked_p, stacked_b
+
+
+def _load_checkpoint(
+    ckpt: Path, identity: dict[str, Any], steps: int, model: nn.Module
+) -> SweepResult | None:
+    if not ckpt.exists():
+        return None
+    prev = SweepResult.load(ckpt, model=model)
+    _check_identity(prev.meta.get("identity"), identity, ckpt)
+    if prev.resume is None:
+        raise ValueError(f"checkpoint {os.fspath(ckpt)!r} holds no resume state")
+    if prev.steps > steps:
+        raise ValueError(
+            f"checkpoint {os.fspath(ckpt)!r} has {prev.steps} steps done, more than "
+            f"steps={steps}; ask for at least {prev.steps} steps or delete it"
+        )
+    return prev
+
+
+# ------------------------------------------------------------------------------ sweep
+
+
+def sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    *,
+    train: Any,
+    val: Any = None,
+    optimizer: Optimizer,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    prox: bool = True,
+    eval_every: int | None = None,
+    chunk_size: int | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    device: torch.device | str | None = None,
+    val_fn: Callable[..., Tensor] | None = None,
+    init: Any = None,
+) -> SweepResult:
+    """Train one model per grid point, all at once; see the module docstring for how.
+
+    Args:
+        model: the architecture; its current weights are every model's init (unless
+            ``init=``) and its buffers are stacked per model. Not modified.
+        loss_fn: ``loss_fn(params, *batch) -> 0-dim tensor``; ``params`` holds the
+            parameters and buffers, so ``functional_call(model, params, (x,))`` works.
+        spec: the penalty terms (``fr.Spec`` or a dict of penalties).
+        grid: ``{axis: (K,) values}``, e.g. ``fr.grid(...)``; a plain dict is zipped
+            (scalars broadcast). Axes name spec terms or optimizer hyperparameters, and
+            every spec term needing a strength and every hyperparameter the optimizer
+            reads by name must have an axis.
+        train, val: a tensor, a tuple of tensors, or an iterable of batches.
+        optimizer: a functional optimizer, e.g. ``fr.optim.adam(lr="lr")``.
+        steps, epochs: training length (exactly one; ``epochs`` needs sized data).
+        batch_size: minibatch size for tensor data (``None``: full batch); validation
+            tensors are evaluated in batches of the same size.
+        prox: non-smooth terms by their prox (exact zeros) or by subgradient (``False``).
+        eval_every: evaluate (validation loss/metric, exact-zero fractions) every this many
+            steps and at the end (default: 20 evaluations per run).
+        chunk_size: models per vmapped call (``None``: :func:`auto_chunk_size`).
+        compile: ``torch.compile(fullgraph=True)`` the chunk step.
+        progress: a tqdm bar (plain lines without tqdm); ``False`` for silence.
+        seed: seeds the batch order and the RNG (dropout) of the run; the global RNG
+            state is restored afterwards.
+        checkpoint, checkpoint_every: save/resume path, and how often to save (default:
+            10 times per run, and always at the end).
+        device: where to train (default: the model's device).
+        val_fn: an extra validation metric ``val_fn(params, *batch) -> 0-dim tensor``,
+            recorded as ``history["val_metric"]``.
+        init: stacked initial params ``{name: (K, *shape)}`` or ``(params, buffers)`` as
+            from ``fr.stack_modules(models)`` (different inits).
+
+    Returns:
+        A :class:`~funcreg.result.SweepResult`.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sweep: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"sweep: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if val_fn is not None and not callable(val_fn):
+        raise TypeError(f"sweep: val_fn must be callable, got {type(val_fn).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "sweep: optimizer must be a functional optimizer such as fr.optim.adam(1e-3), "
+            f"got {type(optimizer).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"sweep: seed must be an int >= 0, got {seed!r}")
+    seed = int(seed)
+    spec = as_spec(spec)
+    if not isinstance(grid, Mapping):
+        raise TypeError(
+            f"sweep: grid must be a dict of axes as from fr.grid(...), got {type(grid).__name__}"
+        )
+    g64 = build_grid(grid, product=False, dtype=torch.float64)
+    k = next(iter(g64.values())).numel()
+    _check_axes(g64, spec, optimizer)
+    dev = _resolve_device(model, device)
+    params0, fixed0 = _split_model(model, dev)
+    spec.validate(params0, g64)
+    stacked_p, stacked_b = _initial(init, params0, fixed0, k, dev)
+
+    batch_size = _positive_int("batch_size", batch_size)
+    train_data = _make_data(train, "train", batch_size, seed, dev)
+    val_data = None if val is None else _make_data(val, "val", batch_size, seed, dev)
+    if val_fn is not None and val_data is None:
+        raise ValueError("sweep: val_fn= needs validation data (val=)")
+    if (steps is None) == (epochs is None):
+        raise ValueError("sweep: give exactly one of steps= or epochs=")
+    if steps is None:
+        steps = int(_positive_int("epochs", epochs, allow_none=False) or 0) * len(train_data)
+    n_steps = int(_positive_int("steps", steps, allow_none=False) or 0)
+
+    selected: list[str] = []
+    for names in spec.selection(params0).values():
+        selected += [n for n in names if n not in selected]
+    identity = {
+        "model": [[n, list(v.shape), str(v.dtype)] for n, v in {**params0, **fixed0}.items()],
+        "spec": repr(spec),
+        "grid": {n: v.clone() for n, v in g64.items()},
+        "optimizer": _describe_optimizer(optimizer),
+        "prox": bool(prox),
+        "train": train_data.identity(),
+        "val": None if val_data is None else val_data.identity(),
+        "val_fn": val_fn is not None,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    prev = None if ckpt is None else _load_checkpoint(ckpt, identity, n_steps, model)
+    if prev is not None:
+        stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
+        stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
+
+    setup = _Setup(
+        model=model,
+        loss_fn=loss_fn,
+        val_fn=val_fn,
+        spec=spec,
+        optimizer=optimizer,
+        prox=bool(prox),
+        compile=bool(compile),
+        progress=bool(progress),
+        seed=seed,
+        grid=g64,
+        k=k,
+        dev=dev,
+        dtype=next(iter(params0.values())).dtype,
+        params0=params0,
+        fixed0=fixed0,
+        stacked_p=stacked_p,
+        stacked_b=stacked_b,
+        train=train_data,
+        val=val_data,
+        steps=n_steps,
+        eval_every=_positive_int("eval_every", eval_every) or max(1, n_steps // 20),
+        checkpoint_every=_positive_int("checkpoint_every", checkpoint_every)
+        or max(1, n_steps // 10),
+        chunk_size=_positive_int("chunk_size", chunk_size),
+        metric_names=("loss", "penalty", *spec),
+        selected=selected,
+        identity=identity,
+        ckpt=ckpt,
+        prev=prev,
+        t_start=t_start,
+    )
+    return _Run(setup).run()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """One sweep's training loop over chunks of models."""
+
+    def __init__(self, s: _Setup) -> None:
+        self.s = s
+        loss_fn, val_fn, dtype, names = s.loss_fn, s.val_fn, s.dtype, s.metric_names
+
+        def wrapped(p: dict[str, Tensor], bufs: dict[str, Tensor], *batch: Tensor) -> Tensor:
+            return loss_fn({**p, **bufs}, *batch)
+
+        def with_metric_vector(step: Callable[..., Any]) -> Callable[..., Any]:
+            def one(
+                p: dict[str, Tensor], st: Any, bufs: dict[str, Tensor], hp: Any, b: Batch
+            ) -> tuple[dict[str, Tensor], Any, Tensor]:
+                new_p, new_s, metrics = step(p, st, hp, bufs, *b)
+                return new_p, new_s, torch.stack([metrics[m].to(dtype) for m in names])
+
+            return one
+
+        one = with_metric_vector(train_step(wrapped, s.spec, s.optimizer, prox=s.prox))
+        one_eager = with_metric_vector(eager_step(wrapped, s.spec, s.optimizer, prox=s.prox))
+
+        def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
+            full = {**p, **bufs}
+            vals = [loss_fn(full, *b).to(dtype)]
+            if val_fn is not None:
+                vals.append(torch.as_tensor(val_fn(full, *b)).to(dtype))
+            return torch.stack(vals)
+
+        self.wrapped = wrapped
+        self.fns: dict[bool, Callable[..., Any]] = {
+            True: vmap(one, in_dims=(0, 0, 0, 0, None), randomness="different"),
+            False: one if s.compile else one_eager,
+        }
+        self.val_fns: dict[bool, Callable[..., Any]] = {
+            True: vmap(one_val, in_dims=(0, 0, None), randomness="different"),
+            False: one_val,
+        }
+        self.compiled: dict[bool, Callable[..., Any]] = {}
+        self.chunks: list[_Chunk] = []
+        self.plan: list[tuple[int, int]] = []
+        self.modes = {m: m.training for m in s.model.modules()}
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _guarded(self, batched: bool) -> Callable[..., Any]:
+        """The compiled chunk step: vmapped step + divergence guard in one graph."""
+        fn = self.fns[batched]
+
+        def run(p: Any, st: Any, bufs: Any, hp: Any, alive: Tensor, b: Batch) -> Any:
+            old_b = {n: v.clone() for n, v in bufs.items()}
+            new_p, new_s, mvec = fn(p, st, bufs, hp, b)
+            keep = alive & _finite(mvec, new_p, batched)
+            return (
+                _merge(keep, new_p, p, batched),
+                _merge(keep, new_s, st, batched),
+                _merge(keep, bufs, old_b, batched),
+                _mask(keep, mvec, batched),
+                keep,
+            )
+
+        return torch.compile(run, fullgraph=True)
+
+    def _history(self) -> None:
+        s, prev, k = self.s, self.s.prev, self.s.k
+        start = 0 if prev is None else prev.steps
+        n_prev = 0 if prev is None else int(prev.history["eval_step"].numel())
+        self.eval_at = {
+            t for t in range(start + 1, s.steps + 1) if t % s.eval_every == 0 or t == s.steps
+        }
+        n_eval = n_prev + len(self.eval_at)
+        n_val = 0 if s.val is None else (2 if s.val_fn is not None else 1)
+        nan = math.nan
+        self.hist = torch.full((s.steps, k, len(s.metric_names)), nan, dtype=s.dtype, device=s.dev)
+        self.eval_steps = torch.zeros(n_eval, dtype=torch.int64)
+        self.val_hist = torch.full((n_eval, k, n_val), nan, dtype=s.dtype, device=s.dev)
+        self.zeros = {n: torch.zeros(n_eval, k, device=s.dev) for n in s.selected}
+        self.e_index = n_prev
+        self.start = start
+        if prev is None:
+            return
+        h = prev.history
+        for j, m in enumerate(s.metric_names):
+            self.hist[:start, :, j] = h[m].to(s.dev, s.dtype)
+        self.eval_steps[:n_prev] = h["eval_step"]
+        for j, m in enumerate(("val_loss", "val_metric")[:n_val]):
+            self.val_hist[:n_prev, :, j] = h[m].to(s.dev, s.dtype)
+        for n in s.selected:
+            self.zeros[n][:n_prev] = h["zeros"][n].to(s.dev)
+
+    def _make_chunks(self) -> None:
+        s, prev = self.s, self.s.prev
+        alive = torch.ones(s.k, dtype=torch.bool, device=s.dev)
+        div_at = torch.full((s.k,), -1, dtype=torch.int64, device=s.dev)
+        if prev is not None:
+            alive, div_at = ~prev.diverged.to(s.dev), prev.diverged_at.to(s.dev)
+        hp_all = {n: v.to(s.dev, s.dtype) for n, v in s.grid.items()}
+        for a, b in self.plan:
+            batched = b - a > 1
+            ch = _Chunk(
+                a,
+                b,
+                batched,
+                {},
+                None,
+                {},
+                {},
+                alive[a:b].clone(),
+                div_at[a:b].clone(),
+                self.hist[:, a:b] if batched else self.hist[:, a],
+            )
+            ch.params = {n: ch.take(v) for n, v in s.stacked_p.items()}
+            ch.bufs = {n: ch.take(v) for n, v in s.stacked_b.items()}
+            ch.strengths = {n: v[a:b] if batched else v[a] for n, v in hp_all.items()}
+            init = vmap(s.optimizer.init) if batched else s.optimizer.init
+            ch.state = init(ch.params)
+            ch.healthy = bool(ch.alive.all())
+            if prev is not None and prev.resume is not None:
+                saved = prev.resume["opt_state"]
+                leaves, tspec = tree_flatten(ch.state)
+                if len(leaves) != len(saved):
+                    raise ValueError(
+                        f"checkpoint {os.fspath(s.ckpt or '')!r}: the optimizer state has "
+                        f"{len(saved)} tensors, this optimizer has {len(leaves)}"
+                    )
+                restored = [
+                    ch.take(v.to(s.dev)).to(o.dtype) for v, o in zip(saved, leaves, strict=True)
+                ]
+                ch.state = tree_unflatten(restored, tspec)
+            self.chunks.append(ch)
+
+    def _train_step(self, t: int, batch: Batch) -> None:
+        fast = self.s.dev.type == "cpu" and not self.s.compile
+        for ch in self.chunks:
+            if self.s.compile:
+                if ch.batched not in self.compiled:
+                    self.compiled[ch.batched] = self._guarded(ch.batched)
+                ch.params, ch.state, ch.bufs, mvec, keep = self.compiled[ch.batched](
+                    ch.params, ch.state, ch.bufs, ch.strengths, ch.alive, batch
+                )
+                ch.diverged_at = torch.where(ch.alive & ~keep, t, ch.diverged_at)
+                ch.alive = keep
+            else:
+                old_b = {n: v.clone() for n, v in ch.bufs.items()}  # BatchNorm updates in place
+                new_p, new_s, mvec = self.fns[ch.batched](
+                    ch.params, ch.state, ch.bufs, ch.strengths, batch
+                )
+                ok = _finite(mvec, new_p, ch.batched)
+                if fast and ch.healthy and bool(ok.all()):  # the common case: nothing to undo
+                    ch.params, ch.state = new_p, new_s
+                else:
+                    keep = ch.alive & ok
+                    ch.params = _merge(keep, new_p, ch.params, ch.batched)
+                    ch.state = _merge(keep, new_s, ch.state, ch.batched)
+                    ch.bufs = _merge(keep, ch.bufs, old_b, ch.batched)
+                    mvec = _mask(keep, mvec, ch.batched)
+                    ch.diverged_at = torch.where(ch.alive & ~keep, t, ch.diverged_at)
+                    ch.alive = keep
+                    ch.healthy = False
+            ch.hist[t].copy_(mvec)
+
+    @torch.no_grad()
+    def _evaluate(self, done: int) -> float | None:
+        """Record validation values and exact-zero fractions; the best val loss now."""
+        s, e = self.s, self.e_index
+        self.eval_steps[e] = done
+        best: float | None = None
+        if s.val is not None:
+            s.model.eval()
+            try:
+                for ch in self.chunks:
+                    acc: Tensor | float = 0.0
+                    weight = 0
+                    for b in s.val.iter_batches():
+                        w = int(b[0].shape[0]) if b[0].ndim else 1
+                        acc = acc + self.val_fns[ch.batched](ch.params, ch.bufs, b) * w
+                        weight += w
+                    row = _mask(ch.alive, torch.as_tensor(acc) / weight, ch.batched)
+                    self.val_hist[e, ch.start : ch.stop] = row.view(ch.stop - ch.start, -1)
+            finally:
+                self._restore_modes()
+            v = self.val_hist[e, :, 0]
+            best = float(torch.where(torch.isnan(v), math.inf, v).min())
+        for n in s.selected:
+            for ch in self.chunks:
+                p = ch.params[n].reshape(ch.stop - ch.start, -1)
+                self.zeros[n][e, ch.start : ch.stop] = (p == 0).float().mean(1)
+        self.e_index += 1
+        return best
+
+    def _restore_modes(self) -> None:
+        for m, flag in self.modes.items():
+            m.training = flag
+
+    def _snapshot(self, done: int) -> SweepResult:
+        s, e, names = self.s, self.e_index, self.s.metric_names
+        chunks = self.chunks
+        history: dict[str, Any] = {m: self.hist[:done, :, j].clone() for j, m in enumerate(names)}
+        history["eval_step"] = self.eval_steps[:e].clone()
+        if s.val is not None:
+            history["val_loss"] = self.val_hist[:e, :, 0].clone()
+            if s.val_fn is not None:
+                history["val_metric"] = self.val_hist[:e, :, 1].clone()
+        history["zeros"] = {n: z[:e].clone() for n, z in self.zeros.items()}
+        before = 0.0 if s.prev is None else float(s.prev.meta.get("elapsed_s", 0.0))
+        meta = {
+            "identity": s.identity,
+            "metrics": list(names),
+            "selected": list(s.selected),
+            "eval_every": s.eval_every,
+            "chunks": [[a, b] for a, b in self.plan],
+            "compile": s.compile,
+            "device": str(s.dev),
+            "elapsed_s": before + time.perf_counter() - s.t_start,
+        }
+        resume = {
+            "opt_state": tree_flatten(_unsplit(chunks, lambda ch: ch.state))[0],
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
+        }
+        return SweepResult(
+            grid={n: v.clone() for n, v in s.grid.items()},
+            stacked=_unsplit(chunks, lambda ch: ch.params),
+            stacked_buffers=_unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
+            history=history,
+            diverged=~torch.cat([ch.alive for ch in chunks]),
+            diverged_at=torch.cat([ch.diverged_at for ch in chunks]),
+            steps=done,
+            meta=meta,
+            resume=resume,
+            model=s.model,
+        )
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> SweepResult:
+        s = self.s
+        self._history()
+        rng_devices = [s.dev.index or 0] if s.dev.type == "cuda" else []
+        with contextlib.ExitStack() as stack_:
+            stack_.enter_context(torch.random.fork_rng(devices=rng_devices))
+            torch.manual_seed(s.seed)  # also seeds a shuffling DataLoader's first pass
+            first = s.train.batch(self.start)
+            size = s.chunk_size
+            if size is None:  # the probe forward may draw random numbers: reseed after it
+                b0 = {n: v[0].clone() for n, v in s.stacked_b.items()}
+                p0 = {n: v[0] for n, v in s.stacked_p.items()}
+                size = auto_chunk_size(lambda: self.wrapped(p0, b0, *first), s.k, s.dev)
+            self.plan = _plan_chunks(s.k, size)
+            if s.prev is not None and s.prev.resume is not None:
+                torch.set_rng_state(s.prev.resume["rng"])
+                if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(s.prev.resume["cuda_rng"], s.dev)
+            else:
+                torch.manual_seed(s.seed)
+            self._make_chunks()
+
+            bar = stack_.enter_context(Progress(s.steps, self.start, enabled=s.progress))
+            best_so_far = math.inf
+            for t in range(self.start, s.steps):
+                self._train_step(t, s.train.batch(t))
+                bar.update(1)
+                done = t + 1
+                if done in self.eval_at:
+                    best = self._evaluate(done)
+                    if best is not None:
+                        best_so_far = min(best_so_far, best)
+                    n_div = sum(int((~ch.alive).sum()) for ch in self.chunks)
+                    bar.status(best_so_far if s.val is not None else None, n_div, s.k)
+                if s.ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
+                    self._snapshot(done).save(s.ckpt)
+            result = self._snapshot(s.steps)
+        self._restore_modes()
+        return result

@@ -1,0 +1,432 @@
+"""funcreg.solvers.solve against scikit-learn and against optimality conditions (float64).
+
+Every reference check solves a whole grid of strengths in one vmapped call and compares
+each model to scikit-learn fitted with a tight tolerance: coefficients to 1e-5, objective
+to 1e-7 relative. Both code paths are covered: the least-squares Gram fast path
+(``least_squares(X, y)``) and the generic ``vmap(grad(loss))`` path (a plain function).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import ElasticNet, Lasso, LogisticRegression, Ridge
+
+import funcreg as fr
+from funcreg.solvers import LeastSquares, Solution, least_squares, solve
+
+COEF_TOL = 1e-5
+OBJ_TOL = 1e-7
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: with two, any other process on the box slows eager ops a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def regression(n: int = 80, p: int = 10, m: int = 1, seed: int = 0, rho: float = 0.5):
+    """Correlated Gaussian design, sparse truth, noise; numpy arrays."""
+    rng = np.random.default_rng(seed)
+    cov = rho ** np.abs(np.subtract.outer(np.arange(p), np.arange(p)))
+    X = rng.standard_normal((n, p)) @ np.linalg.cholesky(cov).T
+    W = np.zeros((p, m))
+    W[: max(2, p // 3)] = rng.standard_normal((max(2, p // 3), m))
+    Y = X @ W + 0.5 * rng.standard_normal((n, m))
+    return X, (Y[:, 0] if m == 1 else Y)
+
+
+def lasso_grid(X: np.ndarray, y: np.ndarray, k: int = 8, lo: float = 1e-2) -> np.ndarray:
+    amax = np.abs(X.T @ y).max() / len(y)
+    return amax * np.geomspace(0.9, lo, k)
+
+
+def enet_objective(X, y, w, alpha, r=1.0):
+    resid = y - X @ w
+    return resid @ resid / (2 * len(y)) + alpha * (r * np.abs(w).sum() + 0.5 * (1 - r) * w @ w)
+
+
+def assert_close_fit(ours: np.ndarray, ref: np.ndarray, f_ours: float, f_ref: float) -> None:
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=COEF_TOL)
+    assert f_ours <= f_ref * (1 + OBJ_TOL), (f_ours, f_ref)
+    assert abs(f_ours - f_ref) <= OBJ_TOL * abs(f_ref), (f_ours, f_ref)
+
+
+def lsq_loss(params, X, y):
+    """The generic path's data term: 1/(2n)‖y − Xw‖² on a vector parameter ``w``."""
+    return 0.5 * (y - X @ params["w"]).square().mean()
+
+
+def fit(path: str, spec: fr.Spec, X: np.ndarray, y: np.ndarray, strengths, **kw) -> np.ndarray:
+    """Solve on either path; returns (K, p) coefficients."""
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    kw.setdefault("tol", 1e-10)
+    kw.setdefault("max_iter", 20_000)
+    if path == "gram":
+        ls = least_squares(Xt, yt)
+        sol = solve(ls, spec, ls.init(), strengths, **kw)
+        assert bool(sol.converged.all()), sol.iterations
+        return sol.params["weight"][:, 0].numpy()
+    sol = solve(lsq_loss, spec, {"w": Xt.new_zeros(X.shape[1])}, strengths, Xt, yt, **kw)
+    assert bool(sol.converged.all()), sol.iterations
+    return sol.params["w"].numpy()
+
+
+# -- references: scikit-learn ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["gram", "generic"])
+def test_lasso_grid_matches_sklearn(path):
+    X, y = regression(seed=1)
+    alphas = lasso_grid(X, y)
+    spec = fr.Spec(l1=fr.L1() if path == "gram" else fr.L1("w"))
+    W = fit(path, spec, X, y, {"l1": torch.from_numpy(alphas)})
+    for k, a in enumerate(alphas):
+        ref = Lasso(alpha=a, fit_intercept=False, tol=1e-14, max_iter=10**6).fit(X, y).coef_
+        f = enet_objective(X, y, W[k], a)
+        assert_close_fit(W[k], ref, f, enet_objective(X, y, ref, a))
+
+
+@pytest.mark.parametrize("l1_ratio", [0.1, 0.5, 0.9])
+def test_elastic_net_grid_matches_sklearn(l1_ratio):
+    X, y = regression(seed=2)
+    alphas = lasso_grid(X, y) / l1_ratio
+    spec = fr.Spec(en=fr.ElasticNet(l1_ratio=l1_ratio))
+    W = fit("gram", spec, X, y, {"en": torch.from_numpy(alphas)})
+    for k, a in enumerate(alphas):
+        ref = ElasticNet(alpha=a, l1_ratio=l1_ratio, fit_intercept=False, tol=1e-14)
+        ref = ref.set_params(max_iter=10**6).fit(X, y).coef_
+        f_ref = enet_objective(X, y, ref, a, l1_ratio)
+        assert_close_fit(W[k], ref, enet_objective(X, y, W[k], a, l1_ratio), f_ref)
+
+
+def test_elastic_net_as_l1_plus_smooth_l2_matches_sklearn():
+    """L1 (prox) + L2 (gradient) with strengths (α r, α (1 − r)) is ElasticNet(α, r): the
+    smooth penalty goes through the gradient, on both paths."""
+    X, y = regression(seed=3)
+    r = 0.3
+    alphas = lasso_grid(X, y, k=6) / r
+    s = {"l1": torch.from_numpy(alphas * r), "l2": torch.from_numpy(alphas * (1 - r))}
+    W_gram = fit("gram", fr.Spec(l1=fr.L1(), l2=fr.L2()), X, y, s)
+    W_gen = fit("generic", fr.Spec(l1=fr.L1("w"), l2=fr.L2("w")), X, y, s)
+    for k, a in enumerate(alphas):
+        ref = ElasticNet(alpha=a, l1_ratio=r, fit_intercept=False, tol=1e-14, max_iter=10**6)
+        ref = ref.fit(X, y).coef_
+        f_ref = enet_objective(X, y, ref, a, r)
+        for W in (W_gram, W_gen):
+            assert_close_fit(W[k], ref, enet_objective(X, y, W[k], a, r), f_ref)
+
+
+def test_ridge_grid_matches_sklearn():
+    """sklearn Ridge(alpha=a) minimises ‖y − Xw‖² + a‖w‖². funcreg's L2 is ½Σw², so
+
+    * on the data term ½‖y − Xw‖² (a sum): 2× that objective is ‖y − Xw‖² + λ‖w‖², so λ = a;
+    * on least_squares' 1/(2n)‖y − Xw‖² (a mean): multiply by 2n, λ = a / n.
+    """
+    X, y = regression(seed=4)
+    n = len(y)
+    a = np.array([0.01, 0.1, 1.0, 10.0, 100.0])
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def half_sse(params, X, y):
+        return 0.5 * (y - X @ params["w"]).square().sum()
+
+    w0 = {"w": Xt.new_zeros(X.shape[1])}
+    s = {"l2": torch.from_numpy(a)}
+    gen = solve(half_sse, fr.Spec(l2=fr.L2("w")), w0, s, Xt, yt, tol=1e-11, max_iter=20_000)
+    ls = least_squares(Xt, yt)
+    gram = solve(ls, fr.Spec(l2=fr.L2()), ls.init(), {"l2": torch.from_numpy(a / n)}, tol=1e-11)
+    assert bool(gen.converged.all()) and bool(gram.converged.all())
+    for k, ak in enumerate(a):
+        ref = Ridge(alpha=ak, fit_intercept=False, solver="cholesky").fit(X, y).coef_
+
+        def f(w, ak=ak):
+            return ((y - X @ w) ** 2).sum() + ak * w @ w
+
+        for w in (gen.params["w"][k].numpy(), gram.params["weight"][k, 0].numpy()):
+            assert_close_fit(w, ref, f(w), f(ref))
+
+
+@pytest.mark.parametrize("path", ["gram", "generic"])
+def test_nonnegative_lasso_matches_sklearn_positive(path):
+    X, y = regression(seed=5)
+    y = y - 2 * X[:, 1]  # make some unconstrained coefficients negative
+    alphas = lasso_grid(X, y)
+    sel = None if path == "gram" else "w"
+    spec = fr.Spec(l1=fr.L1(sel), pos=fr.NonNegative(sel))  # the constraint needs no strength
+    W = fit(path, spec, X, y, {"l1": torch.from_numpy(alphas)})
+    assert (W >= 0).all()
+    for k, a in enumerate(alphas):
+        ref = Lasso(alpha=a, positive=True, fit_intercept=False, tol=1e-14, max_iter=10**6)
+        ref = ref.fit(X, y).coef_
+        f = enet_objective(X, y, W[k], a)
+        assert_close_fit(W[k], ref, f, enet_objective(X, y, ref, a))
+
+
+def test_l1_logistic_grid_matches_sklearn():
+    """sklearn minimises ‖w‖₁ + C Σ_i log(1 + exp(−y_i x_iᵀw)); dividing by nC gives the mean
+    log-loss + (1/(nC))‖w‖₁, so the L1 strength is 1/(n C). No intercept on either side
+    (liblinear would penalise it)."""
+    rng = np.random.default_rng(6)
+    n, p = 120, 8
+    X = rng.standard_normal((n, p))
+    w_true = np.zeros(p)
+    w_true[:3] = [2.0, -1.5, 1.0]
+    yb = (X @ w_true + 0.5 * rng.standard_normal(n) > 0).astype(float)
+    ypm = 2 * yb - 1
+    Cs = np.array([0.05, 0.1, 0.3, 1.0, 3.0])
+
+    def logloss(params, X, y):
+        return F.softplus(-y * (X @ params["w"])).mean()
+
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(ypm)
+    s = {"l1": torch.from_numpy(1 / (n * Cs))}
+    sol = solve(logloss, fr.Spec(l1=fr.L1("w")), {"w": Xt.new_zeros(p)}, s, Xt, yt, tol=1e-10)
+    assert bool(sol.converged.all())
+    for k, C in enumerate(Cs):
+        ref = LogisticRegression(
+            l1_ratio=1.0, C=C, solver="liblinear", fit_intercept=False, tol=1e-12, max_iter=10**5
+        ).fit(X, yb)
+
+        def f(w, C=C):
+            return np.abs(w).sum() + C * np.logaddexp(0, -ypm * (X @ w)).sum()
+
+        ours = sol.params["w"][k].numpy()
+        assert_close_fit(ours, ref.coef_[0], f(ours), f(ref.coef_[0]))
+
+
+# -- optimality conditions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fit_intercept", [False, True])
+def test_group_lasso_satisfies_kkt(fit_intercept):
+    """GroupLasso(dim=0) on W (m, p): one group per input feature (a column, |g| = m).
+    At a minimiser, per group j with gradient g_j = ∇_{W[:, j]} f:
+    ‖g_j‖ ≤ λ√m where W[:, j] = 0, and g_j = −λ√m W[:, j]/‖W[:, j]‖ elsewhere; ∇_b f = 0."""
+    m = 3
+    X, Y = regression(n=90, p=12, m=m, seed=7)
+    Y = Y + 1.5  # an offset for the intercept to absorb
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(Y), fit_intercept=fit_intercept)
+    lam_max = np.linalg.norm(X.T @ (Y - Y.mean(0) * fit_intercept) / len(Y), axis=1).max()
+    lams = torch.from_numpy(lam_max / np.sqrt(m) * np.geomspace(0.95, 0.01, 6))
+    sol = solve(ls, fr.Spec(g=fr.GroupLasso(dim=0)), ls.init(), {"g": lams}, tol=1e-11)
+    assert bool(sol.converged.all())
+    zeros = 0
+    for k, lam in enumerate(lams.tolist()):
+        params = {n: v[k] for n, v in sol.params.items()}
+        grads = torch.func.grad(ls)(params)
+        W, G = params["weight"], grads["weight"]
+        thr = lam * np.sqrt(m)
+        for j in range(W.shape[1]):
+            norm = torch.linalg.vector_norm(W[:, j])
+            if norm == 0:
+                zeros += 1
+                assert torch.linalg.vector_norm(G[:, j]) <= thr * (1 + 1e-8)
+            else:
+                torch.testing.assert_close(G[:, j], -thr * W[:, j] / norm, atol=1e-7, rtol=0)
+        if fit_intercept:
+            torch.testing.assert_close(grads["bias"], torch.zeros(m, dtype=DT), atol=1e-8, rtol=0)
+    assert zeros > 0  # the grid reaches sparse solutions
+
+
+def test_group_lasso_generic_path_matches_gram_path():
+    """The vmapped prox fallback (GroupLasso is not elementwise) on a plain loss gives the
+    same solutions as the Gram path."""
+    X, Y = regression(n=70, p=9, m=2, seed=8)
+    Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
+    lams = torch.tensor([0.3, 0.1, 0.02], dtype=DT)
+    spec = fr.Spec(g=fr.GroupLasso(dim=0))
+    ls = least_squares(Xt, Yt)
+
+    def loss(params, X, Y):
+        return 0.5 * (Y - X @ params["weight"].T).square().sum() / X.shape[0]
+
+    a = solve(ls, spec, ls.init(), {"g": lams}, tol=1e-11)
+    b = solve(loss, spec, ls.init(), {"g": lams}, Xt, Yt, tol=1e-11)
+    torch.testing.assert_close(a.params["weight"], b.params["weight"], atol=1e-7, rtol=0)
+
+
+# -- behaviour of the iteration ---------------------------------------------------------
+
+
+def test_converged_models_do_not_change_after_convergence():
+    X, y = regression(n=100, p=15, seed=9, rho=0.9)
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
+    s = {"l1": torch.from_numpy(lasso_grid(X, y, k=10, lo=1e-3))}
+    spec = fr.Spec(l1=fr.L1())
+    short = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=150)
+    long = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=5000)
+    early = short.converged
+    assert 0 < int(early.sum()) < len(early)  # some stopped, some still running at 150
+    assert bool(long.converged.all())
+    assert torch.equal(short.params["weight"][early], long.params["weight"][early])
+    assert torch.equal(short.iterations[early], long.iterations[early])
+    assert bool((short.iterations[~early] == 150).all())
+    assert bool((long.iterations[~early] > 150).all())
+
+
+def test_warm_start_from_stacked_solution_stops_at_once():
+    X, y = regression(seed=10)
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
+    spec = fr.Spec(l1=fr.L1())
+    s = {"l1": torch.from_numpy(lasso_grid(X, y, k=5))}
+    first = solve(ls, spec, ls.init(), s, tol=1e-9)
+    again = solve(ls, spec, first.params, s, tol=1e-8, stacked=True)
+    assert bool((again.iterations <= 2).all()) and bool(again.converged.all())
+    torch.testing.assert_close(again.params["weight"], first.params["weight"], atol=1e-9, rtol=0)
+
+
+def test_shapes_scalar_strengths_and_plain_fista():
+    X, y = regression(seed=11)
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y), fit_intercept=True)
+    spec = fr.Spec(l1=fr.L1())
+    sol = solve(ls, spec, ls.init(), {"l1": 0.05, "unused": 3.0})
+    assert isinstance(sol, Solution)
+    assert sol.params["weight"].shape == (1, 1, X.shape[1]) and sol.params["bias"].shape == (1, 1)
+    assert sol.iterations.dtype == torch.int64 and sol.converged.dtype == torch.bool
+    # fixed step 1/L with L = λ_max of the Hessian (the intercept-augmented Gram): same answer
+    Xa = np.hstack([X, np.ones((len(X), 1))])
+    L = float(np.linalg.eigvalsh(Xa.T @ Xa / len(X))[-1])
+    plain = solve(
+        ls,
+        spec,
+        ls.init(),
+        {"l1": 0.05},
+        lipschitz=L,
+        backtrack=False,
+        restart=False,
+        max_iter=20_000,
+    )
+    for name in sol.params:
+        torch.testing.assert_close(plain.params[name], sol.params[name], atol=1e-6, rtol=0)
+
+
+def test_least_squares_is_an_ordinary_loss():
+    X, y = regression(n=30, p=4, seed=12)
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y), fit_intercept=True)
+    assert isinstance(ls, LeastSquares)
+    params = {"weight": torch.randn(1, 4, dtype=DT), "bias": torch.randn(1, dtype=DT)}
+    w, b = params["weight"][0].numpy(), params["bias"].numpy()
+    expected = ((y - X @ w - b) ** 2).sum() / (2 * len(y))
+    assert float(ls(params)) == pytest.approx(expected, rel=1e-12)
+    g = torch.func.grad(ls)(params)
+    Ag = ls.hessian_apply({k: v[None] for k, v in params.items()})
+    B = ls.linear_term()
+    for k in g:
+        torch.testing.assert_close(g[k], Ag[k][0] - B[k], atol=1e-12, rtol=0)
+
+
+def test_elementwise_prox_fast_path_equals_vmapped_spec_prox():
+    """solve applies elementwise penalties to the stacked tensors directly; that must be
+    exactly vmap(spec.prox), including weight= factors, toward= references and selection
+    resolved on one model's shapes (the bias is not a weight)."""
+    from funcreg.solvers import _make_prox
+
+    K = 5
+    single = {"weight": torch.randn(3, 4, dtype=DT), "bias": torch.randn(3, dtype=DT)}
+    spec = fr.Spec(
+        l1=fr.L1(weight=torch.rand(3, 4, dtype=DT)),
+        en=fr.ElasticNet(toward=torch.randn(3, 4, dtype=DT), l1_ratio=0.3),
+        box=fr.Box(lo=-0.5, hi=0.7),
+        pos=fr.NonNegative(fr.biases()),
+    )
+    stacked = {k: torch.randn(K, *v.shape, dtype=DT) for k, v in single.items()}
+    s = {"l1": torch.rand(K, dtype=DT), "en": torch.rand(K, dtype=DT)}
+    t = torch.rand(K, dtype=DT)
+    fast = _make_prox(spec, single)(stacked, s, t)
+    slow = torch.func.vmap(spec.prox)(stacked, s, t)
+    for k in stacked:
+        torch.testing.assert_close(fast[k], slow[k], atol=1e-15, rtol=0)
+    assert bool((fast["bias"] >= 0).all())
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+class _Rough(fr.Penalty):
+    """A non-smooth penalty without a proximal operator (for the error test)."""
+
+    smooth: ClassVar[bool] = False
+
+    def _value(self, d, c):
+        return d.abs().max()
+
+
+@pytest.fixture
+def problem():
+    X, y = regression(n=20, p=3, seed=13)
+    return least_squares(torch.from_numpy(X), torch.from_numpy(y))
+
+
+def test_bad_max_iter_and_tol(problem):
+    spec = fr.Spec(l1=fr.L1())
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got 0"):
+        solve(problem, spec, problem.init(), {"l1": 0.1}, max_iter=0)
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+        solve(problem, spec, problem.init(), {"l1": 0.1}, tol=float("nan"))
+
+
+def test_non_finite_data_and_params():
+    X = torch.randn(10, 3, dtype=DT)
+    y = torch.randn(10, dtype=DT)
+    spec = fr.Spec(l1=fr.L1("w"))
+    w0 = {"w": torch.zeros(3, dtype=DT)}
+    bad = X.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"data\[0\] contains NaN or inf"):
+        solve(lsq_loss, spec, w0, {"l1": 0.1}, bad, y)
+    with pytest.raises(ValueError, match=r"data\[1\] contains NaN or inf"):
+        solve(lsq_loss, spec, w0, {"l1": 0.1}, X, y / 0)
+    with pytest.raises(ValueError, match=r"params\['w'\] contains NaN or inf"):
+        solve(lsq_loss, spec, {"w": torch.full((3,), float("inf"), dtype=DT)}, {"l1": 0.1}, X, y)
+    with pytest.raises(ValueError, match="least_squares: X contains NaN or inf"):
+        least_squares(bad, y)
+    with pytest.raises(ValueError, match="least_squares: y contains NaN or inf"):
+        least_squares(X, y / 0)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan")])
+def test_bad_strengths(problem, value):
+    spec = fr.Spec(l1=fr.L1())
+    with pytest.raises(ValueError, match="strength 'l1' must be finite and >= 0"):
+        solve(problem, spec, problem.init(), {"l1": value})
+    with pytest.raises(ValueError, match="strength 'l1' must be finite and >= 0"):
+        solve(problem, spec, problem.init(), {"l1": torch.tensor([0.1, value], dtype=DT)})
+
+
+def test_missing_strength_and_mismatched_k(problem):
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    with pytest.raises(ValueError, match="missing strength for term 'l2'"):
+        solve(problem, spec, problem.init(), {"l1": 0.1})
+    with pytest.raises(ValueError, match="strengths 'l1' and 'l2' have different lengths"):
+        solve(problem, spec, problem.init(), {"l1": torch.ones(3), "l2": torch.ones(4)})
+    stacked = {"weight": torch.zeros(5, 1, 3, dtype=DT)}
+    with pytest.raises(ValueError, match="stacked params hold 5 models but the strengths have K"):
+        solve(problem, spec, stacked, {"l1": torch.ones(3), "l2": 0.0}, stacked=True)
+
+
+def test_nonsmooth_term_without_prox(problem):
+    with pytest.raises(ValueError, match="term 'rough' \\(_Rough\\) is non-smooth and has no prox"):
+        solve(problem, fr.Spec(rough=_Rough()), problem.init(), {"rough": 0.1})
+
+
+def test_bad_lipschitz_and_least_squares_misuse(problem):
+    spec = fr.Spec(l1=fr.L1())
+    with pytest.raises(ValueError, match="lipschitz must be finite and > 0"):
+        solve(problem, spec, problem.init(), {"l1": 0.1}, lipschitz=-1.0)
+    with pytest.raises(ValueError, match="backtrack=False needs lipschitz="):
+        solve(problem, spec, problem.init(), {"l1": 0.1}, backtrack=False)
+    with pytest.raises(TypeError, match="least_squares loss holds its data"):
+        solve(problem, spec, problem.init(), {"l1": 0.1}, torch.ones(3))
+    with pytest.raises(ValueError, match="least_squares loss needs params of shapes"):
+        solve(problem, spec, {"weight": torch.zeros(3, dtype=DT)}, {"l1": 0.1})
+    with pytest.raises(ValueError, match="least_squares data is torch.float64 but params"):
+        solve(problem, spec, {"weight": torch.zeros(1, 3)}, {"l1": 0.1})

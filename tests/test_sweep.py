@@ -1,0 +1,562 @@
+"""fr.sweep: equivalence with per-model training, chunking, buffers, divergence, resume."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import funcreg as fr
+from funcreg.optim import adam, sgd
+from funcreg.result import SweepResult
+from funcreg.stack import grid, stack
+from funcreg.sweep import _plan_chunks, auto_chunk_size, batch_order, eager_step, sweep
+from funcreg.train import train_step
+
+N, D = 48, 5
+
+
+@pytest.fixture
+def f64() -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def data(seed: int = 0, n: int = N) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    y = torch.sin(x[:, :2].sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def mlp(bn: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(D, 8)]
+    if bn:
+        layers.append(nn.BatchNorm1d(8))
+    layers.append(nn.ReLU())
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(8, 1))
+    return nn.Sequential(*layers)
+
+
+def mse_of(net: nn.Module) -> Callable[..., Tensor]:
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(functional_call(net, params, (x,), strict=True), y)
+
+    return loss
+
+
+SPEC = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2())
+
+
+def batches(steps: int, bs: int, seed: int = 0) -> list[Tensor]:
+    per_epoch = -(-N // bs)
+    out = []
+    for t in range(steps):
+        epoch, i = divmod(t, per_epoch)
+        perm = batch_order(N, bs, seed, epoch)
+        assert perm is not None
+        out.append(perm[i * bs : (i + 1) * bs])
+    return out
+
+
+# ------------------------------------------------------------------------- equivalence
+
+
+def test_equals_separate_functional_runs(f64: None) -> None:
+    x, y = data()
+    net = mlp().double()
+    g = grid(l1=[0.0, 1e-3, 1e-2, 0.5], l2=1e-3)
+    opt = adam(0.05)
+    steps, bs = 9, 16
+    r = sweep(
+        net,
+        mse_of(net),
+        SPEC,
+        g,
+        train=(x, y),
+        optimizer=opt,
+        steps=steps,
+        batch_size=bs,
+        progress=False,
+    )
+    assert r.steps == steps and r.history["loss"].shape == (steps, 4)
+    step = train_step(mse_of(net), SPEC, opt, prox=True)
+    for k in range(4):
+        p = fr.params(net)
+        s = opt.init(p)
+        strengths = {n: v[k] for n, v in g.items()}
+        losses = []
+        for idx in batches(steps, bs):
+            p, s, m = step(p, s, strengths, x[idx], y[idx])
+            losses.append(m["loss"])
+        for n in p:
+            torch.testing.assert_close(r.stacked[n][k], p[n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(r.history["loss"][:, k], torch.stack(losses), rtol=0, atol=1e-12)
+    zeros = r.history["zeros"]["0.weight"][-1]
+    assert zeros[0] == 0 and zeros[-1] > 0  # prox gives exact zeros, more with strength
+
+
+def test_sgd_equals_torch_optim_loop_with_handwritten_penalty(f64: None) -> None:
+    x, y = data()
+    net = mlp().double()
+    lams, lrs = [0.0, 3e-3, 3e-2], [0.05, 0.2]
+    g = grid(lam=lams, lr=lrs)
+    spec = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2())
+    grid_ = {"l1": g["lam"], "l2": 2 * g["lam"], "lr": g["lr"]}  # funcreg L2 is ½Σw²
+    steps, bs = 8, 12
+    r = sweep(
+        net,
+        mse_of(net),
+        spec,
+        grid_,
+        train=(x, y),
+        optimizer=sgd(lr="lr"),
+        steps=steps,
+        batch_size=bs,
+        prox=False,
+        progress=False,
+    )
+    for k in range(len(g["lam"])):
+        lam, lr = float(g["lam"][k]), float(g["lr"][k])
+        m = copy.deepcopy(net)
+        o = torch.optim.SGD(m.parameters(), lr=lr)
+        for idx in batches(steps, bs):
+            weights = [m[0].weight, m[2].weight]
+            loss = F.mse_loss(m(x[idx]), y[idx]) + lam * m[0].weight.abs().sum()
+            loss = loss + lam * sum(w.pow(2).sum() for w in weights)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(r.stacked[n][k], p.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])
+def test_chunking_matches_unchunked(f64: None, chunk_size: int) -> None:
+    x, y = data()
+    net = mlp().double()
+    g = grid(l1=[0.0, 1e-3, 1e-2, 3e-2, 1e-1], l2=1e-3)  # K = 5
+    kw: dict[str, Any] = dict(
+        train=(x, y), val=data(1), optimizer=adam(0.05), steps=6, batch_size=16, progress=False
+    )
+    full = sweep(net, mse_of(net), SPEC, g, chunk_size=5, **kw)
+    part = sweep(net, mse_of(net), SPEC, g, chunk_size=chunk_size, **kw)
+    sizes = [b - a for a, b in _plan_chunks(5, chunk_size)]
+    assert part.meta["chunks"] == [list(c) for c in _plan_chunks(5, chunk_size)]
+    for n in full.stacked:
+        if min(sizes) >= 2:  # vmapped chunks: bit for bit
+            assert torch.equal(part.stacked[n], full.stacked[n])
+        else:  # chunks of one model run without vmap: float rounding
+            torch.testing.assert_close(part.stacked[n], full.stacked[n], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        part.history["val_loss"], full.history["val_loss"], rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_batchnorm_equals_module_loop(f64: None, chunk_size: int) -> None:
+    x, y = data()
+    xv, yv = data(1)
+    net = mlp(bn=True).double()
+    g = grid(l2=[0.0, 1e-2, 1e-1])
+    spec = fr.Spec(l2=fr.L2())
+    steps, bs = 7, 16
+    r = sweep(
+        net,
+        mse_of(net),
+        spec,
+        g,
+        train=(x, y),
+        val=(xv, yv),
+        optimizer=sgd(0.1, momentum=0.5),
+        steps=steps,
+        batch_size=bs,
+        prox=False,
+        chunk_size=chunk_size,
+        progress=False,
+    )
+    assert net.training  # the swept module's mode is untouched
+    for k, lam in enumerate(g["l2"].tolist()):
+        m = copy.deepcopy(net)
+        o = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5)
+        for idx in batches(steps, bs):
+            loss = F.mse_loss(m(x[idx]), y[idx])
+            loss = loss + lam / 2 * (m[0].weight.pow(2).sum() + m[3].weight.pow(2).sum())
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(r.stacked[n][k], p.detach(), rtol=0, atol=1e-12)
+        for n, b in m.named_buffers():
+            torch.testing.assert_close(r.stacked_buffers[n][k], b, rtol=0, atol=1e-12)
+        m.eval()
+        with torch.no_grad():
+            val = F.mse_loss(m(xv), yv)
+        torch.testing.assert_close(r.history["val_loss"][-1, k], val, rtol=0, atol=1e-12)
+        m2 = r.module(k).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m2(xv), m(xv), rtol=0, atol=1e-12)
+
+
+def test_iterable_data_equals_tensor_data(f64: None) -> None:
+    x, y = data()
+    net = mlp().double()
+    g = grid(l1=[1e-3, 1e-2], l2=0.0)
+    steps, bs = 5, 16
+    kw: dict[str, Any] = dict(optimizer=adam(0.05), steps=steps, progress=False)
+    a = sweep(net, mse_of(net), SPEC, g, train=(x, y), batch_size=bs, **kw)
+    loader = [(x[idx], y[idx]) for idx in batches(steps, bs)]
+    b = sweep(net, mse_of(net), SPEC, g, train=loader, **kw)
+    for n in a.stacked:
+        assert torch.equal(a.stacked[n], b.stacked[n])
+    # epochs= with tensor data: ceil(48 / 20) = 3 steps per epoch
+    c = sweep(
+        net,
+        mse_of(net),
+        SPEC,
+        g,
+        train=(x, y),
+        batch_size=20,
+        epochs=2,
+        optimizer=adam(0.05),
+        progress=False,
+    )
+    assert c.steps == 6
+
+
+def test_dataloader_train_and_val(f64: None) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data()
+    xv, yv = data(1)
+    net = mlp().double()
+    g = grid(l1=[1e-3, 1e-2], l2=0.0)
+    kw: dict[str, Any] = dict(optimizer=adam(0.05), epochs=2, progress=False)
+    a = sweep(net, mse_of(net), SPEC, g, train=(x, y), val=(xv, yv), batch_size=N, **kw)
+    # full-batch loader for training, a 3-batch loader for validation (weighted mean)
+    b = sweep(
+        net,
+        mse_of(net),
+        SPEC,
+        g,
+        train=DataLoader(TensorDataset(x, y), batch_size=N),
+        val=DataLoader(TensorDataset(xv, yv), batch_size=16),
+        **kw,
+    )
+    assert b.steps == 2
+    for n in a.stacked:
+        assert torch.equal(a.stacked[n], b.stacked[n])
+    torch.testing.assert_close(b.history["val_loss"], a.history["val_loss"], rtol=1e-12, atol=0)
+
+
+def test_dropout_models_get_independent_masks() -> None:
+    x, y = data()
+    net = mlp(dropout=0.5)
+    g = grid(l1=[1e-3, 1e-3], l2=0.0)
+    r = sweep(
+        net, mse_of(net), SPEC, g, train=(x, y), optimizer=adam(0.05), steps=3, progress=False
+    )
+    assert not torch.equal(r.stacked["0.weight"][0], r.stacked["0.weight"][1])
+    again = sweep(
+        net, mse_of(net), SPEC, g, train=(x, y), optimizer=adam(0.05), steps=3, progress=False
+    )
+    assert torch.equal(r.stacked["0.weight"], again.stacked["0.weight"])  # seeded
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def test_divergence_is_isolated_bit_for_bit() -> None:
+    x, y = data()
+    net = mlp()
+    spec = fr.Spec(l1=fr.L1("0.weight"))
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=sgd(lr="lr"), steps=12, batch_size=16, progress=False
+    )
+    l1 = [0.0, 1e-3, 1e-2]
+    bad = sweep(net, mse_of(net), spec, grid(lr=[0.05, 1e5], l1=l1), **kw)
+    good = sweep(net, mse_of(net), spec, grid(lr=[0.05], l1=l1), **kw)
+    assert bad.diverged.tolist() == [False] * 3 + [True] * 3
+    assert good.diverged.sum() == 0 and (good.diverged_at == -1).all()
+    for n in good.stacked:  # the healthy models do not notice
+        assert torch.equal(bad.stacked[n][:3], good.stacked[n])
+        assert torch.isfinite(bad.stacked[n]).all()  # frozen at their last finite values
+    assert torch.equal(bad.history["loss"][:, :3], good.history["loss"])
+    for k in range(3, 6):
+        t = int(bad.diverged_at[k])
+        assert 0 <= t < 12
+        assert torch.isnan(bad.history["loss"][t:, k]).all()
+        assert torch.isfinite(bad.history["loss"][:t, k]).all()
+    assert "diverged@" in bad.table()
+    assert bad.best(metric="loss").index < 3
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path: Any) -> None:
+    x, y = data()
+    net = mlp(dropout=0.2)  # exercises the saved RNG state too
+    g = grid(l1=[1e-3, 1e-2, 1e-1], l2=1e-3)
+    kw: dict[str, Any] = dict(
+        train=(x, y), val=data(1), optimizer=adam(0.02), batch_size=16, eval_every=3, progress=False
+    )
+    full = sweep(net, mse_of(net), SPEC, g, steps=12, **kw)
+    path = tmp_path / "ck.pt"
+    first = sweep(net, mse_of(net), SPEC, g, steps=6, checkpoint=path, **kw)
+    assert first.steps == 6 and SweepResult.load(path).steps == 6
+    resumed = sweep(net, mse_of(net), SPEC, g, steps=12, checkpoint=path, **kw)
+    for n in full.stacked:
+        assert torch.equal(resumed.stacked[n], full.stacked[n])
+    assert torch.equal(resumed.history["loss"], full.history["loss"])
+    assert torch.equal(resumed.history["val_loss"], full.history["val_loss"])
+    assert resumed.history["eval_step"].tolist() == [3, 6, 9, 12]
+    with pytest.raises(ValueError, match="has 12 steps done, more than steps=8"):
+        sweep(net, mse_of(net), SPEC, g, steps=8, checkpoint=path, **kw)
+
+
+def test_resume_after_crash(tmp_path: Any) -> None:
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3, 1e-2], l2=1e-3)
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=adam(0.02), steps=10, batch_size=16, chunk_size=2, progress=False
+    )
+    full = sweep(net, mse_of(net), SPEC, g, **kw)
+    calls = [0]
+
+    def flaky(params: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt("simulated crash")
+        return mse_of(net)(params, xb, yb)
+
+    path = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(net, flaky, SPEC, g, checkpoint=path, checkpoint_every=2, **kw)
+    assert SweepResult.load(path).steps == 6
+    resumed = sweep(net, mse_of(net), SPEC, g, checkpoint=path, **kw)
+    for n in full.stacked:
+        assert torch.equal(resumed.stacked[n], full.stacked[n])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_of_another_sweep_is_refused(tmp_path: Any) -> None:
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3, 1e-2], l2=1e-3)
+    kw: dict[str, Any] = dict(train=(x, y), optimizer=adam(0.02), steps=2, progress=False)
+    path = tmp_path / "ck.pt"
+    sweep(net, mse_of(net), SPEC, g, checkpoint=path, **kw)
+    other_spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    with pytest.raises(ValueError, match=r"belongs to a different sweep: the spec differs"):
+        sweep(net, mse_of(net), other_spec, g, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match=r"different sweep: the grid axis 'l1' differs"):
+        sweep(net, mse_of(net), SPEC, grid(l1=[1e-3, 2e-2], l2=1e-3), checkpoint=path, **kw)
+    with pytest.raises(ValueError, match=r"different sweep: the seed differs"):
+        sweep(net, mse_of(net), SPEC, g, checkpoint=path, seed=1, **kw)
+    with pytest.raises(ValueError, match=r"different sweep: the optimizer differs"):
+        sweep(
+            net,
+            mse_of(net),
+            SPEC,
+            g,
+            checkpoint=path,
+            train=(x, y),
+            steps=2,
+            optimizer=adam(0.03),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"different sweep: the train differs"):
+        sweep(
+            net,
+            mse_of(net),
+            SPEC,
+            g,
+            checkpoint=path,
+            train=data(n=40),
+            steps=2,
+            optimizer=adam(0.02),
+            progress=False,
+        )
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def _bad_cases() -> list[tuple[dict[str, Any], type, str]]:
+    x, y = data()
+    net = mlp()
+    return [
+        (
+            {"init": stack(fr.params(net), 3)},
+            ValueError,
+            r"init\['0.weight'\] has leading size 3, but the grid has K=4",
+        ),
+        (
+            {"grid": grid(l3=[1.0], l2=1.0)},
+            ValueError,
+            r"grid axis 'l3' names no spec term and no optimizer hyperparameter",
+        ),
+        ({"grid": grid(l1=[1.0], lr=[0.1])}, ValueError, r"grid axis 'lr' names no spec term"),
+        ({"grid": grid(l1=[1.0, 2.0])}, ValueError, r"the grid has no value for \['l2'\]"),
+        ({"grid": {"l1": [1.0, -2.0], "l2": 0.0}}, ValueError, r"'l1' must be finite and >= 0"),
+        ({"grid": {"l1": [1.0, 2.0], "l2": [1.0, 2.0, 3.0]}}, ValueError, r"same length"),
+        ({"train": (x[:0], y[:0])}, ValueError, r"train data is empty \(0 samples\)"),
+        ({"train": []}, ValueError, r"train data is empty"),
+        ({"train": ()}, ValueError, r"train data is empty"),
+        ({"val": (x[:0], y[:0])}, ValueError, r"val data is empty"),
+        ({"train": (x, y[:10])}, ValueError, r"share their first \(sample\) dimension"),
+        ({"train": "data.csv"}, TypeError, r"train= must be a tensor"),
+        ({"train": [(x, y)], "batch_size": 4}, TypeError, r"batch_size= applies to tensor"),
+        ({"epochs": 2}, ValueError, r"exactly one of steps= or epochs="),
+        ({"steps": 0}, ValueError, r"steps must be an int >= 1"),
+        ({"val_fn": lambda p, a, b: a.sum()}, ValueError, r"val_fn= needs validation data"),
+        ({"optimizer": torch.optim.SGD}, TypeError, r"functional optimizer"),
+        ({"chunk_size": 0}, ValueError, r"chunk_size must be an int >= 1"),
+    ]
+
+
+@pytest.mark.parametrize(("override", "err", "match"), _bad_cases())
+def test_bad_input(override: dict[str, Any], err: type, match: str) -> None:
+    x, y = data()
+    net = mlp()
+    kw: dict[str, Any] = dict(
+        grid=grid(l1=[1e-3, 1e-2, 0.1, 1.0], l2=1e-3),
+        train=(x, y),
+        optimizer=adam(0.01),
+        steps=2,
+        progress=False,
+    )
+    kw.update(override)
+    g = kw.pop("grid")
+    with pytest.raises(err, match=match):
+        sweep(net, mse_of(net), SPEC, g, **kw)
+
+
+def test_data_runs_out() -> None:
+    x, y = data()
+    net = mlp()
+    one_shot = iter([(x, y), (x, y)])
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        sweep(
+            net,
+            mse_of(net),
+            SPEC,
+            grid(l1=[1e-3, 1e-2], l2=0.0),
+            train=one_shot,
+            optimizer=adam(0.01),
+            steps=3,
+            progress=False,
+        )
+
+
+# ------------------------------------------------------------------ progress, chunks
+
+
+def test_progress_plain_fallback_and_silence(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3], lr=[0.05, 1e5], l2=0.0)
+    kw: dict[str, Any] = dict(
+        train=(x, y), val=data(1), optimizer=sgd(lr="lr"), steps=4, eval_every=2
+    )
+    sweep(net, mse_of(net), SPEC, g, progress=False, **kw)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    sweep(net, mse_of(net), SPEC, g, **kw)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "step 4/4" in err[-1] and "best_val" in err[-1]
+    assert "diverged 1/2" in err[-1]
+    monkeypatch.delitem(sys.modules, "tqdm.auto")
+    pytest.importorskip("tqdm")
+    sweep(net, mse_of(net), SPEC, g, **kw)
+    bar = capsys.readouterr().err
+    assert "4/4" in bar and "diverged=1/2" in bar and "best_val=" in bar
+
+
+def test_auto_chunk_size() -> None:
+    mib = 2**20
+    assert auto_chunk_size(lambda: torch.zeros(mib // 4) + 1, 256) == 16  # 1 MiB temporaries
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 256) == 256
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 7) == 7
+    assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 8) == 1  # 8 MiB: one by one
+    assert auto_chunk_size(lambda: torch.zeros(mib // 4) + 1, 1) == 1
+    assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 64, device="meta") == 64
+    assert [b - a for a, b in _plan_chunks(10, 4)] == [4, 3, 3]
+    assert [b - a for a, b in _plan_chunks(7, 7)] == [7]
+
+
+@pytest.mark.parametrize("prox", [True, False])
+def test_eager_step_matches_train_step(f64: None, prox: bool) -> None:
+    x, y = data()
+    net = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 1), nn.Linear(1, 1))
+    net = net.double()
+
+    def loss(p: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:  # "3.*" unused
+        h = functional_call(net[:3], {k: v for k, v in p.items() if k[0] != "3"}, (xb,))
+        return F.mse_loss(h, yb)
+
+    spec = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2(), pos=fr.NonNegative("2.bias"))
+    opt = adam(lr="lr")
+    hp = {"l1": torch.tensor(0.05), "l2": torch.tensor(1e-2), "lr": torch.tensor(0.05)}
+    ref, fast = train_step(loss, spec, opt, prox=prox), eager_step(loss, spec, opt, prox=prox)
+    p1 = p2 = fr.params(net)
+    s1 = s2 = opt.init(p1)
+    for _ in range(4):
+        p1, s1, m1 = ref(p1, s1, hp, x, y)
+        p2, s2, m2 = fast(p2, s2, hp, x, y)
+        torch.testing.assert_close(m2, m1, rtol=0, atol=1e-14)
+    torch.testing.assert_close(p2, p1, rtol=0, atol=1e-14)
+    torch.testing.assert_close(s2, s1, rtol=0, atol=1e-14)
+    assert not any(v.requires_grad for v in p2.values())
+
+
+@pytest.mark.slow
+def test_compiled_sweep_matches_eager() -> None:
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3, 1e-2], lr=[0.05, 1e5], l2=0.0)
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=sgd(lr="lr"), steps=4, batch_size=16, progress=False
+    )
+    eager = sweep(net, mse_of(net), SPEC, g, **kw)
+    comp = sweep(net, mse_of(net), SPEC, g, compile=True, **kw)
+    assert comp.diverged.tolist() == eager.diverged.tolist() == [False, True, False, True]
+    assert comp.diverged_at.tolist() == eager.diverged_at.tolist()
+    for n in eager.stacked:
+        torch.testing.assert_close(comp.stacked[n], eager.stacked[n], rtol=1e-5, atol=1e-6)
+
+
+def test_example_sweep_mlp_runs_small(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).parents[1] / "examples" / "sweep_mlp.py"
+    spec = importlib.util.spec_from_file_location("sweep_mlp_example", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "plot.png"
+    r = mod.main(
+        ["--strengths", "4", "--steps", "10", "--n-train", "128", "--quiet", "--out", str(out)]
+    )
+    assert r.K == 4 and r.steps == 10
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "best: model" in printed and "4 models, 10 steps" in printed
