@@ -6,7 +6,7 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import optim, prox
+from . import optim, plot, prox
 from .eager import (
     buffers,
     from_keras,
@@ -17,6 +17,7 @@ from .eager import (
     penalty,
     prox_,
 )
+from .path import geometric_grid, strength_max
 from .penalties import (
     L1,
     L2,
@@ -45,6 +46,7 @@ from .selectors import (
     norm_layers,
     weights,
 )
+from .solvers import LeastSquares, Solution, least_squares, solve
 from .spec import Spec, as_spec, penalized
 from .train import split_spec, train_step
 
@@ -54,6 +56,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "strength_max",
+    "solve",
+    "plot",
+    "least_squares",
+    "geometric_grid",
+    "Solution",
+    "LeastSquares",
     "L1",
     "L2",
     "MCP",

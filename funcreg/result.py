@@ -73,7 +73,7 @@ class Best:
         return f"{out}\n  note: {self.note}" if self.note else out
 
 
-@dataclass
+@dataclass(eq=False)
 class SweepResult:
     """The outcome of :func:`fr.sweep <funcreg.sweep.sweep>` (see the module docstring)."""
 

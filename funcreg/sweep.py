@@ -53,6 +53,7 @@ import math
 import numbers
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -794,6 +795,9 @@ def sweep(
 
 # ---------------------------------------------------------------------------- the run
 
+_COMPILED: OrderedDict[tuple[Any, ...], tuple[Callable[..., Any], tuple[Any, ...]]] = OrderedDict()
+_COMPILED_MAX = 8
+
 
 class _Run:
     """One sweep's training loop over chunks of models."""
@@ -840,7 +844,15 @@ class _Run:
 
     # -- pieces ---------------------------------------------------------------------------
     def _guarded(self, batched: bool) -> Callable[..., Any]:
-        """The compiled chunk step: vmapped step + divergence guard in one graph."""
+        """The compiled chunk step: vmapped step + divergence guard in one graph. Cached
+        per (loss_fn, spec, optimizer, prox, dtype) object identities, so calling ``sweep``
+        again with the same objects reuses the compiled graphs."""
+        s = self.s
+        key = (id(s.loss_fn), id(s.spec), id(s.optimizer), s.prox, s.dtype, batched)
+        hit = _COMPILED.get(key)
+        if hit is not None:
+            _COMPILED.move_to_end(key)
+            return hit[0]
         fn = self.fns[batched]
 
         def run(p: Any, st: Any, bufs: Any, hp: Any, alive: Tensor, b: Batch) -> Any:
@@ -855,7 +867,12 @@ class _Run:
                 keep,
             )
 
-        return torch.compile(run, fullgraph=True)
+        compiled = torch.compile(run, fullgraph=True)
+        # the entry keeps its key objects alive, so their ids cannot be reused meanwhile
+        _COMPILED[key] = (compiled, (s.loss_fn, s.spec, s.optimizer))
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+        return compiled
 
     def _history(self) -> None:
         s, prev, k = self.s, self.s.prev, self.s.k
@@ -909,7 +926,7 @@ class _Run:
             ch.bufs = {n: ch.take(v) for n, v in s.stacked_b.items()}
             ch.strengths = {n: v[a:b] if batched else v[a] for n, v in hp_all.items()}
             init = vmap(s.optimizer.init) if batched else s.optimizer.init
-            ch.state = init(ch.params)
+            ch.state = tree_map(Tensor.contiguous, init(ch.params))  # no 0-stride leaves
             ch.healthy = bool(ch.alive.all())
             if prev is not None and prev.resume is not None:
                 saved = prev.resume["opt_state"]
@@ -963,15 +980,16 @@ class _Run:
         best: float | None = None
         if s.val is not None:
             s.model.eval()
-            try:
-                for ch in self.chunks:
-                    acc: Tensor | float = 0.0
-                    weight = 0
-                    for b in s.val.iter_batches():
-                        w = int(b[0].shape[0]) if b[0].ndim else 1
-                        acc = acc + self.val_fns[ch.batched](ch.params, ch.bufs, b) * w
-                        weight += w
-                    row = _mask(ch.alive, torch.as_tensor(acc) / weight, ch.batched)
+            try:  # each validation batch is read once, then used by every chunk
+                acc: list[Tensor | float] = [0.0] * len(self.chunks)
+                weight = 0
+                for b in s.val.iter_batches():
+                    w = int(b[0].shape[0]) if b[0].ndim else 1
+                    for j, ch in enumerate(self.chunks):
+                        acc[j] = acc[j] + self.val_fns[ch.batched](ch.params, ch.bufs, b) * w
+                    weight += w
+                for ch, total in zip(self.chunks, acc, strict=True):
+                    row = _mask(ch.alive, torch.as_tensor(total) / weight, ch.batched)
                     self.val_hist[e, ch.start : ch.stop] = row.view(ch.stop - ch.start, -1)
             finally:
                 self._restore_modes()

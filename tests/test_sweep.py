@@ -236,6 +236,29 @@ def test_iterable_data_equals_tensor_data(f64: None) -> None:
     assert c.steps == 6
 
 
+def test_different_inits_equal_single_model_sweeps(f64: None) -> None:
+    from funcreg.stack import stack_modules
+
+    x, y = data()
+    nets = [mlp(bn=True).double()]
+    torch.manual_seed(1)
+    nets.append(nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1)))
+    nets[1].double()[1].running_mean.fill_(0.5)
+    g = grid(l1=[1e-2, 1e-2], l2=1e-3)
+    # SGD: Adam would blow up the rounding noise in the gradient of 0.bias (zero before BN)
+    kw: dict[str, Any] = dict(train=(x, y), optimizer=sgd(0.1), steps=4, batch_size=16)
+    both = sweep(nets[0], mse_of(nets[0]), SPEC, g, init=stack_modules(nets), progress=False, **kw)
+    for k, net in enumerate(nets):  # K = 1: one model, no vmap
+        one = sweep(net, mse_of(net), SPEC, grid(l1=1e-2, l2=1e-3), progress=False, **kw)
+        assert one.K == 1 and one.meta["chunks"] == [[0, 1]]
+        for n in one.stacked:
+            torch.testing.assert_close(both.stacked[n][k], one.stacked[n][0], rtol=0, atol=1e-12)
+        for n in one.stacked_buffers:
+            torch.testing.assert_close(
+                both.stacked_buffers[n][k], one.stacked_buffers[n][0], rtol=0, atol=1e-12
+            )
+
+
 def test_dataloader_train_and_val(f64: None) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -534,12 +557,19 @@ def test_compiled_sweep_matches_eager() -> None:
     kw: dict[str, Any] = dict(
         train=(x, y), optimizer=sgd(lr="lr"), steps=4, batch_size=16, progress=False
     )
-    eager = sweep(net, mse_of(net), SPEC, g, **kw)
-    comp = sweep(net, mse_of(net), SPEC, g, compile=True, **kw)
+    loss = mse_of(net)
+    eager = sweep(net, loss, SPEC, g, **kw)
+    comp = sweep(net, loss, SPEC, g, compile=True, **kw)
     assert comp.diverged.tolist() == eager.diverged.tolist() == [False, True, False, True]
     assert comp.diverged_at.tolist() == eager.diverged_at.tolist()
     for n in eager.stacked:
         torch.testing.assert_close(comp.stacked[n], eager.stacked[n], rtol=1e-5, atol=1e-6)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    again = sweep(net, loss, SPEC, g, compile=True, **kw)  # same objects: cached
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(again.stacked["0.weight"], comp.stacked["0.weight"])
 
 
 def test_example_sweep_mlp_runs_small(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
