@@ -35,6 +35,7 @@ from .penalties import (
     SparseGroupLasso,
     SpectralNorm,
 )
+from .result import Best, SweepResult
 from .selectors import (
     Selector,
     as_selector,
@@ -48,6 +49,8 @@ from .selectors import (
 )
 from .solvers import LeastSquares, Solution, least_squares, solve
 from .spec import Spec, as_spec, penalized
+from .stack import grid, load_, stack, stack_modules, unstack
+from .sweep import sweep
 from .train import split_spec, train_step
 
 try:
@@ -56,6 +59,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "sweep",
+    "unstack",
+    "stack_modules",
+    "stack",
+    "load_",
+    "grid",
+    "SweepResult",
+    "Best",
     "strength_max",
     "solve",
     "plot",

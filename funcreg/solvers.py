@@ -47,6 +47,16 @@ Least squares has a fast path, :func:`least_squares`: the loss keeps ``XᵀX/n``
 iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X``), and the
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
+A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
+exact ``L1`` terms without ``toward=`` — goes through a leaner loop, ``_fista_lasso``: a
+fixed step ``1/L`` with ``L = λ_max(XᵀX/n)`` (``eigvalsh`` for ``p ≤ 512``, else Lanczos
+with a 2% margin; or ``lipschitz=``), so no backtracking and ``backtrack`` is ignored;
+soft-thresholding as ``z − clamp(z, −τ, τ)``; the same restart and stopping test, but the
+test (one host synchronisation) runs only at iteration 1 and every 10th iteration, so
+``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 7 tensor operations and
+one ``(K, p) × (p, p)`` product per iteration, against ~40 on the general path; the fixed
+step needs up to ~2× more iterations than the adaptive one on correlated designs.
+
 For a non-convex ``f`` the iteration finds a stationary point at best.
 """
 
@@ -504,7 +514,8 @@ def solve(
             of the built-in estimate; with ``backtrack=False`` the step stays
             ``1/lipschitz`` (plain FISTA).
         backtrack: adapt ``L`` per model (grow it until the sufficient-decrease test holds,
-            and try shrinking it between iterations).
+            and try shrinking it between iterations). Ignored on the lean Lasso path (see
+            the module docstring), whose step is fixed at ``1/λ_max``.
         restart: gradient-based adaptive restart of the momentum.
 
     Returns:

@@ -70,9 +70,9 @@ from .optim import Optimizer
 from .penalties import Penalty
 from .progress import Progress
 from .result import SweepResult
-from .spec import Spec, as_spec, penalized
+from .spec import Spec, as_spec
 from .stack import build_grid, check_stacked, stack
-from .train import split_spec, train_step
+from .train import train_step
 
 __all__ = ["auto_chunk_size", "batch_order", "eager_step", "sweep"]
 
@@ -500,38 +500,10 @@ def eager_step(
     optimizer: Optimizer,
     prox: bool = True,
 ) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
-    """:func:`funcreg.train.train_step` for one unbatched model, computed with
-    ``torch.autograd.grad`` instead of ``torch.func.grad``: same signature, same numbers
-    (to float rounding), about 0.6 ms less per step on CPU. ``fr.sweep`` runs chunks of one
-    model with it; it is not for ``vmap``/``torch.compile`` (use ``train_step`` there)."""
-    grad_part, prox_part = split_spec(spec, prox)
-    objective = penalized(loss_fn, grad_part, return_parts=True)
-
-    def step(
-        params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
-    ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
-        with torch.enable_grad():
-            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-            total, parts = objective(leaves, strengths, *batch)
-            grads = torch.autograd.grad(
-                total, list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        with torch.no_grad():
-            metrics = {k: v.detach() for k, v in parts.items()}
-            metrics.update(prox_part.parts(params, strengths))
-            penalty_total = None
-            for k, v in metrics.items():
-                if k != "loss":
-                    penalty_total = v if penalty_total is None else penalty_total + v
-            metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
-            g = dict(zip(leaves, grads, strict=True))
-            new_params, new_state = optimizer.step(g, state, params, strengths)
-            if len(prox_part):
-                lr = optimizer.learning_rate(strengths)
-                new_params = prox_part.prox(new_params, strengths, lr)
-        return new_params, new_state, metrics
-
-    return step
+    """:func:`funcreg.train.train_step` for one unbatched model with ``autograd=True``:
+    same signature, same numbers, about 0.6 ms less per step on CPU. ``fr.sweep`` runs
+    chunks of one model with it."""
+    return train_step(loss_fn, spec, optimizer, prox, autograd=True)
 
 
 # --------------------------------------------------------------------------- the setup

@@ -430,3 +430,27 @@ def test_bad_lipschitz_and_least_squares_misuse(problem):
         solve(problem, spec, {"weight": torch.zeros(3, dtype=DT)}, {"l1": 0.1})
     with pytest.raises(ValueError, match="least_squares data is torch.float64 but params"):
         solve(problem, spec, {"weight": torch.zeros(1, 3)}, {"l1": 0.1})
+
+
+def test_lean_lasso_path_matches_general_path_with_weights():
+    """A weighted Lasso on least_squares takes the lean fixed-step loop; it must agree with
+    the generic vmap(grad) path, and test convergence only at iteration 1 or every 10th."""
+    X, y = regression(seed=13, rho=0.8)
+    c = torch.linspace(0.5, 2.0, X.shape[1], dtype=DT)
+    alphas = torch.from_numpy(lasso_grid(X, y, k=6))
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    ls = least_squares(Xt, yt)
+    lean = solve(ls, fr.Spec(l1=fr.L1(weight=c[None])), ls.init(), {"l1": alphas}, tol=1e-11)
+    gen = solve(
+        lsq_loss,
+        fr.Spec(l1=fr.L1("w", weight=c)),
+        {"w": Xt.new_zeros(X.shape[1])},
+        {"l1": alphas},
+        Xt,
+        yt,
+        tol=1e-11,
+        max_iter=20_000,
+    )
+    assert bool(lean.converged.all()) and bool(gen.converged.all())
+    assert bool(((lean.iterations == 1) | (lean.iterations % 10 == 0)).all())
+    torch.testing.assert_close(lean.params["weight"][:, 0], gen.params["w"], atol=1e-7, rtol=0)
