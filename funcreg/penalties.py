@@ -426,8 +426,46 @@ class Orthogonal(_MatrixPenalty):
 # ---------------------------------------------------------------------------------------
 
 
+class _Nonconvex(Penalty):
+    """Elementwise nonconvex penalty ``Σ_i p(w_i; λ_i)``, ``λ_i = strength · c_i``, whose
+    strength is the λ inside the formula; subclasses give ``_p`` and its prox ``_prox_lam``."""
+
+    smooth: ClassVar[bool] = False
+    has_prox: ClassVar[bool] = True
+
+    def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def _check_step(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
+        return self._p(d, 1.0 if c is None else c).sum()
+
+    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
+        # prox of t·Ω with Ω at λ = 1: step t, λ = c (or 1)
+        return self._prox_lam(d, t, 1.0 if c is None else c)
+
+    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
+        lam = _scaled_step(strength, self._c(w, name))
+        return self._p(self._shift(w, name), lam).sum()
+
+    def prox_step(
+        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
+    ) -> Tensor:
+        if isinstance(lr, (int, float)):
+            self._check_step(lr)
+        ref = self.reference(name)
+        lam = _scaled_step(strength, self._c(w, name))
+        out = self._prox_lam(self._shift(w, name), lr, lam)
+        return out if ref is None else out + ref.to(w.dtype)
+
+
 @_penalty
-class MCP(Penalty):
+class MCP(_Nonconvex):
     """Minimax concave penalty (Zhang 2010), strength ``λ``, concavity ``γ > 1``:
 
     ``p(w) = λ|w| − w²/(2γ)`` if ``|w| ≤ γλ``, else ``γλ²/2``; ``Ω = Σ_i p(w_i)`` with
@@ -437,44 +475,26 @@ class MCP(Penalty):
 
     gamma: float = 3.0
 
-    smooth: ClassVar[bool] = False
-    has_prox: ClassVar[bool] = True
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.gamma > 1:
             raise ValueError(f"MCP: gamma must be > 1, got {self.gamma}")
 
-    def _mcp(self, d: Tensor, lam: Tensor | float) -> Tensor:
+    def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         a = d.abs()
         inside = lam * a - a.square() / (2 * self.gamma)
         return torch.where(a <= self.gamma * lam, inside, 0.5 * self.gamma * lam * lam)
 
-    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return self._mcp(d, 1.0 if c is None else c).sum()
+    def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
+        return P.mcp_prox(d, t, lam, self.gamma)
 
-    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
-        c = self._c(w, name)
-        return self._mcp(self._shift(w, name), _scaled_step(strength, c)).sum()
-
-    def prox_step(
-        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
-    ) -> Tensor:
-        if isinstance(lr, (int, float)) and not lr < self.gamma:
+    def _check_step(self, lr: float) -> None:
+        if not lr < self.gamma:
             raise ValueError(f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}")
-        ref = self.reference(name)
-        lam = _scaled_step(strength, self._c(w, name))
-        d = self._shift(w, name)
-        out = P.mcp_prox(d, lr, lam, self.gamma)
-        return out if ref is None else out + ref.to(w.dtype)
-
-    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        # prox of t·Ω with Ω at λ = 1: step t, λ = c (or 1)
-        return P.mcp_prox(d, t, 1.0 if c is None else c, self.gamma)
 
 
 @_penalty
-class SCAD(Penalty):
+class SCAD(_Nonconvex):
     """Smoothly clipped absolute deviation (Fan & Li 2001), strength ``λ``, ``a > 2``:
 
     ``p(w) = λ|w|`` if ``|w| ≤ λ``; ``(2aλ|w| − w² − λ²) / (2(a − 1))`` if ``λ < |w| ≤ aλ``;
@@ -483,40 +503,24 @@ class SCAD(Penalty):
 
     a: float = 3.7
 
-    smooth: ClassVar[bool] = False
-    has_prox: ClassVar[bool] = True
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.a > 2:
             raise ValueError(f"SCAD: a must be > 2, got {self.a}")
 
-    def _scad(self, d: Tensor, lam: Tensor | float) -> Tensor:
+    def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         x = d.abs()
         a = self.a
         mid = (2 * a * lam * x - x.square() - lam * lam) / (2 * (a - 1))
         big = 0.5 * lam * lam * (a + 1)
         return torch.where(x <= lam, lam * x, torch.where(x <= a * lam, mid, big))
 
-    def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return self._scad(d, 1.0 if c is None else c).sum()
+    def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
+        return P.scad_prox(d, t, lam, self.a)
 
-    def penalty(self, w: Tensor, strength: Tensor | float, name: str | None = None) -> Tensor:
-        c = self._c(w, name)
-        return self._scad(self._shift(w, name), _scaled_step(strength, c)).sum()
-
-    def prox_step(
-        self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
-    ) -> Tensor:
-        if isinstance(lr, (int, float)) and not self.a > 1 + lr:
+    def _check_step(self, lr: float) -> None:
+        if not self.a > 1 + lr:
             raise ValueError(f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}")
-        ref = self.reference(name)
-        lam = _scaled_step(strength, self._c(w, name))
-        out = P.scad_prox(self._shift(w, name), lr, lam, self.a)
-        return out if ref is None else out + ref.to(w.dtype)
-
-    def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        return P.scad_prox(d, t, 1.0 if c is None else c, self.a)
 
 
 # ---------------------------------------------------------------------------------------
