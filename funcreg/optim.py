@@ -68,12 +68,16 @@ class Optimizer(NamedTuple):
         hyperparams: the names this optimizer reads from ``hyper`` (empty when all are numbers).
         learning_rate: ``hyper -> lr``, the learning rate a step uses (resolved from ``hyper``
             when it was given by name); proximal training uses it for ``prox(w, lr * strength)``.
+        config: the optimizer's name and settings as given (numbers or names), e.g.
+            ``(("name", "adam"), ("lr", "lr"), ("betas", (0.9, 0.999)), ...)``; checkpoints
+            use it to recognise the same optimizer.
     """
 
     init: Callable[[Params], Any]
     step: Callable[[Params, Any, Params, Hyper], tuple[Params, Any]]
     hyperparams: frozenset[str]
     learning_rate: Callable[[Hyper], Tensor | float]
+    config: tuple[tuple[str, Any], ...] = ()
 
 
 class SGDState(NamedTuple):
@@ -294,7 +298,16 @@ def sgd(
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)
 
-    return Optimizer(init, step, _names(lr, momentum, dampening, weight_decay), learning_rate)
+    config = (
+        ("name", name),
+        ("lr", lr),
+        ("momentum", momentum),
+        ("dampening", dampening),
+        ("nesterov", nesterov),
+        ("weight_decay", weight_decay),
+    )
+    names = _names(lr, momentum, dampening, weight_decay)
+    return Optimizer(init, step, names, learning_rate, config)
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
@@ -363,7 +376,15 @@ def _adam_like(
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)
 
-    return Optimizer(init, step, _names(lr, beta1, beta2, eps, weight_decay), learning_rate)
+    config = (
+        ("name", name),
+        ("lr", lr),
+        ("betas", (beta1, beta2)),
+        ("eps", eps),
+        ("weight_decay", weight_decay),
+    )
+    names = _names(lr, beta1, beta2, eps, weight_decay)
+    return Optimizer(init, step, names, learning_rate, config)
 
 
 def adam(

@@ -359,3 +359,17 @@ def test_adam_first_step_bounded_by_lr(
         torch.sign(new["p"][moved & (new["p"] != 0)])
         == -torch.sign(g["p"][moved & (new["p"] != 0)])
     )
+
+
+def test_config_records_settings_for_checkpoint_identity() -> None:
+    assert dict(sgd(0.1, momentum="m").config) == {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": "m",
+        "dampening": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+    }
+    assert dict(adam(lr="lr").config)["betas"] == (0.9, 0.999)
+    assert adam(1e-3).config != adam(2e-3).config
+    assert dict(adamw().config)["name"] == "adamw"
