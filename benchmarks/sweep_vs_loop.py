@@ -248,7 +248,9 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
     spec = fr.Spec(l1=fr.L1(common.L1_PARAM), l2=fr.L2())
     lam = torch.tensor(common.strengths(K), dtype=torch.float64)  # cast by the sweep
     if hasattr(fr, "grid"):
-        grid = fr.grid(l1=lam, l2=2 * lam, product=False)
+        # float64 values: fr.grid stores float32 by default, which rounds the strengths of
+        # a float64 run (the sweep casts them to the params' dtype itself)
+        grid = fr.grid(l1=lam, l2=2 * lam, product=False, dtype=torch.float64)
     else:
         grid = {"l1": lam, "l2": 2 * lam}
     if cfg["optimizer"] == "adam":
@@ -300,12 +302,6 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
         "rss_start_mb": rss0,
         "batching": "funcreg" if native else "iterable",
     }
-    if compiled:
-        # every compiled sweep call re-traces (new closures): the marginal cost of a step
-        # from a third call of 2S steps, (T(2S) - T(S)) / S, shows the per-call fixed cost
-        _, (w3, c3, _) = run(2 * S)
-        timing["marginal_s"] = (w3 - w2) / S
-        timing["marginal_cpu_s"] = (c3 - c2) / S
     return timing, {k: v.detach().numpy() for k, v in _stacked(res, K).items()}
 
 
@@ -410,9 +406,12 @@ def child_env(threads: int, tune_malloc: bool) -> dict[str, str]:
     if threads == 1:
         flags = env.get("XLA_FLAGS", "")
         env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
-    if tune_malloc:  # keep glibc from returning the step's temporaries to the OS every step
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 2**20))
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 * 2**20))
+    if tune_malloc:
+        # glibc serves blocks above the mmap threshold (at most 32 MiB by default) with
+        # mmap and unmaps them on free, so a vmapped step page-faults its big temporaries
+        # back in every step (seen as sys time); 1 GiB keeps them in the heap for reuse
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**30))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
     return env
 
 
@@ -463,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--compile-repeats", type=int, default=1, help="repeats that include (d) (compiles)"
     )
-    p.add_argument("--tune-malloc", action="store_true", help="raise glibc mmap/trim thresholds")
+    p.add_argument("--tune-malloc", action="store_true", help="glibc mmap/trim thresholds 1 GiB")
     p.add_argument("--quick", action="store_true", help="CI smoke run: K 1 and 8, 20 steps")
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
     p.add_argument("--json", type=Path, help="write all measurements here")
@@ -590,7 +589,6 @@ def summarise(
                 max_dparam=dparam,
                 repeats=len(ok),
                 batching=ok[0].get("batching", "task indices"),
-                marginal_ms=1e3 * common.median([r.get("marginal_s", math.nan) for r in ok]),
             )
             rows.append(row)
     return rows
@@ -614,9 +612,9 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     print(
         "\n| impl | K | batch | steps | CPU ms/step | CPU ratio vs loop | strength-steps/s "
-        "| sys share | warm-up/compile s | marginal ms/step | RSS at start MB |"
+        "| sys share | warm-up/compile s | RSS at start MB |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         if "error" in r:
             continue
@@ -624,16 +622,14 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"| {IMPLS[r['impl']]} | {r['K']} | {r['batch']} | {r['steps']} "
             f"| {fmt(r['cpu_ms'], '.2f')} | {fmt(r['cpu_ratio'], '.2f')} "
             f"| {fmt(r['strength_steps_per_s'], '.0f')} | {fmt(r['sys_share'], '.0%')} "
-            f"| {fmt(r['warmup_s'], '.2f')} | {fmt(r['marginal_ms'], '.2f')} "
-            f"| {fmt(r['rss_start_mb'], '.0f')} |"
+            f"| {fmt(r['warmup_s'], '.2f')} | {fmt(r['rss_start_mb'], '.0f')} |"
         )
     print(
         f"\nms/step: median over steps after {args.warmup} warm-up steps ((c)/(d): second "
         "sweep run / S), median over repeats; ratios: median of per-repeat ratios to the loop "
         "(same repeat, interleaved); max |Δparam|: final params vs the loop after `steps` "
         "steps, all K models, repeat 1; warm-up/compile: first step minus median ((d): first "
-        "sweep run minus second); marginal ((d) only): (T(2S) - T(S)) / S from a third sweep call, "
-        "i.e. the step without the per-call trace/compile cost."
+        "sweep run minus second; the second run still re-traces, see README)."
     )
 
 

@@ -17,7 +17,7 @@ from .eager import (
     penalty,
     prox_,
 )
-from .path import geometric_grid, strength_max
+from .path import geometric_grid, path, strength_max
 from .penalties import (
     L1,
     L2,
@@ -36,6 +36,7 @@ from .penalties import (
     SpectralNorm,
 )
 from .result import Best, SweepResult
+from .selection import CVResult, cross_validate
 from .selectors import (
     Selector,
     as_selector,
@@ -59,6 +60,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "path",
+    "cross_validate",
+    "CVResult",
     "sweep",
     "unstack",
     "stack_modules",

@@ -20,15 +20,24 @@ stationary point of the first-order conditions at the given other parameters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
-from torch.func import grad
+from torch import Tensor, nn
+from torch.func import grad, vmap
 
+from . import _checks
+from .optim import Optimizer
 from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _as_dims
-from .spec import Spec, as_spec
+from .result import SweepResult
+from .solvers import solve
+from .spec import Spec, as_spec, penalized
+from .sweep import sweep
+
+__all__ = ["geometric_grid", "path", "strength_max"]
 
 
 def _sgl_group_max(gg: Tensor, r: float, root: float, c: float) -> float:
@@ -127,3 +136,434 @@ def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tens
         raise ValueError(f"geometric_grid: n must be >= 1, got {n}")
     top = math.log10(strength_max)
     return torch.logspace(top, top + math.log10(eps), n, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Warm-started paths
+# ---------------------------------------------------------------------------------------
+
+
+def split_model(
+    model_or_params: nn.Module | Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module | None]:
+    """``(trained params, buffers and frozen params, module or None)``, detached copies.
+
+    A module contributes its floating-point parameters with ``requires_grad`` (trained
+    and penalised) and carries its buffers and other parameters along; a dict is all
+    trained."""
+    if isinstance(model_or_params, nn.Module):
+        params0: dict[str, Tensor] = {}
+        fixed0: dict[str, Tensor] = {}
+        for n, p in model_or_params.named_parameters():
+            target = params0 if p.is_floating_point() and p.requires_grad else fixed0
+            target[n] = p.detach().clone()
+        for n, b in model_or_params.named_buffers():
+            fixed0[n] = b.detach().clone()
+        if not params0:
+            raise ValueError("the model has no floating-point parameter to fit")
+        return params0, fixed0, model_or_params
+    if isinstance(model_or_params, Mapping):
+        _checks.check_float_params(model_or_params)
+        if not model_or_params:
+            raise ValueError("params is empty; pass fr.params(model) or the model itself")
+        return {n: v.detach().clone() for n, v in model_or_params.items()}, {}, None
+    raise TypeError(
+        "expected an nn.Module or a dict of params {name: tensor}, got "
+        f"{type(model_or_params).__name__}"
+    )
+
+
+def with_buffers(loss_fn: Callable[..., Tensor], fixed: Mapping[str, Tensor]) -> Callable[..., Any]:
+    """``loss_fn`` seeing the buffers beside the params (so ``functional_call(model, p, x)``
+    with ``strict=True`` works); ``loss_fn`` itself when there are none."""
+    if not fixed:
+        return loss_fn
+
+    def loss(p: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        return loss_fn({**p, **fixed}, *args, **kwargs)
+
+    return loss
+
+
+def as_data(data: Any, what: str = "data") -> tuple[Tensor, ...]:
+    """A tuple of tensors from a tensor, a tuple/list of tensors or ``None``."""
+    if data is None:
+        return ()
+    if isinstance(data, Tensor):
+        return (data,)
+    if isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data):
+        return tuple(data)
+    raise TypeError(
+        f"{what} must be a tensor or a tuple of tensors such as (x, y), got {type(data).__name__}"
+    )
+
+
+def strength_values(values: Any, what: str) -> Tensor:
+    """A non-empty 1-d float64 tensor of finite strengths >= 0."""
+    try:
+        if isinstance(values, Tensor):
+            t = values.detach().to("cpu", torch.float64).reshape(-1)
+        else:  # via numpy: Python floats must not pass through float32
+            t = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"{what} must be a 1-d list or tensor of numbers, got {values!r:.80}"
+        ) from e
+    if t.numel() == 0:
+        raise ValueError(f"{what}: the grid of strengths is empty; give at least one strength")
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{what}: strengths must be finite and >= 0, got {t[bad].tolist()[:5]}")
+    return t
+
+
+def strength_term(spec: Spec, term: str | None, what: str) -> str:
+    """The term a path or CV varies: ``term``, or the spec's only term with a strength."""
+    names = spec.strength_names
+    if term is None:
+        if len(names) != 1:
+            raise ValueError(
+                f"{what}: the spec has {len(names)} terms with a strength ({list(names)}); "
+                "say which one the grid varies with term=..."
+            )
+        return names[0]
+    if term not in names:
+        raise ValueError(
+            f"{what}: term {term!r} is not a spec term with a strength; the spec has {list(names)}"
+        )
+    return term
+
+
+def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` chunks of at most ``size`` models (the last may be
+    shorter: a path's chunks follow the grid)."""
+    if size is None:
+        return [(0, k)]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {size!r}")
+    return [(a, min(a + size, k)) for a in range(0, k, size)]
+
+
+def selected_names(spec: Spec, params: Mapping[str, Tensor]) -> list[str]:
+    out: list[str] = []
+    for names in spec.selection(params).values():
+        out += [n for n in names if n not in out]
+    return out
+
+
+@torch.no_grad()
+def solved_result(
+    model: nn.Module | None,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec,
+    grid: dict[str, Tensor],
+    stacked: dict[str, Tensor],
+    fixed: Mapping[str, Tensor],
+    data: tuple[Tensor, ...],
+    val: tuple[Tensor, ...],
+    iterations: Tensor,
+    converged: Tensor,
+    meta: Mapping[str, Any],
+) -> SweepResult:
+    """A :class:`SweepResult` of K exact solutions (from :func:`~funcreg.solvers.solve`).
+
+    There are no training steps: every per-step history entry has one row, the objective's
+    parts at the solution (``"loss"`` on ``data``, ``"penalty"``, each term); ``steps`` is
+    the largest number of iterations; ``meta`` has ``"solver": "fista"``, ``"iterations"``
+    and ``"converged"`` (both ``(K,)``)."""
+    k = int(iterations.shape[0])
+    first = next(iter(stacked.values()))
+    strengths = {n: v.to(first.dtype) for n, v in grid.items() if n in spec}
+    objective = penalized(loss_fn, spec, return_parts=True)
+    dims = (0, 0) + (None,) * len(data)
+    _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)
+    penalty = sum((parts[t] for t in spec), torch.zeros_like(parts["loss"]))
+    history: dict[str, Any] = {"loss": parts["loss"][None], "penalty": penalty[None]}
+    history.update({t: parts[t][None] for t in spec})
+    steps = int(iterations.max()) if k else 0
+    history["eval_step"] = torch.tensor([steps])
+    if val:
+        modes = {m: m.training for m in model.modules()} if model is not None else {}
+        if model is not None:
+            model.eval()
+        try:
+            vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
+        finally:
+            for m, flag in modes.items():
+                m.training = flag
+        history["val_loss"] = vl[None]
+    single = {n: v[0] for n, v in stacked.items()}
+    selected = selected_names(spec, single)
+    history["zeros"] = {n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected}
+    diverged = ~torch.isfinite(parts["loss"] + penalty)
+    return SweepResult(
+        grid={n: v.clone() for n, v in grid.items()},
+        stacked=stacked,
+        stacked_buffers={n: v.expand(k, *v.shape).clone() for n, v in fixed.items()},
+        history=history,
+        diverged=diverged,
+        diverged_at=torch.where(diverged, steps, -1).to(torch.int64),
+        steps=steps,
+        meta={
+            "solver": "fista",
+            "iterations": iterations.clone(),
+            "converged": converged.clone(),
+            "metrics": ["loss", "penalty", *spec],
+            "selected": selected,
+            **meta,
+        },
+        resume=None,
+        model=model,
+    )
+
+
+def concat_results(results: Sequence[SweepResult], meta: Mapping[str, Any]) -> SweepResult:
+    """Sweep results of the same run shape (steps, evaluations) joined along the models."""
+    first = results[0]
+
+    def cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
+        return torch.cat(tensors, dim)
+
+    def joined(d: str) -> dict[str, Tensor]:
+        return {n: cat([getattr(r, d)[n] for r in results]) for n in getattr(first, d)}
+
+    history: dict[str, Any] = {}
+    for key, v in first.history.items():
+        if key == "zeros":
+            history[key] = {n: cat([r.history["zeros"][n] for r in results], 1) for n in v}
+        elif isinstance(v, Tensor) and v.ndim == 2:
+            history[key] = cat([r.history[key] for r in results], 1)
+        else:
+            history[key] = v
+    base = {k: v for k, v in first.meta.items() if k not in ("identity", "chunks")}
+    base["elapsed_s"] = sum(float(r.meta.get("elapsed_s", 0.0)) for r in results)
+    return SweepResult(
+        grid=joined("grid"),
+        stacked=joined("stacked"),
+        stacked_buffers=joined("stacked_buffers"),
+        history=history,
+        diverged=cat([r.diverged for r in results]),
+        diverged_at=cat([r.diverged_at for r in results]),
+        steps=first.steps,
+        meta={**base, **meta},
+        resume=None,
+        model=first.model,
+    )
+
+
+def _fixed_axes(fixed: Mapping[str, Any], k: int) -> dict[str, Tensor]:
+    return {nm: torch.full((k,), float(v), dtype=torch.float64) for nm, v in fixed.items()}
+
+
+def _replicate_last(stacked: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+    return {nm: v[-1].expand(k, *v.shape[1:]).clone() for nm, v in stacked.items()}
+
+
+def _settle(
+    loss: Callable[..., Tensor],
+    spec: Spec,
+    term: str,
+    params0: dict[str, Tensor],
+    fixed: Mapping[str, Any],
+    data: tuple[Tensor, ...],
+    tol: float,
+    max_iter: int,
+) -> dict[str, Tensor]:
+    """The other parameters at their optimum with ``term``'s parameters at zero (or at
+    their ``toward=`` reference): a solve at a strength above ``strength_max``."""
+    chosen = spec.selection(params0)[term]
+    if set(chosen) == set(params0):
+        return params0
+    big = 1e3 * max(strength_max(loss, spec, term, params0, *data), 1.0)
+    start = params0
+    for _ in range(4):
+        sol = solve(loss, spec, params0, {**fixed, term: big}, *data, tol=tol, max_iter=max_iter)
+        start = {n: v[0] for n, v in sol.params.items()}
+        top = strength_max(loss, spec, term, start, *data)
+        if top < big:
+            break
+        big = 1e3 * top
+    return start
+
+
+def path(
+    model_or_params: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    term: str | None = None,
+    *,
+    data: Any = (),
+    strengths: Any = None,
+    eps: float = 1e-3,
+    n: int = 100,
+    fixed: Mapping[str, Any] | None = None,
+    chunk_size: int | None = 10,
+    warm_start: bool = True,
+    descending: bool | None = None,
+    optimizer: Optimizer | None = None,
+    steps: int | None = None,
+    val: Any = None,
+    tol: float = 1e-8,
+    max_iter: int = 10_000,
+    progress: bool = False,
+    **sweep_kwargs: Any,
+) -> SweepResult:
+    """A warm-started regularization path: the grid of ``term``'s strengths, largest first,
+    in chunks of ``chunk_size`` models fitted at once (vmapped), every chunk starting from
+    the previous chunk's last solution (glmnet's and LassoNet's warm starts).
+
+    * Without ``optimizer``: each chunk is solved exactly by
+      :func:`~funcreg.solvers.solve` (FISTA, convex problems) to ``tol`` from that start;
+      ``result.meta["iterations"]`` holds each model's iteration count. ``loss_fn`` may be a
+      :func:`~funcreg.solvers.least_squares` loss (pass ``ls.init()`` as params, no data).
+    * With ``optimizer`` and ``steps``: each chunk trains ``steps`` steps with
+      :func:`fr.sweep <funcreg.sweep.sweep>` (networks); ``model_or_params`` must be the
+      module and ``data`` is its ``train=`` (extra keywords such as ``batch_size`` go to
+      ``sweep``).
+
+    Args:
+        model_or_params: the model (or a dict of params); its current values start the
+            first chunk.
+        loss_fn: ``loss_fn(params, *data) -> 0-dim tensor`` (params include buffers).
+        spec: the penalty; ``term`` names the strength the path varies (default: the only
+            term with a strength). Other terms and optimizer hyperparameters read by name
+            get their values from ``fixed``.
+        strengths: the grid; default ``geometric_grid(strength_max, eps, n)`` with
+            ``strength_max`` computed at the given params — for a convex fit after solving
+            for the unpenalised parameters (e.g. an intercept) with ``term``'s at zero,
+            which makes it exact (see :func:`strength_max`). Always run largest first.
+        chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
+            smaller chunks warm-start more often, larger ones run more models at once.
+        warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
+            comparison).
+        descending: the order the chunks run in: ``True`` largest strength first (glmnet:
+            from the all-zero end), ``False`` smallest first (LassoNet: dense to sparse).
+            Default: ``True`` for ``solve``, ``False`` with an optimizer — a network warm-
+            started from an all-zero layer trains slowly; measured on
+            ``examples/feature_selection.py``, dense-to-sparse warm starts reach a lower
+            objective than cold starts in the same steps, sparse-to-dense ones a higher.
+        val: validation data; recorded as ``history["val_loss"]`` so ``result.best()``
+            picks by it.
+
+    Returns:
+        A :class:`~funcreg.result.SweepResult` ordered by strength, largest first (also
+        when run smallest first);
+        ``meta["warm_start"]``, ``meta["run_order"]`` and ``meta["chunks"]`` (model ranges
+        in run order) describe the run.
+    """
+    spec = as_spec(spec)
+    term = strength_term(spec, term, "path")
+    fixed = dict(fixed or {})
+    if term in fixed:
+        raise ValueError(f"path: term {term!r} is the path's axis; remove it from fixed=")
+    if (optimizer is None) != (steps is None):
+        raise ValueError(
+            "path: give optimizer= and steps= together (the sweep engine, for networks), or "
+            "neither (exact solutions by fr.solve, for convex problems)"
+        )
+    params0, bufs0, model = split_model(model_or_params)
+    loss = with_buffers(loss_fn, bufs0)
+    val_t = as_data(val, "val")
+    data_t = as_data(data) if optimizer is None or strengths is None else data
+    t0 = time.perf_counter()
+    if strengths is None:
+        start = params0
+        if optimizer is None:
+            start = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
+        top = strength_max(loss, spec, term, start, *data_t)
+        if not top > 0:
+            raise ValueError(
+                f"path: strength_max of term {term!r} is {top}: the data loss has zero "
+                "gradient at zero, so every strength gives zeros; pass strengths="
+            )
+        s = geometric_grid(top, eps, n)
+    else:
+        s = strength_values(strengths, "path")
+    if descending is None:
+        descending = optimizer is None
+    s = torch.sort(s, descending=bool(descending)).values
+    k = s.numel()
+    chunks = plan_chunks(k, chunk_size)
+    info: dict[str, Any] = {"warm_start": bool(warm_start), "path_axis": term}
+    info["run_order"] = "descending" if descending else "ascending"
+    info["chunks"] = [list(c) for c in chunks]  # in run order
+
+    if optimizer is None:
+        out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
+        iters = torch.zeros(k, dtype=torch.int64)
+        conv = torch.zeros(k, dtype=torch.bool)
+        start = params0
+        dtype = next(iter(params0.values())).dtype
+        for a, b in chunks:
+            x0 = {nm: v.expand(b - a, *v.shape).clone() for nm, v in start.items()}
+            strengths_ab = {**fixed, term: s[a:b].to(dtype)}
+            sol = solve(
+                loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
+            )
+            for nm, v in sol.params.items():
+                out[nm][a:b] = v
+            iters[a:b] = sol.iterations.cpu()
+            conv[a:b] = sol.converged.cpu()
+            if warm_start:
+                start = {nm: v[-1] for nm, v in sol.params.items()}
+        grid = {term: s, **_fixed_axes(fixed, k)}
+        info["elapsed_s"] = time.perf_counter() - t0
+        res = solved_result(model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info)
+        return res if descending else _flip(res)
+
+    if model is None:
+        raise TypeError("path(optimizer=...) trains with fr.sweep: pass the nn.Module itself")
+    results: list[SweepResult] = []
+    init: Any = None
+    for j, (a, b) in enumerate(chunks):
+        g = {term: s[a:b], **_fixed_axes(fixed, b - a)}
+        r = sweep(
+            model,
+            loss_fn,
+            spec,
+            g,
+            train=data,
+            val=val,
+            optimizer=optimizer,
+            steps=steps,
+            init=init,
+            progress=progress,
+            **sweep_kwargs,
+        )
+        results.append(r)
+        if warm_start and j + 1 < len(chunks):
+            size = chunks[j + 1][1] - chunks[j + 1][0]
+            init = (_replicate_last(r.stacked, size), _replicate_last(r.stacked_buffers, size))
+    info["elapsed_s"] = time.perf_counter() - t0
+    res = concat_results(results, info)
+    return res if descending else _flip(res)
+
+
+def _flip(r: SweepResult) -> SweepResult:
+    """The same result with the model order reversed (meta's per-model tensors too)."""
+
+    def rev(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == r.K:
+            return v.flip(0)
+        return v
+
+    h: dict[str, Any] = {}
+    for key, v in r.history.items():
+        if key == "zeros":
+            h[key] = {n: z.flip(1) for n, z in v.items()}
+        elif isinstance(v, Tensor) and v.ndim == 2:
+            h[key] = v.flip(1)
+        else:
+            h[key] = v
+    return SweepResult(
+        grid={n: v.flip(0) for n, v in r.grid.items()},
+        stacked={n: v.flip(0) for n, v in r.stacked.items()},
+        stacked_buffers={n: v.flip(0) for n, v in r.stacked_buffers.items()},
+        history=h,
+        diverged=r.diverged.flip(0),
+        diverged_at=r.diverged_at.flip(0),
+        steps=r.steps,
+        meta={k: rev(v) for k, v in r.meta.items()},
+        resume=None,
+        model=r.model,
+    )

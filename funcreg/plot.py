@@ -7,8 +7,8 @@ is a path. Strengths are drawn on a log axis, largest on the left, as ``plot.glm
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ def _axes(ax: Any) -> Any:
     return ax
 
 
-def _finish(ax: Any, save: str | Path | None) -> Any:
+def _finish(ax: Any, save: str | os.PathLike[str] | None) -> Any:
     if save is not None:
         ax.figure.tight_layout()
         ax.figure.savefig(save, dpi=110)
@@ -70,7 +70,7 @@ def path(
     name: str = "",
     strength_label: str = "strength",
     ax: Any = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Coefficient paths of one stacked parameter ``values`` (leading axis = models):
 
@@ -113,11 +113,13 @@ def cv_curve(
     strength_1se: float | None = None,
     ylabel: str = "validation loss",
     strength_label: str = "strength",
+    nonzero: Tensor | Sequence[int] | None = None,
     ax: Any = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Mean cross-validation loss with ±1 standard-error bars and vertical lines at
-    ``strength_min`` and ``strength_1se`` (as ``plot.cv.glmnet``)."""
+    ``strength_min`` and ``strength_1se`` (as ``plot.cv.glmnet``); with ``nonzero`` (one
+    count per strength) the counts label a top axis, as glmnet's."""
     s, order_vals = _sorted(torch.as_tensor(strengths), torch.stack([mean, se], 1).double())
     ax = _axes(ax)
     ax.errorbar(
@@ -136,6 +138,18 @@ def cv_curve(
     _strength_axis(ax, s, strength_label)
     ax.set_ylabel(ylabel)
     ax.legend()
+    if nonzero is not None:
+        counts = torch.as_tensor(nonzero).reshape(-1)
+        if counts.numel() != s.numel():
+            raise ValueError(f"{counts.numel()} non-zero counts for {s.numel()} strengths")
+        counts = counts[torch.argsort(torch.as_tensor(strengths, dtype=torch.float64))]
+        from matplotlib.ticker import NullLocator
+
+        top = ax.secondary_xaxis("top")
+        top.xaxis.set_minor_locator(NullLocator())
+        ticks = torch.linspace(0, s.numel() - 1, min(s.numel(), 8)).round().long().unique()
+        top.set_xticks(s[ticks].tolist(), [str(int(counts[i])) for i in ticks.tolist()])
+        top.set_xlabel("non-zero coefficients")
     return _finish(ax, save)
 
 
@@ -147,7 +161,7 @@ def training_curves(
     ylabel: str = "train loss",
     logy: bool = True,
     ax: Any = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike[str] | None = None,
 ) -> Any:
     """One curve per model: ``history`` is ``(T, K)`` (a step per row)."""
     h = history.detach().cpu().double()

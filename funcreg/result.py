@@ -6,6 +6,8 @@
     print(result)                        # one row per model: strengths, losses, zeros, status
     best = result.best()                 # lowest final validation loss among healthy models
     model = result.module(best)          # a fresh copy of the model with those weights
+    result.plot_path("hidden.weight")    # coefficient path against the strength (log x)
+    result.plot_training()               # training curves of a few models
     result.save("sweep.pt")              # atomic; SweepResult.load("sweep.pt", model=net)
 
 Contents (K models, S steps done, E evaluation points):
@@ -30,6 +32,7 @@ state, so ``fr.sweep(..., checkpoint=path)`` can continue it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -148,17 +151,73 @@ class SweepResult:
         known += list(h.get("zeros", {}))
         raise KeyError(f"unknown metric {metric!r}; this result has {known}")
 
-    def best(self, metric: str = "val_loss", mode: str = "min") -> Best:
+    def strength_axes(self) -> list[str]:
+        """The grid axes that name spec terms (strengths), as recorded in ``meta``; every
+        axis when the result does not say."""
+        metrics = self.meta.get("metrics")
+        if isinstance(metrics, list | tuple) and len(metrics) >= 2:
+            terms = [m for m in metrics[2:] if m in self.grid]
+            return terms
+        return list(self.grid)
+
+    def varying_axes(self) -> list[str]:
+        """The grid axes whose value differs between models."""
+        return [n for n, v in self.grid.items() if v.numel() > 1 and bool((v != v[0]).any())]
+
+    def path_axis(self, axis: str | None = None, what: str = "plot") -> str:
+        """The grid axis a path runs along: ``axis`` if given, else the only varying axis
+        (an error when several vary)."""
+        if axis is not None:
+            if axis not in self.grid:
+                raise ValueError(
+                    f"{what}: axis {axis!r} is not a grid axis; the grid has {list(self.grid)}"
+                )
+            return axis
+        varying = self.varying_axes()
+        if len(varying) > 1:
+            raise ValueError(
+                f"{what}: the grid varies along several axes {varying}; pass axis= (one of "
+                "them) to say which goes on the x axis / orders the models"
+            )
+        if varying:
+            return varying[0]
+        terms = self.strength_axes() or list(self.grid)
+        return terms[0]
+
+    def best(
+        self,
+        metric: str = "val_loss",
+        mode: str = "min",
+        *,
+        rule: str = "min",
+        axis: str | None = None,
+    ) -> Best:
         """The healthy model with the lowest (``mode="max"``: highest) ``metric``.
 
         ``metric="val_loss"`` (default) uses the last validation loss. Without validation
         data it falls back to the training loss (mean over the last 10% of steps), says so
         in ``Best.note`` and warns: that choice favours the weakest regularization.
         Diverged models and non-finite values are never chosen.
+
+        ``rule="1se"`` (the one-standard-error rule of cv.glmnet): the most regularised
+        model — the largest value of ``axis`` (default: the only varying strength axis) —
+        whose metric is within one standard error of the best. It needs standard errors,
+        ``history[metric + "_se"]``, which :func:`fr.cross_validate
+        <funcreg.selection.cross_validate>` records (``cv.path.best(rule="1se")``); a
+        plain sweep has one validation score per model and none.
         """
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if rule not in ("min", "1se"):
+            raise ValueError(f"rule must be 'min' or '1se', got {rule!r}")
         note = ""
+        if rule == "1se" and f"{metric}_se" not in self.history:
+            raise ValueError(
+                f"rule='1se' needs the standard error of {metric!r} across folds, and this "
+                "result has a single score per model (no history[" + repr(f"{metric}_se") + "]). "
+                "Use fr.cross_validate(...) and cv.best('1se') (or cv.path.best(rule='1se')), "
+                "or rule='min'"
+            )
         if metric in _EVAL_METRICS and metric not in self.history:
             if metric == "val_metric":
                 raise ValueError("no val_metric recorded: pass val_fn= (and val=) to fr.sweep")
@@ -177,8 +236,113 @@ class SweepResult:
             )
         fill = math.inf if mode == "min" else -math.inf
         vals[~ok] = fill
-        idx = int(vals.argmin() if mode == "min" else vals.argmax())
+        if rule == "1se":
+            from .selection import one_se_index
+
+            se = self.history[f"{metric}_se"][-1].double().cpu()
+            along = self.path_axis(axis, "best(rule='1se')")
+            sign = 1.0 if mode == "min" else -1.0
+            idx = one_se_index(sign * vals, se, self.grid[along].double().cpu())
+            note = f"one-standard-error rule along {along!r}"
+        else:
+            idx = int(vals.argmin() if mode == "min" else vals.argmax())
         return Best(idx, self.strengths(idx), metric, float(vals[idx]), note)
+
+    # -- plots ----------------------------------------------------------------------------
+    def _selected(self) -> list[str]:
+        sel = self.meta.get("selected")
+        return list(sel) if isinstance(sel, list | tuple) else list(self.stacked)
+
+    def _path_models(self, axis: str | None, what: str) -> tuple[str, Tensor, str]:
+        """``(axis, model indices along it, note)``: with other axes varying too, the
+        models that share the other axes' values with :meth:`best`."""
+        along = self.path_axis(axis, what)
+        others = [a for a in self.varying_axes() if a != along]
+        idx = torch.arange(self.K)
+        note = ""
+        if others:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b = self.best().index
+            keep = torch.ones(self.K, dtype=torch.bool)
+            for a in others:
+                keep &= self.grid[a].cpu() == self.grid[a][b].cpu()
+            idx = idx[keep]
+            note = ", ".join(f"{a}={float(self.grid[a][b]):.3g}" for a in others)
+        return along, idx, note
+
+    def plot_path(
+        self,
+        param: str,
+        kind: str = "coef",
+        axis: str | None = None,
+        *,
+        ax: Any = None,
+        save: str | os.PathLike[str] | None = None,
+    ) -> Any:
+        """Coefficient path of ``param`` against the grid ``axis`` on a log scale, largest
+        strength on the left (``plot.glmnet``); see :func:`funcreg.plot.path` for ``kind``
+        (``"coef"``, ``"norm"``: per input feature, ``"nonzero"``). ``axis`` defaults to
+        the only varying axis and is required when several vary; the other varying axes
+        are held at the values of :meth:`best`. Returns the matplotlib ``Axes``."""
+        from . import plot
+
+        selected = self._selected()
+        if param not in selected:
+            raise ValueError(
+                f"plot_path: the spec does not touch {param!r}, so it has no regularization "
+                f"path; the spec selects {selected}"
+            )
+        along, idx, note = self._path_models(axis, "plot_path")
+        out = plot.path(
+            self.grid[along][idx],
+            self.stacked[param][idx.to(self.stacked[param].device)],
+            kind,
+            name=param,
+            strength_label=along,
+            ax=ax,
+            save=None,
+        )
+        if note:
+            out.set_title(f"{out.get_title()} ({note})")
+        return plot._finish(out, save)
+
+    def plot_training(
+        self,
+        metric: str = "loss",
+        models: Any = None,
+        *,
+        ax: Any = None,
+        save: str | os.PathLike[str] | None = None,
+        logy: bool = True,
+    ) -> Any:
+        """Training curves (``history[metric]``, one line per model; default: the best
+        model and up to 4 others spread over the grid), labelled by their grid values."""
+        from . import plot
+
+        if self.meta.get("solver") == "fista":
+            raise ValueError(
+                "plot_training: this result was solved exactly (fr.solve), it has no training "
+                "steps to plot; meta['iterations'] has the iteration counts"
+            )
+        h = self.history.get(metric)
+        if not isinstance(h, Tensor) or h.ndim != 2:
+            known = [k for k, v in self.history.items() if isinstance(v, Tensor) and v.ndim == 2]
+            raise ValueError(
+                f"plot_training: no per-step metric {metric!r}; this result has {known}"
+            )
+        if models is None:
+            picks = torch.linspace(0, self.K - 1, min(self.K, 4)).round().long().tolist()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with contextlib.suppress(ValueError):
+                    picks.append(self.best().index)
+            models = sorted(set(picks))
+        idx = [self._index(i) for i in (models if isinstance(models, list | tuple) else [models])]
+        varying = self.varying_axes() or list(self.grid)[:1]
+        labels = [", ".join(f"{a}={float(self.grid[a][i]):.3g}" for a in varying) for i in idx]
+        rows = h[: self.steps][:, idx]
+        return plot.training_curves(rows, labels=labels, ylabel=metric, logy=logy, ax=ax, save=save)
 
     # -- display --------------------------------------------------------------------------
     def table(self, max_rows: int | None = None) -> str:

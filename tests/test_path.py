@@ -8,7 +8,7 @@ import torch
 from sklearn.linear_model import ElasticNet, Lasso
 
 import funcreg as fr
-from funcreg.path import geometric_grid, strength_max
+from funcreg.path import geometric_grid, path, strength_max
 
 DT = torch.float64
 
@@ -96,3 +96,154 @@ def test_geometric_grid():
         geometric_grid(0.0)
     with pytest.raises(ValueError, match="eps must be in"):
         geometric_grid(1.0, eps=2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# fr.path: warm-started paths
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def correlated(n: int, p: int, rho: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, p, generator=g, dtype=DT)
+    X = z.clone()
+    for j in range(1, p):
+        X[:, j] = rho * X[:, j - 1] + (1 - rho**2) ** 0.5 * z[:, j]
+    w = torch.zeros(p, dtype=DT)
+    w[::7] = 2.0
+    y = X @ w + torch.randn(n, generator=g, dtype=DT)
+    return X - X.mean(0), y - y.mean()
+
+
+def test_path_matches_lasso_path_and_warm_starts_need_fewer_iterations(one_thread):
+    from sklearn.linear_model import lasso_path
+
+    X, y = correlated(200, 40, 0.9, seed=0)
+    ls = fr.least_squares(X, y)
+    spec = fr.Spec(l1=fr.L1())
+    warm = path(ls.init(), ls, spec, n=40, chunk_size=4, tol=1e-10)
+    cold = path(ls.init(), ls, spec, n=40, chunk_size=4, tol=1e-10, warm_start=False)
+    s = warm.grid["l1"]
+    assert bool((s[1:] < s[:-1]).all()) and float(s[0]) == pytest.approx(sk_alpha_max(X, y))
+    _, coefs, _ = lasso_path(X.numpy(), y.numpy(), alphas=s.numpy(), tol=1e-14, max_iter=10**6)
+    for r in (warm, cold):
+        assert bool(r.meta["converged"].all())
+        err = (r.stacked["weight"][:, 0] - torch.as_tensor(coefs.T)).abs().max()
+        assert float(err) < 1e-6  # reached: ~1e-8
+    assert bool((warm.stacked["weight"][0] == 0).all())  # strength_max: all zero
+    w_it, c_it = int(warm.meta["iterations"].sum()), int(cold.meta["iterations"].sum())
+    assert w_it < 0.9 * c_it  # measured: ~0.8x
+    assert warm.meta["warm_start"] and not cold.meta["warm_start"]
+
+
+def test_path_default_grid_settles_the_intercept(one_thread):
+    X, y = correlated(80, 6, 0.3, seed=1)
+    X, y = X + 1.0, y + 3.0  # not centred: the intercept matters
+    net = torch.nn.Linear(6, 1).double()
+
+    def loss(p, X, y):
+        return 0.5 * ((torch.func.functional_call(net, p, (X,)).squeeze(-1) - y) ** 2).mean()
+
+    r = path(net, loss, fr.Spec(l1=fr.L1("weight")), data=(X, y), n=6, eps=1e-2, tol=1e-10)
+    # exact up to the solve of the intercept (FISTA's generic path stops ~4e-9 from ȳ here)
+    assert float(r.grid["l1"][0]) == pytest.approx(sk_alpha_max(X, y), rel=1e-7)
+    assert bool((r.stacked["weight"][0] == 0).all()) and bool((r.stacked["weight"][1] != 0).any())
+    assert float(r.stacked["bias"][0, 0]) == pytest.approx(float(y.mean()), abs=1e-7)
+    assert r.K == 6 and r.meta["iterations"].shape == (6,)
+    assert r.module(3).weight.shape == (1, 6)
+    # given strengths are run largest first, whatever their order
+    r2 = path(net, loss, fr.Spec(l1=fr.L1("weight")), data=(X, y), strengths=[0.01, 0.1, 0.05])
+    assert r2.grid["l1"].tolist() == [0.1, 0.05, 0.01]
+
+
+def test_network_path_chains_warm_starts_through_the_sweep_engine(one_thread):
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(40, 3, generator=g, dtype=DT)
+    y = torch.sin(X[:, :1]) + 0.1 * torch.randn(40, 1, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    net = net.double()
+
+    def loss(p, X, y):
+        return ((torch.func.functional_call(net, p, (X,)) - y) ** 2).mean()
+
+    spec = fr.Spec(l1=fr.L1("0.weight"))
+    kw = {"optimizer": fr.optim.sgd(0.1), "steps": 8, "progress": False}
+    r = path(net, loss, spec, data=(X, y), strengths=[0.05, 0.001], chunk_size=1, **kw)
+    assert r.grid["l1"].tolist() == [0.05, 0.001] and r.meta["run_order"] == "ascending"
+    first = fr.sweep(net, loss, spec, fr.grid(l1=[0.001], dtype=DT), train=(X, y), **kw)
+    second = fr.sweep(
+        net, loss, spec, fr.grid(l1=[0.05], dtype=DT), train=(X, y), init=first.stacked, **kw
+    )
+    for name in first.stacked:
+        torch.testing.assert_close(r.stacked[name][1], first.stacked[name][0], rtol=0, atol=0)
+        torch.testing.assert_close(r.stacked[name][0], second.stacked[name][0], rtol=0, atol=0)
+    assert r.history["loss"].shape == (8, 2)
+    torch.testing.assert_close(r.history["loss"][:, 0], second.history["loss"][:, 0])
+
+
+def test_path_bad_input(linear):
+    X, y, loss = linear
+    p = {"w": torch.zeros(10, dtype=DT), "b": y.mean()}
+    spec = fr.Spec(l1=fr.L1("w"))
+    with pytest.raises(ValueError, match="grid of strengths is empty"):
+        path(p, loss, spec, data=(X, y), strengths=[])
+    with pytest.raises(ValueError, match="strengths must be finite and >= 0"):
+        path(p, loss, spec, data=(X, y), strengths=[0.1, -1.0])
+    with pytest.raises(ValueError, match="term 'l2' is not a spec term"):
+        path(p, loss, spec, "l2", data=(X, y))
+    two = fr.Spec(l1=fr.L1("w"), l2=fr.L2("w"))
+    with pytest.raises(ValueError, match=r"say which one the grid varies with term="):
+        path(p, loss, two, data=(X, y))
+    with pytest.raises(ValueError, match="give optimizer= and steps= together"):
+        path(p, loss, spec, data=(X, y), steps=10)
+    with pytest.raises(ValueError, match=r"term 'l2' is L2, which induces no exact sparsity"):
+        path(p, loss, two, "l2", data=(X, y), fixed={"l1": 0.0})
+    with pytest.raises(TypeError, match="pass the nn.Module itself"):
+        path(p, loss, spec, data=(X, y), strengths=[0.1], optimizer=fr.optim.sgd(0.1), steps=2)
+
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+
+    file = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_lasso_path_runs_small(tmp_path, capsys, one_thread):
+    out = tmp_path / "lasso.png"
+    res = _example("lasso_path").main(
+        ["--n", "120", "--p", "20", "--grid", "30", "--out", str(out)]
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["warm"]["iterations"] < res["cold"]["iterations"]
+    assert res["warm"]["max_diff"] < 1e-5 and res["cold"]["max_diff"] < 1e-5
+    left, right = res["axes"]
+    assert len(left.get_lines()) == 20 and len(right.get_lines()) == 20
+    assert left.get_xscale() == "log" == right.get_xscale()
+    assert "fewer FISTA iterations" in capsys.readouterr().out
+
+
+def test_example_feature_selection_runs_small(tmp_path, capsys, one_thread):
+    out = tmp_path / "fs.png"
+    res = _example("feature_selection").main(
+        ["--n", "200", "--grid", "4", "--steps", "60", "--p", "6", "--out", str(out)]
+    )
+    assert out.stat().st_size > 1000
+    ax = res["ax"]
+    assert len(ax.get_lines()) == 6 and ax.get_ylabel() == "group norm ‖w_j‖₂"
+    assert [line.get_label() for line in ax.get_lines()][:2] == ["feature 0 *", "feature 1 *"]
+    assert len(res["survivors"]) == 4 and len(res["survivors"][0]) <= len(res["survivors"][-1])
+    assert "surviving features" in capsys.readouterr().out

@@ -159,3 +159,11 @@ def test_load_rejects_other_files(tmp_path: Any) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="is not a saved funcreg SweepResult"):
         SweepResult.load(tmp_path / "w.pt")
+
+
+def test_one_se_rule_needs_standard_errors(result: SweepResult) -> None:
+    with pytest.raises(
+        ValueError, match=r"rule='1se' needs the standard error .*fr.cross_validate"
+    ):
+        result.best(rule="1se")
+    assert result.best(rule="min").index == result.best().index

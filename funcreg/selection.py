@@ -1,0 +1,715 @@
+"""Choosing a strength: the min and one-standard-error rules, and k-fold cross-validation
+of every fold × every strength in one vectorized run.
+
+    cv = fr.cross_validate(net, loss, spec, fr.grid(l1=strengths), (x, y), folds=5)
+    cv.strength_min, cv.strength_1se      # as cv.glmnet's lambda.min / lambda.1se
+    cv.plot()                             # mean ± 1 se against log strength
+    model = cv.refit("1se")               # fitted on all the data at strength_1se
+
+How the folds reach an ordinary loss
+------------------------------------
+Fold ``f`` is a 0/1 weight per sample (``train[f, i] = 1`` when sample ``i`` trains fold
+``f``): the data is stored once and every model reads it through its own weight row, so
+nothing is copied per fold or per strength. A fit on all the data rides along as one more
+row of ones (the ``refit`` models). The weighted data term of fold ``f`` is the mean of the
+per-sample losses over its training samples, ``Σ_i w_fi ℓ_i / Σ_i w_fi``, reached in one
+of two ways:
+
+* ``loss_fn`` takes a ``weight=`` keyword (``loss_fn(params, *batch, weight=w)``, ``w`` of
+  shape ``(n,)``) — funcreg passes the weights and the loss must return the weighted mean
+  ``Σ w_i ℓ_i / Σ w_i``; this is the fast way (one forward over the batch);
+* otherwise funcreg evaluates the unchanged, mean-reduced ``loss_fn`` on every sample alone,
+  ``loss_fn(params, x_i[None], y_i[None])``, under ``vmap`` over samples, and takes the
+  weighted mean. Any per-sample-separable mean loss (MSE, cross-entropy, ...) gives the same
+  numbers as on the fold's rows; a loss that couples samples (train-mode BatchNorm, a
+  contrastive loss) does not: give it ``weight=``. (With ``weight=`` the forward still
+  sees every sample of the batch: train-mode BatchNorm statistics include the fold's
+  held-out samples.)
+
+Scores (``score_fn``, default ``loss_fn``) on each fold's held-out samples are computed the
+same way. Internally the fold of a model is a one-hot vector that travels with its params
+(as an extra entry for :func:`~funcreg.solvers.solve`, as a buffer for
+:func:`~funcreg.sweep.sweep`); it receives no gradient and is never penalised.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import numbers
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .optim import Optimizer
+from .path import (
+    as_data,
+    solved_result,
+    split_model,
+    strength_term,
+    strength_values,
+    with_buffers,
+)
+from .penalties import GroupLasso, Penalty, _as_dims
+from .result import Best, SweepResult
+from .selectors import by_name
+from .solvers import solve
+from .spec import Spec, as_spec
+from .stack import build_grid
+from .sweep import sweep
+
+__all__ = ["CVResult", "cross_validate", "fold_masks", "one_se_index"]
+
+FOLD_KEY = "_funcreg_cv_fold"  # the one-hot fold vector that travels with each model
+
+
+# ---------------------------------------------------------------------------- the rules
+
+
+def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:
+    """The one-standard-error rule: among the models whose ``mean`` is at most
+    ``mean[i_min] + se[i_min]`` (``i_min`` the lowest finite mean), the one with the largest
+    ``order`` (the most regularised; ties: the lower mean). Non-finite means never win."""
+    mean, se, order = mean.double(), se.double(), order.double()
+    ok = torch.isfinite(mean)
+    if not bool(ok.any()):
+        raise ValueError("one-standard-error rule: no model has a finite score")
+    i_min = int(torch.where(ok, mean, math.inf).argmin())
+    spread = float(se[i_min]) if math.isfinite(float(se[i_min])) else 0.0
+    within = ok & (mean <= float(mean[i_min]) + spread)
+    top = torch.where(within, order, -math.inf)
+    tied = within & (top == top.max())
+    return int(torch.where(tied, mean, math.inf).argmin())
+
+
+# ------------------------------------------------------------------------------ folds
+
+
+def fold_masks(folds: Any, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(train, test)`` 0/1 masks of shape ``(F, n)`` from ``folds``:
+
+    * an int ``F``: shuffled K-fold — a seeded permutation cut into ``F`` consecutive
+      parts of sizes ``n // F`` (+1 for the first ``n % F``), as ``KFold(shuffle=True)``;
+    * a per-sample tensor of fold ids (glmnet's ``foldid``): fold ``f`` holds out the
+      samples with the ``f``-th smallest id;
+    * a list of ``(train_idx, test_idx)`` pairs (scikit-learn's ``cv.split(X)``).
+    """
+    if isinstance(folds, bool):
+        raise TypeError("folds must be an int, a tensor of fold ids or (train, test) pairs")
+    if isinstance(folds, numbers.Integral):
+        f = int(folds)
+        if f < 2:
+            raise ValueError(f"folds must be >= 2 for cross-validation, got folds={f}")
+        if f > n:
+            raise ValueError(
+                f"more folds ({f}) than samples ({n}): every fold needs a held-out sample; "
+                f"use folds <= {n}"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        test = torch.zeros(f, n, dtype=torch.bool)
+        start = 0
+        for j in range(f):
+            size = n // f + (1 if j < n % f else 0)
+            test[j, perm[start : start + size]] = True
+            start += size
+        return ~test, test
+    if isinstance(folds, Tensor | np.ndarray) and np.ndim(folds) == 1:
+        ids = torch.as_tensor(folds)
+        if ids.numel() != n:
+            raise ValueError(f"folds: {ids.numel()} fold ids for {n} samples; give one per sample")
+        if ids.is_floating_point() and not bool((ids == ids.round()).all()):
+            raise ValueError("folds: fold ids must be integers")
+        uniq = torch.unique(ids)
+        if uniq.numel() < 2:
+            raise ValueError(
+                f"folds must be >= 2 for cross-validation: the fold ids hold {uniq.numel()} "
+                "distinct value(s)"
+            )
+        test = ids[None, :] == uniq[:, None]
+        return ~test, test
+    if isinstance(folds, Sequence) and not isinstance(folds, str | bytes):
+        pairs = list(folds)
+        if len(pairs) < 2:
+            raise ValueError(
+                f"folds must be >= 2 for cross-validation, got {len(pairs)} (train, test) pair(s)"
+            )
+        train = torch.zeros(len(pairs), n, dtype=torch.bool)
+        test = torch.zeros(len(pairs), n, dtype=torch.bool)
+        for j, pair in enumerate(pairs):
+            if not isinstance(pair, Sequence) or len(pair) != 2:
+                raise TypeError(
+                    f"folds[{j}] must be a (train_idx, test_idx) pair, got {type(pair).__name__}"
+                )
+            for mask, idx, what in ((train, pair[0], "train"), (test, pair[1], "test")):
+                t = torch.as_tensor(np.asarray(idx)).reshape(-1)
+                if t.dtype == torch.bool:
+                    t = t.nonzero().reshape(-1)
+                if t.numel() == 0:
+                    raise ValueError(f"folds[{j}] has an empty {what} set")
+                if t.is_floating_point() or int(t.min()) < -n or int(t.max()) >= n:
+                    raise ValueError(
+                        f"folds[{j}]: {what} indices must be integers in [0, {n}), got "
+                        f"{t.tolist()[:5]}"
+                    )
+                mask[j, t] = True
+        return train, test
+    raise TypeError(
+        "folds must be an int (K-fold), a per-sample tensor of fold ids or a list of "
+        f"(train_idx, test_idx) pairs, got {type(folds).__name__}"
+    )
+
+
+# -------------------------------------------------------------------- weighted losses
+
+
+def accepts_weight(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` has a ``weight`` keyword (then it gets the sample weights)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get("weight")
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
+def weighted_mean(fn: Callable[..., Tensor], use_weight: bool) -> Callable[..., Tensor]:
+    """``(params, w, *batch) -> Σ_i w_i ℓ_i / Σ_i w_i`` from a mean-reduced ``fn`` (see the
+    module docstring: by ``weight=`` or by per-sample evaluation under ``vmap``)."""
+    if use_weight:
+
+        def by_keyword(p: Mapping[str, Tensor], w: Tensor, *batch: Tensor) -> Tensor:
+            return fn(p, *batch, weight=w)
+
+        return by_keyword
+
+    def per_sample(p: Mapping[str, Tensor], w: Tensor, *batch: Tensor) -> Tensor:
+        def one(*sample: Tensor) -> Tensor:
+            return fn(p, *(t.unsqueeze(0) for t in sample))
+
+        losses = vmap(one)(*batch)
+        total = w.sum()
+        return (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+    return per_sample
+
+
+def _without_fold(p: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in p.items() if k != FOLD_KEY}
+
+
+def _exclude_fold(spec: Spec) -> Spec:
+    """The spec with every selector told to skip the fold vector."""
+    skip = ~by_name(FOLD_KEY)
+    return Spec({t: replace(pen, select=pen.selector & skip) for t, pen in spec.items()})
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass(eq=False)
+class CVResult:
+    """The outcome of :func:`cross_validate` (``F`` folds, ``K`` grid points).
+
+    Attributes:
+        grid: ``{axis: (K,)}`` the strengths (and hyperparameters) of each grid point.
+        scores: ``(F, K)`` float64, the held-out score of every fold at every grid point
+            (NaN where the fit diverged).
+        folds: the ``(train_idx, test_idx)`` index pairs used.
+        path: a :class:`~funcreg.result.SweepResult` of the ``K`` fits on all the data, with
+            ``history["val_loss"]`` = :attr:`mean` and ``history["val_loss_se"]`` = :attr:`se`
+            (so ``cv.path.best(rule="1se")`` works too).
+        axis: the grid axis that orders the models (the most regularised has its largest
+            value), or ``None`` when several strength axes vary.
+        fits: the fold fits as a ``SweepResult`` of ``F·K`` models (fold-major:
+            model ``f·K + k``), for inspection.
+        meta: timing, the solver used and its iteration counts or steps.
+    """
+
+    grid: dict[str, Tensor]
+    scores: Tensor
+    folds: list[tuple[Tensor, Tensor]]
+    path: SweepResult
+    axis: str | None
+    fits: SweepResult | None = field(default=None, repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+    params_only: bool = False
+
+    # -- statistics -----------------------------------------------------------------------
+    @property
+    def K(self) -> int:  # noqa: N802 - the grid size is called K everywhere
+        return int(self.scores.shape[1])
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def mean(self) -> Tensor:
+        """``(K,)`` mean held-out score over the folds (each fold counts once)."""
+        return self.scores.mean(0)
+
+    @property
+    def se(self) -> Tensor:
+        """``(K,)`` standard error of :attr:`mean`: ``std(scores, ddof=1) / √F``."""
+        return self.scores.std(0, correction=1) / math.sqrt(self.n_folds)
+
+    def best(self, rule: str = "min", axis: str | None = None) -> Best:
+        """The grid point chosen by ``rule``: ``"min"`` (lowest mean score) or ``"1se"``
+        (the most regularised within one standard error of it, along ``axis``)."""
+        if rule not in ("min", "1se"):
+            raise ValueError(f"rule must be 'min' or '1se', got {rule!r}")
+        mean = self.mean
+        if rule == "min":
+            if not bool(torch.isfinite(mean).any()):
+                raise ValueError("no grid point has a finite mean score (all fits diverged?)")
+            idx = int(torch.where(torch.isfinite(mean), mean, math.inf).argmin())
+            note = ""
+        else:
+            along = axis or self.axis
+            if along is None:
+                raise ValueError(
+                    f"rule='1se' needs an order: the grid varies along several strength axes "
+                    f"{self.path.varying_axes()}; pass axis="
+                )
+            idx = one_se_index(mean, self.se, self.grid[along])
+            note = f"one-standard-error rule along {along!r}"
+        strengths = {k: float(v[idx]) for k, v in self.grid.items()}
+        return Best(idx, strengths, "cv_mean", float(mean[idx]), note)
+
+    def _strength(self, rule: str) -> float:
+        if self.axis is None:
+            raise ValueError(
+                "the grid varies along several strength axes; use cv.best(rule).strengths"
+            )
+        return float(self.grid[self.axis][self.best(rule).index])
+
+    @property
+    def strength_min(self) -> float:
+        """The strength with the lowest mean score (cv.glmnet's ``lambda.min``)."""
+        return self._strength("min")
+
+    @property
+    def strength_1se(self) -> float:
+        """The largest strength within one SE of the best (cv.glmnet's ``lambda.1se``)."""
+        return self._strength("1se")
+
+    @property
+    def nonzero(self) -> Tensor:
+        """``(K,)`` non-zero coefficients of the all-data fits, over the params the spec's
+        non-smooth terms select (all selected params when it has none): glmnet's nzero."""
+        return self.meta["nonzero"]
+
+    @property
+    def nonzero_groups(self) -> Tensor | None:
+        """``(K,)`` non-zero groups of the all-data fits for the spec's group-lasso terms
+        (``None`` without such terms)."""
+        return self.meta.get("nonzero_groups")
+
+    # -- the chosen model -----------------------------------------------------------------
+    def refit(self, rule: str = "min") -> Any:
+        """The model fitted on all the data at the grid point chosen by ``rule`` (these
+        fits ran in the same vectorized run as the folds): a fresh copy of the module, or a
+        params dict when ``cross_validate`` was given a dict."""
+        i = self.best(rule).index
+        if self.params_only:
+            return self.path.params(i)
+        return self.path.module(i)
+
+    # -- display --------------------------------------------------------------------------
+    def plot(
+        self, *, axis: str | None = None, ax: Any = None, save: Any = None, ylabel: str = ""
+    ) -> Any:
+        """The CV curve (``plot.cv.glmnet``): mean ± 1 se against the log strength, dashed
+        and dotted vertical lines at ``strength_min`` and ``strength_1se``, the number of
+        non-zero coefficients on the top axis. Returns the matplotlib ``Axes``."""
+        from . import plot
+
+        along = axis or self.axis
+        if along is None:
+            raise ValueError(
+                f"plot: the grid varies along several strength axes "
+                f"{self.path.varying_axes()}; pass axis="
+            )
+        lo = float(self.grid[along].min())
+        if not lo > 0:
+            raise ValueError(
+                f"plot: the CV curve uses a log {along!r} axis, so every strength must be > 0 "
+                f"(the grid has {lo})"
+            )
+        return plot.cv_curve(
+            self.grid[along],
+            self.mean,
+            self.se,
+            strength_min=float(self.grid[along][self.best("min").index]),
+            strength_1se=float(self.grid[along][self.best("1se", along).index]),
+            ylabel=ylabel or f"CV score ({self.n_folds} folds)",
+            strength_label=along,
+            nonzero=self.nonzero if self.meta.get("sparse_terms") else None,
+            ax=ax,
+            save=save,
+        )
+
+    def plot_path(self, param: str, kind: str = "coef", axis: str | None = None, **kw: Any) -> Any:
+        """Coefficient path of the all-data fits (:meth:`SweepResult.plot_path`), with
+        vertical lines at ``strength_min`` and ``strength_1se``."""
+        out = self.path.plot_path(param, kind, axis or self.axis, ax=kw.pop("ax", None))
+        along = axis or self.axis
+        if along is not None:
+            out.axvline(float(self.grid[along][self.best("min").index]), ls="--", color="k")
+            out.axvline(float(self.grid[along][self.best("1se", along).index]), ls=":", color="k")
+        from .plot import _finish
+
+        return _finish(out, kw.pop("save", None))
+
+    def table(self) -> str:
+        """One row per grid point: strengths, mean ± se, non-zeros; ``min``/``1se`` marks."""
+        i_min = self.best("min").index
+        i_1se = self.best("1se").index if self.axis is not None else -1
+        cols: list[tuple[str, list[str]]] = [("#", [str(i) for i in range(self.K)])]
+        for name, v in self.grid.items():
+            cols.append((name, [f"{float(x):.4g}" for x in v]))
+        cols.append(("cv_mean", [f"{float(x):.5g}" for x in self.mean]))
+        cols.append(("cv_se", [f"{float(x):.3g}" for x in self.se]))
+        if self.meta.get("sparse_terms"):
+            cols.append(("nonzero", [str(int(x)) for x in self.nonzero]))
+        marks = [
+            " ".join(m for m, j in (("min", i_min), ("1se", i_1se)) if j == i)
+            for i in range(self.K)
+        ]
+        cols.append(("", marks))
+        widths = [max(len(t), *(len(c) for c in vals)) for t, vals in cols]
+        lines = ["  ".join(t.rjust(w) for (t, _), w in zip(cols, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        for i in range(self.K):
+            lines.append(
+                "  ".join(v[i].rjust(w) for (_, v), w in zip(cols, widths, strict=True)).rstrip()
+            )
+        return "\n".join([*lines, f"{self.n_folds}-fold CV of {self.K} grid points"])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"CVResult(folds={self.n_folds}, K={self.K}, grid=({', '.join(self.grid)}))"
+
+
+# ---------------------------------------------------------------------- cross_validate
+
+
+def _cv_grid(grid: Any, spec: Spec) -> dict[str, Tensor]:
+    if isinstance(grid, Mapping):
+        if not grid:
+            raise ValueError(
+                "cross_validate: the grid is empty; give e.g. fr.grid(l1=torch.logspace(-4, 0, 20))"
+            )
+        return build_grid(grid, product=False, dtype=torch.float64)
+    term = strength_term(spec, None, "cross_validate (a grid given as a list of strengths)")
+    return {term: strength_values(grid, "cross_validate")}
+
+
+def _order_axis(grid: Mapping[str, Tensor], spec: Spec, axis: str | None) -> str | None:
+    if axis is not None:
+        if axis not in grid:
+            raise ValueError(f"cross_validate: axis {axis!r} is not a grid axis ({list(grid)})")
+        return axis
+    terms = [t for t in spec.strength_names if t in grid]
+    varying = [t for t in terms if bool((grid[t] != grid[t][0]).any())]
+    if len(varying) == 1:
+        return varying[0]
+    if not varying:
+        return terms[0] if terms else None
+    return None
+
+
+def _nonzeros(spec: Spec, stacked: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    single = {n: v[0] for n, v in stacked.items()}
+    sel = spec.selection(single)
+    sparse = [t for t, pen in spec.items() if not pen.smooth and not pen.is_constraint]
+    names: list[str] = []
+    for t in sparse or list(sel):
+        names += [n for n in sel[t] if n not in names]
+    k = next(iter(stacked.values())).shape[0]
+    nz = torch.zeros(k, dtype=torch.int64)
+    for n in names:
+        nz += (stacked[n].reshape(k, -1) != 0).sum(1).cpu()
+    groups: Tensor | None = None
+    for t, pen in spec.items():
+        if isinstance(pen, GroupLasso):
+            groups = torch.zeros(k, dtype=torch.int64) if groups is None else groups
+            for n in sel[t]:
+                v = stacked[n]
+                dims = tuple(d + 1 for d in _as_dims(pen.dim, v.dim() - 1))
+                norms = torch.linalg.vector_norm(v, dim=dims)
+                groups += (norms.reshape(k, -1) != 0).sum(1).cpu()
+    return nz, groups
+
+
+def _scores(
+    score: Callable[..., Tensor],
+    stacked: Mapping[str, Tensor],
+    bufs: Mapping[str, Tensor] | None,
+    test: Tensor,
+    k: int,
+    data: tuple[Tensor, ...],
+    model: nn.Module | None,
+) -> Tensor:
+    """``(F, K)`` weighted held-out scores of the fold fits (fold-major stacked params)."""
+    f = test.shape[0]
+    modes = {m: m.training for m in model.modules()} if model is not None else {}
+    if model is not None:
+        model.eval()
+    try:
+        rows = []
+        with torch.no_grad():
+            for j in range(f):
+                p = {n: v[j * k : (j + 1) * k] for n, v in stacked.items()}
+                if bufs:
+                    b = {n: v[j * k : (j + 1) * k] for n, v in bufs.items()}
+                    fn = vmap(
+                        lambda p, b, w, *d: score({**p, **b}, w, *d),
+                        in_dims=(0, 0, None) + (None,) * len(data),
+                    )
+                    rows.append(fn(p, b, test[j], *data))
+                else:
+                    fn = vmap(score, in_dims=(0, None) + (None,) * len(data))
+                    rows.append(fn(p, test[j], *data))
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    return torch.stack(rows).double().cpu()
+
+
+def _take_models(r: SweepResult, idx: Tensor, grid: dict[str, Tensor], meta: dict) -> SweepResult:
+    """Models ``idx`` of a sweep result (without the fold vector), with another grid."""
+    h: dict[str, Any] = {}
+    for key, v in r.history.items():
+        if key == "zeros":
+            h[key] = {n: z[:, idx] for n, z in v.items()}
+        elif isinstance(v, Tensor) and v.ndim == 2:
+            h[key] = v[:, idx]
+        else:
+            h[key] = v
+    base = {k: v for k, v in r.meta.items() if k not in ("identity", "chunks")}
+    return SweepResult(
+        grid=grid,
+        stacked={n: v[idx] for n, v in r.stacked.items()},
+        stacked_buffers={n: v[idx] for n, v in r.stacked_buffers.items() if n != FOLD_KEY},
+        history=h,
+        diverged=r.diverged[idx],
+        diverged_at=r.diverged_at[idx],
+        steps=r.steps,
+        meta={**base, **meta},
+        resume=None,
+        model=None,
+    )
+
+
+def cross_validate(
+    model: nn.Module | Mapping[str, Tensor],
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Any,
+    data: Any,
+    folds: Any = 5,
+    *,
+    optimizer: Optimizer | None = None,
+    steps: int | None = None,
+    score_fn: Callable[..., Tensor] | None = None,
+    seed: int = 0,
+    axis: str | None = None,
+    tol: float = 1e-8,
+    max_iter: int = 10_000,
+    progress: bool = False,
+    **sweep_kwargs: Any,
+) -> CVResult:
+    """K-fold cross-validation of every grid point, all folds × strengths in one run.
+
+    Every fold's fit at every grid point — and, as one extra fold, the fit on all the data
+    (the :meth:`CVResult.refit` models) — is one model of a single vectorized run; fold
+    ``f`` sees the data through a 0/1 sample-weight row (see the module docstring for how
+    the weights reach ``loss_fn``), so the data is stored once.
+
+    * Without ``optimizer``: each fit is solved exactly by :func:`~funcreg.solvers.solve`
+      (FISTA to ``tol``; convex problems — what ``LassoCV``/``cv.glmnet`` users expect).
+    * With ``optimizer`` and ``steps``: every fit trains ``steps`` steps with
+      :func:`fr.sweep <funcreg.sweep.sweep>` from the model's current weights (networks);
+      extra keywords (``batch_size``, ``chunk_size``, ``compile``, ...) go to ``sweep``.
+      With ``batch_size``, each minibatch's loss is the weighted mean over the fold's
+      training samples in it.
+
+    Args:
+        model: the model (its weights start every fit) or, for ``solve``, a params dict.
+        loss_fn: ``loss_fn(params, *data) -> 0-dim tensor``, mean-reduced (params include
+            buffers); optionally with a ``weight=`` keyword (module docstring).
+        spec: the penalty.
+        grid: ``fr.grid(...)`` / a dict of axes (zipped, scalars broadcast), or a list or
+            tensor of strengths for the spec's only term with a strength.
+        data: ``(x, y)`` or any tuple of tensors sharing the sample dimension.
+        folds: an int (shuffled K-fold seeded by ``seed``), a per-sample fold-id tensor
+            (glmnet's ``foldid``) or a list of ``(train_idx, test_idx)`` pairs
+            (scikit-learn's ``cv.split(X)``).
+        score_fn: the held-out score ``score_fn(params, *data)`` (default ``loss_fn``;
+            lower is better), weighted like the loss.
+        axis: the grid axis that says which model is more regularised (for ``"1se"``);
+            default the only varying strength axis.
+        tol, max_iter: for ``solve``.
+
+    Returns:
+        A :class:`CVResult`.
+    """
+    t0 = time.perf_counter()
+    spec = as_spec(spec)
+    if (optimizer is None) != (steps is None):
+        raise ValueError(
+            "cross_validate: give optimizer= and steps= together (the sweep engine, for "
+            "networks), or neither (exact solutions by fr.solve, for convex problems)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"cross_validate: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if type(loss_fn).__name__ == "LeastSquares":
+        raise TypeError(
+            "cross_validate: a least_squares loss holds its data; write the loss as a function "
+            "loss(params, X, y) (e.g. 0.5 * F.mse_loss(...)) and pass data=(X, y)"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"cross_validate: seed must be an int >= 0, got {seed!r}")
+    g = _cv_grid(grid, spec)
+    k = next(iter(g.values())).numel()
+    along = _order_axis(g, spec, axis)
+    data_t = as_data(data)
+    if not data_t or data_t[0].ndim == 0:
+        raise ValueError("cross_validate: data must be a tuple of tensors sharing dimension 0")
+    n = int(data_t[0].shape[0])
+    if any(t.ndim == 0 or t.shape[0] != n for t in data_t):
+        raise ValueError(
+            "cross_validate: the data tensors must share their first (sample) dimension, got "
+            f"shapes {[tuple(t.shape) for t in data_t]}"
+        )
+    train_m, test_m = fold_masks(folds, n, seed)
+    nf = train_m.shape[0]
+    fold_pairs = [
+        (tr.nonzero().reshape(-1), te.nonzero().reshape(-1))
+        for tr, te in zip(train_m, test_m, strict=True)
+    ]
+    params0, bufs0, module = split_model(model)
+    dtype = next(iter(params0.values())).dtype
+    device = next(iter(params0.values())).device
+    rows = nf + 1  # the folds, then all the data
+    weights = torch.cat([train_m, torch.ones(1, n, dtype=torch.bool)]).to(device, dtype)
+    test_w = test_m.to(device, dtype)
+    onehot = torch.eye(rows, dtype=dtype, device=device).repeat_interleave(k, 0)  # (rows·K, rows)
+    big = {name: v.repeat(rows) for name, v in g.items()}
+    fit_loss = weighted_mean(loss_fn, accepts_weight(loss_fn))
+    score = score_fn if score_fn is not None else loss_fn
+    if not callable(score):
+        raise TypeError(f"cross_validate: score_fn must be callable, got {type(score).__name__}")
+    score_w = weighted_mean(score, accepts_weight(score))
+    info: dict[str, Any] = {}
+
+    if optimizer is None:
+        extra = [a for a in g if a not in spec.strength_names]
+        if extra:
+            raise ValueError(
+                f"cross_validate: grid axes {extra} name no spec term with a strength; without "
+                "an optimizer only strengths can vary (or pass optimizer= and steps=)"
+            )
+        norm_w = weights / weights.sum(1, keepdim=True)
+
+        def cv_loss(p: Mapping[str, Tensor], w_rows: Tensor, *d: Tensor) -> Tensor:
+            w = p[FOLD_KEY].detach() @ w_rows
+            return fit_loss({**_without_fold(p), **bufs0}, w, *d)
+
+        x0 = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
+        x0[FOLD_KEY] = onehot
+        strengths = {nm: v.to(dtype) for nm, v in big.items()}
+        sol = solve(
+            cv_loss, _exclude_fold(spec), x0, strengths, norm_w, *data_t,
+            stacked=True, tol=tol, max_iter=max_iter,
+        )  # fmt: skip
+        fitted = _without_fold(sol.params)
+        info.update(
+            solver="fista",
+            iterations=sol.iterations.reshape(rows, k).cpu(),
+            converged=sol.converged.reshape(rows, k).cpu(),
+        )
+        diverged = ~torch.isfinite(next(iter(fitted.values())).reshape(rows * k, -1).sum(1))
+        fit_bufs: dict[str, Tensor] | None = (
+            {nm: v.expand(rows * k, *v.shape) for nm, v in bufs0.items()} if bufs0 else None
+        )
+        full_idx = slice(nf * k, rows * k)
+        full_p = {nm: v[full_idx].clone() for nm, v in fitted.items()}
+        loss_all: Callable[..., Tensor] = with_buffers(loss_fn, bufs0)
+        if accepts_weight(loss_fn):
+            ones = torch.ones(n, dtype=dtype, device=device)
+
+            def loss_all(p: Mapping[str, Tensor], *d: Tensor) -> Tensor:
+                return fit_loss({**p, **bufs0}, ones, *d)
+
+        full = solved_result(
+            module, loss_all, spec, {nm: v.clone() for nm, v in g.items()}, full_p, bufs0,
+            data_t, (), sol.iterations[full_idx].cpu(), sol.converged[full_idx].cpu(),
+            {"cv_refit": True},
+        )  # fmt: skip
+        fits = None
+    else:
+        if module is None:
+            raise TypeError(
+                "cross_validate(optimizer=...) trains with fr.sweep: pass the nn.Module itself"
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "cross_validate: optimizer must be a functional optimizer such as "
+                f"fr.optim.adam(1e-3), got {type(optimizer).__name__}"
+            )
+        carrier = copy.deepcopy(module)
+        carrier.register_buffer(FOLD_KEY, torch.zeros(rows, dtype=dtype, device=device))
+        raw_w = weights
+
+        def sweep_loss(p: Mapping[str, Tensor], *batch: Tensor) -> Tensor:
+            *d, idx = batch
+            w = p[FOLD_KEY] @ raw_w.index_select(1, idx)
+            return fit_loss(_without_fold(p), w, *d)
+
+        sample_idx = torch.arange(n, device=data_t[0].device)
+        init_p = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
+        r = sweep(
+            carrier, sweep_loss, spec, big, train=(*data_t, sample_idx), optimizer=optimizer,
+            steps=steps, seed=int(seed), progress=progress, init=(init_p, {FOLD_KEY: onehot}),
+            **sweep_kwargs,
+        )  # fmt: skip
+        fitted = r.stacked
+        fit_bufs = {nm: v for nm, v in r.stacked_buffers.items() if nm != FOLD_KEY} or None
+        diverged = r.diverged
+        info.update(solver="sweep", steps=r.steps)
+        g_full = {nm: v.clone() for nm, v in g.items()}
+        full = _take_models(r, torch.arange(nf * k, rows * k), g_full, {"cv_refit": True})
+        full.model = module
+        g_fits = {nm: v[: nf * k].clone() for nm, v in big.items()}
+        fits = _take_models(r, torch.arange(nf * k), g_fits, {})
+        fits.model = module
+
+    scores = _scores(score_w, fitted, fit_bufs, test_w, k, data_t, module)
+    scores[diverged[: nf * k].reshape(nf, k).cpu()] = math.nan
+    nz, groups = _nonzeros(spec, full.stacked)
+    sparse = [t for t, pen in spec.items() if not pen.smooth and not pen.is_constraint]
+    cv = CVResult(
+        grid={nm: v.clone() for nm, v in g.items()},
+        scores=scores,
+        folds=fold_pairs,
+        path=full,
+        axis=along,
+        fits=fits,
+        meta={**info, "nonzero": nz, "nonzero_groups": groups, "sparse_terms": sparse},
+        params_only=module is None,
+    )
+    full.history["val_loss"] = cv.mean[None]
+    full.history["val_loss_se"] = cv.se[None]
+    cv.meta["elapsed_s"] = time.perf_counter() - t0
+    return cv
