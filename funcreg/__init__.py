@@ -6,7 +6,7 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import optim, plot, prox
+from . import distributed, optim, plot, prox
 from .eager import (
     buffers,
     from_keras,
@@ -60,6 +60,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "distributed",
     "path",
     "cross_validate",
     "CVResult",

@@ -27,10 +27,12 @@ How it runs
   iterable (a list of batches, a ``DataLoader``) yields batches (a tensor or a tuple of
   tensors) and is re-iterated when exhausted.
 * **Chunks**: the grid runs in chunks of at most ``chunk_size`` models per vmapped call;
-  results equal the unchunked run (bit for bit whenever every chunk holds >= 2 models, as
-  far as we measured; a chunk of one model runs without ``vmap``, with plain autograd —
-  faster — and agrees to float rounding). ``chunk_size=None`` chooses it on CPU (see
-  :func:`auto_chunk_size`); on other devices the whole grid runs at once.
+  results equal the unchunked run (bit for bit for plain MLPs whenever every chunk holds
+  >= 2 models, as far as we measured; vmapped train-mode BatchNorm rounds differently with
+  the number of models in a call, and a chunk of one model runs without ``vmap``, with
+  plain autograd — faster — both agreeing to float rounding). ``chunk_size=None``
+  chooses it on CPU (see :func:`auto_chunk_size`); on other devices the whole grid runs
+  at once.
 * **Divergence**: after every step, a model whose loss, penalty or parameters are
   non-finite is frozen at its last finite parameters (``torch.where`` per model) and
   reported in ``result.diverged`` / ``result.diverged_at``; its history rows become NaN.
@@ -633,6 +635,7 @@ def sweep(
     device: torch.device | str | None = None,
     val_fn: Callable[..., Tensor] | None = None,
     init: Any = None,
+    distributed: bool = False,
 ) -> SweepResult:
     """Train one model per grid point, all at once; see the module docstring for how.
 
@@ -666,10 +669,39 @@ def sweep(
             recorded as ``history["val_metric"]``.
         init: stacked initial params ``{name: (K, *shape)}`` or ``(params, buffers)`` as
             from ``fr.stack_modules(models)`` (different inits).
+        distributed: shard the grid over the ranks of ``torch.distributed`` (initialised
+            from ``torchrun``'s environment when needed) and gather one result on every
+            rank: the same call as :func:`funcreg.distributed.sweep`.
 
     Returns:
         A :class:`~funcreg.result.SweepResult`.
     """
+    if distributed:
+        from .distributed import sweep as distributed_sweep
+
+        return distributed_sweep(
+            model,
+            loss_fn,
+            spec,
+            grid,
+            train=train,
+            val=val,
+            optimizer=optimizer,
+            steps=steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            prox=prox,
+            eval_every=eval_every,
+            chunk_size=chunk_size,
+            compile=compile,
+            progress=progress,
+            seed=seed,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            val_fn=val_fn,
+            init=init,
+        )
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"sweep: model must be an nn.Module, got {type(model).__name__}")

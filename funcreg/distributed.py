@@ -1,0 +1,623 @@
+"""Sharding a sweep's grid over ``torch.distributed`` ranks.
+
+The same call as :func:`fr.sweep <funcreg.sweep.sweep>`, launched with ``torchrun``, splits
+the grid over the processes and hands back one result::
+
+    # torchrun --standalone --nproc_per_node=2 examples/distributed_sweep.py
+    import funcreg.distributed as frd
+    result = frd.sweep(net, loss, spec, grid, train=(x, y), val=(xv, yv),
+                       optimizer=fr.optim.adam(1e-3), steps=500, checkpoint="sweep.pt")
+    # every rank now holds the SweepResult of all K models (gather_to=0: rank 0 only)
+
+How it runs
+-----------
+* **Process group**: used as is when already initialised; otherwise, under ``torchrun``
+  (its ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` environment variables), initialised with the
+  ``nccl`` backend when CUDA is available and ``gloo`` otherwise (see :func:`init_from_env`).
+  Without either, ``sweep`` is plain :func:`funcreg.sweep.sweep` in one process.
+* **Device**: ``cuda:LOCAL_RANK`` when the backend is NCCL, else the model's device
+  (``device=`` overrides).
+* **Shards**: rank ``r`` trains the contiguous models ``shard_bounds(K, W, r)`` (sizes
+  differ by at most one, no padding models) by calling the ordinary ``fr.sweep`` on that
+  slice of the grid (and of ``init=``). A shard of a single model trains beside a copy of
+  itself, which is dropped, so that it runs vmapped like the others (see "Exactness").
+* **Gather**: every rank packs its shard's tensors (parameters, buffers, history,
+  divergence, optimizer state) into one fixed-size byte tensor, padded to the largest
+  shard, and one ``all_gather`` (``gather`` for ``gather_to=0``) moves them; the merged
+  :class:`~funcreg.result.SweepResult` is the shards concatenated along the model axis,
+  with the identity of the whole sweep, so a merged result saved to a file can also resume
+  as a single-process checkpoint. No ``*_object`` collective is used.
+* **Checkpoints**: ``checkpoint="ckpt.pt"`` becomes ``ckpt.rank{r}-of-{W}.pt`` on rank
+  ``r``; launching the same job again (same ``W``) resumes every shard.
+* **Failures**: each rank's sweep runs inside ``try``; the ranks then exchange a status
+  tensor (a flag and the error text), so when one rank raises, every rank raises: that rank
+  its own exception, the others :class:`DistributedSweepError` naming the rank, its models
+  and its error. The failing rank waits for the others to finish their shards (at most
+  ``timeout``) before raising, so that every finished shard is checkpointed and the error
+  reaches every rank's log; a launcher that stops all workers when one exits (``torchrun``)
+  then ends the job. A rank that dies outright (killed, segfault) closes its connections:
+  with gloo the others fail as soon as they reach the exchange; a rank that hangs is
+  waited for at most ``timeout``.
+
+Exactness
+---------
+The merged result equals the one-process sweep of the whole grid with the same seed bit
+for bit (parameters, buffers, history, optimizer state; measured on CPU, gloo, float32 and
+float64): every step is the same per-model computation on the same minibatches (the order
+is seeded by ``(seed, epoch)``, identical on every rank), and a vmapped model's numbers
+need not depend on the other models in its batch. Where they do, the sharded run is an
+equally valid run that agrees to float rounding only, or not at all:
+
+* **chunks of one model**: a model that the one-process run trains alone without ``vmap``
+  while its shard batches it, or the reverse (``chunk_size=1`` is fine: every model trains
+  alone in both; an odd tail chunk of one model of an explicit or automatic
+  ``chunk_size`` is not). With one chunk per run, the default for small and mid-size
+  models, or chunks of >= 2 models, results are exact;
+* **BatchNorm in train mode**: vmapped ``batch_norm`` rounds differently depending on
+  how many models share the batch (and on the number of threads), so results agree to
+  float rounding; a bias right before a BatchNorm has zero gradient and, under Adam,
+  follows that rounding noise;
+* **randomness inside the model** (dropout): under ``vmap(randomness="different")`` a
+  model's masks depend on the number of models batched with it and on the draws of the
+  chunks before it, so dropout models differ between shardings (each is still a valid run,
+  reproducible for a given world size);
+* **different hardware or kernels** on the ranks than in the reference run (GPU models,
+  library versions): cuBLAS/cuDNN may pick different kernels for different batch sizes;
+  compare on the same setup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .penalties import Penalty
+from .result import SweepResult
+from .spec import Spec
+from .stack import build_grid, check_stacked
+from .sweep import sweep as _local_sweep
+
+__all__ = [
+    "DistributedSweepError",
+    "checkpoint_path",
+    "init_from_env",
+    "shard_bounds",
+    "sweep",
+]
+
+MESSAGE_BYTES = 4096  # room for a failing rank's error text in the status exchange
+_ALIGN = 16  # bytes; each packed leaf starts at a multiple of this
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSweepError(RuntimeError):
+    """Raised on the healthy ranks when another rank's shard failed."""
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def shard_bounds(k: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)``: the contiguous models of a K-model grid that ``rank`` trains.
+
+    Balanced: the first ``K % world_size`` ranks get one model more, so shard sizes differ
+    by at most one, e.g. K=5 over 2 ranks -> ``(0, 3)``, ``(3, 5)``. Needs ``K >= world_size``.
+    """
+    for name, v in (("K", k), ("world_size", world_size), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"shard_bounds: {name} must be an int, got {v!r}")
+    if world_size < 1:
+        raise ValueError(f"shard_bounds: world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_bounds: rank must be in [0, {world_size}), got {rank}")
+    if k < world_size:
+        raise ValueError(
+            f"the grid has K={k} models for {world_size} processes, so some would have "
+            f"nothing to train: launch at most {k} processes (--nproc_per_node) or grow the grid"
+        )
+    base, extra = divmod(k, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def checkpoint_path(path: str | os.PathLike[str], rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s checkpoint file: ``ckpt.pt`` -> ``ckpt.rank{rank}-of-{world_size}.pt``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
+
+
+def _timedelta(timeout: float | timedelta | None) -> timedelta | None:
+    if timeout is None or isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
+    return timedelta(seconds=float(timeout))
+
+
+# ------------------------------------------------------------------ process group
+
+
+def _under_launcher() -> bool:
+    return all(v in os.environ for v in _ENV)
+
+
+def init_from_env(timeout: float | timedelta | None = None) -> torch.device:
+    """Initialise the default process group from ``torchrun``'s environment variables
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``) unless it is
+    initialised already, and return this rank's device.
+
+    Backend ``nccl`` and device ``cuda:LOCAL_RANK`` when CUDA is available, else ``gloo``
+    and the CPU. ``timeout`` (seconds or a ``timedelta``; default: torch's) bounds how long
+    a collective waits for the other ranks.
+    """
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed")
+    if dist.is_initialized():
+        return _default_device()
+    missing = [v for v in _ENV if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"cannot initialise torch.distributed: environment variables {missing} are not "
+            "set. Launch with torchrun, e.g. `torchrun --standalone --nproc_per_node=2 "
+            "script.py`, or call torch.distributed.init_process_group yourself"
+        )
+    td = _timedelta(timeout)
+    kwargs: dict[str, Any] = {} if td is None else {"timeout": td}
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", _local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", **kwargs)
+        return dev
+    dist.init_process_group("gloo", **kwargs)
+    return torch.device("cpu")
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
+
+
+def _uses_nccl() -> bool:
+    return "nccl" in str(dist.get_backend()).lower()
+
+
+def _default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under NCCL, the CPU otherwise."""
+    if _uses_nccl() and torch.cuda.is_available():
+        return torch.device("cuda", _local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------ packing
+
+
+def _model_dim(top: str, t: Tensor) -> int | None:
+    """The model axis of a leaf of the packed result (``None``: not per model)."""
+    if top in ("stacked", "stacked_buffers", "diverged", "diverged_at", "opt_state"):
+        return 0
+    if top == "history":  # (steps or evaluations, K); 1-d entries (eval_step) are shared
+        return 1 if t.ndim >= 2 else None
+    return None
+
+
+def _flatten(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Tensor]]:
+    if isinstance(tree, Tensor):
+        return [(path, tree)]
+    if isinstance(tree, Mapping):
+        return [leaf for k, v in tree.items() for leaf in _flatten(v, (*path, str(k)))]
+    if isinstance(tree, list | tuple):
+        return [leaf for i, v in enumerate(tree) for leaf in _flatten(v, (*path, str(i)))]
+    return []  # plain values (numbers, strings, None) are the same on every rank: kept
+
+
+def _rebuild(tree: Any, leaves: dict[tuple[str, ...], Tensor], path: tuple[str, ...] = ()) -> Any:
+    if isinstance(tree, Tensor):
+        return leaves[path]
+    if isinstance(tree, Mapping):
+        return {k: _rebuild(v, leaves, (*path, str(k))) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_rebuild(v, leaves, (*path, str(i))) for i, v in enumerate(tree)]
+    return tree
+
+
+class _Packed:
+    """A shard's tensors as one flat byte tensor, each per-model leaf padded to
+    ``k_max`` models (model axis first), with a signature of the layout that every rank
+    must share."""
+
+    def __init__(self, tree: dict[str, Any], k_local: int, k_max: int) -> None:
+        self.tree = tree
+        self.leaves = _flatten(tree)
+        self.k_max = k_max
+        self.layout: list[tuple[tuple[str, ...], torch.dtype, tuple[int, ...], int | None]] = []
+        parts: list[Tensor] = []
+        for path, t in self.leaves:
+            dim = _model_dim(path[0], t)
+            if dim is not None:
+                if t.shape[dim] != k_local:
+                    raise RuntimeError(
+                        f"funcreg.distributed: {'/'.join(path)} has shape {tuple(t.shape)}, "
+                        f"expected {k_local} models on axis {dim}"
+                    )
+                t = t.movedim(dim, 0)
+                if k_max > k_local:
+                    t = torch.cat([t, t.new_zeros(k_max - k_local, *t.shape[1:])])
+            rest = tuple(t.shape[1:]) if dim is not None else tuple(t.shape)
+            self.layout.append((path, t.dtype, rest, dim))
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            if raw.numel() % _ALIGN:  # every leaf starts aligned, so unpacking is a view
+                raw = torch.cat([raw, raw.new_zeros(_ALIGN - raw.numel() % _ALIGN)])
+            parts.append(raw)
+        self.nbytes = sum(p.numel() for p in parts)
+        self.parts = parts
+
+    def buffer(self, device: torch.device) -> Tensor:
+        if not self.parts:
+            return torch.zeros(0, dtype=torch.uint8, device=device)
+        return torch.cat([p.to(device) for p in self.parts])
+
+    def signature(self) -> int:
+        text = repr([(p, str(d), s, m) for p, d, s, m in self.layout]) + f"|{self.nbytes}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+    def unpack(
+        self, buffers: list[Tensor], sizes: list[int]
+    ) -> dict[tuple[str, ...], Tensor | list[Tensor]]:
+        """Per leaf: the models of every rank concatenated along the model axis (per-model
+        leaves), or the list of every rank's value (the others)."""
+        out: dict[tuple[str, ...], Tensor | list[Tensor]] = {}
+        offset = 0
+        for (path, dtype, shape, dim), (_, local) in zip(self.layout, self.leaves, strict=True):
+            full = (self.k_max, *shape) if dim is not None else shape
+            n = math.prod(full) * torch.empty((), dtype=dtype).element_size()
+            per_rank = [
+                b[offset : offset + n].view(dtype).reshape(full).to(local.device, copy=True)
+                for b in buffers
+            ]  # copies: each leaf owns its memory, as in a one-process result
+            offset += -(-n // _ALIGN) * _ALIGN
+            if dim is None:
+                out[path] = per_rank
+            else:
+                out[path] = torch.cat(
+                    [t[:k] for t, k in zip(per_rank, sizes, strict=True)]
+                ).movedim(0, dim)
+        return out
+
+
+def _shard_tree(res: SweepResult, k_local: int, k_max: int) -> dict[str, Any]:
+    """The tensors of a shard's result that the merged result needs, first ``k_local``
+    models only (a padded single-model shard drops its copy)."""
+
+    def first(t: Tensor, dim: int) -> Tensor:
+        return t.narrow(dim, 0, k_local)
+
+    hist = {
+        key: (
+            {n: first(z, 1) for n, z in v.items()}
+            if isinstance(v, Mapping)
+            else (first(v, 1) if isinstance(v, Tensor) and v.ndim >= 2 else v)
+        )
+        for key, v in res.history.items()
+    }
+    chunks = torch.full((k_max, 2), -1, dtype=torch.int64)  # the same shape on every rank
+    for i, (a, b) in enumerate(res.meta.get("chunks", [])[: chunks.shape[0]]):
+        chunks[i] = torch.tensor([min(a, k_local), min(b, k_local)])
+    tree: dict[str, Any] = {
+        "stacked": {n: first(v, 0) for n, v in res.stacked.items()},
+        "stacked_buffers": {n: first(v, 0) for n, v in res.stacked_buffers.items()},
+        "history": hist,
+        "diverged": first(res.diverged, 0),
+        "diverged_at": first(res.diverged_at, 0),
+        "chunks": chunks,
+        "elapsed": torch.tensor([float(res.meta.get("elapsed_s", 0.0))], dtype=torch.float64),
+    }
+    if res.resume is not None:
+        tree["opt_state"] = [first(t, 0) for t in res.resume["opt_state"]]
+        tree["rng"] = res.resume["rng"]
+    return tree
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def _wait(work: Any, timeout: timedelta | None) -> None:
+    if work is None:
+        return
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
+
+
+def _comm_device(dev: torch.device) -> torch.device:
+    if _uses_nccl():
+        return dev if dev.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_status(
+    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, td: Any
+) -> list[tuple[bool, int, int, str]]:
+    """Every rank's ``(failed, signature, nbytes, message)``: fixed-size tensors only."""
+    head = torch.tensor([int(error is not None), signature, nbytes], dtype=torch.int64)
+    msg = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+        raw = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
+        msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    mine = torch.cat([head.view(torch.uint8), msg]).to(comm)
+    world = dist.get_world_size()
+    got = [torch.empty_like(mine) for _ in range(world)]
+    _wait(dist.all_gather(got, mine, async_op=True), td)
+    out = []
+    for t in got:
+        t = t.cpu()
+        failed, sig, nb = t[:24].view(torch.int64).tolist()
+        text = bytes(t[24:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+        out.append((bool(failed), int(sig), int(nb), text))
+    return out
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@overload
+def sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    *,
+    gather_to: Literal["all"] = "all",
+    init_process_group: bool | None = None,
+    timeout: float | timedelta | None = None,
+    **sweep_kwargs: Any,
+) -> SweepResult: ...
+
+
+@overload
+def sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    *,
+    gather_to: int,
+    init_process_group: bool | None = None,
+    timeout: float | timedelta | None = None,
+    **sweep_kwargs: Any,
+) -> SweepResult | None: ...
+
+
+def sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    *,
+    gather_to: Literal["all"] | int = "all",
+    init_process_group: bool | None = None,
+    timeout: float | timedelta | None = None,
+    **sweep_kwargs: Any,
+) -> SweepResult | None:
+    """:func:`fr.sweep <funcreg.sweep.sweep>` with the grid sharded over the ranks of
+    ``torch.distributed`` (see the module docstring). Takes the same arguments, plus:
+
+    Args:
+        gather_to: ``"all"`` (default): every rank returns the merged result; a rank
+            number: only that rank does, the others return ``None``.
+        init_process_group: ``None`` (default): use the process group if initialised, else
+            initialise it when launched by ``torchrun``, else run in one process.
+            ``True``: initialise it (:func:`init_from_env`) or fail. ``False``: never
+            initialise; without a process group, run in one process.
+        timeout: seconds (or a ``timedelta``) a rank waits for the others when they
+            exchange results, and the process group's timeout when this call creates it.
+            It must exceed the difference between the shards' training times.
+            Default: the process group's (torch: 30 minutes for gloo, 10 for NCCL).
+
+    Returns:
+        The :class:`~funcreg.result.SweepResult` of the whole grid, equal to the one
+        process result (see "Exactness"); its ``meta["distributed"]`` records the world
+        size and shards. ``checkpoint=`` names one file per rank (:func:`checkpoint_path`).
+
+    Raises:
+        DistributedSweepError: on the healthy ranks when another rank's shard raised (that
+            rank re-raises its own exception).
+    """
+    td = _timedelta(timeout)
+    if gather_to != "all" and (isinstance(gather_to, bool) or not isinstance(gather_to, int)):
+        raise ValueError(f"gather_to must be 'all' or a rank number, got {gather_to!r}")
+    if init_process_group is True or (
+        init_process_group is None
+        and dist.is_available()
+        and not dist.is_initialized()
+        and _under_launcher()
+        and int(os.environ["WORLD_SIZE"]) > 1
+    ):
+        init_from_env(td)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_world_size() == 1:
+        if gather_to not in ("all", 0):
+            raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
+        return _local_sweep(model, loss_fn, spec, grid, **sweep_kwargs)
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if gather_to != "all" and not 0 <= int(gather_to) < world:
+        raise ValueError(f"gather_to={gather_to} is not a rank of this {world}-process group")
+    if "device" not in sweep_kwargs or sweep_kwargs["device"] is None:
+        default = _default_device()
+        if default.type == "cuda":
+            sweep_kwargs["device"] = default
+    sweep_kwargs.setdefault("progress", rank == 0)
+
+    error: BaseException | None = None
+    packed: _Packed | None = None
+    g64: dict[str, Tensor] = {}
+    k = 0
+    bounds: list[tuple[int, int]] = []
+    local: SweepResult | None = None
+    try:
+        if not isinstance(grid, Mapping):
+            raise TypeError(
+                "sweep: grid must be a dict of axes as from fr.grid(...), got "
+                f"{type(grid).__name__}"
+            )
+        g64 = build_grid(grid, product=False, dtype=torch.float64)
+        k = next(iter(g64.values())).numel()
+        bounds = [shard_bounds(k, world, r) for r in range(world)]
+        a, b = bounds[rank]
+        # a lone model trains beside a copy of itself so that it runs vmapped, as it does
+        # in the one-process sweep (chunk_size=1 runs every model alone anyway)
+        pad = b - a == 1 and k > 1 and sweep_kwargs.get("chunk_size") != 1
+        idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
+        kw = dict(sweep_kwargs)
+        if kw.get("init") is not None:
+            kw["init"] = _slice_init(kw["init"], k, idx)
+        if kw.get("checkpoint") is not None:
+            kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
+        shard_grid = {n: v[idx] for n, v in g64.items()}
+        local = _local_sweep(model, loss_fn, spec, shard_grid, **kw)
+        k_max = max(hi - lo for lo, hi in bounds)
+        packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
+    except Exception as e:  # every rank must learn of it, or the others would hang
+        error = e
+
+    t_done = time.perf_counter()
+    comm = _comm_device(
+        torch.device(sweep_kwargs["device"]) if sweep_kwargs.get("device") else torch.device("cpu")
+    )
+    try:
+        status = _exchange_status(
+            error,
+            0 if packed is None else packed.signature(),
+            0 if packed is None else packed.nbytes,
+            comm,
+            td,
+        )
+    except Exception as e:
+        if error is not None:
+            raise error from e
+        raise DistributedSweepError(
+            f"rank {rank} of {world}: could not exchange status with the other ranks "
+            f"(one died, or hung past the timeout{'' if td is None else f' of {td}'}): {e}"
+        ) from e
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, (bad, _, _, msg) in enumerate(status) if bad]
+    if failed:
+        shown = "; ".join(f"rank {r} (models {_span(bounds, r, k)}): {msg}" for r, msg in failed)
+        kept = ""
+        if sweep_kwargs.get("checkpoint") is not None:
+            saved = checkpoint_path(sweep_kwargs["checkpoint"], rank, world)
+            kept = f"; this rank's finished shard is saved in {os.fspath(saved)!r}"
+        raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{kept}")
+    assert packed is not None and local is not None
+    if len({s for _, s, _, _ in status}) != 1 or len({n for _, _, n, _ in status}) != 1:
+        raise DistributedSweepError(
+            "the ranks' shard results have different layouts (different models, specs, "
+            "steps or funcreg versions on the ranks?)"
+        )
+
+    mine = packed.buffer(comm)
+    if gather_to == "all":
+        bufs = [torch.empty_like(mine) for _ in range(world)]
+        _wait(dist.all_gather(bufs, mine, async_op=True), td)
+    else:
+        dst = int(gather_to)
+        bufs = [torch.empty_like(mine) for _ in range(world)] if rank == dst else []
+        _wait(dist.gather(mine, bufs if rank == dst else None, dst=dst, async_op=True), td)
+        if rank != dst:
+            return None
+    merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
+    return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
+
+
+def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
+    if not bounds:
+        return "?"
+    a, b = bounds[r]
+    return f"{a}..{b - 1} of K={k}"
+
+
+def _slice_init(init: Any, k: int, idx: Tensor) -> Any:
+    init_p, init_b = init if isinstance(init, tuple) else (init, None)
+    check_stacked(init_p, k, "init")
+    out_p = {n: v.index_select(0, idx.to(v.device)) for n, v in init_p.items()}
+    if init_b is None:
+        return out_p
+    check_stacked(init_b, k, "init buffers")
+    return out_p, {n: v.index_select(0, idx.to(v.device)) for n, v in init_b.items()}
+
+
+def _merge(
+    local: SweepResult,
+    packed: _Packed,
+    merged: dict[tuple[str, ...], Tensor | list[Tensor]],
+    g64: dict[str, Tensor],
+    bounds: list[tuple[int, int]],
+    world: int,
+    gather_s: float,
+) -> SweepResult:
+    """The whole grid's SweepResult from the gathered leaves."""
+
+    def cat(path: tuple[str, ...]) -> Tensor:
+        v = merged[path]
+        if isinstance(v, list):  # shared across ranks (eval steps, RNG state): rank 0's
+            return v[0]
+        return v
+
+    leaves = {p: cat(p) for p, _ in packed.leaves}
+    tree = _rebuild(packed.tree, leaves)
+    chunks_of = merged[("chunks",)]
+    elapsed_of = merged[("elapsed",)]
+    assert isinstance(chunks_of, list) and isinstance(elapsed_of, list)
+    chunks = [
+        [a + lo, b + lo]
+        for (lo, hi), rows in zip(bounds, chunks_of, strict=True)
+        for a, b in rows.tolist()
+        if a >= 0 and b > a
+    ]
+    meta = dict(local.meta)
+    identity = dict(meta.get("identity") or {})
+    identity["grid"] = {n: v.clone() for n, v in g64.items()}
+    meta.update(
+        identity=identity,
+        chunks=chunks,
+        elapsed_s=max(float(t[0]) for t in elapsed_of),
+        distributed={
+            "world_size": world,
+            "shards": [list(b) for b in bounds],
+            "backend": str(dist.get_backend()),
+            "rank_elapsed_s": [float(t[0]) for t in elapsed_of],  # each shard's sweep
+            "gather_s": gather_s,  # this rank: from its shard's end to the merged result
+        },
+    )
+    resume = None
+    if local.resume is not None:
+        resume = {
+            "opt_state": tree["opt_state"],
+            "rng": tree["rng"],
+            "cuda_rng": local.resume.get("cuda_rng"),
+        }
+    return SweepResult(
+        grid={n: v.clone() for n, v in g64.items()},
+        stacked=tree["stacked"],
+        stacked_buffers=tree["stacked_buffers"],
+        history=tree["history"],
+        diverged=tree["diverged"],
+        diverged_at=tree["diverged_at"],
+        steps=local.steps,
+        meta=meta,
+        resume=resume,
+        model=local.model,
+    )
