@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the MLP task of ``shared/bench-task.md``, batches, timing.
+"""Shared pieces of the benchmarks: the MLP task described in benchmarks/README.md, batches, timing.
 
 The task (implemented exactly as written there):
 

@@ -1,4 +1,4 @@
-"""One process vs N processes for the MLP sweep of shared/bench-task.md (funcreg.distributed).
+"""One process vs N processes for the MLP sweep task of benchmarks/README.md (funcreg.distributed).
 
 Every measurement runs inside one ``torchrun`` job of N processes, interleaved over repeats:
 

@@ -13,7 +13,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 @pytest.fixture(autouse=True)
 def _no_vmap_fallback():
-    """Every vmap fallback (slow per-sample loop) is a test failure (TORCHFUNC rule 7)."""
+    """Every vmap fallback (slow per-sample loop) is a test failure."""
     torch._C._functorch._set_vmap_fallback_enabled(False)
     yield
     torch._C._functorch._set_vmap_fallback_enabled(True)
