@@ -1,4 +1,4 @@
-"""K regularization strengths trained as K loops vs. one vectorized run (the task of benchmarks/README.md).
+"""K regularization strengths as K loops vs. one vectorized run (task: benchmarks/README.md).
 
 Implementations, each measured in its own fresh subprocess (so that peak RSS is attributable),
 interleaved round-robin over repeats, medians reported:
