@@ -19,29 +19,10 @@ from funcreg.path import geometric_grid
 from funcreg.selection import cross_validate, fold_masks, one_se_index
 from funcreg.solvers import solve
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DT = torch.float64
 SPEC = fr.Spec(l1=fr.L1("weight"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def load_example(name: str) -> Any:
-    """An example script as a module (examples/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def linear(seed: int, n: int = 100, p: int = 10, rho: float = 0.0) -> tuple[Any, ...]:
@@ -249,7 +230,7 @@ def test_bad_loss_and_1se_axis() -> None:
 
 
 def test_example_finetune_l2sp_runs_small(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], load_example: Any
 ) -> None:
     main = load_example("finetune_l2sp").main
     out = tmp_path / "l2sp.png"

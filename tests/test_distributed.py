@@ -3,14 +3,12 @@ single-process result bit for bit; a failing rank fails the job quickly; shards 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +221,6 @@ def seconds(out: Path, name: str) -> float:
     return float((out / f"{name}.seconds").read_text())
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The workers run 1 thread each; so does the reference (BatchNorm's numbers depend on
-    the thread count, the plain MLP's do not)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # -------------------------------------------------------------------------------- tests
 
 
@@ -350,11 +338,10 @@ def test_example_under_torchrun() -> None:
     assert "one-process sweep: identical=True" in done.stdout
 
 
-def test_example_as_one_plain_process(one_thread: None, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("distributed_sweep_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_example_as_one_plain_process(
+    one_thread: None, capsys: pytest.CaptureFixture[str], load_example: Any
+) -> None:
+    module = load_example("distributed_sweep")
     result = module.main(["--strengths", "3", "--steps", "10"])
     assert result.K == 3 and "distributed" not in result.meta
     assert "1 process(es), shards [[0, 3]]" in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """Classic-loop helpers: fr.penalty, fr.prox_, fr.param_groups and the converters,
 checked against torch.optim and hand-written penalties."""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -13,21 +12,14 @@ import funcreg as fr
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_seed_question_example():
+def test_seed_question_example(load_example):
     out = load_example("seed_question").main(["--steps", "150"])
     assert out["max_diff"] < 1e-6  # same losses step by step
     assert out["zeros_subgradient"] == 0
     assert out["zeros_prox"] > 0
 
 
-def test_seed_network_same_losses_as_hand_written_in_float64():
+def test_seed_network_same_losses_as_hand_written_in_float64(load_example):
     mod = load_example("seed_question")
     torch.manual_seed(3)
     base = mod.Net(2, 8, 1).double()

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-import torch
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "exact_zeros.py"
 
 
 @pytest.fixture
-def example():
-    spec = importlib.util.spec_from_file_location("exact_zeros_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield module
-    torch.set_num_threads(before)
+def example(load_example, one_thread):
+    return load_example("exact_zeros")
 
 
 def test_prox_gives_exact_zeros_and_subgradient_none(example, capsys):

@@ -103,14 +103,6 @@ def test_geometric_grid():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def correlated(n: int, p: int, rho: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, p, generator=g, dtype=DT)
@@ -211,20 +203,9 @@ def test_path_bad_input(linear):
         path(p, loss, spec, data=(X, y), strengths=[0.1], optimizer=fr.optim.sgd(0.1), steps=2)
 
 
-def _example(name):
-    import importlib.util
-    from pathlib import Path
-
-    file = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_example", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_example_lasso_path_runs_small(tmp_path, capsys, one_thread):
+def test_example_lasso_path_runs_small(tmp_path, capsys, one_thread, load_example):
     out = tmp_path / "lasso.png"
-    res = _example("lasso_path").main(
+    res = load_example("lasso_path").main(
         ["--n", "120", "--p", "20", "--grid", "30", "--out", str(out)]
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -236,9 +217,9 @@ def test_example_lasso_path_runs_small(tmp_path, capsys, one_thread):
     assert "fewer FISTA iterations" in capsys.readouterr().out
 
 
-def test_example_feature_selection_runs_small(tmp_path, capsys, one_thread):
+def test_example_feature_selection_runs_small(tmp_path, capsys, one_thread, load_example):
     out = tmp_path / "fs.png"
-    res = _example("feature_selection").main(
+    res = load_example("feature_selection").main(
         ["--n", "200", "--grid", "4", "--steps", "60", "--p", "6", "--out", str(out)]
     )
     assert out.stat().st_size > 1000

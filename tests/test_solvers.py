@@ -24,13 +24,7 @@ OBJ_TOL = 1e-7
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: with two, any other process on the box slows eager ops a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def regression(n: int = 80, p: int = 10, m: int = 1, seed: int = 0, rho: float = 0.5):

@@ -572,16 +572,11 @@ def test_compiled_sweep_matches_eager() -> None:
     assert torch.equal(again.stacked["0.weight"], comp.stacked["0.weight"])
 
 
-def test_example_sweep_mlp_runs_small(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-    from pathlib import Path
-
+def test_example_sweep_mlp_runs_small(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], load_example: Any
+) -> None:
     pytest.importorskip("matplotlib")
-    path = Path(__file__).parents[1] / "examples" / "sweep_mlp.py"
-    spec = importlib.util.spec_from_file_location("sweep_mlp_example", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("sweep_mlp")
     out = tmp_path / "plot.png"
     r = mod.main(
         ["--strengths", "4", "--steps", "10", "--n-train", "128", "--quiet", "--out", str(out)]
