@@ -446,10 +446,9 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
         for p in params.values():
             s = s + p.reshape(p.shape[0], -1).sum(1, dtype=_acc(p))
         return torch.isfinite(s)
-    s = mvec.sum(dtype=_acc(mvec))
-    for p in params.values():
-        s = s + p.sum(dtype=_acc(p))
-    return torch.isfinite(s).reshape(1)
+    # one model: a single sum over everything (one cat instead of a sum per tensor)
+    flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
+    return torch.isfinite(flat.sum(dtype=_acc(flat))).reshape(1)
 
 
 def _acc(t: Tensor) -> torch.dtype | None:

@@ -84,26 +84,32 @@ def train_step(
     ``optimizer.init(params)``. Vmap it over stacked params/state/strengths for a sweep.
 
     ``autograd=True`` computes the gradient with ``torch.autograd.grad`` instead of
-    ``torch.func.grad``: the same numbers, less per-call overhead for one unbatched model
-    in eager mode, but not usable under ``vmap``/``torch.compile``.
+    ``torch.func.grad`` and updates with the optimizer's ``step_eager`` (its
+    ``torch._foreach_*`` twin) when it has one: the same numbers, less per-call overhead for
+    one unbatched model in eager mode, but not usable under ``vmap``/``torch.compile``.
     """
     grad_part, prox_part = split_spec(spec, prox)
     objective = penalized(loss_fn, grad_part, return_parts=True)
     grad_fn = _autograd_grad(objective) if autograd else grad(objective, has_aux=True)
+    # eager: the optimizer's _foreach twin of its step (same numbers), when it has one
+    eager_update = getattr(optimizer, "step_eager", None) if autograd else None
+    update = eager_update if eager_update is not None else optimizer.step
+    has_prox = len(prox_part) > 0
 
     def step(
         params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
     ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
         grads, parts = grad_fn(params, strengths, *batch)
         metrics = dict(parts)
-        metrics.update(prox_part.parts(params, strengths))
+        if has_prox:
+            metrics.update(prox_part.parts(params, strengths))
         penalty_total = None
         for k, v in metrics.items():
             if k != "loss":
                 penalty_total = v if penalty_total is None else penalty_total + v
-        metrics["penalty"] = parts["loss"] * 0 if penalty_total is None else penalty_total
-        new_params, new_state = optimizer.step(grads, state, params, strengths)
-        if len(prox_part):
+        metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
+        new_params, new_state = update(grads, state, params, strengths)
+        if has_prox:
             new_params = prox_part.prox(new_params, strengths, optimizer.learning_rate(strengths))
         return new_params, new_state, metrics
 

@@ -142,6 +142,84 @@ def test_step_is_pure() -> None:
             assert torch.equal(a, b)
 
 
+# ------------------------------------------------------------------ step_eager (_foreach)
+
+
+def _assert_same_tree(a: Any, b: Any) -> None:
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x, y)
+
+
+EAGER_CASES = CASES + [
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
+    ("adamw", {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.2}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("by_name", [False, True], ids=["numbers", "names"])
+@pytest.mark.parametrize(
+    ("kind", "kwargs"), EAGER_CASES, ids=[f"{k}-{kw}" for k, kw in EAGER_CASES]
+)
+def test_step_eager_equals_step(
+    kind: str, kwargs: dict[str, Any], by_name: bool, dtype: torch.dtype
+) -> None:
+    """The _foreach twin gives the pure step's numbers, bitwise (same ops on CPU), states and
+    key order included; a third parameter of another dtype makes a second _foreach group."""
+    ours_kwargs, hyper = as_names(kwargs) if by_name else (kwargs, {})
+    opt = FACTORIES[kind][0](**ours_kwargs)
+    assert opt.step_eager is not None
+    params = make_params(dtype=dtype)
+    params["c"] = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    p1 = p2 = params
+    s1 = s2 = opt.init(params)
+    for _ in range(STEPS):
+        g = grad_fn(p1)
+        p1, s1 = opt.step(g, s1, p1, hyper)
+        inputs = (g, s2, p2)
+        snapshot = tree_map(torch.clone, inputs)
+        p2, s2 = opt.step_eager(g, s2, p2, hyper)
+        _assert_same_tree(inputs, snapshot)  # pure: nothing passed in was modified
+        assert list(p2) == list(params)
+        _assert_same_tree((p1, s1), (p2, s2))
+
+
+def test_step_eager_is_pure_and_falls_back() -> None:
+    for opt in (sgd(0.1, momentum=0.9, weight_decay=0.1), adam(0.1), adamw(0.1)):
+        params = make_params()
+        grads = grad_fn(params)
+        state = opt.init(params)
+        for _ in range(2):  # the first SGD step copies the gradient into the buffer
+            snapshot = tree_map(torch.clone, (params, grads, state))
+            new_p, state_2 = opt.step_eager(grads, state, params, {})
+            _assert_same_tree((params, grads, state), snapshot)
+            state = state_2
+        # results never alias the inputs
+        inputs = {t.data_ptr() for t in tree_flatten((params, grads))[0]}
+        assert not inputs & {t.data_ptr() for t in tree_flatten((new_p, state))[0]}
+    # a hyperparameter that is not 0-dim (broadcast per element) goes through the pure step
+    opt = sgd("lr", momentum=0.9)
+    params = {"w": torch.ones(3, dtype=DTYPE)}
+    lr = {"lr": torch.tensor([0.1, 0.2, 0.3], dtype=DTYPE)}
+    state = opt.init(params)
+    g = {"w": torch.ones(3, dtype=DTYPE)}
+    _assert_same_tree(opt.step_eager(g, state, params, lr), opt.step(g, state, params, lr))
+    with pytest.raises(ValueError, match="same keys"):
+        opt.step_eager({}, state, params, lr)
+    with pytest.raises(MissingHyperparameterError):
+        opt.step_eager(g, state, params, {})
+
+
+def test_optimizer_without_step_eager_still_builds() -> None:
+    base = adam(0.1)
+    bare = optim.Optimizer(base.init, base.step, base.hyperparams, base.learning_rate)
+    assert bare.step_eager is None and bare.config == ()
+
+
 def test_state_is_a_tensor_pytree() -> None:
     params = make_params()
     s = sgd(0.1, momentum=0.9).init(params)

@@ -127,3 +127,60 @@ def test_prox_for_term_without_prox_is_refused(problem):
     with pytest.raises(ValueError, match=r"term 'b': Bumpy is non-smooth but has no proximal"):
         fr.train_step(loss, {"b": Bumpy()}, optim.sgd(0.1))
     fr.train_step(loss, {"b": Bumpy()}, optim.sgd(0.1), prox=False)  # subgradient is fine
+
+
+EAGER_OPTIMIZERS = {
+    "sgd-momentum-wd": lambda: optim.sgd(0.05, momentum=0.9, weight_decay=0.01),
+    "sgd-nesterov": lambda: optim.sgd(0.05, momentum=0.8, nesterov=True),
+    "sgd-named": lambda: optim.sgd("lr", momentum="mom", dampening=0.1),
+    "adam": lambda: optim.adam(0.02, weight_decay=0.01),
+    "adamw-named": lambda: optim.adamw("lr", weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("prox", [True, False], ids=["prox", "subgradient"])
+@pytest.mark.parametrize("name", list(EAGER_OPTIMIZERS))
+def test_autograd_step_equals_pure_step(problem, name, prox):
+    """train_step(autograd=True) (torch.autograd + the optimizer's _foreach step_eager)
+    gives train_step()'s params, state and metrics, in float64, over 15 steps."""
+    net, loss, x, y = problem
+    spec = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2(), box=fr.Box("2.bias", lo=-0.5, hi=0.5))
+    opt = EAGER_OPTIMIZERS[name]()
+    s = {
+        "l1": torch.tensor(0.02, dtype=DT),
+        "l2": torch.tensor(0.01, dtype=DT),
+        "lr": torch.tensor(0.03, dtype=DT),
+        "mom": torch.tensor(0.9, dtype=DT),
+    }
+    calls = []
+    eager = opt.step_eager
+
+    def counted(*args):
+        calls.append(1)
+        return eager(*args)
+
+    pure = fr.train_step(loss, spec, opt, prox=prox)
+    fast = fr.train_step(loss, spec, opt._replace(step_eager=counted), prox=prox, autograd=True)
+    p1 = fr.params(net)
+    p2 = dict(p1)
+    s1 = s2 = opt.init(p1)
+    for _ in range(15):
+        p1, s1, m1 = pure(p1, s1, s, x, y)
+        p2, s2, m2 = fast(p2, s2, s, x, y)
+        assert list(m1) == list(m2)
+        torch.testing.assert_close(m2, m1, rtol=0, atol=1e-13)
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-13)
+        torch.testing.assert_close(tuple(s2), tuple(s1), rtol=0, atol=1e-13)
+    assert len(calls) == 15
+
+
+def test_autograd_step_without_step_eager(problem):
+    """An Optimizer built without step_eager still works with autograd=True (pure step)."""
+    net, loss, x, y = problem
+    base = optim.adam(0.05)
+    bare = optim.Optimizer(base.init, base.step, base.hyperparams, base.learning_rate)
+    spec = fr.Spec(l2=fr.L2())
+    p = fr.params(net)
+    a = fr.train_step(loss, spec, base, autograd=True)(p, base.init(p), {"l2": 0.1}, x, y)
+    b = fr.train_step(loss, spec, bare, autograd=True)(p, base.init(p), {"l2": 0.1}, x, y)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
