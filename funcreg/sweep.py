@@ -315,8 +315,12 @@ def _resolve_device(model: nn.Module, device: Any) -> torch.device:
 
 
 def _describe_optimizer(opt: Optimizer) -> str:
-    """A stable description of a functional optimizer: its kind and the numbers and names
-    its ``step`` closes over (``Optimizer`` keeps no config of its own)."""
+    """A stable description of a functional optimizer: its settings as given
+    (``Optimizer.config``), else what its ``step`` closes over, and the names it reads."""
+    if opt.config:
+        return "; ".join(
+            [*(f"{k}={v!r}" for k, v in opt.config), f"hyperparams={sorted(opt.hyperparams)}"]
+        )
     parts = [getattr(opt.step, "__qualname__", type(opt.step).__name__)]
     code = getattr(opt.step, "__code__", None)
     cells = getattr(opt.step, "__closure__", None) or ()
