@@ -311,9 +311,8 @@ def sgd(
         return SGDState(step=_zero_count(params), momentum_buffer=buffers)
 
     def scalars(hyper: Hyper | None) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar]:
-        """``(lr, weight_decay, momentum, dampening)`` as ``step`` resolves them (the last two
-        0.0 without momentum). ``step`` keeps its own inline copy: checkpoints identify an
-        optimizer by the numbers its ``step`` closes over."""
+        """``(lr, weight_decay, momentum, dampening)`` as a step resolves them (the last two
+        0.0 without momentum)."""
         lr_ = _get(name, "lr", lr, hyper, _NONNEG)
         wd = _get(name, "weight_decay", weight_decay, hyper, _NONNEG)
         mu: _Scalar = 0.0
@@ -332,18 +331,10 @@ def sgd(
         grads: Params, state: SGDState, params: Params, hyper: Hyper | None = None
     ) -> tuple[Params, SGDState]:
         _check_keys(name, grads, params)
-        lr_ = _get(name, "lr", lr, hyper, _NONNEG)
-        wd = _get(name, "weight_decay", weight_decay, hyper, _NONNEG)
+        lr_, wd, mu, tau = scalars(hyper)
         new_params: Params = {}
         new_buffers: Params = {}
         if use_momentum:
-            mu = _get(name, "momentum", momentum, hyper, _NONNEG)
-            tau = _get(name, "dampening", dampening, hyper, _FINITE)
-            # torch.optim.SGD ignores dampening when momentum == 0: then b_t = g on every step.
-            if isinstance(mu, Tensor):
-                tau = tau * (mu != 0).to(mu.dtype)
-            elif mu == 0:
-                tau = 0.0
             first = state.step == 0
         for key, p in params.items():
             g = grads[key]
@@ -432,8 +423,7 @@ def _adam_like(
         )
 
     def scalars(hyper: Hyper | None) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar, _Scalar]:
-        """``(lr, beta1, beta2, eps, weight_decay)`` as ``step`` resolves them (``step`` keeps
-        its own inline copy: checkpoints identify an optimizer by what ``step`` closes over)."""
+        """``(lr, beta1, beta2, eps, weight_decay)`` as a step resolves them."""
         return (
             _get(name, "lr", lr, hyper, _NONNEG),
             _get(name, "betas[0]", beta1, hyper, _UNIT),
@@ -455,11 +445,7 @@ def _adam_like(
         grads: Params, state: AdamState, params: Params, hyper: Hyper | None = None
     ) -> tuple[Params, AdamState]:
         _check_keys(name, grads, params)
-        lr_ = _get(name, "lr", lr, hyper, _NONNEG)
-        b1 = _get(name, "betas[0]", beta1, hyper, _UNIT)
-        b2 = _get(name, "betas[1]", beta2, hyper, _UNIT)
-        eps_ = _get(name, "eps", eps, hyper, _POSITIVE)
-        wd = _get(name, "weight_decay", weight_decay, hyper, _NONNEG)
+        lr_, b1, b2, eps_, wd = scalars(hyper)
         count = state.step + 1
         # bias corrections (1 - β1^t, sqrt(1 - β2^t)) per compute dtype
         corrections: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
@@ -477,10 +463,7 @@ def _adam_like(
             v = b2 * state.exp_avg_sq[key] + (1 - b2) * (g * g)
             dtype = torch.promote_types(count.dtype, p.dtype)
             if dtype not in corrections:
-                t = count.to(dtype)
-                bc1 = 1 - _as_dtype(b1, dtype) ** t
-                bc2 = 1 - _as_dtype(b2, dtype) ** t
-                corrections[dtype] = (lr_ / bc1, torch.sqrt(bc2))
+                corrections[dtype] = bias_corrections(count, dtype, lr_, b1, b2)
             step_size, bc2_sqrt = corrections[dtype]
             denom = torch.sqrt(v) / bc2_sqrt + eps_
             new_params[key] = p - step_size * (m / denom)
