@@ -4,7 +4,7 @@ Penalties say *which* parameters and *which* regularizer; strengths are data pas
 call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from . import distributed, optim, plot, prox
 from .eager import (
@@ -55,8 +55,8 @@ from .sweep import sweep
 from .train import split_spec, train_step
 
 try:
-    __version__ = version("funcreg")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _metadata.version("funcreg")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [

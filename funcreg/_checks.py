@@ -133,13 +133,15 @@ def check_toward_names(term: str, ref_names: Iterable[str], selected: Iterable[s
 
 def check_weight(term: str, name: str, w: Tensor, factor: Tensor, target: tuple[int, ...]) -> None:
     try:
-        torch.broadcast_shapes(tuple(factor.shape), target)
+        ok = torch.broadcast_shapes(tuple(factor.shape), target) == torch.Size(target)
     except RuntimeError:
+        ok = False
+    if not ok:
         raise ValueError(
             f"term {term!r}: weight= factor for parameter {name!r} has shape "
             f"{tuple(factor.shape)}, which does not broadcast to {target} "
             f"(parameter shape {tuple(w.shape)})"
-        ) from None
+        )
 
 
 def check_factor_values(penalty: str, factor: Tensor, where: str = "") -> None:

@@ -72,9 +72,9 @@ def prox_(
     if not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"prox_: lr must be a number >= 0, got {lr!r}")
     new = spec.prox({n: p.detach() for n, p in live.items()}, strengths, lr)
-    for name, p in live.items():
-        if new[name] is not p and new[name] is not None:
-            p.copy_(new[name])
+    touched = {n for names in spec.selection(live).values() for n in names}
+    for name in touched:
+        live[name].copy_(new[name])
 
 
 def param_groups(

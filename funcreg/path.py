@@ -32,6 +32,7 @@ from torch.func import grad, vmap
 from . import _checks
 from .optim import Optimizer
 from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _as_dims
+from .prox import _safe_ratio
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec, penalized
@@ -89,8 +90,8 @@ def _term_max(pen: Penalty, name: str, g: Tensor) -> float:
 
 
 def _safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    den_t = torch.as_tensor(den, dtype=num.dtype)
-    return torch.where(den_t > 0, num / torch.where(den_t > 0, den_t, 1.0), 0.0)
+    """``num / den`` where ``den > 0``, else 0 (an unpenalised coordinate sets no bound)."""
+    return _safe_ratio(num, torch.as_tensor(den, dtype=num.dtype))
 
 
 def strength_max(

@@ -100,11 +100,11 @@ class Penalty:
 
     def _shift(self, w: Tensor, name: str | None) -> Tensor:
         ref = self.reference(name)
-        return w if ref is None else w - ref.to(w.dtype)
+        return w if ref is None else w - ref.to(w)
 
     def _c(self, w: Tensor, name: str | None) -> Tensor | None:
         c = self.factor(name)
-        return None if c is None else c.to(w.dtype)
+        return None if c is None else c.to(w)
 
     # -- public protocol ------------------------------------------------------------------
     def value(self, w: Tensor, name: str | None = None) -> Tensor:
@@ -121,7 +121,7 @@ class Penalty:
         c = self._c(w, name)
         if ref is None:
             return self._prox(w, t, c)
-        ref = ref.to(w.dtype)
+        ref = ref.to(w)
         return ref + self._prox(w - ref, t, c)
 
     def prox_step(
@@ -142,6 +142,9 @@ class Penalty:
         c = self.factor(name)
         if c is not None:
             _checks.check_weight(term, name, w, c, self._factor_shape(w))
+
+    def check_step(self, lr: float) -> None:
+        """Eager check that a prox step with learning rate ``lr`` is defined (MCP/SCAD)."""
 
     def check_names(self, term: str, selected: list[str]) -> None:
         if isinstance(self.toward, Mapping):
@@ -439,9 +442,6 @@ class _Nonconvex(Penalty):
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         raise NotImplementedError
 
-    def _check_step(self, lr: float) -> None:
-        raise NotImplementedError
-
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         return self._p(d, 1.0 if c is None else c).sum()
 
@@ -457,11 +457,11 @@ class _Nonconvex(Penalty):
         self, w: Tensor, lr: Tensor | float, strength: Tensor | float, name: str | None = None
     ) -> Tensor:
         if isinstance(lr, (int, float)):
-            self._check_step(lr)
+            self.check_step(lr)
         ref = self.reference(name)
         lam = _scaled_step(strength, self._c(w, name))
         out = self._prox_lam(self._shift(w, name), lr, lam)
-        return out if ref is None else out + ref.to(w.dtype)
+        return out if ref is None else out + ref.to(w)
 
 
 @_penalty
@@ -488,7 +488,7 @@ class MCP(_Nonconvex):
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.mcp_prox(d, t, lam, self.gamma)
 
-    def _check_step(self, lr: float) -> None:
+    def check_step(self, lr: float) -> None:
         if not lr < self.gamma:
             raise ValueError(f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}")
 
@@ -518,7 +518,7 @@ class SCAD(_Nonconvex):
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.scad_prox(d, t, lam, self.a)
 
-    def _check_step(self, lr: float) -> None:
+    def check_step(self, lr: float) -> None:
         if not self.a > 1 + lr:
             raise ValueError(f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}")
 

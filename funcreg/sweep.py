@@ -306,6 +306,18 @@ def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) ->
         )
 
 
+def _check_prox_steps(spec: Spec, optimizer: Optimizer, grid: Mapping[str, Tensor]) -> None:
+    """Every learning rate of the grid gives a defined prox step (MCP needs lr < gamma, ...)."""
+    lr = optimizer.learning_rate(grid)
+    values = sorted(set(lr.reshape(-1).tolist())) if isinstance(lr, Tensor) else [float(lr)]
+    for term, pen in spec.nonsmooth().items():
+        for v in values:
+            try:
+                pen.check_step(v)
+            except ValueError as e:
+                raise ValueError(f"sweep: term {term!r}: {e}") from None
+
+
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -731,6 +743,8 @@ def sweep(
     dev = _resolve_device(model, device)
     params0, fixed0 = _split_model(model, dev)
     spec.validate(params0, g64)
+    if prox:
+        _check_prox_steps(spec, optimizer, g64)
     stacked_p, stacked_b = _initial(init, params0, fixed0, k, dev)
 
     batch_size = _positive_int("batch_size", batch_size)

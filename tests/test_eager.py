@@ -110,3 +110,11 @@ def test_params_are_detached_float_copies():
     p["0.weight"].add_(1.0)
     assert not torch.equal(p["0.weight"], net[0].weight)
     assert set(fr.buffers(net)) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+
+
+def test_prox_writes_only_the_selected_parameters():
+    net = nn.Linear(4, 3)
+    bias = net.bias.detach().clone()
+    version = net.bias._version
+    fr.prox_(net, fr.Spec(l1=fr.L1("weight")), {"l1": 0.1}, lr=1.0)
+    assert net.bias._version == version and torch.equal(net.bias.detach(), bias)

@@ -109,3 +109,25 @@ def test_params_not_a_dict():
 def test_mcp_prox_step_checks_lr():
     with pytest.raises(ValueError, match=r"MCP prox needs lr < gamma"):
         fr.MCP(gamma=2.0).prox_step(torch.ones(2, 2), 3.0, 0.1)
+
+
+def test_weight_factor_must_broadcast_to_the_parameter(net):
+    with pytest.raises(
+        ValueError, match=r"weight= factor for parameter 'hidden\.weight' has shape"
+    ):
+        fr.penalty(net, {"a": fr.L1("hidden.weight", weight=torch.ones(2, 4, 3))}, {"a": 1.0})
+    with pytest.raises(ValueError, match=r"does not broadcast to \(1, 3\)"):
+        fr.penalty(net, {"g": fr.GroupLasso("hidden.weight", weight=torch.ones(4, 1))}, {"g": 1.0})
+
+
+def test_sweep_checks_mcp_step_for_every_grid_lr(net):
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def loss(p, x, y):
+        h = torch.relu(x @ p["hidden.weight"].T + p["hidden.bias"])
+        return ((h @ p["predict.weight"].T + p["predict.bias"] - y) ** 2).mean()
+
+    grid = fr.grid(mcp=[0.1], lr=[0.5, 4.0])
+    with pytest.raises(ValueError, match=r"sweep: term 'mcp': MCP prox needs lr < gamma.*lr=4\.0"):
+        fr.sweep(net, loss, {"mcp": fr.MCP(gamma=3.0)}, grid, train=(x, y),
+                 optimizer=fr.optim.sgd("lr"), steps=1, progress=False)  # fmt: skip
