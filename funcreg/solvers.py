@@ -266,6 +266,29 @@ def _put(dst: Any, idx: Tensor, src: Any) -> None:
             _put(d, idx, s)
 
 
+def _retire(
+    done: Tensor,
+    ok: Tensor,
+    it: int,
+    idx: Tensor,
+    xn: Any,
+    out: Any,
+    iterations: Tensor,
+    converged: Tensor,
+) -> Tensor | None:
+    """Write the batch rows that stop at iteration ``it`` (mask ``done``; ``idx`` maps batch
+    rows to grid models) into ``out``/``iterations``/``converged``; return the rows that go
+    on, or ``None`` when every model has stopped."""
+    rows = done.nonzero().squeeze(1)
+    where = idx.index_select(0, rows)
+    _put(out, where, _take(xn, rows))
+    iterations[where] = it
+    converged[where] = ok.index_select(0, rows)
+    if bool(done.all()):
+        return None
+    return (~done).nonzero().squeeze(1)
+
+
 def _roundoff(*values: Tensor) -> Tensor:
     """An allowance for round-off in a sum of these per-model values."""
     eps = torch.finfo(values[0].dtype).eps
@@ -747,14 +770,9 @@ def _fista(
         x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
         done = ok if it < max_iter else torch.ones_like(ok)
         if bool(done.any()):
-            where = idx[done]
-            for k in out:
-                out[k][where] = xn[k][done]
-            iterations[where] = it
-            converged[where] = ok[done]
-            if bool(done.all()):
+            keep = _retire(done, ok, it, idx, xn, out, iterations, converged)
+            if keep is None:
                 break
-            keep = (~done).nonzero().squeeze(1)
             idx = idx[keep]
             x, fx, y, fy, S, theta, L, curv, calm, scale = _take(
                 (x, fx, y, fy, S, theta, L, curv, calm, scale), keep
@@ -859,13 +877,9 @@ def _fista_lasso(
             )
             done = ok if it < max_iter else torch.ones_like(ok)
             if bool(done.any()):
-                where = idx[done]
-                out[where] = xn[done]
-                iterations[where] = it
-                converged[where] = ok[done]
-                if bool(done.all()):
+                keep = _retire(done, ok, it, idx, xn, out, iterations, converged)
+                if keep is None:
                     break
-                keep = (~done).nonzero().squeeze(1)
                 idx = idx[keep]
                 xn, step, y, theta, negb, L, nt, lo, hi, scale = _take(
                     (xn, step, y, theta, negb, L, nt, lo, hi, scale), keep
