@@ -36,6 +36,7 @@ from .prox import _safe_ratio
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec, penalized
+from .stack import split_module
 from .sweep import sweep
 
 __all__ = ["geometric_grid", "path", "strength_max"]
@@ -153,13 +154,7 @@ def split_model(
     and penalised) and carries its buffers and other parameters along; a dict is all
     trained."""
     if isinstance(model_or_params, nn.Module):
-        params0: dict[str, Tensor] = {}
-        fixed0: dict[str, Tensor] = {}
-        for n, p in model_or_params.named_parameters():
-            target = params0 if p.is_floating_point() and p.requires_grad else fixed0
-            target[n] = p.detach().clone()
-        for n, b in model_or_params.named_buffers():
-            fixed0[n] = b.detach().clone()
+        params0, fixed0 = split_module(model_or_params)
         if not params0:
             raise ValueError("the model has no floating-point parameter to fit")
         return params0, fixed0, model_or_params
@@ -245,13 +240,6 @@ def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
     return [(a, min(a + size, k)) for a in range(0, k, size)]
 
 
-def selected_names(spec: Spec, params: Mapping[str, Tensor]) -> list[str]:
-    out: list[str] = []
-    for names in spec.selection(params).values():
-        out += [n for n in names if n not in out]
-    return out
-
-
 @torch.no_grad()
 def solved_result(
     model: nn.Module | None,
@@ -294,7 +282,7 @@ def solved_result(
                 m.training = flag
         history["val_loss"] = vl[None]
     single = {n: v[0] for n, v in stacked.items()}
-    selected = selected_names(spec, single)
+    selected = spec.selected_names(single)
     history["zeros"] = {n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected}
     diverged = ~torch.isfinite(parts["loss"] + penalty)
     return SweepResult(

@@ -107,6 +107,13 @@ class Spec(Mapping[str, Penalty]):
             hit = self._cache[key] = dict(_resolve_selection(self, key))
         return hit
 
+    def selected_names(self, params: Params) -> list[str]:
+        """Names of the params any term penalises, each once, in order of first selection."""
+        out: list[str] = []
+        for names in self.selection(params).values():
+            out += [n for n in names if n not in out]
+        return out
+
     def describe(self, params: Params) -> str:
         """A printable table: every parameter, its shape, and the terms that touch it."""
         sel = self.selection(params)

@@ -170,6 +170,19 @@ def grid_size(g: Mapping[str, Any]) -> int:
 # --------------------------------------------------------------------------- stacking
 
 
+def split_module(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(trained, carried)`` detached copies of a module's state: floating-point parameters
+    with ``requires_grad`` (trained and penalised) vs its buffers and other parameters."""
+    trained: dict[str, Tensor] = {}
+    carried: dict[str, Tensor] = {}
+    for n, p in model.named_parameters():
+        target = trained if p.is_floating_point() and p.requires_grad else carried
+        target[n] = p.detach().clone()
+    for n, b in model.named_buffers():
+        carried[n] = b.detach().clone()
+    return trained, carried
+
+
 def _k_of(grid_or_k: Mapping[str, Any] | int) -> int:
     if isinstance(grid_or_k, bool):
         raise TypeError("K must be an int >= 1 or a grid, got a bool")

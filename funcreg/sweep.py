@@ -73,7 +73,7 @@ from .penalties import Penalty
 from .progress import Progress
 from .result import SweepResult
 from .spec import Spec, as_spec
-from .stack import build_grid, check_stacked, stack
+from .stack import build_grid, check_stacked, split_module, stack
 from .train import train_step
 
 __all__ = ["auto_chunk_size", "batch_order", "eager_step", "sweep"]
@@ -564,17 +564,11 @@ class _Setup:
 def _split_model(
     model: nn.Module, dev: torch.device
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(trained, carried)``: floating params with ``requires_grad`` vs buffers and the rest."""
-    params0: dict[str, Tensor] = {}
-    fixed0: dict[str, Tensor] = {}
-    for n, p in model.named_parameters():
-        target = params0 if p.is_floating_point() and p.requires_grad else fixed0
-        target[n] = p.detach().to(dev)
-    for n, b in model.named_buffers():
-        fixed0[n] = b.detach().to(dev)
+    """``(trained, carried)`` on ``dev`` (see :func:`funcreg.stack.split_module`)."""
+    params0, fixed0 = split_module(model)
     if not params0:
         raise ValueError("sweep: the model has no floating-point parameter to train")
-    return params0, fixed0
+    return {n: v.to(dev) for n, v in params0.items()}, {n: v.to(dev) for n, v in fixed0.items()}
 
 
 def _initial(
@@ -758,9 +752,7 @@ def sweep(
         steps = int(_positive_int("epochs", epochs, allow_none=False) or 0) * len(train_data)
     n_steps = int(_positive_int("steps", steps, allow_none=False) or 0)
 
-    selected: list[str] = []
-    for names in spec.selection(params0).values():
-        selected += [n for n in names if n not in selected]
+    selected = spec.selected_names(params0)
     identity = {
         "model": [[n, list(v.shape), str(v.dtype)] for n, v in {**params0, **fixed0}.items()],
         "spec": repr(spec),
