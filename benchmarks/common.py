@@ -182,8 +182,10 @@ class Clock:
 def time_steps(step: Callable[[int], None], steps: int, warmup: int) -> dict[str, Any]:
     """Run ``step(i)`` for ``i < steps`` and time every call (``step`` must block until done).
 
-    Returns the first step's wall time, and the medians (wall, CPU) and means over the steps
-    after the first ``warmup`` ones; the warm-up steps train too (they count in ``steps``).
+    Returns the first step's wall time and, over the steps after the first ``warmup`` ones,
+    the means (``wall_s``, ``cpu_s``: total time / steps, the statistic a whole ``fr.sweep``
+    run gives, so that the two are compared like for like) and the medians; the warm-up
+    steps train too (they count in ``steps``).
     """
     walls, cpus, syss = [], [], []
     for i in range(steps):
@@ -196,10 +198,10 @@ def time_steps(step: Callable[[int], None], steps: int, warmup: int) -> dict[str
     timed = slice(min(warmup, steps - 1), None)
     return {
         "first_s": walls[0],
-        "wall_s": statistics.median(walls[timed]),
-        "cpu_s": statistics.median(cpus[timed]),
-        "wall_mean_s": statistics.fmean(walls[timed]),
-        "cpu_mean_s": statistics.fmean(cpus[timed]),
+        "wall_s": statistics.fmean(walls[timed]),
+        "cpu_s": statistics.fmean(cpus[timed]),
+        "wall_median_s": statistics.median(walls[timed]),
+        "cpu_median_s": statistics.median(cpus[timed]),
         "sys_share": sum(syss[timed]) / max(sum(cpus[timed]), 1e-12),
         "timed_steps": len(walls[timed]),
     }

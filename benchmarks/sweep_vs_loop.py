@@ -1,7 +1,7 @@
 """K regularization strengths as K loops vs. one vectorized run (task: benchmarks/README.md).
 
 Implementations, each measured in its own fresh subprocess (so that peak RSS is attributable),
-interleaved round-robin over repeats, medians reported:
+interleaved round-robin over repeats, medians over repeats reported:
 
   loop   (a) the seed-style loop: K ``nn.Sequential`` models, one ``torch.optim`` each
   vmap   (b) the raw hand-written step: ``vmap(grad(loss))`` over stacked params, then an
@@ -13,8 +13,9 @@ interleaved round-robin over repeats, medians reported:
 Every implementation trains the same K models (same init, same batches, same strengths)
 with the subgradient of L1, so the final parameters are compared against the loop's.
 
-Timing: (a), (b), (e) time every step (blocking) and report the median over the steps after
-``--warmup``; the first step minus that median is the warm-up (JAX: the jit compile). (c)
+Timing: (a), (b), (e) time every step (blocking) and report the mean over the steps after
+``--warmup`` (total / steps, the statistic (c) and (d) give, so that all are compared like for
+like); the first step minus that mean is the warm-up (JAX: the jit compile). (c)
 and (d) run the whole sweep of S steps twice in the worker; the per-step time is the second
 run's time divided by S (nothing subtracted: data handling, history and all overhead are in),
 and the compile time of (d) is the first run minus the second. Wall and process CPU time are
@@ -295,8 +296,6 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
         "compile_cpu_s": c1 - c2,
         "wall_s": w2 / S,
         "cpu_s": c2 / S,
-        "wall_mean_s": w2 / S,
-        "cpu_mean_s": c2 / S,
         "sys_share": s2 / max(c2, 1e-12),
         "timed_steps": S,
         "rss_start_mb": rss0,
@@ -454,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--work-k", type=float, default=16, help="K*rows/512 up to which runs take --steps"
     )
     p.add_argument("--min-steps", type=int, default=20, help="fewest steps of a large run")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the mean")
     p.add_argument("--repeats", type=int, default=3, help="round-robin repeats")
     p.add_argument(
         "--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}"
@@ -625,10 +624,10 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"| {fmt(r['warmup_s'], '.2f')} | {fmt(r['rss_start_mb'], '.0f')} |"
         )
     print(
-        f"\nms/step: median over steps after {args.warmup} warm-up steps ((c)/(d): second "
+        f"\nms/step: mean over the steps after {args.warmup} warm-up steps ((c)/(d): second "
         "sweep run / S), median over repeats; ratios: median of per-repeat ratios to the loop "
         "(same repeat, interleaved); max |Δparam|: final params vs the loop after `steps` "
-        "steps, all K models, repeat 1; warm-up/compile: first step minus median ((d): first "
+        "steps, all K models, repeat 1; warm-up/compile: first step minus mean ((d): first "
         "sweep run minus second; the second run still re-traces, see README)."
     )
 

@@ -73,13 +73,16 @@ class Optimizer(NamedTuple):
             ``(("name", "adam"), ("lr", "lr"), ("betas", (0.9, 0.999)), ...)``; checkpoints
             use it to recognise the same optimizer.
         step_eager: optional, ``step``'s eager twin for one unbatched model: same signature,
-            same results (the same arithmetic, op for op: bitwise equal on CPU), but it
-            applies each op to all parameters at once with ``torch._foreach_*`` kernels,
-            which saves most of the per-tensor dispatch cost of a small model. Still pure
-            (nothing passed in is modified). It cannot run under ``vmap`` (the ``_foreach``
-            ops have no batching rule) and is not meant for ``torch.compile`` or
-            ``torch.func.grad``; :func:`funcreg.train.train_step` uses it only with
-            ``autograd=True``. ``None`` when an optimizer has none.
+            same results, less per-tensor dispatch cost for a small model. SGD applies each
+            op to all parameters at once with ``torch._foreach_*`` kernels (the same
+            arithmetic, op for op: bitwise equal on CPU); Adam/AdamW run torch's fused
+            kernel (``torch.optim.Adam(fused=True)``'s; on CPU bitwise torch.optim's
+            default Adam, and ``step``'s numbers up to rounding), falling back to
+            ``_foreach`` ops where it has none. Still pure (it works on copies; nothing passed
+            in is modified). It cannot run under ``vmap`` (neither kind of kernel has a
+            batching rule) and is not meant for ``torch.compile`` or ``torch.func.grad``;
+            :func:`funcreg.train.train_step` uses it only with ``autograd=True``. ``None``
+            when an optimizer has none.
     """
 
     init: Callable[[Params], Any]
@@ -249,6 +252,79 @@ def _in_order(d: Params, params: Params) -> Params:
 def _fe_scale(xs: _Tensors, s: _Scalar) -> _Tensors:
     """``[s * x for x in xs]`` (new tensors)."""
     return torch._foreach_mul(xs, s)
+
+
+def _cpu_number(value: _Scalar) -> float | None:
+    """``value`` as a Python float when it is a number or a 0-dim CPU tensor (no sync)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.device.type == "cpu" and value.ndim == 0 else None
+    return float(value)
+
+
+# (device type, dtype) pairs whose fused Adam kernel raised: never tried again
+_NO_FUSED: set[tuple[str, torch.dtype]] = set()
+
+
+def _fused_adam(
+    decoupled: bool,
+    grads: Params,
+    state: AdamState,
+    params: Params,
+    count: Tensor,
+    *scalars: _Scalar,
+) -> tuple[Params, AdamState] | None:
+    """Adam/AdamW's step by ``torch._fused_adam_`` / ``torch._fused_adamw_`` — the kernel
+    behind ``torch.optim.Adam(fused=True)``, one pass over each tensor — applied to copies
+    (so the step stays pure). On CPU its numbers are bitwise those of ``torch.optim.Adam``'s
+    default path and of ``step`` (tested). ``None`` when it cannot run here: a hyperparameter
+    that is not a CPU number, a (device, dtype) this torch has no kernel for, or a
+    ``torch`` without the op; the caller then takes the ``_foreach`` path."""
+    lr_, b1, b2, eps_, wd = (_cpu_number(s) for s in scalars)
+    kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
+    if kernel is None or lr_ is None or b1 is None or b2 is None or eps_ is None or wd is None:
+        return None
+    new_params: Params = {}
+    exp_avg: Params = {}
+    exp_avg_sq: Params = {}
+    for keys in _groups(params):
+        where = (params[keys[0]].device.type, params[keys[0]].dtype)
+        if where in _NO_FUSED or any(grads[k].dtype != where[1] for k in keys):
+            return None
+        ps = [params[k].clone() for k in keys]
+        ms = [state.exp_avg[k].clone() for k in keys]
+        vs = [state.exp_avg_sq[k].clone() for k in keys]
+        try:
+            kernel(
+                ps,
+                [grads[k] for k in keys],
+                ms,
+                vs,
+                [],
+                [count.to(ps[0].device)] * len(keys),
+                amsgrad=False,
+                lr=lr_,
+                beta1=b1,
+                beta2=b2,
+                weight_decay=wd,
+                eps=eps_,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+        except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype
+            _NO_FUSED.add(where)
+            return None
+        new_params.update(zip(keys, ps, strict=True))
+        exp_avg.update(zip(keys, ms, strict=True))
+        exp_avg_sq.update(zip(keys, vs, strict=True))
+    return (
+        _in_order(new_params, params),
+        AdamState(
+            step=count,
+            exp_avg=_in_order(exp_avg, params),
+            exp_avg_sq=_in_order(exp_avg_sq, params),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- SGD
@@ -479,6 +555,9 @@ def _adam_like(
         if not _foreach_ok(params, lr_, b1, b2, eps_, wd):
             return step(grads, state, params, hyper)
         count = state.step + 1
+        fused = _fused_adam(decoupled, grads, state, params, count, lr_, b1, b2, eps_, wd)
+        if fused is not None:
+            return fused
         cache: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
         new_params: Params = {}
         exp_avg: Params = {}

@@ -132,18 +132,23 @@ class Spec(Mapping[str, Penalty]):
 
     # -- values ---------------------------------------------------------------------------
     def parts(self, params: Params, strengths: Strengths) -> dict[str, Tensor]:
-        """``{term: s_term · Σ_selected Ω_term(p)}`` — each term's contribution."""
+        """``{term: s_term · Σ_selected Ω_term(p)}`` — each term's contribution.
+
+        A penalty linear in its strength (``penalty`` not overridden, i.e. ``s · Ω``) is
+        evaluated as ``s · Σ_p Ω(p)``, one product per term, like the hand-written
+        ``l2 * (w1.pow(2).sum() + w2.pow(2).sum())``; others (MCP, SCAD) per parameter."""
         sel = self.selection(params)
         out: dict[str, Tensor] = {}
         for term, names in sel.items():
             pen = self._terms[term]
+            linear = type(pen).penalty is Penalty.penalty
             s = 1.0 if pen.is_constraint else _strength(strengths, term)
             total: Tensor | None = None
             for n in names:
-                v = pen.penalty(params[n], s, n)
+                v = pen.value(params[n], n) if linear else pen.penalty(params[n], s, n)
                 total = v if total is None else total + v
             assert total is not None
-            out[term] = total
+            out[term] = s * total if linear and not pen.is_constraint else total
         return out
 
     def __call__(self, params: Params, strengths: Strengths) -> Tensor | float:

@@ -84,14 +84,14 @@ def train_step(
     ``optimizer.init(params)``. Vmap it over stacked params/state/strengths for a sweep.
 
     ``autograd=True`` computes the gradient with ``torch.autograd.grad`` instead of
-    ``torch.func.grad`` and updates with the optimizer's ``step_eager`` (its
-    ``torch._foreach_*`` twin) when it has one: the same numbers, less per-call overhead for
+    ``torch.func.grad`` and updates with the optimizer's ``step_eager`` (its ``_foreach`` or
+    fused-kernel twin) when it has one: the same numbers, less per-call overhead for
     one unbatched model in eager mode, but not usable under ``vmap``/``torch.compile``.
     """
     grad_part, prox_part = split_spec(spec, prox)
     objective = penalized(loss_fn, grad_part, return_parts=True)
     grad_fn = _autograd_grad(objective) if autograd else grad(objective, has_aux=True)
-    # eager: the optimizer's _foreach twin of its step (same numbers), when it has one
+    # eager: the optimizer's _foreach or fused twin of its step, when it has one
     eager_update = getattr(optimizer, "step_eager", None) if autograd else None
     update = eager_update if eager_update is not None else optimizer.step
     has_prox = len(prox_part) > 0

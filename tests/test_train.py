@@ -141,7 +141,7 @@ EAGER_OPTIMIZERS = {
 @pytest.mark.parametrize("prox", [True, False], ids=["prox", "subgradient"])
 @pytest.mark.parametrize("name", list(EAGER_OPTIMIZERS))
 def test_autograd_step_equals_pure_step(problem, name, prox):
-    """train_step(autograd=True) (torch.autograd + the optimizer's _foreach step_eager)
+    """train_step(autograd=True) (torch.autograd + the optimizer's eager step)
     gives train_step()'s params, state and metrics, in float64, over 15 steps."""
     net, loss, x, y = problem
     spec = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2(), box=fr.Box("2.bias", lo=-0.5, hi=0.5))
@@ -183,4 +183,5 @@ def test_autograd_step_without_step_eager(problem):
     p = fr.params(net)
     a = fr.train_step(loss, spec, base, autograd=True)(p, base.init(p), {"l2": 0.1}, x, y)
     b = fr.train_step(loss, spec, bare, autograd=True)(p, base.init(p), {"l2": 0.1}, x, y)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Adam's eager step is torch's fused kernel: equal to the pure step up to rounding
+    torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
