@@ -432,7 +432,7 @@ def sgd(
             return step(grads, state, params, hyper)
         # on CPU read the step count once instead of a torch.where per tensor
         on_cpu = state.step.device.type == "cpu"
-        first = state.step == 0
+        first = state.step == 0 if use_momentum else state.step  # (unused without momentum)
         first_now = use_momentum and on_cpu and bool(first)
         new_params: Params = {}
         new_buffers: Params = {}

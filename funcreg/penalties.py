@@ -130,6 +130,14 @@ class Penalty:
         """The proximal step of training: ``prox`` of ``lr · strength · Ω``."""
         return self.prox(w, lr * strength, name)
 
+    def closed_form(self) -> ClosedForm | None:
+        """A function ``(ws, s) -> (s · Σ_p Ω(p), [s · ∂Ω(p) for p in ws])``: value and
+        (sub)gradient over several parameters at once with ``torch._foreach_*`` kernels, for
+        eager single-model steps that would otherwise differentiate the penalty with
+        autograd; ``None`` when this penalty has none (the default, and with
+        ``toward=``/``weight=``)."""
+        return None
+
     def check(self, term: str, name: str, w: Tensor) -> None:
         """Static checks of this penalty against one selected parameter (eager)."""
         if w.dim() < self.min_ndim:
@@ -176,6 +184,25 @@ def _lookup(ref: Ref, name: str | None, *, missing_ok: bool) -> Tensor | None:
             raise KeyError(name)
         return torch.as_tensor(ref[name])
     return torch.as_tensor(ref)
+
+
+ClosedForm = Callable[[list[Tensor], "Tensor | float"], tuple[Tensor, list[Tensor]]]
+
+
+def _l1_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
+    value = s * torch.stack(torch._foreach_norm(ws, 1)).sum()
+    return value, list(torch._foreach_mul(torch._foreach_sign(ws), s))
+
+
+def _l2_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
+    value = s * (0.5 * torch.stack(torch._foreach_norm(ws)).square().sum())
+    return value, list(torch._foreach_mul(ws, s))
+
+
+def _overrides(pen: Penalty, base: type) -> bool:
+    """Whether a subclass of ``base`` redefines its value (so ``base``'s closed form is not
+    its own)."""
+    return type(pen)._value is not base._value  # type: ignore[attr-defined]
 
 
 def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
@@ -226,6 +253,11 @@ class L1(Penalty):
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         return _scaled(d.abs(), c).sum()
 
+    def closed_form(self) -> ClosedForm | None:
+        """``s Σ‖p‖₁`` and the subgradient ``s·sign(p)`` (0 at 0, as autograd's)."""
+        plain = self.toward is None and self.weight is None and not _overrides(self, L1)
+        return _l1_closed_form if plain else None
+
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.soft_threshold(d, _scaled_step(t, c))
 
@@ -242,6 +274,11 @@ class L2(Penalty):
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         return 0.5 * _scaled(d.square(), c).sum()
+
+    def closed_form(self) -> ClosedForm | None:
+        """``s · ½ Σ‖p‖²`` and the gradient ``s·p``."""
+        plain = self.toward is None and self.weight is None and not _overrides(self, L2)
+        return _l2_closed_form if plain else None
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.ridge_shrink(d, _scaled_step(t, c))

@@ -97,9 +97,9 @@ class Spec(Mapping[str, Penalty]):
 
         Under ``torch.compile`` the resolution is a traced constant, so it adds nothing to
         the graph."""
-        key = tuple(
-            (n, tuple(v.shape), v.dtype) for n, v in params.items() if isinstance(v, Tensor)
-        )
+        if not self._terms:
+            return {}
+        key = tuple((n, v.shape, v.dtype) for n, v in params.items() if isinstance(v, Tensor))
         if torch.compiler.is_compiling():
             return dict(_resolve_selection(self, key))
         hit = self._cache.get(key)

@@ -467,6 +467,12 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
     return torch.isfinite(flat.sum(dtype=_acc(flat))).reshape(1)
 
 
+def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
+    """Whether every metric and param of a chunk is finite (one sum, read on the host)."""
+    flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
+    return math.isfinite(float(flat.sum(dtype=_acc(flat))))
+
+
 def _acc(t: Tensor) -> torch.dtype | None:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
 
@@ -971,10 +977,10 @@ class _Run:
                 new_p, new_s, mvec = self.fns[ch.batched](
                     ch.params, ch.state, ch.bufs, ch.strengths, batch
                 )
-                ok = _finite(mvec, new_p, ch.batched)
-                if fast and ch.healthy and bool(ok.all()):  # the common case: nothing to undo
+                if fast and ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
                     ch.params, ch.state = new_p, new_s
                 else:
+                    ok = _finite(mvec, new_p, ch.batched)
                     keep = ch.alive & ok
                     ch.params = _merge(keep, new_p, ch.params, ch.batched)
                     ch.state = _merge(keep, new_s, ch.state, ch.batched)

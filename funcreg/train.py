@@ -52,17 +52,39 @@ def split_spec(spec: Spec | Mapping[str, Penalty], prox: bool) -> tuple[Spec, Sp
     return Spec({k: v for k, v in spec.items() if not v.is_constraint}), Spec(constraints)
 
 
-def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
-    """``grad(objective, has_aux=True)`` for one unbatched model, by ``torch.autograd``."""
+def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., Any]:
+    """``grad(penalized(loss_fn, spec, return_parts=True), has_aux=True)`` for one unbatched
+    model, by ``torch.autograd``. Terms with a closed form (:meth:`Penalty.closed_form`:
+    plain ``L1``, ``L2``) stay out of the autograd graph: their values and gradients come
+    from a few ``torch._foreach_*`` calls over all their parameters, the same numbers as
+    autograd's (``s·sign(w)``, ``s·w``) for less work."""
+    forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
+    direct = Spec({t: spec[t] for t in forms})
+    objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in direct}), True)
+    order = ["loss", *spec]
 
     def grad_fn(params: Mapping[str, Tensor], strengths: Mapping[str, Any], *batch: Any) -> Any:
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             total, parts = objective(leaves, strengths, *batch)
-            grads = torch.autograd.grad(
-                total, list(leaves.values()), allow_unused=True, materialize_grads=True
+            grads = dict(
+                zip(
+                    leaves,
+                    torch.autograd.grad(
+                        total, list(leaves.values()), allow_unused=True, materialize_grads=True
+                    ),
+                    strict=True,
+                )
             )
-        return dict(zip(leaves, grads, strict=True)), {k: v.detach() for k, v in parts.items()}
+        metrics = {k: v.detach() for k, v in parts.items()}
+        if len(direct):
+            for term, names in direct.selection(params).items():  # no autograd graph here
+                with torch.no_grad():
+                    value, term_grads = forms[term]([params[n] for n in names], strengths[term])
+                torch._foreach_add_([grads[n] for n in names], term_grads)
+                metrics[term] = value
+            metrics = {k: metrics[k] for k in order}
+        return grads, metrics
 
     return grad_fn
 
@@ -89,8 +111,10 @@ def train_step(
     one unbatched model in eager mode, but not usable under ``vmap``/``torch.compile``.
     """
     grad_part, prox_part = split_spec(spec, prox)
-    objective = penalized(loss_fn, grad_part, return_parts=True)
-    grad_fn = _autograd_grad(objective) if autograd else grad(objective, has_aux=True)
+    if autograd:
+        grad_fn = _autograd_grad(loss_fn, grad_part)
+    else:
+        grad_fn = grad(penalized(loss_fn, grad_part, return_parts=True), has_aux=True)
     # eager: the optimizer's _foreach or fused twin of its step, when it has one
     eager_update = getattr(optimizer, "step_eager", None) if autograd else None
     update = eager_update if eager_update is not None else optimizer.step

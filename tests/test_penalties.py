@@ -374,3 +374,34 @@ def test_weight_factors(x, t):
 def test_l2_gradient_is_weight_decay():
     w = torch.randn(4, 3, dtype=DT)
     torch.testing.assert_close(grad(lambda v: fr.L2().penalty(v, 0.3))(w), 0.3 * w)
+
+
+@pytest.mark.parametrize("pen", [fr.L1(), fr.L2()], ids=["L1", "L2"])
+@given(a=matrices(), b=matrices(), s=st.floats(0.0, 5.0, allow_nan=False))
+def test_closed_form_equals_autograd(pen, a, b, s):
+    """closed_form's value and (sub)gradient over several tensors equal the penalty's value
+    and autograd's gradient (at 0 too: autograd's subgradient of |w| there is 0)."""
+    a = torch.where(a.abs() < 0.5, 0.0, a)  # exact zeros among the entries
+    form = pen.closed_form()
+    assert form is not None
+    value, grads = form([a, b], torch.tensor(s, dtype=DT))
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    total = pen.penalty(leaves[0], s) + pen.penalty(leaves[1], s)
+    expect = torch.autograd.grad(total, leaves)
+    torch.testing.assert_close(value, total.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expect, strict=True):  # exact but for subnormal round-off
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-300)
+
+
+def test_closed_form_only_for_plain_terms():
+    """toward=, weight= or a subclass with its own value: no closed form (autograd instead)."""
+    w = torch.zeros(3, dtype=DT)
+
+    class Scaled(fr.L2):
+        def _value(self, d, c):
+            return 3.0 * super()._value(d, c)
+
+    assert fr.L1(toward=w).closed_form() is None
+    assert fr.L2(weight=w + 1).closed_form() is None
+    assert Scaled().closed_form() is None
+    assert fr.ElasticNet().closed_form() is None
