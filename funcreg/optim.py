@@ -76,8 +76,8 @@ class Optimizer(NamedTuple):
             same results, less per-tensor dispatch cost for a small model. SGD applies each
             op to all parameters at once with ``torch._foreach_*`` kernels (the same
             arithmetic, op for op: bitwise equal on CPU); Adam/AdamW run torch's fused
-            kernel (``torch.optim.Adam(fused=True)``'s; on CPU bitwise torch.optim's
-            default Adam, and ``step``'s numbers up to rounding), falling back to
+            kernel (``torch.optim.Adam(fused=True)``'s; on CPU torch.optim's default Adam
+            to a few ulps, and ``step``'s numbers up to rounding), falling back to
             ``_foreach`` ops where it has none. Still pure (it works on copies; nothing passed
             in is modified). It cannot run under ``vmap`` (neither kind of kernel has a
             batching rule) and is not meant for ``torch.compile`` or ``torch.func.grad``;
@@ -261,7 +261,7 @@ def _cpu_number(value: _Scalar) -> float | None:
     return float(value)
 
 
-# (device type, dtype) pairs whose fused Adam kernel raised: never tried again
+# (device type, dtype) pairs for which this torch has no fused Adam kernel
 _NO_FUSED: set[tuple[str, torch.dtype]] = set()
 
 
@@ -274,11 +274,14 @@ def _fused_adam(
     *scalars: _Scalar,
 ) -> tuple[Params, AdamState] | None:
     """Adam/AdamW's step by ``torch._fused_adam_`` / ``torch._fused_adamw_`` — the kernel
-    behind ``torch.optim.Adam(fused=True)``, one pass over each tensor — applied to copies
-    (so the step stays pure). On CPU its numbers are bitwise those of ``torch.optim.Adam``'s
-    default path and of ``step`` (tested). ``None`` when it cannot run here: a hyperparameter
-    that is not a CPU number, a (device, dtype) this torch has no kernel for, or a
-    ``torch`` without the op; the caller then takes the ``_foreach`` path."""
+    behind ``torch.optim.Adam(fused=True)``, one pass over each tensor — applied to
+    contiguous copies (so the step stays pure; the CPU kernel walks memory in flat order,
+    so every tensor it sees is contiguous). On CPU its numbers follow
+    ``torch.optim.Adam``'s default path to a few ulps and ``step``'s up to rounding (tested).
+    ``None`` when it cannot run here — a hyperparameter that is not a CPU number, state or
+    gradients of another dtype or device than their parameter, a (device, dtype) this torch
+    has no kernel for, or a ``torch`` without the op — and the caller takes the
+    ``_foreach`` path."""
     lr_, b1, b2, eps_, wd = (_cpu_number(s) for s in scalars)
     kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
     if kernel is None or lr_ is None or b1 is None or b2 is None or eps_ is None or wd is None:
@@ -287,33 +290,45 @@ def _fused_adam(
     exp_avg: Params = {}
     exp_avg_sq: Params = {}
     for keys in _groups(params):
-        where = (params[keys[0]].device.type, params[keys[0]].dtype)
-        if where in _NO_FUSED or any(grads[k].dtype != where[1] for k in keys):
+        first = params[keys[0]]
+        where = (first.device.type, first.dtype)
+        if where in _NO_FUSED:
             return None
-        ps = [params[k].clone() for k in keys]
-        ms = [state.exp_avg[k].clone() for k in keys]
-        vs = [state.exp_avg_sq[k].clone() for k in keys]
-        try:
-            kernel(
-                ps,
-                [grads[k] for k in keys],
-                ms,
-                vs,
-                [],
-                [count.to(ps[0].device)] * len(keys),
-                amsgrad=False,
-                lr=lr_,
-                beta1=b1,
-                beta2=b2,
-                weight_decay=wd,
-                eps=eps_,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
-        except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype
-            _NO_FUSED.add(where)
-            return None
+        for k in keys:
+            p = params[k]
+            others = (grads[k], state.exp_avg[k], state.exp_avg_sq[k])
+            if any((t.dtype, t.device, t.shape) != (p.dtype, p.device, p.shape) for t in others):
+                return None
+        fmt = torch.contiguous_format
+        with torch.no_grad():
+            ps = [params[k].detach().clone(memory_format=fmt) for k in keys]
+            ms = [state.exp_avg[k].clone(memory_format=fmt) for k in keys]
+            vs = [state.exp_avg_sq[k].clone(memory_format=fmt) for k in keys]
+            try:
+                kernel(
+                    ps,
+                    [grads[k].contiguous() for k in keys],
+                    ms,
+                    vs,
+                    [],
+                    [count.to(first.device, torch.float32)] * len(keys),
+                    amsgrad=False,
+                    lr=lr_,
+                    beta1=b1,
+                    beta2=b2,
+                    weight_decay=wd,
+                    eps=eps_,
+                    maximize=False,
+                    grad_scale=None,
+                    found_inf=None,
+                )
+            except NotImplementedError:  # no kernel for this device/dtype: never again
+                _NO_FUSED.add(where)
+                return None
+            except RuntimeError as err:
+                if "not implemented" in str(err).lower():
+                    _NO_FUSED.add(where)
+                return None
         new_params.update(zip(keys, ps, strict=True))
         exp_avg.update(zip(keys, ms, strict=True))
         exp_avg_sq.update(zip(keys, vs, strict=True))

@@ -134,8 +134,8 @@ class Penalty:
         """A function ``(ws, s) -> (s · Σ_p Ω(p), [s · ∂Ω(p) for p in ws])``: value and
         (sub)gradient over several parameters at once with ``torch._foreach_*`` kernels, for
         eager single-model steps that would otherwise differentiate the penalty with
-        autograd; ``None`` when this penalty has none (the default, and with
-        ``toward=``/``weight=``)."""
+        autograd; ``None`` when this penalty has none (the default; also for subclasses and
+        with ``toward=``/``weight=``)."""
         return None
 
     def check(self, term: str, name: str, w: Tensor) -> None:
@@ -190,19 +190,24 @@ ClosedForm = Callable[[list[Tensor], "Tensor | float"], tuple[Tensor, list[Tenso
 
 
 def _l1_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
-    value = s * torch.stack(torch._foreach_norm(ws, 1)).sum()
+    value = s * _total(torch._foreach_norm(ws, 1))
     return value, list(torch._foreach_mul(torch._foreach_sign(ws), s))
 
 
 def _l2_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
-    value = s * (0.5 * torch.stack(torch._foreach_norm(ws)).square().sum())
+    norms = torch._foreach_norm(ws)
+    value = s * (0.5 * _total(torch._foreach_mul(norms, norms)))
     return value, list(torch._foreach_mul(ws, s))
 
 
-def _overrides(pen: Penalty, base: type) -> bool:
-    """Whether a subclass of ``base`` redefines its value (so ``base``'s closed form is not
-    its own)."""
-    return type(pen)._value is not base._value  # type: ignore[attr-defined]
+def _total(xs: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """The sum of 0-dim tensors (one ``stack`` when they share a device and dtype)."""
+    if len({(x.device, x.dtype) for x in xs}) == 1:
+        return torch.stack(list(xs)).sum()
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total
 
 
 def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
@@ -255,7 +260,7 @@ class L1(Penalty):
 
     def closed_form(self) -> ClosedForm | None:
         """``s Σ‖p‖₁`` and the subgradient ``s·sign(p)`` (0 at 0, as autograd's)."""
-        plain = self.toward is None and self.weight is None and not _overrides(self, L1)
+        plain = type(self) is L1 and self.toward is None and self.weight is None
         return _l1_closed_form if plain else None
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
@@ -277,7 +282,7 @@ class L2(Penalty):
 
     def closed_form(self) -> ClosedForm | None:
         """``s · ½ Σ‖p‖²`` and the gradient ``s·p``."""
-        plain = self.toward is None and self.weight is None and not _overrides(self, L2)
+        plain = type(self) is L2 and self.toward is None and self.weight is None
         return _l2_closed_form if plain else None
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:

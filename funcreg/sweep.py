@@ -524,8 +524,8 @@ def eager_step(
     prox: bool = True,
 ) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
     """:func:`funcreg.train.train_step` for one unbatched model with ``autograd=True``:
-    same signature, same numbers, about 0.6 ms less per step on CPU. ``fr.sweep`` runs
-    chunks of one model with it."""
+    same signature, the same numbers up to rounding, less per-step overhead on CPU.
+    ``fr.sweep`` runs chunks of one model with it."""
     return train_step(loss_fn, spec, optimizer, prox, autograd=True)
 
 

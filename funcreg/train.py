@@ -31,7 +31,7 @@ from torch.func import grad
 
 from .optim import Optimizer
 from .penalties import Penalty
-from .spec import Spec, as_spec, penalized
+from .spec import Spec, _strength, as_spec, penalized
 
 Step = Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]
 
@@ -67,22 +67,24 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             total, parts = objective(leaves, strengths, *batch)
-            grads = dict(
-                zip(
-                    leaves,
-                    torch.autograd.grad(
-                        total, list(leaves.values()), allow_unused=True, materialize_grads=True
-                    ),
-                    strict=True,
+            if total.requires_grad:
+                found = torch.autograd.grad(
+                    total, list(leaves.values()), allow_unused=True, materialize_grads=True
                 )
-            )
+            else:  # nothing left in the graph depends on the params
+                found = tuple(torch.zeros_like(p) for p in leaves.values())
+        grads = dict(zip(leaves, found, strict=True))
         metrics = {k: v.detach() for k, v in parts.items()}
         if len(direct):
-            for term, names in direct.selection(params).items():  # no autograd graph here
-                with torch.no_grad():
-                    value, term_grads = forms[term]([params[n] for n in names], strengths[term])
-                torch._foreach_add_([grads[n] for n in names], term_grads)
-                metrics[term] = value
+            with torch.no_grad():  # the closed-form terms: no autograd graph
+                for term, names in direct.selection(params).items():
+                    value, term_grads = forms[term](
+                        [params[n] for n in names], _strength(strengths, term)
+                    )
+                    # out of place: autograd may hand the same tensor to several params
+                    summed = torch._foreach_add([grads[n] for n in names], term_grads)
+                    grads.update(zip(names, summed, strict=True))
+                    metrics[term] = value
             metrics = {k: metrics[k] for k in order}
         return grads, metrics
 
@@ -107,7 +109,7 @@ def train_step(
 
     ``autograd=True`` computes the gradient with ``torch.autograd.grad`` instead of
     ``torch.func.grad`` and updates with the optimizer's ``step_eager`` (its ``_foreach`` or
-    fused-kernel twin) when it has one: the same numbers, less per-call overhead for
+    fused-kernel twin) when it has one: the same numbers up to rounding, less per-call overhead for
     one unbatched model in eager mode, but not usable under ``vmap``/``torch.compile``.
     """
     grad_part, prox_part = split_spec(spec, prox)

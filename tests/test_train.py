@@ -185,3 +185,54 @@ def test_autograd_step_without_step_eager(problem):
     b = fr.train_step(loss, spec, bare, autograd=True)(p, base.init(p), {"l2": 0.1}, x, y)
     # Adam's eager step is torch's fused kernel: equal to the pure step up to rounding
     torch.testing.assert_close(a, b, rtol=1e-15, atol=1e-15)
+
+
+def test_autograd_step_with_shared_and_strided_gradients():
+    """Closed-form terms add their gradient out of place: autograd may hand one tensor to
+    two params (``w = a + b``), and gradients may be transposed views (``v.t()``); the
+    eager step still equals the pure one (fused Adam gets contiguous copies)."""
+    torch.manual_seed(1)
+    x = torch.randn(30, 3, dtype=DT)
+    y = torch.randn(30, 2, dtype=DT)
+    p = {
+        "a": torch.randn(3, 2, dtype=DT),
+        "b": torch.randn(3, 2, dtype=DT),
+        "v": torch.randn(2, 3, dtype=DT),
+    }
+
+    def loss(q, x, y):
+        return ((x @ (q["a"] + q["b"]) - y) ** 2).mean() + (x @ q["v"].t()).square().mean()
+
+    spec = fr.Spec(l2=fr.L2("b"), l1=fr.L1("v"))
+    opt = optim.adam(0.05)
+    s = {"l2": 0.3, "l1": 0.1}
+    pure = fr.train_step(loss, spec, opt, prox=False)
+    eager = fr.train_step(loss, spec, opt, prox=False, autograd=True)
+    p1, p2 = p, dict(p)
+    s1 = s2 = opt.init(p)
+    for _ in range(10):
+        p1, s1, m1 = pure(p1, s1, s, x, y)
+        p2, s2, m2 = eager(p2, s2, s, x, y)
+        torch.testing.assert_close(p2, p1, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(m2, m1, rtol=1e-13, atol=1e-13)
+
+
+def test_eager_adam_runs_the_fused_kernel(monkeypatch):
+    """On CPU, Adam's eager step goes through torch's fused kernel (not silently the
+    fallback) and gives the pure step's numbers."""
+    calls = []
+    kernel = torch._fused_adam_
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", spy)
+    opt = optim.adam(0.1)
+    params = {"w": torch.randn(4, 3, dtype=DT), "b": torch.randn(3, dtype=DT)}
+    grads = {"w": torch.randn(3, 4, dtype=DT).t(), "b": torch.randn(3, dtype=DT)}  # strided
+    state = opt.init(params)
+    fast = opt.step_eager(grads, state, params, {})
+    slow = opt.step(grads, state, params, {})
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=1e-15, atol=1e-15)
