@@ -191,13 +191,20 @@ ClosedForm = Callable[[list[Tensor], "Tensor | float"], tuple[Tensor, list[Tenso
 
 def _l1_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
     value = s * _total(torch._foreach_norm(ws, 1))
-    return value, list(torch._foreach_mul(torch._foreach_sign(ws), s))
+    return value, _times(list(torch._foreach_sign(ws)), s)
 
 
 def _l2_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
     norms = torch._foreach_norm(ws)
     value = s * (0.5 * _total(torch._foreach_mul(norms, norms)))
-    return value, list(torch._foreach_mul(ws, s))
+    return value, _times(ws, s)
+
+
+def _times(xs: list[Tensor], s: Tensor | float) -> list[Tensor]:
+    """``[s · x for x in xs]``: one ``_foreach`` call for a number or a 0-dim strength."""
+    if isinstance(s, Tensor) and s.ndim:
+        return [x * s for x in xs]
+    return list(torch._foreach_mul(xs, s))
 
 
 def _total(xs: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

@@ -467,10 +467,16 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
     return torch.isfinite(flat.sum(dtype=_acc(flat))).reshape(1)
 
 
-def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """Whether every metric and param of a chunk is finite (one sum, read on the host)."""
-    flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
-    return math.isfinite(float(flat.sum(dtype=_acc(flat))))
+def _all_finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> bool:
+    """Whether every metric and param of a chunk is finite (one total, read on the host;
+    one model's tensors are small enough to concatenate first, a batch's are not)."""
+    if not batched:
+        flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
+        return math.isfinite(float(flat.sum(dtype=_acc(flat))))
+    total = mvec.sum(dtype=_acc(mvec))
+    for p in params.values():
+        total = total + p.sum(dtype=_acc(p))
+    return math.isfinite(float(total))
 
 
 def _acc(t: Tensor) -> torch.dtype | None:
@@ -977,7 +983,7 @@ class _Run:
                 new_p, new_s, mvec = self.fns[ch.batched](
                     ch.params, ch.state, ch.bufs, ch.strengths, batch
                 )
-                if fast and ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
+                if fast and ch.healthy and _all_finite(mvec, new_p, ch.batched):  # nothing to undo
                     ch.params, ch.state = new_p, new_s
                 else:
                     ok = _finite(mvec, new_p, ch.batched)
