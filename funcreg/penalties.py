@@ -131,11 +131,11 @@ class Penalty:
         return self.prox(w, lr * strength, name)
 
     def closed_form(self) -> ClosedForm | None:
-        """A function ``(ws, s) -> (s · Σ_p Ω(p), [s · ∂Ω(p) for p in ws])``: value and
-        (sub)gradient over several parameters at once with ``torch._foreach_*`` kernels, for
-        eager single-model steps that would otherwise differentiate the penalty with
-        autograd; ``None`` when this penalty has none (the default; also for subclasses and
-        with ``toward=``/``weight=``)."""
+        """A function ``(ws, s, gs) -> (s · Σ_p Ω(p), [g + s · ∂Ω(p) for p, g in zip(ws,
+        gs)])``: value, and (sub)gradient added to given gradients, over several parameters
+        at once with ``torch._foreach_*`` kernels, for eager single-model steps that would
+        otherwise differentiate the penalty with autograd; ``None`` when this penalty has
+        none (the default; also for subclasses and with ``toward=``/``weight=``)."""
         return None
 
     def check(self, term: str, name: str, w: Tensor) -> None:
@@ -186,29 +186,38 @@ def _lookup(ref: Ref, name: str | None, *, missing_ok: bool) -> Tensor | None:
     return torch.as_tensor(ref)
 
 
-ClosedForm = Callable[[list[Tensor], "Tensor | float"], tuple[Tensor, list[Tensor]]]
+ClosedForm = Callable[[list[Tensor], "Tensor | float", list[Tensor]], tuple[Tensor, list[Tensor]]]
 
 
-def _l1_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
+def _l1_closed_form(
+    ws: list[Tensor], s: Tensor | float, gs: list[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
     value = s * _total(torch._foreach_norm(ws, 1))
-    return value, _times(list(torch._foreach_sign(ws)), s)
+    return value, _add_scaled(gs, list(torch._foreach_sign(ws)), s)
 
 
-def _l2_closed_form(ws: list[Tensor], s: Tensor | float) -> tuple[Tensor, list[Tensor]]:
+def _l2_closed_form(
+    ws: list[Tensor], s: Tensor | float, gs: list[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
     norms = torch._foreach_norm(ws)
     value = s * (0.5 * _total(torch._foreach_mul(norms, norms)))
-    return value, _times(ws, s)
+    return value, _add_scaled(gs, ws, s)
 
 
-def _times(xs: list[Tensor], s: Tensor | float) -> list[Tensor]:
-    """``[s · x for x in xs]``: one ``_foreach`` call for a number or a 0-dim strength."""
-    if isinstance(s, Tensor) and s.ndim:
-        return [x * s for x in xs]
-    return list(torch._foreach_mul(xs, s))
+def _add_scaled(gs: list[Tensor], xs: list[Tensor], s: Tensor | float) -> list[Tensor]:
+    """``[g + s·x]`` (new tensors): one ``_foreach_add`` when ``s`` is a number or a 0-dim
+    CPU tensor."""
+    if isinstance(s, Tensor):
+        if s.ndim or s.device.type != "cpu":
+            return [g + s * x for g, x in zip(gs, xs, strict=True)]
+        s = float(s)
+    return list(torch._foreach_add(gs, xs, alpha=s))
 
 
 def _total(xs: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """The sum of 0-dim tensors (one ``stack`` when they share a device and dtype)."""
+    if len(xs) == 1:
+        return xs[0]
     if len({(x.device, x.dtype) for x in xs}) == 1:
         return torch.stack(list(xs)).sum()
     total = xs[0]

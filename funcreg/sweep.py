@@ -467,16 +467,12 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
     return torch.isfinite(flat.sum(dtype=_acc(flat))).reshape(1)
 
 
-def _all_finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> bool:
-    """Whether every metric and param of a chunk is finite (one total, read on the host;
-    one model's tensors are small enough to concatenate first, a batch's are not)."""
-    if not batched:
-        flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
-        return math.isfinite(float(flat.sum(dtype=_acc(flat))))
-    total = mvec.sum(dtype=_acc(mvec))
-    for p in params.values():
-        total = total + p.sum(dtype=_acc(p))
-    return math.isfinite(float(total))
+def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
+    """Whether every metric and param of a chunk is finite: the largest magnitude over all
+    of them (one ``_foreach_norm(inf)``, which cannot overflow and propagates NaN), read on
+    the host."""
+    ts = [t for t in (mvec, *params.values()) if t.numel()]
+    return math.isfinite(float(torch.stack(torch._foreach_norm(ts, math.inf)).max()))
 
 
 def _acc(t: Tensor) -> torch.dtype | None:
@@ -983,7 +979,7 @@ class _Run:
                 new_p, new_s, mvec = self.fns[ch.batched](
                     ch.params, ch.state, ch.bufs, ch.strengths, batch
                 )
-                if fast and ch.healthy and _all_finite(mvec, new_p, ch.batched):  # nothing to undo
+                if fast and ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
                     ch.params, ch.state = new_p, new_s
                 else:
                     ok = _finite(mvec, new_p, ch.batched)

@@ -78,11 +78,12 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
         if len(direct):
             with torch.no_grad():  # the closed-form terms: no autograd graph
                 for term, names in direct.selection(params).items():
-                    value, term_grads = forms[term](
-                        [params[n] for n in names], _strength(strengths, term)
-                    )
                     # out of place: autograd may hand the same tensor to several params
-                    summed = torch._foreach_add([grads[n] for n in names], term_grads)
+                    value, summed = forms[term](
+                        [params[n] for n in names],
+                        _strength(strengths, term),
+                        [grads[n] for n in names],
+                    )
                     grads.update(zip(names, summed, strict=True))
                     metrics[term] = value
             metrics = {k: metrics[k] for k in order}

@@ -384,13 +384,21 @@ def test_closed_form_equals_autograd(pen, a, b, s):
     a = torch.where(a.abs() < 0.5, 0.0, a)  # exact zeros among the entries
     form = pen.closed_form()
     assert form is not None
-    value, grads = form([a, b], torch.tensor(s, dtype=DT))
+    zeros = [torch.zeros_like(a), torch.zeros_like(b)]
+    value, grads = form([a, b], torch.tensor(s, dtype=DT), zeros)
     leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
     total = pen.penalty(leaves[0], s) + pen.penalty(leaves[1], s)
     expect = torch.autograd.grad(total, leaves)
     torch.testing.assert_close(value, total.detach(), rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, expect, strict=True):  # exact but for subnormal round-off
         torch.testing.assert_close(got, want, rtol=0, atol=1e-300)
+    # added to given gradients, out of place, with a number or a 0-dim tensor strength
+    gs = [torch.ones_like(a), -torch.ones_like(b)]
+    for strength in (s, torch.tensor(s, dtype=DT)):
+        _, summed = form([a, b], strength, gs)
+        for got, g, want in zip(summed, gs, expect, strict=True):
+            torch.testing.assert_close(got, g + want, rtol=1e-15, atol=1e-15)
+    assert torch.equal(gs[0], torch.ones_like(a))  # the given gradients are not modified
 
 
 def test_closed_form_only_for_plain_terms():
