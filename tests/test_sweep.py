@@ -585,3 +585,18 @@ def test_example_sweep_mlp_runs_small(
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "best: model" in printed and "4 models, 10 steps" in printed
+
+
+def test_divergence_guard_sees_inf_and_nan_but_not_large_finite_values():
+    """The common-path guard (largest magnitude over metrics and params) flags an inf or a
+    NaN anywhere, but not finite values whose sum would overflow float32."""
+    from funcreg.sweep import _all_finite
+
+    big = torch.full((4, 3), 3e38)  # Σ overflows float32, max does not
+    ok = {"w": big, "b": torch.zeros(3), "empty": torch.zeros(0)}
+    assert _all_finite(torch.tensor([1.0, 2.0]), ok)
+    assert not _all_finite(torch.tensor([1.0, float("nan")]), ok)
+    assert not _all_finite(torch.tensor([1.0]), {**ok, "b": torch.tensor([0.0, -float("inf")])})
+    nan_w = big.clone()
+    nan_w[2, 1] = float("nan")
+    assert not _all_finite(torch.tensor([1.0]), {**ok, "w": nan_w})
