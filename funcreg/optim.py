@@ -447,8 +447,7 @@ def sgd(
             return step(grads, state, params, hyper)
         # on CPU read the step count once instead of a torch.where per tensor
         on_cpu = state.step.device.type == "cpu"
-        first = state.step == 0 if use_momentum else state.step  # (unused without momentum)
-        first_now = use_momentum and on_cpu and bool(first)
+        first_now = use_momentum and on_cpu and bool(state.step == 0)
         new_params: Params = {}
         new_buffers: Params = {}
         for keys in _groups(params):
@@ -464,6 +463,7 @@ def sgd(
                     bufs = _fe_scale([state.momentum_buffer[k] for k in keys], mu)
                     torch._foreach_add_(bufs, _fe_scale(gs, 1 - tau))
                     if not on_cpu:
+                        first = state.step == 0
                         bufs = [torch.where(first, g, b) for g, b in zip(gs, bufs, strict=True)]
                 new_buffers.update(zip(keys, bufs, strict=True))
                 gs = torch._foreach_add(gs, _fe_scale(bufs, mu)) if nesterov else bufs

@@ -275,10 +275,12 @@ def _retire(
     out: Any,
     iterations: Tensor,
     converged: Tensor,
-) -> Tensor | None:
+    state: tuple[Any, ...],
+) -> tuple[Tensor, tuple[Any, ...]] | None:
     """Write the batch rows that stop at iteration ``it`` (mask ``done``; ``idx`` maps batch
-    rows to grid models) into ``out``/``iterations``/``converged``; return the rows that go
-    on, or ``None`` when every model has stopped."""
+    rows to grid models) into ``out``/``iterations``/``converged``; return ``idx`` and the
+    per-model ``state`` cut to the rows that go on, or ``None`` when every model has
+    stopped."""
     rows = done.nonzero().squeeze(1)
     where = idx.index_select(0, rows)
     _put(out, where, _take(xn, rows))
@@ -286,7 +288,8 @@ def _retire(
     converged[where] = ok.index_select(0, rows)
     if bool(done.all()):
         return None
-    return (~done).nonzero().squeeze(1)
+    keep = (~done).nonzero().squeeze(1)
+    return idx.index_select(0, keep), _take(state, keep)
 
 
 def _roundoff(*values: Tensor) -> Tensor:
@@ -770,13 +773,11 @@ def _fista(
         x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
         done = ok if it < max_iter else torch.ones_like(ok)
         if bool(done.any()):
-            keep = _retire(done, ok, it, idx, xn, out, iterations, converged)
-            if keep is None:
+            state = (x, fx, y, fy, S, theta, L, curv, calm, scale)
+            going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
+            if going is None:
                 break
-            idx = idx[keep]
-            x, fx, y, fy, S, theta, L, curv, calm, scale = _take(
-                (x, fx, y, fy, S, theta, L, curv, calm, scale), keep
-            )
+            idx, (x, fx, y, fy, S, theta, L, curv, calm, scale) = going
     return Solution(out, iterations, converged)
 
 
@@ -877,13 +878,11 @@ def _fista_lasso(
             )
             done = ok if it < max_iter else torch.ones_like(ok)
             if bool(done.any()):
-                keep = _retire(done, ok, it, idx, xn, out, iterations, converged)
-                if keep is None:
+                state = (xn, step, y, theta, negb, L, nt, lo, hi, scale)
+                going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
+                if going is None:
                     break
-                idx = idx[keep]
-                xn, step, y, theta, negb, L, nt, lo, hi, scale = _take(
-                    (xn, step, y, theta, negb, L, nt, lo, hi, scale), keep
-                )
+                idx, (xn, step, y, theta, negb, L, nt, lo, hi, scale) = going
         theta_next = 0.5 + torch.sqrt(0.25 + theta * theta)
         beta = (theta - 1) / theta_next
         if restart:

@@ -59,8 +59,7 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
     from a few ``torch._foreach_*`` calls over all their parameters, the same numbers as
     autograd's (``s·sign(w)``, ``s·w``) for less work."""
     forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
-    direct = Spec({t: spec[t] for t in forms})
-    objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in direct}), True)
+    objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in forms}), True)
     order = ["loss", *spec]
 
     def grad_fn(params: Mapping[str, Tensor], strengths: Mapping[str, Any], *batch: Any) -> Any:
@@ -75,11 +74,13 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
                 found = tuple(torch.zeros_like(p) for p in leaves.values())
         grads = dict(zip(leaves, found, strict=True))
         metrics = {k: v.detach() for k, v in parts.items()}
-        if len(direct):
+        if forms:
+            selection = spec.selection(params)
             with torch.no_grad():  # the closed-form terms: no autograd graph
-                for term, names in direct.selection(params).items():
+                for term, form in forms.items():
+                    names = selection[term]
                     # out of place: autograd may hand the same tensor to several params
-                    value, summed = forms[term](
+                    value, summed = form(
                         [params[n] for n in names],
                         _strength(strengths, term),
                         [grads[n] for n in names],
