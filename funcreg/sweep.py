@@ -455,28 +455,26 @@ def _merge(keep: Tensor, new: Any, old: Any, batched: bool) -> Any:
 
 
 def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor:
-    """Per-model ``(C,)`` bool: metrics and params finite (one sum per tensor: a NaN or an
-    infinity anywhere makes the sum non-finite; half precision is summed in float32)."""
-    if batched:
-        s = mvec.sum(1, dtype=_acc(mvec))
-        for p in params.values():
-            s = s + p.reshape(p.shape[0], -1).sum(1, dtype=_acc(p))
-        return torch.isfinite(s)
-    # one model: a single sum over everything (one cat instead of a sum per tensor)
-    flat = torch.cat([mvec.reshape(-1), *(p.reshape(-1) for p in params.values())])
-    return torch.isfinite(flat.sum(dtype=_acc(flat))).reshape(1)
+    """Per-model ``(C,)`` bool: the largest magnitude over the model's metrics and params is
+    finite (an inf-norm per tensor: it cannot overflow, and a NaN propagates)."""
+
+    def largest(t: Tensor) -> Tensor:
+        if batched:
+            return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=math.inf, dim=1)
+        return torch.linalg.vector_norm(t, ord=math.inf)
+
+    m = largest(mvec)
+    for p in params.values():
+        if p.numel():
+            m = torch.maximum(m, largest(p))
+    return torch.isfinite(m).reshape(-1)
 
 
 def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """Whether every metric and param of a chunk is finite: the largest magnitude over all
-    of them (one ``_foreach_norm(inf)``, which cannot overflow and propagates NaN), read on
-    the host."""
+    """``bool(_finite(...).all())`` for the whole chunk at once: one ``_foreach_norm(inf)``
+    over every tensor, read on the host."""
     ts = [t for t in (mvec, *params.values()) if t.numel()]
     return math.isfinite(float(torch.stack(torch._foreach_norm(ts, math.inf)).max()))
-
-
-def _acc(t: Tensor) -> torch.dtype | None:
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:

@@ -590,7 +590,7 @@ def test_example_sweep_mlp_runs_small(
 def test_divergence_guard_sees_inf_and_nan_but_not_large_finite_values():
     """The common-path guard (largest magnitude over metrics and params) flags an inf or a
     NaN anywhere, but not finite values whose sum would overflow float32."""
-    from funcreg.sweep import _all_finite
+    from funcreg.sweep import _all_finite, _finite
 
     big = torch.full((4, 3), 3e38)  # Σ overflows float32, max does not
     ok = {"w": big, "b": torch.zeros(3), "empty": torch.zeros(0)}
@@ -600,3 +600,7 @@ def test_divergence_guard_sees_inf_and_nan_but_not_large_finite_values():
     nan_w = big.clone()
     nan_w[2, 1] = float("nan")
     assert not _all_finite(torch.tensor([1.0]), {**ok, "w": nan_w})
+    # the per-model check (used once something is not finite) agrees, model by model
+    stacked = {"w": torch.stack([big, nan_w]), "b": torch.zeros(2, 3)}
+    assert _finite(torch.ones(2, 2), stacked, batched=True).tolist() == [True, False]
+    assert _finite(torch.ones(2), ok, batched=False).tolist() == [True]
