@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, _flat
 from . import prox as P
 from .selectors import Selector, SelectorLike, as_selector
 
@@ -192,15 +192,14 @@ ClosedForm = Callable[[list[Tensor], "Tensor | float", list[Tensor]], tuple[Tens
 def _l1_closed_form(
     ws: list[Tensor], s: Tensor | float, gs: list[Tensor]
 ) -> tuple[Tensor, list[Tensor]]:
-    value = s * _total(torch._foreach_norm(ws, 1))
+    value = s * _flat.sum_abs(ws)
     return value, _add_scaled(gs, list(torch._foreach_sign(ws)), s)
 
 
 def _l2_closed_form(
     ws: list[Tensor], s: Tensor | float, gs: list[Tensor]
 ) -> tuple[Tensor, list[Tensor]]:
-    norms = torch._foreach_norm(ws)
-    value = s * (0.5 * _total(torch._foreach_mul(norms, norms)))
+    value = s * (0.5 * _flat.sum_squares(ws))
     return value, _add_scaled(gs, ws, s)
 
 
@@ -212,18 +211,6 @@ def _add_scaled(gs: list[Tensor], xs: list[Tensor], s: Tensor | float) -> list[T
             return [g + s * x for g, x in zip(gs, xs, strict=True)]
         s = float(s)
     return list(torch._foreach_add(gs, xs, alpha=s))
-
-
-def _total(xs: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """The sum of 0-dim tensors (one ``stack`` when they share a device and dtype)."""
-    if len(xs) == 1:
-        return xs[0]
-    if len({(x.device, x.dtype) for x in xs}) == 1:
-        return torch.stack(list(xs)).sum()
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
-    return total
 
 
 def _scaled(x: Tensor, c: Tensor | None) -> Tensor:

@@ -67,7 +67,7 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from . import _checks
+from . import _checks, _flat
 from .optim import Optimizer
 from .penalties import Penalty
 from .progress import Progress
@@ -471,10 +471,9 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
 
 
 def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """``bool(_finite(...).all())`` for the whole chunk at once: one ``_foreach_norm(inf)``
-    over every tensor, read on the host."""
-    ts = [t for t in (mvec, *params.values()) if t.numel()]
-    return math.isfinite(float(torch.stack(torch._foreach_norm(ts, math.inf)).max()))
+    """``bool(_finite(...).all())`` for the whole chunk at once: one inf-norm over every
+    tensor (:func:`funcreg._flat.max_abs`), read on the host."""
+    return math.isfinite(_flat.max_abs([mvec, *params.values()]))
 
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
