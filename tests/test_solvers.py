@@ -448,3 +448,39 @@ def test_lean_lasso_path_matches_general_path_with_weights():
     assert bool(lean.converged.all()) and bool(gen.converged.all())
     assert bool(((lean.iterations == 1) | (lean.iterations % 10 == 0)).all())
     torch.testing.assert_close(lean.params["weight"][:, 0], gen.params["w"], atol=1e-7, rtol=0)
+
+
+def _plain_fista(G, b, tau, L, iters, restart=True):
+    """Textbook FISTA with gradient restart on ``½wᵀGw − bᵀw + Σ τ|w|``, one model per row."""
+    x = torch.zeros_like(tau)
+    y, theta = x, torch.ones(tau.shape[0], 1, dtype=tau.dtype)
+    for _ in range(iters):
+        z = y - (y @ G - b) / L
+        xn = torch.sign(z) * torch.clamp(z.abs() - tau / L, min=0)
+        theta_next = 0.5 + torch.sqrt(0.25 + theta**2)
+        beta = (theta - 1) / theta_next
+        up = ((y - xn) * (xn - x)).sum(1, keepdim=True) > 0
+        up = up & restart
+        theta_next, beta = torch.where(up, 1.0, theta_next), torch.where(up, 0.0, beta)
+        y, x, theta = xn + beta * (xn - x), xn, theta_next
+    return x
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_lean_lasso_loop_is_textbook_fista_past_its_momentum_table(restart):
+    """The lean loop's folded gradient step and its momentum table (grown past 1024 steps)
+    follow plain FISTA with restart iterate by iterate; a per-model ``lipschitz=`` becomes
+    the largest one, since every model shares the Gram matrix."""
+    X, y = regression(n=60, p=12, seed=21, rho=0.95)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    ls = least_squares(Xt, yt)
+    alphas = torch.from_numpy(lasso_grid(X, y, k=3))
+    L = float(torch.linalg.eigvalsh(ls.gram)[-1]) * 3  # a slow step: still moving at 1500
+    sol = solve(
+        ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas}, tol=0.0, max_iter=1500,
+        lipschitz=torch.tensor([L / 2, L, L / 3], dtype=DT), restart=restart,
+    )  # fmt: skip
+    tau = alphas[:, None].expand(3, X.shape[1])
+    ref = _plain_fista(ls.gram, ls.xty, tau, L, 1500, restart)
+    assert int(sol.iterations.max()) > 1100  # some model went on past the first table
+    torch.testing.assert_close(sol.params["weight"][:, 0], ref, atol=1e-10, rtol=0)
