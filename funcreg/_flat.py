@@ -1,16 +1,16 @@
 """Reductions over a list of tensors in as few kernels as possible.
 
-The per-step bookkeeping of one eagerly trained model (a closed-form penalty's value, the
-divergence guard) reduces over a handful of small tensors. ``torch._foreach_norm`` runs one
-kernel per tensor and then needs a ``stack``; for small tensors, one ``cat`` into a flat
-vector and a single reduction costs less. Large tensors keep the per-tensor route, so the
-model is never copied whole.
+The per-step bookkeeping of a sweep (a closed-form penalty's value, the divergence guard)
+reduces over a handful of tensors. For small ones, one ``cat`` into a flat vector and a
+single reduction costs less than a kernel per tensor; large ones keep the per-tensor route,
+so the model is never copied whole. On CPU the reductions are ``abs().sum()`` and
+``abs().amax()``: ``vector_norm`` with ``ord=1`` or ``inf`` (and ``_foreach_norm``) runs
+3-10x slower there.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,23 +36,36 @@ def flat(ts: Sequence[Tensor]) -> Tensor | None:
 
 
 def total(xs: Sequence[Tensor]) -> Tensor:
-    """The sum of 0-dim tensors (one ``stack`` when they share a device and dtype)."""
+    """The sum of 0-dim tensors."""
+    return _combine(xs, torch.sum, torch.add)
+
+
+def total_max(xs: Sequence[Tensor]) -> Tensor:
+    """The largest of 0-dim tensors (NaN if any is NaN)."""
+    return _combine(xs, torch.max, torch.maximum)
+
+
+def _combine(
+    xs: Sequence[Tensor], reduce: Callable[[Tensor], Tensor], pair: Callable[..., Tensor]
+) -> Tensor:
+    """``reduce`` over 0-dim tensors: one ``stack`` when they share a device and dtype, else
+    pairwise on the first one's device."""
     if len(xs) == 1:
         return xs[0]
     if len({(x.device, x.dtype) for x in xs}) == 1:
-        return torch.stack(list(xs)).sum()
+        return reduce(torch.stack(list(xs)))
     out = xs[0]
     for x in xs[1:]:
-        out = out + x
+        out = pair(out, x.to(out.device))
     return out
 
 
 def sum_abs(ts: Sequence[Tensor]) -> Tensor:
     """``Σ_t Σ_i |t_i|`` as a 0-dim tensor."""
     v = flat(ts)
-    if v is not None:
-        return torch.linalg.vector_norm(v, 1)
-    return total(torch._foreach_norm(list(ts), 1))
+    if v is not None:  # abs().sum(): ~3x faster than vector_norm(v, 1) on CPU
+        return v.abs().sum()
+    return total([t.abs().sum() for t in ts])
 
 
 def sum_squares(ts: Sequence[Tensor]) -> Tensor:
@@ -65,12 +78,16 @@ def sum_squares(ts: Sequence[Tensor]) -> Tensor:
 
 
 def max_abs(ts: Sequence[Tensor]) -> float:
-    """``max_t max_i |t_i|`` read on the host (0.0 when every tensor is empty): an inf-norm,
-    so it cannot overflow, and a NaN anywhere makes it NaN."""
+    """``max_t max_i |t_i|`` read on the host (0.0 when every tensor is empty): it cannot
+    overflow, unlike a sum, and a NaN anywhere makes it NaN."""
     v = flat(ts)
-    if v is not None:  # abs().amax(): several times faster than vector_norm(v, inf) on CPU
-        return float(v.abs().amax()) if v.numel() else 0.0
-    ts = [t for t in ts if t.numel()]
-    if not ts:
-        return 0.0
-    return float(torch.stack(torch._foreach_norm(ts, math.inf)).max())
+    if v is not None:
+        return float(largest_abs(v)) if v.numel() else 0.0
+    found = [largest_abs(t) for t in ts if t.numel()]
+    return float(total_max(found)) if found else 0.0
+
+
+def largest_abs(t: Tensor, dim: int | None = None) -> Tensor:
+    """``max |t|`` (over ``dim``, or all of ``t``), NaN if any entry is NaN. ``abs().amax()``:
+    on CPU ``vector_norm(t, inf)`` (and ``_foreach_norm(·, inf)``) is ~10× slower."""
+    return t.abs().amax() if dim is None else t.abs().amax(dim=dim)

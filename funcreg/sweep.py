@@ -469,9 +469,7 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
     finite (an inf-norm per tensor: it cannot overflow, and a NaN propagates)."""
 
     def largest(t: Tensor) -> Tensor:
-        if batched:
-            return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=math.inf, dim=1)
-        return torch.linalg.vector_norm(t, ord=math.inf)
+        return _flat.largest_abs(t.reshape(t.shape[0], -1), 1) if batched else _flat.largest_abs(t)
 
     m = largest(mvec)
     for p in params.values():
@@ -481,8 +479,8 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
 
 
 def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """``bool(_finite(...).all())`` for the whole chunk at once: one inf-norm over every
-    tensor (:func:`funcreg._flat.max_abs`), read on the host."""
+    """``bool(_finite(...).all())`` for the whole chunk at once: the largest magnitude over
+    every tensor (:func:`funcreg._flat.max_abs`), read on the host."""
     return math.isfinite(_flat.max_abs([mvec, *params.values()]))
 
 
