@@ -51,8 +51,8 @@ A plain (weighted) Lasso on that path — one output, no intercept, no smooth te
 exact ``L1`` terms without ``toward=`` — goes through a leaner loop, ``_fista_lasso``: a
 fixed step ``1/L`` shared by every model, with ``L = λ_max(XᵀX/n)`` (``eigvalsh`` for
 ``p ≤ 512``, else Lanczos with a 2% margin; or the largest ``lipschitz=``), so no
-backtracking and ``backtrack`` is ignored; the gradient step folded into one ``addmm`` with
-``I − XᵀX/(nL)``; soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
+backtracking and ``backtrack`` is ignored; the gradient step as one ``addmm``;
+soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
 indexed by the steps since each model's last restart; the same restart and stopping test,
 but the test (one host synchronisation) runs only at iteration 1 and every 10th iteration,
 so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 10 tensor operations
@@ -541,10 +541,11 @@ def solve(
         stacked: whether ``params`` already carry the leading K axis.
         lipschitz: a Lipschitz constant of ``∇f`` (number or ``(K,)``) to start from instead
             of the built-in estimate; with ``backtrack=False`` the step stays
-            ``1/lipschitz`` (plain FISTA).
+            ``1/lipschitz`` (plain FISTA). The lean Lasso path (see the module docstring)
+            uses the largest given value for every model: they share one Gram matrix.
         backtrack: adapt ``L`` per model (grow it until the sufficient-decrease test holds,
-            and try shrinking it between iterations). Ignored on the lean Lasso path (see
-            the module docstring), whose step is fixed at ``1/λ_max``.
+            and try shrinking it between iterations). Ignored on the lean Lasso path, whose
+            step is fixed at ``1/λ_max(XᵀX/n)`` (or ``1/max(lipschitz)``).
         restart: gradient-based adaptive restart of the momentum.
 
     Returns:
@@ -829,15 +830,29 @@ def _gram_lipschitz(gram: Tensor) -> float:
     return 1.02 * float(est[0])
 
 
-def _momentum(n: int) -> list[float]:
-    """FISTA's momentum by steps since the last restart: ``β[0] = 0`` (a restart) and
-    ``β[c] = (θ_{c−1} − 1)/θ_c`` with ``θ_0 = 1``, ``θ_{c+1} = ½ + √(¼ + θ_c²)``."""
-    theta, out = 1.0, [0.0]
-    for _ in range(n - 1):
-        nxt = 0.5 + math.sqrt(0.25 + theta * theta)
-        out.append((theta - 1.0) / nxt)
-        theta = nxt
-    return out
+class _Momentum:
+    """FISTA's momentum by steps since the last restart, as a growing tensor table:
+    ``β[0] = 0`` (a restart) and ``β[c] = (θ_{c−1} − 1)/θ_c`` with ``θ_0 = 1``,
+    ``θ_{c+1} = ½ + √(¼ + θ_c²)``. Each growth computes only the new entries."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.theta = 1.0
+        self.table = like.new_zeros(1)
+        self.covering(63)
+
+    def covering(self, c: int) -> Tensor:
+        """The table, grown (doubled) until index ``c`` is in it."""
+        n = self.table.shape[0]
+        if c < n:
+            return self.table
+        new = []
+        for _ in range(max(n, c + 1 - n)):
+            nxt = 0.5 + math.sqrt(0.25 + self.theta * self.theta)
+            new.append((self.theta - 1.0) / nxt)
+            self.theta = nxt
+        more = torch.tensor(new, dtype=self.table.dtype).to(self.table.device)
+        self.table = torch.cat([self.table, more])
+        return self.table
 
 
 def _fista_lasso(
@@ -851,13 +866,12 @@ def _fista_lasso(
 ) -> Solution:
     """FISTA for ``1/(2n)‖y − Xw‖² + Σ_j τ_kj |w_j|`` on the Gram matrix with one fixed step
     ``1/L`` (no backtracking; the largest ``lipschitz=`` when given) and no host
-    synchronisation between tests. The gradient step is one ``addmm`` with the shared
-    ``A = I − G/L``; per iteration, on ``(K, p)`` tensors::
+    synchronisation between tests. Per iteration, on ``(K, p)`` tensors::
 
-        z = y A + b/L  (= y − ∇f(y)/L);  x⁺ = z − clamp(z, −τ/L, τ/L)     # soft-threshold
+        z = y − (y G)/L + b/L  (= y − ∇f(y)/L, one addmm);  x⁺ = z − clamp(z, −τ/L, τ/L)
         c ← 0 where ⟨y − x⁺, x⁺ − x⟩ > 0 (restart) else c + 1;  y ← x⁺ + β[c] (x⁺ − x)
 
-    with ``β`` from :func:`_momentum`. The stopping test of :func:`solve`
+    with ``β`` from :class:`_Momentum`. The stopping test of :func:`solve`
     (``L ‖x⁺ − y‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖)``, ``∇f(y) = L (y − z)``) is
     evaluated at iteration 1, every ``_CHECK_EVERY``-th iteration and at ``max_iter``;
     models that pass are written out and dropped from the batch."""
@@ -866,11 +880,10 @@ def _fista_lasso(
     G = ls.gram
     floor = torch.finfo(G.dtype).tiny ** 0.5
     L = max(_gram_lipschitz(G), floor) if L0 is None else float(L0.max())
-    A = torch.eye(p, dtype=G.dtype, device=G.device).sub_(G, alpha=1.0 / L)
     bL = ls.xty / L  # (1, p)
     hi = tau / L
     lo = -hi
-    beta = torch.tensor(_momentum(min(max_iter, 1024) + 1), dtype=w0.dtype, device=w0.device)
+    momentum = _Momentum(w0)
     out = w0[:, 0].clone()
     iterations = torch.full((K,), max_iter, dtype=torch.int64, device=w0.device)
     converged = torch.zeros(K, dtype=torch.bool, device=w0.device)
@@ -880,7 +893,7 @@ def _fista_lasso(
     y = x
     since = torch.zeros(K, 1, dtype=torch.int64, device=w0.device)  # steps since restart
     for it in range(1, max_iter + 1):
-        z = torch.addmm(bL, y, A)
+        z = torch.addmm(y, y, G, alpha=-1.0 / L).add_(bL)
         xn = z - torch.clamp(z, lo, hi)
         step = xn - x
         if it == 1 or it % _CHECK_EVERY == 0 or it == max_iter:
@@ -895,8 +908,7 @@ def _fista_lasso(
                 if going is None:
                     break
                 idx, (xn, step, y, since, lo, hi, scale) = going
-        if it + 1 >= beta.shape[0]:  # the table grows with the iterations, never a sync
-            beta = torch.tensor(_momentum(2 * beta.shape[0]), dtype=beta.dtype, device=beta.device)
+        beta = momentum.covering(it)  # since <= it: grown on the host, no read of since
         since = since + 1
         if restart:
             since = torch.where(torch.linalg.vecdot(y - xn, step).unsqueeze(1) > 0, 0, since)

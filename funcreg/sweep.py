@@ -432,13 +432,25 @@ def auto_chunk_size(forward: Callable[[], Any], k: int, device: torch.device | s
 
 
 def _seed(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator, and ``device``'s when it is a GPU: the generators
-    ``fork_rng`` restores after the sweep. (``torch.manual_seed`` would also reseed every
-    other device, and costs ~0.1 ms per call on a CPU-only build.)"""
-    torch.default_generator.manual_seed(seed)
+    """Seed the CPU generator, and a CUDA ``device``'s (its index resolved, see
+    :func:`_rng_devices`): the generators ``fork_rng`` restores after the sweep.
+    ``torch.manual_seed`` would also reseed every other GPU without restoring it, and costs
+    ~0.1 ms per call on a CPU-only build. Other device types keep ``torch.manual_seed``."""
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        torch.default_generator.manual_seed(seed)
+        with torch.cuda.device(_rng_devices(device)[0]):
             torch.cuda.manual_seed(seed)
+    elif device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices ``fork_rng`` saves for a sweep on ``device``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _plan_chunks(k: int, size: int) -> list[tuple[int, int]]:
@@ -833,7 +845,7 @@ class _Run:
         loss_fn, val_fn, dtype, names = s.loss_fn, s.val_fn, s.dtype, s.metric_names
 
         def wrapped(p: dict[str, Tensor], bufs: dict[str, Tensor], *batch: Tensor) -> Tensor:
-            return loss_fn({**p, **bufs} if bufs else p, *batch)
+            return loss_fn({**p, **bufs}, *batch)  # a new dict: the loss may change it
 
         def with_metric_vector(step: Callable[..., Any]) -> Callable[..., Any]:
             def one(
@@ -1075,9 +1087,8 @@ class _Run:
     def run(self) -> SweepResult:
         s = self.s
         self._history()
-        rng_devices = [s.dev.index or 0] if s.dev.type == "cuda" else []
         with contextlib.ExitStack() as stack_:
-            stack_.enter_context(torch.random.fork_rng(devices=rng_devices))
+            stack_.enter_context(torch.random.fork_rng(devices=_rng_devices(s.dev)))
             _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
             first = s.train.batch(self.start)
             size = s.chunk_size

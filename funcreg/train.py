@@ -55,9 +55,10 @@ def split_spec(spec: Spec | Mapping[str, Penalty], prox: bool) -> tuple[Spec, Sp
 def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., Any]:
     """``grad(penalized(loss_fn, spec, return_parts=True), has_aux=True)`` for one unbatched
     model, by ``torch.autograd``. Terms with a closed form (:meth:`Penalty.closed_form`:
-    plain ``L1``, ``L2``) stay out of the autograd graph: their values and gradients come
-    from a few ``torch._foreach_*`` calls over all their parameters, the same numbers as
-    autograd's (``s·sign(w)``, ``s·w``) for less work."""
+    plain ``L1``, ``L2``) stay out of the autograd graph: their gradients come from one
+    ``torch._foreach_add`` over all their parameters and their values from one reduction
+    (:mod:`funcreg._flat`), the same numbers as autograd's (``s·sign(w)``, ``s·w``) for less
+    work."""
     forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
     objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in forms}), True)
     order = ["loss", *spec]

@@ -468,19 +468,21 @@ def _plain_fista(G, b, tau, L, iters, restart=True):
 
 @pytest.mark.parametrize("restart", [True, False])
 def test_lean_lasso_loop_is_textbook_fista_past_its_momentum_table(restart):
-    """The lean loop's folded gradient step and its momentum table (grown past 1024 steps)
-    follow plain FISTA with restart iterate by iterate; a per-model ``lipschitz=`` becomes
-    the largest one, since every model shares the Gram matrix."""
+    """The lean loop's gradient step and its momentum table (grown well past its first 64
+    entries) follow plain FISTA with restart: the same iterate after 1, 2, 3, 40, 150 and
+    1500 iterations. A per-model ``lipschitz=`` becomes the largest one, since every model
+    shares the Gram matrix."""
     X, y = regression(n=60, p=12, seed=21, rho=0.95)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     ls = least_squares(Xt, yt)
     alphas = torch.from_numpy(lasso_grid(X, y, k=3))
-    L = float(torch.linalg.eigvalsh(ls.gram)[-1]) * 3  # a slow step: still moving at 1500
-    sol = solve(
-        ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas}, tol=0.0, max_iter=1500,
-        lipschitz=torch.tensor([L / 2, L, L / 3], dtype=DT), restart=restart,
-    )  # fmt: skip
+    L = float(torch.linalg.eigvalsh(ls.gram)[-1]) * 3  # a slow step: many iterations
     tau = alphas[:, None].expand(3, X.shape[1])
-    ref = _plain_fista(ls.gram, ls.xty, tau, L, 1500, restart)
-    assert int(sol.iterations.max()) > 1100  # some model went on past the first table
-    torch.testing.assert_close(sol.params["weight"][:, 0], ref, atol=1e-10, rtol=0)
+    for iters in (1, 2, 3, 40, 150, 1500):
+        sol = solve(
+            ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas}, tol=0.0, max_iter=iters,
+            lipschitz=torch.tensor([L / 2, L, L / 3], dtype=DT), restart=restart,
+        )  # fmt: skip
+        ref = _plain_fista(ls.gram, ls.xty, tau, L, iters, restart)
+        torch.testing.assert_close(sol.params["weight"][:, 0], ref, atol=1e-10, rtol=0)
+    assert int(sol.iterations.max()) > 1100  # some model went on past 1024 steps

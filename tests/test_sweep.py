@@ -298,6 +298,25 @@ def test_dropout_models_get_independent_masks() -> None:
     assert torch.equal(r.stacked["0.weight"], again.stacked["0.weight"])  # seeded
 
 
+def test_sweep_seeds_dropout_and_restores_the_callers_rng() -> None:
+    """``seed=`` fixes the dropout masks whatever the global RNG holds, and the caller's RNG
+    stream continues after the sweep as if it had not run."""
+    x, y = data()
+    net = mlp(dropout=0.5)
+    g = grid(l1=[1e-3], l2=0.0)
+    kw: dict[str, Any] = dict(train=(x, y), optimizer=adam(0.05), steps=3, progress=False)
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    a = sweep(net, mse_of(net), SPEC, g, seed=7, **kw)
+    assert torch.equal(torch.rand(4), expected_next)
+    torch.manual_seed(999)
+    b = sweep(net, mse_of(net), SPEC, g, seed=7, **kw)
+    c = sweep(net, mse_of(net), SPEC, g, seed=8, **kw)
+    assert torch.equal(a.stacked["0.weight"], b.stacked["0.weight"])
+    assert not torch.equal(a.stacked["0.weight"], c.stacked["0.weight"])
+
+
 # --------------------------------------------------------------------------- divergence
 
 
