@@ -628,7 +628,7 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "sweep run / S), median over repeats; ratios: median of per-repeat ratios to the loop "
         "(same repeat, interleaved); max |Δparam|: final params vs the loop after `steps` "
         "steps, all K models, repeat 1; warm-up/compile: first step minus mean ((d): first "
-        "sweep run minus second; the second run still re-traces, see README)."
+        "sweep run minus second)."
     )
 
 
