@@ -20,8 +20,10 @@ stationary point of the first-order conditions at the given other parameters.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,7 +126,13 @@ def strength_max(
         ref = pen.reference(n)
         at_zero[n] = torch.zeros_like(params[n]) if ref is None else ref.to(params[n].dtype)
     g = grad(loss_fn)(at_zero, *data)
-    return max(_term_max(pen, n, g[n].detach()) for n in names)
+    top = max(_term_max(pen, n, g[n].detach()) for n in names)
+    if not math.isfinite(top):
+        raise ValueError(
+            f"strength_max: the data loss's gradient at zero is {top} for term {term!r}: "
+            "NaN or inf in the data or the loss"
+        )
+    return top
 
 
 def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tensor:
@@ -134,10 +142,14 @@ def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tens
         raise ValueError(f"geometric_grid: strength_max must be finite and > 0, got {strength_max}")
     if not 0 < eps < 1:
         raise ValueError(f"geometric_grid: eps must be in (0, 1), got {eps}")
-    if n < 1:
-        raise ValueError(f"geometric_grid: n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"geometric_grid: n must be an integer >= 1, got {n!r}")
     top = math.log10(strength_max)
-    return torch.logspace(top, top + math.log10(eps), n, dtype=torch.float64)
+    out = torch.logspace(top, top + math.log10(eps), n, dtype=torch.float64)
+    out[0] = strength_max  # exact ends, as numpy.geomspace: the top is the all-zero point
+    if n > 1:
+        out[-1] = strength_max * eps
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,7 +432,8 @@ def path(
         strengths: the grid; default ``geometric_grid(strength_max, eps, n)`` with
             ``strength_max`` computed at the given params — for a convex fit after solving
             for the unpenalised parameters (e.g. an intercept) with ``term``'s at zero,
-            which makes it exact (see :func:`strength_max`). Always run largest first.
+            which makes it exact (see :func:`strength_max`). Run in the order ``descending``
+            says.
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
@@ -454,12 +467,20 @@ def path(
     loss = with_buffers(loss_fn, bufs0)
     val_t = as_data(val, "val")
     data_t = as_data(data) if optimizer is None or strengths is None else data
+    missing = [t for t in spec.strength_names if t != term and t not in fixed]
+    if missing:
+        raise ValueError(
+            f"path: the terms {missing} need a strength; pass fixed={{{missing[0]!r}: ...}}"
+        )
+    taken = sorted(set(sweep_kwargs) & {"train", "val", "optimizer", "steps", "init", "progress"})
+    if taken:
+        raise ValueError(f"path: {taken} are set by path itself (data=, val=, ...); remove them")
     t0 = time.perf_counter()
+    settled = params0
     if strengths is None:
-        start = params0
         if optimizer is None:
-            start = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
-        top = strength_max(loss, spec, term, start, *data_t)
+            settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
+        top = strength_max(loss, spec, term, settled, *data_t)
         if not top > 0:
             raise ValueError(
                 f"path: strength_max of term {term!r} is {top}: the data loss has zero "
@@ -481,7 +502,7 @@ def path(
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)
-        start = params0
+        start = settled if warm_start else params0  # the settled point is the path's top
         dtype = next(iter(params0.values())).dtype
         for a, b in chunks:
             x0 = {nm: v.expand(b - a, *v.shape).clone() for nm, v in start.items()}
@@ -504,8 +525,12 @@ def path(
         raise TypeError("path(optimizer=...) trains with fr.sweep: pass the nn.Module itself")
     results: list[SweepResult] = []
     init: Any = None
+    ckpt = sweep_kwargs.pop("checkpoint", None)
     for j, (a, b) in enumerate(chunks):
         g = {term: s[a:b], **_fixed_axes(fixed, b - a)}
+        if ckpt is not None:  # one file per chunk, so that each chunk resumes its own
+            stem = Path(ckpt)
+            sweep_kwargs["checkpoint"] = stem.with_name(f"{stem.stem}.chunk{j}{stem.suffix}")
         r = sweep(
             model,
             loss_fn,

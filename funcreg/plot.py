@@ -85,7 +85,7 @@ def path(
     ax = _axes(ax)
     x = s.numpy()
     if kind == "coef":
-        lines = v.flatten(1)
+        lines = v.reshape(v.shape[0], -1)
         ylabel = "coefficient"
     elif kind == "norm":
         if v.dim() == 2:
@@ -94,7 +94,7 @@ def path(
             lines = torch.linalg.vector_norm(v, dim=(1, *range(3, v.dim())))
         ylabel = "group norm ‖w_j‖₂"
     else:
-        lines = (v.flatten(1) != 0).sum(1, keepdim=True).double()
+        lines = (v.reshape(v.shape[0], -1) != 0).sum(1, keepdim=True).double()
         ylabel = "non-zero coefficients"
     for j in range(lines.shape[1]):
         ax.plot(x, lines[:, j].numpy(), label=f"{name}[{j}]" if kind != "nonzero" else name)

@@ -37,7 +37,7 @@ import copy
 import math
 import operator
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +227,7 @@ class SweepResult:
             )
             warnings.warn(note, UserWarning, stacklevel=2)
             metric = "loss"
-        vals = self.values(metric).clone()
+        vals = self.values(metric).cpu().clone()  # a sweep on a GPU keeps its history there
         ok = torch.isfinite(vals) & ~self.diverged.cpu()
         if not bool(ok.any()):
             raise ValueError(
@@ -439,9 +439,10 @@ class SweepResult:
         then ``os.replace``): a crash never leaves a half-written file."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # a new file by open(): it gets the umask's mode, as the target would (mkstemp: 0600)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 torch.save(self.to_dict(), f)
                 f.flush()
                 os.fsync(f.fileno())

@@ -103,6 +103,15 @@ def fold_masks(folds: Any, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """
     if isinstance(folds, bool):
         raise TypeError("folds must be an int, a tensor of fold ids or (train, test) pairs")
+    if n == 0:
+        raise ValueError("cross-validation needs data: the data has no samples")
+    if (
+        isinstance(folds, Sequence)
+        and not isinstance(folds, str | bytes)
+        and len(folds) == n
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in folds)
+    ):
+        folds = torch.as_tensor(list(folds))  # fold ids given as a plain list
     if isinstance(folds, numbers.Integral):
         f = int(folds)
         if f < 2:
@@ -185,7 +194,10 @@ def weighted_mean(fn: Callable[..., Tensor], use_weight: bool) -> Callable[..., 
     if use_weight:
 
         def by_keyword(p: Mapping[str, Tensor], w: Tensor, *batch: Tensor) -> Tensor:
-            return fn(p, *batch, weight=w)
+            # a minibatch may hold none of a fold's samples: its loss is 0 then, not 0/0
+            some = w.sum() > 0
+            out = fn(p, *batch, weight=torch.where(some, w, torch.ones_like(w)))
+            return torch.where(some, out, torch.zeros_like(out))
 
         return by_keyword
 
@@ -261,18 +273,24 @@ class CVResult:
         return self.scores.std(0, correction=1) / math.sqrt(self.n_folds)
 
     def best(self, rule: str = "min", axis: str | None = None) -> Best:
-        """The grid point chosen by ``rule``: ``"min"`` (lowest mean score) or ``"1se"``
+        """The grid point chosen by ``rule``: ``"min"`` (lowest mean score; among tied
+        minima the most regularised along ``axis``, as glmnet's ``lambda.min``) or ``"1se"``
         (the most regularised within one standard error of it, along ``axis``)."""
         if rule not in ("min", "1se"):
             raise ValueError(f"rule must be 'min' or '1se', got {rule!r}")
         mean = self.mean
+        along = axis or self.axis
+        if along is not None and along not in self.grid:
+            raise ValueError(f"axis {along!r} is not a grid axis; the grid has {list(self.grid)}")
         if rule == "min":
             if not bool(torch.isfinite(mean).any()):
                 raise ValueError("no grid point has a finite mean score (all fits diverged?)")
-            idx = int(torch.where(torch.isfinite(mean), mean, math.inf).argmin())
+            if along is None:
+                idx = int(torch.where(torch.isfinite(mean), mean, math.inf).argmin())
+            else:  # tied minima (e.g. every strength above strength_max): the most regularised
+                idx = one_se_index(mean, torch.zeros_like(mean), self.grid[along])
             note = ""
         else:
-            along = axis or self.axis
             if along is None:
                 raise ValueError(
                     f"rule='1se' needs an order: the grid varies along several strength axes "
@@ -592,6 +610,9 @@ def cross_validate(
             "cross_validate: the data tensors must share their first (sample) dimension, got "
             f"shapes {[tuple(t.shape) for t in data_t]}"
         )
+    for i, t in enumerate(data_t):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"cross_validate: data[{i}] contains NaN or inf; clean it first")
     train_m, test_m = fold_masks(folds, n, seed)
     nf = train_m.shape[0]
     fold_pairs = [

@@ -221,7 +221,7 @@ def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     """Per-model inner product ``⟨a, b⟩`` over all entries."""
     total: Tensor | None = None
     for key, v in a.items():
-        d = torch.linalg.vecdot(v.flatten(1), b[key].flatten(1))
+        d = torch.linalg.vecdot(v.reshape(v.shape[0], -1), b[key].reshape(v.shape[0], -1))
         total = d if total is None else total + d
     assert total is not None
     return total
@@ -231,7 +231,7 @@ def _sqnorm(a: Mapping[str, Tensor]) -> Tensor:
     """Per-model squared norm ``‖a‖²`` over all entries."""
     total: Tensor | None = None
     for v in a.values():
-        d = torch.linalg.vector_norm(v.flatten(1), dim=1).square()
+        d = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
         total = d if total is None else total + d
     assert total is not None
     return total

@@ -51,13 +51,14 @@ How it runs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import numbers
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,37 @@ def _describe_optimizer(opt: Optimizer) -> str:
     return "; ".join(parts)
 
 
+def _digest(tensors: Iterable[Tensor]) -> str:
+    """A SHA-256 of the tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        c = t.detach().to("cpu").contiguous()
+        h.update(f"{c.dtype}{tuple(c.shape)}".encode())
+        h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def init_identity(model: nn.Module, init: Any) -> str:
+    """A digest of what a sweep starts from: the model's parameters and buffers, and
+    ``init=`` (stacked params, or ``(params, buffers)``) when given."""
+    own = [*model.parameters(), *model.buffers()]
+    given = tree_flatten(init)[0] if init is not None else []
+    return _digest([*own, *(t for t in given if isinstance(t, Tensor))])
+
+
+def _spec_identity(spec: Spec) -> str:
+    """``repr(spec)``, plus a digest of the tensors it holds (``toward=``, ``weight=``), which
+    its repr only names."""
+    found: list[Tensor] = []
+    for pen in spec.values():
+        for f in fields(pen):
+            v = getattr(pen, f.name)
+            found += [v] if isinstance(v, Tensor) else []
+            if isinstance(v, Mapping):
+                found += [v[key] for key in sorted(v) if isinstance(v[key], Tensor)]
+    return repr(spec) + (f" tensors={_digest(found)}" if found else "")
+
+
 def _check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
     def refuse(what: str, a: Any, b: Any) -> ValueError:
         return ValueError(
@@ -603,6 +635,10 @@ def _initial(
     if init is None:
         return stack(params0, k), stack(fixed0, k)
     init_p, init_b = init if isinstance(init, tuple) else (init, {})
+    frozen = [n for n in init_p if n not in params0 and n in fixed0]
+    if frozen:  # fr.stack_modules / fr.stack list frozen parameters with the trained ones
+        init_b = {**{n: init_p[n] for n in frozen}, **init_b}
+        init_p = {n: v for n, v in init_p.items() if n not in frozen}
     check_stacked(init_p, k, "init")
     check_stacked(init_b, k, "init buffers")
     if list(init_p) != list(params0):
@@ -780,7 +816,7 @@ def sweep(
     selected = spec.selected_names(params0)
     identity = {
         "model": [[n, list(v.shape), str(v.dtype)] for n, v in {**params0, **fixed0}.items()],
-        "spec": repr(spec),
+        "spec": _spec_identity(spec),
         "grid": {n: v.clone() for n, v in g64.items()},
         "optimizer": _describe_optimizer(optimizer),
         "prox": bool(prox),
@@ -791,6 +827,8 @@ def sweep(
         "seed": seed,
     }
     ckpt = None if checkpoint is None else Path(checkpoint)
+    if ckpt is not None:  # the starting weights too: a resumed run never mixes two inits
+        identity["init"] = init_identity(model, init)
     prev = None if ckpt is None else _load_checkpoint(ckpt, identity, n_steps, model)
     if prev is not None:
         stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
@@ -817,7 +855,9 @@ def sweep(
         train=train_data,
         val=val_data,
         steps=n_steps,
-        eval_every=_positive_int("eval_every", eval_every) or max(1, n_steps // 20),
+        eval_every=_positive_int("eval_every", eval_every)
+        or (prev.meta.get("eval_every") if prev is not None else None)  # the run's cadence
+        or max(1, n_steps // 20),
         checkpoint_every=_positive_int("checkpoint_every", checkpoint_every)
         or max(1, n_steps // 10),
         chunk_size=_positive_int("chunk_size", chunk_size),
@@ -1092,11 +1132,15 @@ class _Run:
             _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
             first = s.train.batch(self.start)
             size = s.chunk_size
-            if size is None:  # the probe forward may draw random numbers: reseed after it
-                b0 = {n: v[0].clone() for n, v in s.stacked_b.items()}
-                p0 = {n: v[0] for n, v in s.stacked_p.items()}
-                size = auto_chunk_size(lambda: self.wrapped(p0, b0, *first), s.k, s.dev)
-            self.plan = _plan_chunks(s.k, size)
+            planned = None if s.prev is None else s.prev.meta.get("chunks")
+            if size is None and planned:  # a resumed run keeps the plan it started with
+                self.plan = [(int(a), int(b)) for a, b in planned]
+            else:
+                if size is None:  # the probe forward may draw random numbers: reseed after
+                    b0 = {n: v[0].clone() for n, v in s.stacked_b.items()}
+                    p0 = {n: v[0] for n, v in s.stacked_p.items()}
+                    size = auto_chunk_size(lambda: self.wrapped(p0, b0, *first), s.k, s.dev)
+                self.plan = _plan_chunks(s.k, size)
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])
                 if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:
