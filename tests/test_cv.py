@@ -203,6 +203,8 @@ def test_sweep_engine_fold_fit_equals_a_sweep_on_the_fold() -> None:
         ({"grid": {"l1": [0.1], "lr": [0.1]}}, ValueError, r"\['lr'\] name no spec term"),
         ({"steps": 10}, ValueError, r"give optimizer= and steps= together"),
         ({"data": (torch.ones(20, 2), torch.ones(19))}, ValueError, r"share their first"),
+        ({"data": (torch.ones(20, 2) * torch.nan, torch.ones(20))}, ValueError, r"data\[0\]"),
+        ({"data": (torch.ones(0, 2), torch.ones(0))}, ValueError, r"no samples"),
     ],
 )
 def test_bad_input(kwargs: dict[str, Any], err: type, match: str) -> None:
@@ -227,6 +229,51 @@ def test_bad_loss_and_1se_axis() -> None:
     with pytest.raises(ValueError, match=r"use cv.best\(rule\).strengths"):
         _ = cv.strength_min
     assert cv.best("1se", axis="l1").strengths["l1"] >= cv.best("min").strengths["l1"]
+    with pytest.raises(ValueError, match=r"axis 'bogus' is not a grid axis"):
+        cv.best("1se", axis="bogus")
+
+
+def test_fold_ids_as_a_plain_list_equal_a_tensor() -> None:
+    ids = [i % 3 for i in range(12)]
+    for a, b in zip(fold_masks(ids, 12), fold_masks(torch.tensor(ids), 12), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_tied_minimum_picks_the_most_regularised_strength() -> None:
+    """On pure noise every strength above strength_max fits the same intercept-only model;
+    among those tied minima the largest strength wins (glmnet's lambda.min), whatever the
+    grid's order."""
+    net, x, _, loss, _ = linear(2, n=60, p=4)
+    y = torch.randn(60, generator=torch.Generator().manual_seed(2), dtype=DT)
+    top = alpha_max(x, y)
+    grid = torch.tensor([20 * top, 10 * top, 5 * top, 0.5 * top, 0.05 * top], dtype=DT)
+    picks = set()
+    for g in (grid, grid.flip(0)):
+        cv = cross_validate(net, loss, SPEC, g, (x, y), folds=4)
+        tied = cv.mean == cv.mean.min()
+        assert int(tied.sum()) == 3  # the three strengths above strength_max
+        assert cv.strength_min == float(g[tied].max()) == float(grid[0])
+        picks.add(cv.strength_min)
+    assert len(picks) == 1
+
+
+def test_weight_keyword_loss_on_batches_without_fold_samples() -> None:
+    """With minibatches, a batch may hold none of a fold's training samples: a ``weight=``
+    loss then contributes 0 (as the per-sample route does), not 0/0."""
+    net, x, y, _, _ = linear(4, n=20, p=3)
+    x, y = x.float(), y.float()
+    net = net.float()
+
+    def loss_w(p: dict[str, Tensor], xb: Tensor, yb: Tensor, weight: Tensor) -> Tensor:
+        r = (functional_call(net, p, (xb,)).squeeze(-1) - yb) ** 2
+        return 0.5 * (weight * r).sum() / weight.sum()
+
+    cv = cross_validate(
+        net, loss_w, SPEC, [0.01, 0.001], (x, y), folds=4, optimizer=fr.optim.sgd(0.05),
+        steps=40, batch_size=2,
+    )  # fmt: skip
+    assert bool(torch.isfinite(cv.scores).all())
+    assert cv.fits is not None and not bool(cv.fits.diverged.any())
 
 
 def test_example_finetune_l2sp_runs_small(

@@ -228,3 +228,68 @@ def test_example_feature_selection_runs_small(tmp_path, capsys, one_thread, load
     assert [line.get_label() for line in ax.get_lines()][:2] == ["feature 0 *", "feature 1 *"]
     assert len(res["survivors"]) == 4 and len(res["survivors"][0]) <= len(res["survivors"][-1])
     assert "surviving features" in capsys.readouterr().out
+
+
+def test_scalar_params_solve_path_and_cross_validate(linear):
+    """A 0-dim intercept is a parameter like any other (stacked, it is (K,))."""
+    X, y, loss = linear
+    p = {"w": torch.zeros(10, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    spec = fr.Spec(l1=fr.L1("w"))
+    r = path(p, loss, spec, data=(X, y), n=5)
+    lasso = Lasso(alpha=float(r.grid["l1"][-1]), tol=1e-12).fit(X.numpy(), y.numpy())
+    assert float(r.stacked["b"][-1]) == pytest.approx(float(lasso.intercept_), abs=1e-6)
+    cv = fr.cross_validate(p, loss, spec, r.grid["l1"], (X, y), folds=3)
+    assert math.isfinite(cv.strength_min)
+
+
+def test_default_grid_top_is_exact_and_its_model_exactly_zero(linear):
+    """The grid's ends are strength_max and eps·strength_max to the bit (numpy.geomspace),
+    and the path's first model, started from the settled intercept, is exactly zero."""
+    _, _, loss = linear
+    g = geometric_grid(3.3, 1e-3, 7)
+    assert float(g[0]) == 3.3 and float(g[-1]) == 3.3 * 1e-3
+    for seed in range(5):  # from a zero intercept, seeds 1, 3 and 4 stopped at ~1e-7
+        gen = torch.Generator().manual_seed(seed)
+        X = torch.randn(60, 10, generator=gen, dtype=DT)
+        y = X[:, 0] * 2 - X[:, 3] + torch.randn(60, generator=gen, dtype=DT) + 3.0
+        p = {"w": torch.zeros(10, dtype=DT), "b": torch.zeros((), dtype=DT)}
+        r = path(p, loss, fr.Spec(l1=fr.L1("w")), data=(X, y), n=4, tol=1e-6)
+        assert bool((r.stacked["w"][0] == 0).all()), seed
+        assert float(r.stacked["b"][0]) == pytest.approx(float(y.mean()), rel=1e-6)
+
+
+def test_path_bad_input_is_named(linear):
+    X, y, loss = linear
+    p = {"w": torch.zeros(10, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    two = fr.Spec(l1=fr.L1("w"), l2=fr.L2("w"))
+    with pytest.raises(ValueError, match=r"need a strength; pass fixed=\{'l2'"):
+        path(p, loss, two, "l1", data=(X, y), n=3)
+    with pytest.raises(ValueError, match="not finite|NaN or inf"):
+        path(p, loss, fr.Spec(l1=fr.L1("w")), data=(X * math.nan, y), n=3)
+    with pytest.raises(ValueError, match=r"n must be an integer"):
+        geometric_grid(1.0, 1e-3, 2.5)
+    with pytest.raises(ValueError, match=r"set by path itself"):
+        path(
+            torch.nn.Linear(3, 1), lambda p, x: x.sum(), fr.Spec(l1=fr.L1("weight")),
+            data=(X,), strengths=[0.1], optimizer=fr.optim.sgd(0.1), steps=1, train=X,
+        )  # fmt: skip
+
+
+def test_path_with_an_optimizer_checkpoints_each_chunk_and_resumes(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(32, 4, generator=g)
+    y = X[:, :1] * 2 + 0.1 * torch.randn(32, 1, generator=g)
+    net = torch.nn.Linear(4, 1)
+
+    def loss(p, x, t):
+        return ((torch.func.functional_call(net, p, (x,)) - t) ** 2).mean()
+
+    kw = dict(data=(X, y), strengths=[0.1, 0.01, 0.001, 1e-4], chunk_size=2,
+              optimizer=fr.optim.sgd(0.1), steps=6)  # fmt: skip
+    spec = fr.Spec(l1=fr.L1("weight"))
+    ckpt = tmp_path / "p.pt"
+    first = path(net, loss, spec, checkpoint=ckpt, **kw)
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert files == ["p.chunk0.pt", "p.chunk1.pt"]
+    again = path(net, loss, spec, checkpoint=ckpt, **kw)  # resumes both: same numbers
+    assert torch.equal(first.stacked["weight"], again.stacked["weight"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 import pytest
@@ -139,6 +141,16 @@ def test_save_load_roundtrip(result: SweepResult, tmp_path: Any) -> None:
         loaded.module(0)
     assert isinstance(SweepResult.load(path, model=result.model).module(0), nn.Module)
     assert [p.name for p in path.parent.iterdir()] == ["r.pt"]  # no temporary left
+
+
+def test_saved_file_gets_the_umask_mode(result: SweepResult, tmp_path: Any) -> None:
+    """Like any new file (``open``), not the 0600 of a ``mkstemp`` temporary."""
+    old = os.umask(0o022)
+    try:
+        path = result.save(tmp_path / "r.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_save_is_atomic(result: SweepResult, tmp_path: Any, monkeypatch: Any) -> None:

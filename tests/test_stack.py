@@ -51,6 +51,7 @@ def test_grid_zipped_and_dtype() -> None:
         ({"l1": [[1.0, 2.0]]}, {}, ValueError, r"scalar or 1-d"),
         ({"l1": "big"}, {}, TypeError, r"must be a number"),
         ({"l1": [True, False]}, {}, TypeError, r"real numbers"),
+        ({"l1": [True, 0.5]}, {}, TypeError, r"not booleans"),
         ({"l1": [1, 2], "lr": [1, 2, 3]}, {"product": False}, ValueError, r"l1: 2, lr: 3"),
         ({}, {}, ValueError, r"at least one axis"),
         ({"l1": [1.0]}, {"dtype": torch.int64}, TypeError, r"floating dtype"),
@@ -89,6 +90,10 @@ def test_unstack_and_check_stacked() -> None:
     assert stacked["w"][3, 0] == 9.0  # a copy
     with pytest.raises(IndexError, match="index 4 is out of range for K=4"):
         unstack(stacked, 4)
+    with pytest.raises(TypeError, match="must be an int, got a bool"):
+        unstack(stacked, True)
+    with pytest.raises(ValueError, match="stacked params are empty"):
+        unstack({}, 0)
     with pytest.raises(ValueError, match=r"init\['w'\] has leading size 4, but the grid has K=3"):
         check_stacked(stacked, 3, "init")
 

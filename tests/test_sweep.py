@@ -435,6 +435,65 @@ def test_checkpoint_of_another_sweep_is_refused(tmp_path: Any) -> None:
         )
 
 
+def test_checkpoint_identity_covers_tensors_and_starting_weights(tmp_path: Any) -> None:
+    """toward=/weight= tensors (their repr only names them) and the starting weights are
+    part of a checkpoint's identity: another reference or another init is refused."""
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3, 1e-2], l2=1e-3)
+    kw: dict[str, Any] = dict(train=(x, y), optimizer=adam(0.02), steps=2, progress=False)
+    zeros = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    ones = {n: torch.ones_like(p) for n, p in net.named_parameters()}
+    path = tmp_path / "ck.pt"
+    sweep(net, mse_of(net), fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2(toward=zeros)), g,
+          checkpoint=path, **kw)  # fmt: skip
+    with pytest.raises(ValueError, match=r"the spec differs"):
+        sweep(net, mse_of(net), fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2(toward=ones)), g,
+              checkpoint=path, **kw)  # fmt: skip
+    path2 = tmp_path / "ck2.pt"
+    sweep(net, mse_of(net), SPEC, g, checkpoint=path2, **kw)
+    other = mlp()
+    with torch.no_grad():
+        other[0].weight.mul_(10)
+    with pytest.raises(ValueError, match=r"the init differs"):
+        sweep(other, mse_of(other), SPEC, g, checkpoint=path2, **kw)
+
+
+def test_resume_keeps_the_automatic_chunk_plan(tmp_path: Any) -> None:
+    """The automatic chunk size comes from a probe forward; a resumed run reuses the plan it
+    started with, even when its first batch (the short last one of an epoch) would probe
+    differently, and so ends with the uninterrupted run's numbers, BatchNorm included."""
+    g0 = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 16, generator=g0), torch.randn(300, 1, generator=g0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 4096), nn.BatchNorm1d(4096), nn.ReLU(), nn.Linear(4096, 1))
+    spec = fr.Spec(l2=fr.L2())
+    g = grid(l2=[1e-4, 1e-3, 1e-2, 1e-1])
+    kw: dict[str, Any] = dict(train=(x, y), optimizer=adam(1e-3), batch_size=256, progress=False)
+    full = sweep(net, mse_of(net), spec, g, steps=4, **kw)
+    path = tmp_path / "ck.pt"
+    sweep(net, mse_of(net), spec, g, steps=1, checkpoint=path, **kw)
+    resumed = sweep(net, mse_of(net), spec, g, steps=4, checkpoint=path, **kw)
+    assert resumed.meta["chunks"] == full.meta["chunks"]
+    for part in ("stacked", "stacked_buffers"):
+        for n, v in getattr(full, part).items():
+            assert torch.equal(getattr(resumed, part)[n], v), n
+
+
+def test_init_from_stack_modules_with_a_frozen_parameter() -> None:
+    x, y = data()
+    nets = [mlp(), mlp()]
+    with torch.no_grad():
+        nets[1][0].weight.mul_(2)
+    for n in nets:
+        n[-1].bias.requires_grad_(False)
+    g = grid(l1=[1e-3, 1e-2], l2=1e-3)
+    r = sweep(nets[0], mse_of(nets[0]), SPEC, g, train=(x, y), optimizer=adam(0.02), steps=2,
+              init=fr.stack_modules(nets), progress=False)  # fmt: skip
+    assert "2.bias" not in r.stacked and "2.bias" in r.stacked_buffers
+    assert torch.equal(r.stacked_buffers["2.bias"][1], nets[1][-1].bias)
+
+
 # ------------------------------------------------------------------------- bad input
 
 
