@@ -420,7 +420,8 @@ def path(
     * With ``optimizer`` and ``steps``: each chunk trains ``steps`` steps with
       :func:`fr.sweep <funcreg.sweep.sweep>` (networks); ``model_or_params`` must be the
       module and ``data`` is its ``train=`` (extra keywords such as ``batch_size`` go to
-      ``sweep``).
+      ``sweep``; ``checkpoint="p.pt"`` becomes one file per chunk, ``p.chunk0.pt``, ...,
+      so that a rerun resumes every chunk).
 
     Args:
         model_or_params: the model (or a dict of params); its current values start the
