@@ -318,7 +318,9 @@ def load_(module: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     if missing:
         raise ValueError(
             f"load_: no value for parameter(s) {_checks._names(missing)}; give every "
-            "floating-point parameter (e.g. result.params(i) or fr.unstack(stacked, i))"
+            "floating-point parameter, frozen ones included (a sweep keeps frozen parameters "
+            "with the buffers: use {**result.params(i), **result.buffers(i)} or "
+            "result.module(i))"
         )
     for n, v in params.items():
         t = targets[n]
