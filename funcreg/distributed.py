@@ -86,7 +86,6 @@ from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
 from .stack import build_grid, check_stacked
-from .sweep import init_identity
 from .sweep import sweep as _local_sweep
 
 __all__ = [
@@ -541,10 +540,7 @@ def sweep(
             return None
     merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
 
-    def start() -> str:
-        return init_identity(model, sweep_kwargs.get("init"))
-
-    return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done, start)
+    return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
 
 
 def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
@@ -572,10 +568,8 @@ def _merge(
     bounds: list[tuple[int, int]],
     world: int,
     gather_s: float,
-    start: Callable[[], str],
 ) -> SweepResult:
-    """The whole grid's SweepResult from the gathered leaves; ``start()`` is the whole
-    sweep's starting-point digest (each shard recorded its own slice's)."""
+    """The whole grid's SweepResult from the gathered leaves."""
 
     def cat(path: tuple[str, ...]) -> Tensor:
         v = merged[path]
@@ -597,8 +591,6 @@ def _merge(
     meta = dict(local.meta)
     identity = dict(meta.get("identity") or {})
     identity["grid"] = {n: v.clone() for n, v in g64.items()}
-    if "init" in identity:  # a shard digested its slice of init=; the whole sweep's start
-        identity["init"] = start()
     meta.update(
         identity=identity,
         chunks=chunks,

@@ -126,13 +126,13 @@ def strength_max(
         ref = pen.reference(n)
         at_zero[n] = torch.zeros_like(params[n]) if ref is None else ref.to(params[n].dtype)
     g = grad(loss_fn)(at_zero, *data)
-    top = max(_term_max(pen, n, g[n].detach()) for n in names)
-    if not math.isfinite(top):
+    bad = [n for n in names if not bool(torch.isfinite(g[n]).all())]
+    if bad:
         raise ValueError(
-            f"strength_max: the data loss's gradient at zero is {top} for term {term!r}: "
-            "NaN or inf in the data or the loss"
+            f"strength_max: the data loss's gradient at zero is not finite for {bad} (term "
+            f"{term!r}): NaN or inf in the data or the loss"
         )
-    return top
+    return max(_term_max(pen, n, g[n].detach()) for n in names)
 
 
 def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tensor:
@@ -473,9 +473,12 @@ def path(
         raise ValueError(
             f"path: the terms {missing} need a strength; pass fixed={{{missing[0]!r}: ...}}"
         )
-    taken = sorted(set(sweep_kwargs) & {"train", "val", "optimizer", "steps", "init", "progress"})
+    taken = sorted(set(sweep_kwargs) & {"train", "init"})
     if taken:
-        raise ValueError(f"path: {taken} are set by path itself (data=, val=, ...); remove them")
+        raise ValueError(
+            f"path: {taken} are set by path itself (data= is the training data, and every "
+            "chunk starts from model_or_params or the previous chunk); remove them"
+        )
     t0 = time.perf_counter()
     settled = params0
     if strengths is None:

@@ -441,8 +441,9 @@ class SweepResult:
         target.parent.mkdir(parents=True, exist_ok=True)
         # a new file by open(): it gets the umask's mode, as the target would (mkstemp: 0600)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        f = open(tmp, "xb")  # noqa: SIM115 - closed below; only a file we created is removed
         try:
-            with open(tmp, "xb") as f:
+            with f:
                 torch.save(self.to_dict(), f)
                 f.flush()
                 os.fsync(f.fileno())

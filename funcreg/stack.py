@@ -50,7 +50,7 @@ def _axis_values(name: str, value: Any, dtype: torch.dtype) -> tuple[Tensor, boo
             f"grid axis {name!r} must be a number, a list, a numpy array or a tensor of "
             f"numbers, got {type(value).__name__} {value!r}"
         )
-    if isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value):
+    if isinstance(value, list | tuple) and any(isinstance(v, bool | np.bool_) for v in value):
         raise TypeError(f"grid axis {name!r} must hold real numbers, not booleans: {value!r:.80}")
     scalar = isinstance(value, numbers.Real) or (
         isinstance(value, Tensor | np.ndarray) and value.ndim == 0
@@ -282,7 +282,7 @@ def unstack(stacked: Mapping[str, Tensor], i: Any) -> dict[str, Tensor]:
     ``i`` is an int (negative counts from the end) or anything with ``__index__``, such as
     the value returned by ``result.best()``.
     """
-    if isinstance(i, bool):
+    if isinstance(i, bool | np.bool_):
         raise TypeError("unstack: the model index must be an int, got a bool")
     if not stacked:
         raise ValueError("unstack: the stacked params are empty")

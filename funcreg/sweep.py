@@ -44,8 +44,11 @@ How it runs
   ``checkpoint_every`` steps and at the end (atomically). Calling ``sweep`` again with the
   same path resumes, also with a larger ``steps``/``epochs``, and ends with the same numbers
   as an uninterrupted run (given deterministic data: tensors, or an iterable that yields
-  the same batches each pass). A checkpoint written by a different sweep (model, spec,
-  grid, optimizer, prox, data shapes, batch size or seed differ) is refused.
+  the same batches each pass). A checkpoint written by a different sweep (model, spec
+  including its ``toward=``/``weight=`` tensors, grid, optimizer, prox, data shapes, batch
+  size or seed differ) is refused. A resumed run continues from the checkpoint's weights:
+  the model's current values and ``init=`` are not read then. It keeps the chunk plan and,
+  unless given, the ``eval_every`` it started with.
 """
 
 from __future__ import annotations
@@ -352,34 +355,31 @@ def _describe_optimizer(opt: Optimizer) -> str:
     return "; ".join(parts)
 
 
-def _digest(tensors: Iterable[Tensor]) -> str:
-    """A SHA-256 of the tensors' dtypes, shapes and bytes."""
+def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """A SHA-256 of labelled tensors: each label, dtype, shape and the bytes."""
     h = hashlib.sha256()
-    for t in tensors:
-        c = t.detach().to("cpu").contiguous()
-        h.update(f"{c.dtype}{tuple(c.shape)}".encode())
-        h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for label, t in tensors:
+        h.update(f"{label}:{t.dtype}{tuple(t.shape)}:".encode())
+        if t.layout != torch.strided or t.device.type == "meta":
+            h.update(repr(t).encode())  # no plain bytes to hash
+            continue
+        c = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def init_identity(model: nn.Module, init: Any) -> str:
-    """A digest of what a sweep starts from: the model's parameters and buffers, and
-    ``init=`` (stacked params, or ``(params, buffers)``) when given."""
-    own = [*model.parameters(), *model.buffers()]
-    given = tree_flatten(init)[0] if init is not None else []
-    return _digest([*own, *(t for t in given if isinstance(t, Tensor))])
 
 
 def _spec_identity(spec: Spec) -> str:
     """``repr(spec)``, plus a digest of the tensors it holds (``toward=``, ``weight=``), which
     its repr only names."""
-    found: list[Tensor] = []
-    for pen in spec.values():
+    found: list[tuple[str, Tensor]] = []
+    for term, pen in spec.items():
         for f in fields(pen):
             v = getattr(pen, f.name)
-            found += [v] if isinstance(v, Tensor) else []
-            if isinstance(v, Mapping):
-                found += [v[key] for key in sorted(v) if isinstance(v[key], Tensor)]
+            if isinstance(v, Tensor):
+                found.append((f"{term}.{f.name}", v))
+            elif isinstance(v, Mapping):
+                found += [(f"{term}.{f.name}[{key}]", v[key]) for key in sorted(v)
+                          if isinstance(v[key], Tensor)]  # fmt: skip
     return repr(spec) + (f" tensors={_digest(found)}" if found else "")
 
 
@@ -726,7 +726,8 @@ def sweep(
             tensors are evaluated in batches of the same size.
         prox: non-smooth terms by their prox (exact zeros) or by subgradient (``False``).
         eval_every: evaluate (validation loss/metric, exact-zero fractions) every this many
-            steps and at the end (default: 20 evaluations per run).
+            steps and at the end (default: 20 evaluations per run; a resumed run keeps the
+            cadence it started with).
         chunk_size: models per vmapped call (``None``: :func:`auto_chunk_size`).
         compile: ``torch.compile(fullgraph=True)`` the chunk step.
         progress: a tqdm bar (plain lines without tqdm); ``False`` for silence.
@@ -827,8 +828,6 @@ def sweep(
         "seed": seed,
     }
     ckpt = None if checkpoint is None else Path(checkpoint)
-    if ckpt is not None:  # the starting weights too: a resumed run never mixes two inits
-        identity["init"] = init_identity(model, init)
     prev = None if ckpt is None else _load_checkpoint(ckpt, identity, n_steps, model)
     if prev is not None:
         stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
@@ -1132,7 +1131,10 @@ class _Run:
             _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
             first = s.train.batch(self.start)
             size = s.chunk_size
+            # (a merged distributed result records its shards' plans: re-plan for one process)
             planned = None if s.prev is None else s.prev.meta.get("chunks")
+            if s.prev is not None and "distributed" in s.prev.meta:
+                planned = None
             if size is None and planned:  # a resumed run keeps the plan it started with
                 self.plan = [(int(a), int(b)) for a, b in planned]
             else:

@@ -276,10 +276,11 @@ def test_two_processes_equal_one_process_exactly(
         a, b = frd.shard_bounds(k, 2, r)
         assert shard.steps == STEPS and max(b - a, 2) == shard.K
         assert torch.equal(shard.stacked["0.weight"][: b - a], ref.stacked["0.weight"][a:b])
-    if k == 4:  # a merged result is also a one-process checkpoint: it continues
+    if k in (3, 4):  # a merged result is also a one-process checkpoint: it continues, with
+        # the one-process chunk plan (K=3's shards were [0, 2) and a lone model)
         longer = {**kw, "steps": STEPS + 4}
         ckpt = tmp_path / "merged.pt"
-        ckpt.write_bytes((launched / "k4.rank0.result.pt").read_bytes())
+        ckpt.write_bytes((launched / f"{name}.rank0.result.pt").read_bytes())
         cont = sweep(net, loss, spec, grid, checkpoint=ckpt, **longer)
         assert_same(cont, sweep(net, loss, spec, grid, **longer))
 
