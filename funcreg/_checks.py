@@ -42,6 +42,12 @@ def no_match_error(term: str, selector: Any, names: Iterable[str]) -> ValueError
     )
 
 
+def check_finite(where: str, what: str, t: Tensor) -> None:
+    """No NaN or inf in a floating (or complex) tensor of data or params."""
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: {what} contains NaN or inf; clean it first")
+
+
 def check_strength_value(term: str, value: Any) -> None:
     """A strength must be a finite, non-negative number or floating tensor."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):

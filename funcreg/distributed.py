@@ -539,7 +539,6 @@ def sweep(
         if rank != dst:
             return None
     merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
-
     return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
 
 

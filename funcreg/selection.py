@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import _checks
 from .optim import Optimizer
 from .path import (
     as_data,
@@ -611,8 +612,7 @@ def cross_validate(
             f"shapes {[tuple(t.shape) for t in data_t]}"
         )
     for i, t in enumerate(data_t):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"cross_validate: data[{i}] contains NaN or inf; clean it first")
+        _checks.check_finite("cross_validate", f"data[{i}]", t)
     train_m, test_m = fold_masks(folds, n, seed)
     nf = train_m.shape[0]
     fold_pairs = [

@@ -482,11 +482,6 @@ def _check_solve_args(max_iter: Any, tol: Any) -> None:
         raise ValueError(f"solve: tol must be a finite number >= 0, got {tol!r}")
 
 
-def _check_finite(what: str, t: Tensor) -> None:
-    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"solve: {what} contains NaN or inf; clean it before solving")
-
-
 def _sweep_size(strengths: Mapping[str, Any]) -> int | None:
     K: int | None = None
     first = ""
@@ -568,10 +563,10 @@ def solve(
     for name, p in params.items():
         if not p.is_floating_point():
             raise TypeError(f"solve: params[{name!r}] must be floating point, got {p.dtype}")
-        _check_finite(f"params[{name!r}]", p)
+        _checks.check_finite("solve", f"params[{name!r}]", p)
     for i, d in enumerate(data):
         if isinstance(d, Tensor):
-            _check_finite(f"data[{i}]", d)
+            _checks.check_finite("solve", f"data[{i}]", d)
     if isinstance(loss_fn, LeastSquares) and data:
         raise TypeError("solve: a least_squares loss holds its data; pass no *data")
     smooth, nonsmooth = spec.smooth(), spec.nonsmooth()

@@ -468,14 +468,13 @@ def _seed(seed: int, device: torch.device) -> None:
     :func:`_rng_devices`): the generators ``fork_rng`` restores after the sweep.
     ``torch.manual_seed`` would also reseed every other GPU without restoring it, and costs
     ~0.1 ms per call on a CPU-only build. Other device types keep ``torch.manual_seed``."""
-    if device.type == "cuda":
-        torch.default_generator.manual_seed(seed)
-        with torch.cuda.device(_rng_devices(device)[0]):
-            torch.cuda.manual_seed(seed)
-    elif device.type == "cpu":
-        torch.default_generator.manual_seed(seed)
-    else:
+    if device.type not in ("cpu", "cuda"):
         torch.manual_seed(seed)
+        return
+    torch.default_generator.manual_seed(seed)
+    for index in _rng_devices(device):
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -1131,10 +1130,9 @@ class _Run:
             _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
             first = s.train.batch(self.start)
             size = s.chunk_size
-            # (a merged distributed result records its shards' plans: re-plan for one process)
-            planned = None if s.prev is None else s.prev.meta.get("chunks")
-            if s.prev is not None and "distributed" in s.prev.meta:
-                planned = None
+            resumed = {} if s.prev is None else s.prev.meta
+            # a merged distributed result records its shards' plans: re-plan for one process
+            planned = None if "distributed" in resumed else resumed.get("chunks")
             if size is None and planned:  # a resumed run keeps the plan it started with
                 self.plan = [(int(a), int(b)) for a, b in planned]
             else:

@@ -145,13 +145,19 @@ def test_step_is_pure() -> None:
 # ------------------------------------------------------------------ step_eager (_foreach)
 
 
-def _assert_same_tree(a: Any, b: Any) -> None:
+def _assert_same_tree(a: Any, b: Any, ulps: int = 0) -> None:
+    """Same structure, dtypes and shapes; values bitwise equal (``ulps=0``) or within
+    ``ulps`` machine epsilons, relative and absolute."""
     la, sa = tree_flatten(a)
     lb, sb = tree_flatten(b)
     assert sa == sb
     for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
-        assert torch.equal(x, y)
+        if ulps == 0:
+            assert torch.equal(x, y)
+        else:
+            eps = torch.finfo(x.dtype).eps
+            torch.testing.assert_close(x, y, rtol=ulps * eps, atol=ulps * eps)
 
 
 EAGER_CASES = CASES + [
@@ -190,17 +196,7 @@ def test_step_eager_equals_step(
         if kind == "sgd":
             _assert_same_tree((p1, s1), (p2, s2))
         else:
-            _assert_close_tree((p1, s1), (p2, s2))
-
-
-def _assert_close_tree(a: Any, b: Any) -> None:
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb, strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        eps = torch.finfo(x.dtype).eps
-        torch.testing.assert_close(x, y, rtol=64 * eps, atol=64 * eps)
+            _assert_same_tree((p1, s1), (p2, s2), ulps=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
