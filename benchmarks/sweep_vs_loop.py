@@ -65,16 +65,31 @@ SWEEP_MISSING = "funcreg.sweep not available"
 
 
 def _torch_setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any], Any, Any]:
+    """torch, dtype and the task's tensors on ``cfg["device"]`` (the batch indices too)."""
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    dev = torch.device(cfg["device"])
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["dtype"]]
     x, y, init, idx = common.read_task(Path(cfg["task"]))
-    X = torch.from_numpy(x).to(dtype)
-    Y = torch.from_numpy(y).to(dtype)
-    init_t = {k: torch.from_numpy(v).to(dtype) for k, v in init.items()}
-    idx_t = None if idx is None else torch.from_numpy(idx)
+    X = torch.from_numpy(x).to(dev, dtype)
+    Y = torch.from_numpy(y).to(dev, dtype)
+    init_t = {k: torch.from_numpy(v).to(dev, dtype) for k, v in init.items()}
+    idx_t = None if idx is None else torch.from_numpy(idx).to(dev)
     return torch, dtype, X, init_t, Y, idx_t
+
+
+def _sync(cfg: dict[str, Any]) -> Any:
+    """A function that waits for the device's queued work (a no-op on the CPU)."""
+    import torch
+
+    if cfg["device"].startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _host(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 def _batch(X: Any, Y: Any, idx: Any, i: int) -> tuple[Any, Any]:
@@ -85,7 +100,7 @@ def _batch(X: Any, Y: Any, idx: Any, i: int) -> tuple[Any, Any]:
 
 
 def _new_model(torch: Any, dtype: Any, init: dict[str, Any]) -> Any:
-    model = common.make_model().to(dtype)
+    model = common.make_model().to(init["0.weight"].device, dtype)
     with torch.no_grad():
         model.load_state_dict(init)
     return model
@@ -108,6 +123,7 @@ def worker_loop(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
     else:
         opts = [torch.optim.SGD(m.parameters(), lr=common.SGD_LR) for m in models]
     rss0 = common.current_rss_mb()
+    sync = _sync(cfg)
 
     def step(i: int) -> None:
         xb, yb = _batch(X, Y, idx, i)
@@ -118,11 +134,12 @@ def worker_loop(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
             opt.zero_grad()
             loss.backward()
             opt.step()
+        sync()
 
     timing = common.time_steps(step, cfg["steps"], cfg["warmup"])
     timing["rss_start_mb"] = rss0
     final = {
-        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).numpy()
+        name: _host(torch.stack([dict(m.named_parameters())[name] for m in models]))
         for name in common.PARAM_NAMES
     }
     return timing, final
@@ -138,7 +155,7 @@ def worker_vmap(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
     base = _new_model(torch, dtype, init)
     # one init for all K models: expand, then clone (in-place updates follow)
     P = {k: v.expand(K, *v.shape).clone() for k, v in init.items()}
-    lam = torch.tensor(common.strengths(K), dtype=dtype)
+    lam = torch.tensor(common.strengths(K), dtype=dtype, device=X.device)
 
     def loss_fn(p: dict[str, Any], lam: Any, xb: Any, yb: Any) -> Any:
         out = functional_call(base, p, (xb,), strict=True)
@@ -153,6 +170,7 @@ def worker_vmap(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
     b1, b2 = common.ADAM_BETAS
     t = [0]
     rss0 = common.current_rss_mb()
+    sync = _sync(cfg)
 
     def step(i: int) -> None:
         xb, yb = _batch(X, Y, idx, i)
@@ -161,6 +179,7 @@ def worker_vmap(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
             if not adam:
                 for k, p in P.items():
                     p.add_(g[k], alpha=-common.SGD_LR)
+                sync()
                 return
             t[0] += 1
             step_size = common.ADAM_LR / (1 - b1 ** t[0])
@@ -170,10 +189,11 @@ def worker_vmap(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarr
                 v2[k].mul_(b2).addcmul_(g[k], g[k], value=1 - b2)
                 denom = (v2[k].sqrt() / bc2_sqrt).add_(common.ADAM_EPS)
                 p.addcdiv_(m[k], denom, value=-step_size)
+        sync()
 
     timing = common.time_steps(step, cfg["steps"], cfg["warmup"])
     timing["rss_start_mb"] = rss0
-    return timing, {k: v.numpy() for k, v in P.items()}
+    return timing, {k: _host(v) for k, v in P.items()}
 
 
 class _Batches:
@@ -265,12 +285,14 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
     # funcreg batches the tensors itself when its batch order is the task's (the usual
     # way to call it); otherwise it gets the task's batches as a re-iterable sequence
     batch_size = None if idx is None else idx.shape[1]
-    native = idx is None or _same_batches(mod, idx, batch_size)
+    native = idx is None or _same_batches(mod, idx.cpu(), batch_size)
     train = (X, Y) if native else _Batches(X, Y, idx)
     compiled = cfg["impl"] == "sweep-compile"
     rss0 = common.current_rss_mb()
+    sync = _sync(cfg)
 
     def run(steps: int) -> tuple[Any, tuple[float, float, float]]:
+        sync()
         start = common.Clock()
         res = mod.sweep(
             model,
@@ -286,6 +308,7 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
             progress=False,
             seed=0,
         )
+        sync()
         return res, common.Clock().since(start)
 
     _, (w1, c1, _) = run(S)
@@ -301,7 +324,7 @@ def worker_sweep(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
         "rss_start_mb": rss0,
         "batching": "funcreg" if native else "iterable",
     }
-    return timing, {k: v.detach().numpy() for k, v in _stacked(res, K).items()}
+    return timing, {k: _host(v) for k, v in _stacked(res, K).items()}
 
 
 def worker_jax(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -372,7 +395,22 @@ def run_worker(cfg: dict[str, Any]) -> None:
     timing, final = WORKERS[cfg["impl"]](cfg)
     np.savez(cfg["out"], **final)
     timing["peak_rss_mb"] = common.peak_rss_mb()
+    timing["peak_device_mb"] = _peak_device_mb(cfg)
     print("RESULT " + json.dumps(timing), flush=True)
+
+
+def _peak_device_mb(cfg: dict[str, Any]) -> float:
+    """Peak memory allocated on the GPU by this worker, MB (NaN on the CPU)."""
+    if not cfg["device"].startswith("cuda"):
+        return float("nan")
+    if cfg["impl"] == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", float("nan")) / 2**20
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 # ============================================================================ parent
@@ -398,10 +436,16 @@ def steps_for(K: int, rows: int, args: argparse.Namespace) -> int:
     return int(min(args.steps, max(args.min_steps, round(args.steps * args.work_k / work))))
 
 
-def child_env(threads: int, tune_malloc: bool) -> dict[str, str]:
+def child_env(threads: int, tune_malloc: bool, device: str = "cpu") -> dict[str, str]:
     env = dict(os.environ)
     n = str(threads)
     env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
+    # JAX runs where torch runs: its CPU backend for --device cpu even on a GPU machine;
+    # on a GPU it allocates as it goes (not 75% of the card up front), so peaks compare
+    gpu = device.startswith("cuda")
+    env["JAX_PLATFORMS"] = "cuda" if gpu else "cpu"
+    if gpu:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if threads == 1:
         flags = env.get("XLA_FLAGS", "")
         env["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -447,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads(N)")
+    p.add_argument("--device", default="cpu", help="where every implementation runs: cpu, cuda")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--steps", type=int, default=200, help="steps per run (small K)")
     p.add_argument(
@@ -481,11 +526,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped = {i: why for i in impls if (why := available(i)) is not None}
     impls = [i for i in impls if i not in skipped]
     configs = [(K, args.batch_size) for K in args.k] + [(K, None) for K in args.full_k]
-    env = child_env(args.threads, args.tune_malloc)
+    env = child_env(args.threads, args.tune_malloc, args.device)
 
     import torch
 
     versions = f"torch {torch.__version__}"
+    if args.device.startswith("cuda"):
+        versions += f" on {torch.cuda.get_device_name(torch.device(args.device))}"
     if "jax" in impls:
         import jax
         import optax
@@ -528,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "threads": args.threads,
                         "dtype": args.dtype,
                         "optimizer": args.optimizer,
+                        "device": args.device,
                         "out": str(Path(tmp) / f"{impl}_{K}_{bs}_{r}.npz"),
                     }
                     res = launch(cfg, env, args.timeout)
@@ -584,6 +632,7 @@ def summarise(
                 sys_share=common.median([r["sys_share"] for r in ok]),
                 warmup_s=common.median(warm),
                 peak_rss_mb=common.median([r["peak_rss_mb"] for r in ok]),
+                peak_device_mb=common.median([r.get("peak_device_mb", math.nan) for r in ok]),
                 rss_start_mb=common.median([r["rss_start_mb"] for r in ok]),
                 max_dparam=dparam,
                 repeats=len(ok),
@@ -594,9 +643,11 @@ def summarise(
 
 
 def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    gpu = args.device.startswith("cuda")
+    memory = ("peak GPU MB", "peak_device_mb") if gpu else ("peak RSS MB", "peak_rss_mb")
     print(
-        "\n| impl | K | batch | ms/step | µs per strength-step | ratio vs loop | peak RSS MB "
-        "| max \\|Δparam\\| |"
+        "\n| impl | K | batch | ms/step | µs per strength-step | ratio vs loop "
+        f"| {memory[0]} | max \\|Δparam\\| |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -607,7 +658,7 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(
             f"| {name} | {r['K']} | {r['batch']} | {fmt(r['wall_ms'], '.2f')} "
             f"| {fmt(r['us_per_strength_step'], '.0f')} | {fmt(r['ratio'], '.2f')} "
-            f"| {fmt(r['peak_rss_mb'], '.0f')} | {fmt(r['max_dparam'], '.1e')} |"
+            f"| {fmt(r[memory[1]], '.0f')} | {fmt(r['max_dparam'], '.1e')} |"
         )
     print(
         "\n| impl | K | batch | steps | CPU ms/step | CPU ratio vs loop | strength-steps/s "

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/README.md in one run (about 8 minutes on one H100/H200):
+#   1. tests/test_cuda.py: the same numbers on the GPU as on the CPU (float64);
+#   2. sweep_vs_loop.py on the GPU, K up to 1024, minibatch 512 and full batch, with JAX;
+#   3. the same for fr.sweep(compile=True) at K = 64 and 1024, next to the loop.
+# Usage, from the repository root on a machine with a CUDA build of torch (jax and optax
+# optional):  bash benchmarks/gpu.sh [OUTDIR]      (default OUTDIR: gpu-results)
+# Each part has its own time limit, so a failing part leaves the others' results.
+set -uo pipefail
+out=${1:-gpu-results}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    "$py" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+} 2>&1 | tee "$out/machine.txt"
+
+timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+
+bench() {  # bench NAME SECONDS ARGS...: one sweep_vs_loop run, table and log under $out
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$py" benchmarks/sweep_vs_loop.py --device "${DEVICE:-cuda}" --warmup 3 --min-steps 12 \
+        --json "$out/$name.json" "$@" > >(tee "$out/$name.md") 2> >(tee "$out/$name.log" >&2)
+}
+bench sweep_gpu 300 --k 1 64 1024 --full-k 1024 --impls loop,vmap,sweep,jax --repeats 2
+bench compile_gpu 160 --k 64 1024 --full-k --impls loop,sweep-compile --repeats 1
