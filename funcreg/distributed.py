@@ -86,6 +86,7 @@ from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
 from .stack import build_grid, check_stacked
+from .sweep import WHOLE_GRID_K
 from .sweep import sweep as _local_sweep
 
 __all__ = [
@@ -486,7 +487,11 @@ def sweep(
         if kw.get("checkpoint") is not None:
             kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
         shard_grid = {n: v[idx] for n, v in g64.items()}
-        local = _local_sweep(model, loss_fn, spec, shard_grid, **kw)
+        token = WHOLE_GRID_K.set(k)
+        try:
+            local = _local_sweep(model, loss_fn, spec, shard_grid, **kw)
+        finally:
+            WHOLE_GRID_K.reset(token)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang

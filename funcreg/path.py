@@ -67,7 +67,7 @@ def _term_max(pen: Penalty, name: str, g: Tensor) -> float:
     if isinstance(pen, SparseGroupLasso):
         dims = _as_dims(pen.dim, g.dim())
         size = math.prod(g.shape[d] for d in dims)
-        cg = torch.ones(()) if c is None else c.to(g.dtype)
+        cg = torch.ones(()) if c is None else c.to(g)
         groups = g.movedim(dims, tuple(range(len(dims)))).reshape(size, -1)
         cflat = torch.broadcast_to(cg, pen._factor_shape(g)).reshape(-1)
         best = 0.0
@@ -81,13 +81,13 @@ def _term_max(pen: Penalty, name: str, g: Tensor) -> float:
         dims = _as_dims(pen.dim, g.dim())
         size = math.prod(g.shape[d] for d in dims)
         norms = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
-        scale = math.sqrt(size) * (1.0 if c is None else c.to(g.dtype))
+        scale = math.sqrt(size) * (1.0 if c is None else c.to(g))
         return float(_safe_div(norms, scale).max())
     if isinstance(pen, (L1, ElasticNet)):
         r = pen.l1_ratio if isinstance(pen, ElasticNet) else 1.0
         if r == 0:
             raise ValueError("strength_max: ElasticNet with l1_ratio=0 is ridge: no sparsity")
-        scale = r * (1.0 if c is None else c.to(g.dtype))
+        scale = r * (1.0 if c is None else c.to(g))
         return float(_safe_div(g.abs(), scale).max())
     raise AssertionError(type(pen))  # unreachable: strength_max checks the type
 
@@ -124,7 +124,7 @@ def strength_max(
     at_zero = dict(params)
     for n in names:
         ref = pen.reference(n)
-        at_zero[n] = torch.zeros_like(params[n]) if ref is None else ref.to(params[n].dtype)
+        at_zero[n] = torch.zeros_like(params[n]) if ref is None else ref.to(params[n])
     g = grad(loss_fn)(at_zero, *data)
     bad = [n for n in names if not bool(torch.isfinite(g[n]).all())]
     if bad:
@@ -274,7 +274,7 @@ def solved_result(
     and ``"converged"`` (both ``(K,)``)."""
     k = int(iterations.shape[0])
     first = next(iter(stacked.values()))
-    strengths = {n: v.to(first.dtype) for n, v in grid.items() if n in spec}
+    strengths = {n: v.to(first.device, first.dtype) for n, v in grid.items() if n in spec}
     objective = penalized(loss_fn, spec, return_parts=True)
     dims = (0, 0) + (None,) * len(data)
     _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)

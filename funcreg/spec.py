@@ -13,6 +13,7 @@ to it unchanged.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -34,7 +35,7 @@ class Spec(Mapping[str, Penalty]):
     >>> spec(params, {"l1": 1e-3, "l2": 1e-4})      # total penalty, a 0-dim tensor
     """
 
-    __slots__ = ("_terms", "_cache")
+    __slots__ = ("_terms", "_cache", "__weakref__")
 
     def __init__(self, terms: Mapping[str, Penalty] | None = None, /, **kwargs: Penalty) -> None:
         merged = dict(terms or {})
@@ -55,6 +56,7 @@ class Spec(Mapping[str, Penalty]):
                 )
         self._terms: dict[str, Penalty] = merged
         self._cache: dict[tuple, dict[str, tuple[str, ...]]] = {}
+        _LIVE[id(self)] = self
 
     # -- mapping protocol -----------------------------------------------------------------
     def __getitem__(self, key: str) -> Penalty:
@@ -101,7 +103,7 @@ class Spec(Mapping[str, Penalty]):
             return {}
         key = tuple((n, v.shape, v.dtype) for n, v in params.items() if isinstance(v, Tensor))
         if torch.compiler.is_compiling():
-            return dict(_resolve_selection(self, key))
+            return dict(_traced_selection(id(self), key))
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = dict(_resolve_selection(self, key))
@@ -185,7 +187,17 @@ class Spec(Mapping[str, Penalty]):
         _checks.check_strengths(self._terms, strengths, needs=self.strength_names)
 
 
+# specs by id for _traced_selection: its arguments must be constants to the tracer, and
+# older releases (torch 2.11) do not treat a Spec object as one
+_LIVE: weakref.WeakValueDictionary[int, Spec] = weakref.WeakValueDictionary()
+
+
 @torch.compiler.assume_constant_result
+def _traced_selection(spec_id: int, key: tuple) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """:func:`_resolve_selection` of the spec ``spec_id`` as a traced constant."""
+    return _resolve_selection(_LIVE[spec_id], key)
+
+
 def _resolve_selection(spec: Spec, key: tuple) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Selection from static facts only: selectors and checks see meta tensors."""
     metas = {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape, dtype in key}

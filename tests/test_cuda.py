@@ -293,3 +293,43 @@ def test_least_squares_path_matches_the_cpu() -> None:
     cpu, dev = run(CPU), run(DEVICE)
     assert_same(cpu.stacked, dev.stacked, rtol=1e-7, atol=1e-8)
     assert_same(cpu.grid["l1"], dev.grid["l1"])
+
+
+def test_cross_validation_and_strength_max_match_the_cpu() -> None:
+    X, y = lasso_data()
+    spec = fr.Spec(l1=fr.L1("0.weight"))
+
+    def run(dev: torch.device) -> tuple[float, fr.CVResult]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(X.shape[1], 1)).to(dev)
+
+        def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return 0.5 * F.mse_loss(functional_call(net, p, (x,)).squeeze(-1), y)
+
+        xd, yd = on(dev, X, y)
+        top = fr.strength_max(loss, spec, "l1", fr.params(net), xd, yd)
+        grid = fr.geometric_grid(top, 1e-2, 8)
+        return top, fr.cross_validate(net, loss, spec, grid, (xd, yd), folds=4, tol=1e-10)
+
+    (top_c, cv_c), (top_d, cv_d) = run(CPU), run(DEVICE)
+    assert top_d == pytest.approx(top_c, rel=1e-12)
+    assert_same(cv_c.scores, cv_d.scores, rtol=1e-6, atol=1e-9)
+    assert cv_d.best("min").index == cv_c.best("min").index
+    assert_same(cv_c.path.stacked, cv_d.path.stacked, rtol=1e-6, atol=1e-8)
+
+
+def test_network_path_with_an_optimizer_matches_the_cpu() -> None:
+    """``fr.path(optimizer=...)``: chunks of ``fr.sweep`` runs, each from the last one's end."""
+
+    def run(dev: torch.device) -> fr.SweepResult:
+        net = mlp().to(dev)
+        x, y = on(dev, *data())
+        return fr.path(
+            net, mse_of(net), fr.Spec(l1=fr.L1("0.weight")), data=(x, y),
+            strengths=[0.3, 0.1, 0.03, 0.01], chunk_size=2, optimizer=adam(0.03), steps=10,
+            batch_size=16,
+        )  # fmt: skip
+
+    cpu, dev = run(CPU), run(DEVICE)
+    assert_same(cpu.stacked, dev.stacked)
+    assert_same(cpu.grid["l1"], dev.grid["l1"])

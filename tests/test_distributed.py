@@ -176,11 +176,16 @@ def _scenarios(rank: int, out: Path) -> None:
 
 
 def _failing(loss: Any, after: int, hard: bool) -> Any:
+    """``loss`` that fails at training step ``after + 1`` (each step's batch is one new
+    tensor, seen once per chunk of models)."""
     calls = [0]
+    last: list[Tensor | None] = [None]
 
     def wrapped(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         if torch.is_grad_enabled():  # training steps (validation runs under no_grad)
-            calls[0] += 1
+            if x is not last[0]:
+                last[0] = x
+                calls[0] += 1
             if calls[0] > after:
                 if hard:
                     os._exit(17)  # dies without a word: no status exchange

@@ -327,22 +327,22 @@ def test_divergence_is_isolated_bit_for_bit() -> None:
     kw: dict[str, Any] = dict(
         train=(x, y), optimizer=sgd(lr="lr"), steps=12, batch_size=16, progress=False
     )
-    l1 = [0.0, 1e-3, 1e-2]
+    l1 = [0.0, 1e-3, 3e-3, 1e-2, 3e-2]  # K = 5 and 10: both grids run vmapped, in one chunk
     bad = sweep(net, mse_of(net), spec, grid(lr=[0.05, 1e5], l1=l1), **kw)
     good = sweep(net, mse_of(net), spec, grid(lr=[0.05], l1=l1), **kw)
-    assert bad.diverged.tolist() == [False] * 3 + [True] * 3
+    assert bad.diverged.tolist() == [False] * 5 + [True] * 5
     assert good.diverged.sum() == 0 and (good.diverged_at == -1).all()
     for n in good.stacked:  # the healthy models do not notice
-        assert torch.equal(bad.stacked[n][:3], good.stacked[n])
+        assert torch.equal(bad.stacked[n][:5], good.stacked[n])
         assert torch.isfinite(bad.stacked[n]).all()  # frozen at their last finite values
-    assert torch.equal(bad.history["loss"][:, :3], good.history["loss"])
-    for k in range(3, 6):
+    assert torch.equal(bad.history["loss"][:, :5], good.history["loss"])
+    for k in range(5, 10):
         t = int(bad.diverged_at[k])
         assert 0 <= t < 12
         assert torch.isnan(bad.history["loss"][t:, k]).all()
         assert torch.isfinite(bad.history["loss"][:t, k]).all()
     assert "diverged@" in bad.table()
-    assert bad.best(metric="loss").index < 3
+    assert bad.best(metric="loss").index < 5
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -605,6 +605,9 @@ def test_auto_chunk_size() -> None:
     assert auto_chunk_size(lambda: torch.zeros(mib // 4) + 1, 256) == 16  # 1 MiB temporaries
     assert auto_chunk_size(lambda: torch.zeros(16) + 1, 256) == 256
     assert auto_chunk_size(lambda: torch.zeros(16) + 1, 7) == 7
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 5) == 5
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 4) == 1  # too few models for vmap
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 4, device="meta") == 4
     assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 8) == 1  # 8 MiB: one by one
     assert auto_chunk_size(lambda: torch.zeros(mib // 4) + 1, 1) == 1
     assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 64, device="meta") == 64
