@@ -193,6 +193,20 @@ def _get(opt: str, arg: str, value: HyperValue, hyper: Hyper | None, rule: _Rule
     return resolved
 
 
+def _descend(p: Tensor, g: Tensor, lr: _Scalar) -> Tensor:
+    """``p - lr·g``: ``torch.optim.SGD``'s ``add(g, alpha=-lr)`` for a number (one op)."""
+    if isinstance(lr, Tensor):
+        return p - lr * g
+    return torch.add(p, g, alpha=-lr)
+
+
+def _decayed_square(v: Tensor, g: Tensor, beta: _Scalar) -> Tensor:
+    """``β v + (1 - β) g²``: one ``addcmul`` after a ``mul`` when ``β`` is a number."""
+    if isinstance(beta, Tensor):
+        return beta * v + (1 - beta) * (g * g)
+    return torch.addcmul(v * beta, g, g, value=1 - beta)
+
+
 def _is_zero(value: HyperValue | Tensor) -> bool:
     """True when ``value`` is the number 0 (a name or a tensor is never statically zero)."""
     return not isinstance(value, str | Tensor) and _is_number(value) and value == 0
@@ -435,7 +449,7 @@ def sgd(
                 buf = torch.where(first, g, mu * state.momentum_buffer[key] + (1 - tau) * g)
                 new_buffers[key] = buf
                 g = g + mu * buf if nesterov else buf
-            new_params[key] = p - lr_ * g
+            new_params[key] = _descend(p, g, lr_)
         return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
 
     def step_eager(
@@ -467,7 +481,11 @@ def sgd(
                         bufs = [torch.where(first, g, b) for g, b in zip(gs, bufs, strict=True)]
                 new_buffers.update(zip(keys, bufs, strict=True))
                 gs = torch._foreach_add(gs, _fe_scale(bufs, mu)) if nesterov else bufs
-            new_params.update(zip(keys, torch._foreach_sub(ps, _fe_scale(gs, lr_)), strict=True))
+            if isinstance(lr_, Tensor):  # a grid's learning rate: the pure step's p - lr·g
+                stepped = torch._foreach_sub(ps, _fe_scale(gs, lr_))
+            else:  # torch.optim.SGD's update
+                stepped = torch._foreach_add(ps, gs, alpha=-lr_)
+            new_params.update(zip(keys, stepped, strict=True))
         new_params = _in_order(new_params, params)
         new_buffers = _in_order(new_buffers, params)
         return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
@@ -538,7 +556,7 @@ def _adam_like(
         _check_keys(name, grads, params)
         lr_, b1, b2, eps_, wd = scalars(hyper)
         count = state.step + 1
-        # bias corrections (1 - β1^t, sqrt(1 - β2^t)) per compute dtype
+        # (-lr / (1 - β1^t), sqrt(1 - β2^t)) per parameter dtype, computed once for all
         corrections: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
         new_params: Params = {}
         exp_avg: Params = {}
@@ -550,14 +568,17 @@ def _adam_like(
                     p = p * (1 - lr_ * wd)
                 else:
                     g = g + wd * p
-            m = b1 * state.exp_avg[key] + (1 - b1) * g
-            v = b2 * state.exp_avg_sq[key] + (1 - b2) * (g * g)
-            dtype = torch.promote_types(count.dtype, p.dtype)
-            if dtype not in corrections:
-                corrections[dtype] = bias_corrections(count, dtype, lr_, b1, b2)
-            step_size, bc2_sqrt = corrections[dtype]
+            # torch.optim's kernels, out of place: a few fused ops per tensor (each op is a
+            # kernel launch on a GPU and a dispatch under vmap)
+            m = torch.lerp(state.exp_avg[key], g, 1 - b1)
+            v = _decayed_square(state.exp_avg_sq[key], g, b2)
+            if p.dtype not in corrections:
+                dtype = torch.promote_types(count.dtype, p.dtype)
+                step_size, bc2_sqrt = bias_corrections(count, dtype, lr_, b1, b2)
+                corrections[p.dtype] = (-step_size, bc2_sqrt)
+            neg_step, bc2_sqrt = corrections[p.dtype]
             denom = torch.sqrt(v) / bc2_sqrt + eps_
-            new_params[key] = p - step_size * (m / denom)
+            new_params[key] = torch.addcdiv(p, m * neg_step, denom)
             exp_avg[key] = m
             exp_avg_sq[key] = v
         return new_params, AdamState(step=count, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
