@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/README.md in one run (about 8 minutes on one H100/H200):
+# The GPU figures of benchmarks/README.md in one run (about 8-10 minutes on one H100/H200):
 #   1. tests/test_cuda.py: the same numbers on the GPU as on the CPU (float64);
-#   2. sweep_vs_loop.py on the GPU, K up to 1024, minibatch 512 and full batch, with JAX;
-#   3. the same for fr.sweep(compile=True) at K = 64 and 1024, next to the loop.
+#   2. sweep_vs_loop.py on the GPU, K = 1 and 64 (minibatch 512), with JAX;
+#   3. the same at K = 1024, minibatch and full batch (the loop alone takes ~1.5 min);
+#   4. fr.sweep(compile=True) at K = 64 and 1024 (its ratio: against the loop of 2 and 3).
 # Usage, from the repository root on a machine with a CUDA build of torch (jax and optax
 # optional):  bash benchmarks/gpu.sh [OUTDIR]      (default OUTDIR: gpu-results)
 # Each part has its own time limit, so a failing part leaves the others' results.
@@ -17,7 +18,7 @@ py=${PYTHON:-python3}
     "$py" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 } 2>&1 | tee "$out/machine.txt"
 
-timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+timeout 120 "$py" -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 
 bench() {  # bench NAME SECONDS ARGS...: one sweep_vs_loop run, table and log under $out
     local name=$1 limit=$2
@@ -25,5 +26,6 @@ bench() {  # bench NAME SECONDS ARGS...: one sweep_vs_loop run, table and log un
     timeout "$limit" "$py" benchmarks/sweep_vs_loop.py --device "${DEVICE:-cuda}" --warmup 3 --min-steps 12 \
         --json "$out/$name.json" "$@" > >(tee "$out/$name.md") 2> >(tee "$out/$name.log" >&2)
 }
-bench sweep_gpu 300 --k 1 64 1024 --full-k 1024 --impls loop,vmap,sweep,jax --repeats 2
-bench compile_gpu 160 --k 64 1024 --full-k --impls loop,sweep-compile --repeats 1
+bench sweep_gpu 240 --k 1 64 --full-k --impls loop,vmap,sweep,jax --repeats 1
+bench wide_gpu 360 --k 1024 --full-k 1024 --impls loop,vmap,sweep,jax --repeats 1
+bench compile_gpu 200 --k 64 1024 --full-k --impls sweep-compile --repeats 1

@@ -84,7 +84,8 @@ def _sync(cfg: dict[str, Any]) -> Any:
     import torch
 
     if cfg["device"].startswith("cuda"):
-        return torch.cuda.synchronize
+        dev = torch.device(cfg["device"])
+        return lambda: torch.cuda.synchronize(dev)
     return lambda: None
 
 
@@ -410,7 +411,7 @@ def _peak_device_mb(cfg: dict[str, Any]) -> float:
         return stats.get("peak_bytes_in_use", float("nan")) / 2**20
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**20
+    return torch.cuda.max_memory_allocated(torch.device(cfg["device"])) / 2**20
 
 
 # ============================================================================ parent
@@ -437,7 +438,11 @@ def steps_for(K: int, rows: int, args: argparse.Namespace) -> int:
 
 
 def child_env(threads: int, tune_malloc: bool, device: str = "cpu") -> dict[str, str]:
+    """The workers' environment; ``cuda:N`` becomes the only visible GPU (``cuda`` there),
+    so that JAX, which takes the first visible one, runs on it too."""
     env = dict(os.environ)
+    if device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
     n = str(threads)
     env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
     # JAX runs where torch runs: its CPU backend for --device cpu even on a GPU machine;
@@ -527,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     impls = [i for i in impls if i not in skipped]
     configs = [(K, args.batch_size) for K in args.k] + [(K, None) for K in args.full_k]
     env = child_env(args.threads, args.tune_malloc, args.device)
+    worker_device = "cuda" if args.device.startswith("cuda") else args.device
 
     import torch
 
@@ -575,12 +581,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "threads": args.threads,
                         "dtype": args.dtype,
                         "optimizer": args.optimizer,
-                        "device": args.device,
+                        "device": worker_device,
                         "out": str(Path(tmp) / f"{impl}_{K}_{bs}_{r}.npz"),
                     }
                     res = launch(cfg, env, args.timeout)
                     res.update(steps=S, out=cfg["out"])
                     results[(impl, K, bs)].append(res)
+                    if args.json:  # so far, for a run cut short by a time limit
+                        partial = {" ".join(map(str, key)): v for key, v in results.items()}
+                        args.json.write_text(json.dumps({"partial": partial}, indent=1))
                     status = res.get("error") or f"{1e3 * res['wall_s']:.2f} ms/step"
                     print(
                         f"  [{time.perf_counter() - t0:6.1f} s] repeat {r + 1}/{args.repeats} "

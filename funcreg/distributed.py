@@ -19,8 +19,11 @@ How it runs
   (``device=`` overrides).
 * **Shards**: rank ``r`` trains the contiguous models ``shard_bounds(K, W, r)`` (sizes
   differ by at most one, no padding models) by calling the ordinary ``fr.sweep`` on that
-  slice of the grid (and of ``init=``). A shard of a single model trains beside a copy of
-  itself, which is dropped, so that it runs vmapped like the others (see "Exactness").
+  slice of the grid (and of ``init=``), with the whole grid's K deciding whether small
+  chunks run vmapped (eager steps on CPU: grids of up to 4 models train one by one, in
+  the shards as in one process). A shard of a single model trains beside a copy of
+  itself, which is dropped, so that it runs vmapped like the others where the one-process
+  sweep vmaps (see "Exactness"; where the grid trains one by one the copy is idle work).
 * **Gather**: every rank packs its shard's tensors (parameters, buffers, history,
   divergence, optimizer state) into one fixed-size byte tensor, padded to the largest
   shard, and one ``all_gather`` (``gather`` for ``gather_to=0``) moves them; the merged
@@ -52,7 +55,8 @@ equally valid run that agrees to float rounding only, or not at all:
   while its shard batches it, or the reverse (``chunk_size=1`` is fine: every model trains
   alone in both; an odd tail chunk of one model of an explicit or automatic
   ``chunk_size`` is not). With one chunk per run, the default for small and mid-size
-  models, or chunks of >= 2 models, results are exact;
+  models, or chunks of >= 2 models, results are exact; so they are for a CPU grid of up
+  to 4 models, which trains one by one in the shards too;
 * **BatchNorm in train mode**: vmapped ``batch_norm`` rounds differently depending on
   how many models share the batch (and on the number of threads), so results agree to
   float rounding; a bias right before a BatchNorm has zero gradient and, under Adam,
@@ -478,7 +482,8 @@ def sweep(
         bounds = [shard_bounds(k, world, r) for r in range(world)]
         a, b = bounds[rank]
         # a lone model trains beside a copy of itself so that it runs vmapped, as it does
-        # in the one-process sweep (chunk_size=1 runs every model alone anyway)
+        # in the one-process sweep (chunk_size=1 runs every model alone anyway; so does a
+        # CPU grid of <= 4 models without compile, where the copy is idle work)
         pad = b - a == 1 and k > 1 and sweep_kwargs.get("chunk_size") != 1
         idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
         kw = dict(sweep_kwargs)

@@ -200,6 +200,14 @@ def _descend(p: Tensor, g: Tensor, lr: _Scalar) -> Tensor:
     return torch.add(p, g, alpha=-lr)
 
 
+def _moving_average(m: Tensor, g: Tensor, beta: _Scalar) -> Tensor:
+    """``β m + (1 - β) g``: one ``lerp`` when ``β`` is a number (a tensor weight of ``lerp``
+    must have the params' dtype once vmap batches it, so a grid's ``β`` takes two ops)."""
+    if isinstance(beta, Tensor):
+        return beta * m + (1 - beta) * g
+    return torch.lerp(m, g, 1 - beta)
+
+
 def _decayed_square(v: Tensor, g: Tensor, beta: _Scalar) -> Tensor:
     """``β v + (1 - β) g²``: one ``addcmul`` after a ``mul`` when ``β`` is a number."""
     if isinstance(beta, Tensor):
@@ -236,10 +244,11 @@ def _as_dtype(value: _Scalar, dtype: torch.dtype) -> _Scalar:
 
 
 # ------------------------------------------------------------- eager (_foreach) helpers
-# ``step_eager`` applies the pure step's ops in the same order, one ``torch._foreach_*``
-# call per op over a group of parameters (same dtype and device), on freshly computed
-# tensors only. On CPU each ``_foreach`` op runs the ordinary kernel per tensor, so the
-# numbers are bitwise those of ``step``.
+# ``step_eager`` applies the pure step's update with one ``torch._foreach_*`` call per op
+# over a group of parameters (same dtype and device), on freshly computed tensors only.
+# SGD's ops are the pure step's, in the same order: on CPU each ``_foreach`` op runs the
+# ordinary kernel per tensor, so its numbers are bitwise those of ``step``. Adam/AdamW run
+# torch's fused kernel (``_foreach`` ops where it is missing): equal to ``step`` to rounding.
 
 
 def _foreach_ok(params: Params, *scalars: _Scalar) -> bool:
@@ -570,7 +579,7 @@ def _adam_like(
                     g = g + wd * p
             # torch.optim's kernels, out of place: a few fused ops per tensor (each op is a
             # kernel launch on a GPU and a dispatch under vmap)
-            m = torch.lerp(state.exp_avg[key], g, 1 - b1)
+            m = _moving_average(state.exp_avg[key], g, b1)
             v = _decayed_square(state.exp_avg_sq[key], g, b2)
             if p.dtype not in corrections:
                 dtype = torch.promote_types(count.dtype, p.dtype)

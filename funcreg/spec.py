@@ -58,6 +58,11 @@ class Spec(Mapping[str, Penalty]):
         self._cache: dict[tuple, dict[str, tuple[str, ...]]] = {}
         _LIVE[id(self)] = self
 
+    def __reduce__(self) -> tuple[type[Spec], tuple[dict[str, Penalty]]]:
+        """Copies and unpickled specs are rebuilt through ``__init__`` (fresh cache, and
+        registered for the traced selection under ``torch.compile``)."""
+        return (type(self), (self._terms,))
+
     # -- mapping protocol -----------------------------------------------------------------
     def __getitem__(self, key: str) -> Penalty:
         return self._terms[key]

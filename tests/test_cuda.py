@@ -3,9 +3,10 @@
 Every test runs one computation on the CPU and on ``DEVICE`` in float64 and compares the
 results; GPU kernels sum in another order, so the tolerances are float64 round-off, not
 bit equality. The paths that only a GPU takes are all exercised here: the fused
-``torch._foreach_norm`` reductions of ``funcreg._flat``, the sweep's guard without the CPU
-shortcut, CUDA generator seeding, forking and checkpointing, and results that live on the
-device (``best``, ``module``, ``save``/``load``).
+``torch._foreach_norm`` reductions of ``funcreg._flat`` (the sweep's divergence guard),
+whole-grid chunks, CUDA generator seeding, forking and checkpointing, CPU-held ``weight=``
+and ``toward=`` tensors meeting device params, and results that live on the device
+(``best``, ``module``, ``save``/``load``).
 
 ``FUNCREG_TEST_DEVICE=cpu`` runs the file against the CPU itself (a dry run of the tests'
 own code on a machine without a GPU).
@@ -150,12 +151,13 @@ def sweep_on(device: torch.device, net: nn.Module, **kw: Any) -> fr.SweepResult:
     return fr.sweep(net, mse_of(net), kw.pop("spec", SPEC), kw.pop("grid"), train=(x, y), **kw)
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("bn", [False, True])
 def test_sweep_matches_the_cpu(k: int, bn: bool) -> None:
-    """K = 1 takes the single-model step, K = 4 the vmapped one; BatchNorm's running stats
-    are buffers updated per model."""
-    g = fr.grid(l1=[1e-3, 1e-2, 3e-2, 0.1][:k], l2=1e-3, dtype=torch.float64)
+    """K = 1 takes the single-model step, K = 5 the vmapped one (on both devices; a CPU grid
+    of up to 4 models trains one by one); BatchNorm's running stats are buffers updated per
+    model."""
+    g = fr.grid(l1=[1e-3, 1e-2, 3e-2, 0.1, 0.2][:k], l2=1e-3, dtype=torch.float64)
     kw: dict[str, Any] = dict(grid=g, optimizer=adam(0.03), steps=12, batch_size=16)
     cpu = sweep_on(CPU, mlp(bn=bn), **kw)
     dev = sweep_on(DEVICE, mlp(bn=bn), **kw)
@@ -333,3 +335,26 @@ def test_network_path_with_an_optimizer_matches_the_cpu() -> None:
     cpu, dev = run(CPU), run(DEVICE)
     assert_same(cpu.stacked, dev.stacked)
     assert_same(cpu.grid["l1"], dev.grid["l1"])
+
+
+def test_cpu_weight_and_reference_with_device_params() -> None:
+    """``weight=`` factors and ``toward=`` references may stay on the CPU: penalties, prox
+    and ``strength_max`` move them to the parameter's device."""
+    X, y = lasso_data()
+    c = torch.linspace(0.5, 2.0, X.shape[1])
+    ref = 0.1 * torch.ones(1, X.shape[1])
+    spec = fr.Spec(l1=fr.L1("weight", weight=c, toward=ref))
+
+    def run(dev: torch.device) -> tuple[float, Tensor, Tensor]:
+        ls = fr.least_squares(*on(dev, X, y))
+        p0 = ls.init()
+        top = fr.strength_max(ls, spec, "l1", p0)
+        sol = fr.solve(ls, spec, p0, {"l1": torch.tensor([0.3 * top, 0.03 * top])}, tol=1e-10)
+        w = torch.randn(1, X.shape[1], generator=torch.Generator().manual_seed(4)).to(dev)
+        return top, sol.params["weight"], spec["l1"].prox(w, 0.2, "weight")
+
+    (top_c, w_c, prox_c), (top_d, w_d, prox_d) = run(CPU), run(DEVICE)
+    assert top_d == pytest.approx(top_c, rel=1e-12)
+    assert_same(w_c, w_d, rtol=1e-7, atol=1e-8)
+    assert_same(prox_c, prox_d)
+    assert w_d.device.type == prox_d.device.type == DEVICE.type

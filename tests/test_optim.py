@@ -484,3 +484,31 @@ def test_config_records_settings_for_checkpoint_identity() -> None:
     assert dict(adam(lr="lr").config)["betas"] == (0.9, 0.999)
     assert adam(1e-3).config != adam(2e-3).config
     assert dict(adamw().config)["name"] == "adamw"
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_grid_betas_of_another_dtype_under_vmap(kind: str) -> None:
+    """Named betas from a float64 grid with float32 params, vmapped: each model steps as
+    alone with its numbers, and the params keep their dtype (a batched tensor weight of
+    ``torch.lerp`` must have the params' dtype, so a grid's β1 does not go through it)."""
+    opt = FACTORIES[kind][0](lr=0.01, betas=("b1", "b2"))
+    gen = torch.Generator().manual_seed(3)
+    k = 3
+    params = {"w": torch.randn(k, 3, 4, generator=gen), "b": torch.randn(k, 4, generator=gen)}
+    hyper = {
+        "b1": torch.tensor([0.8, 0.9, 0.95], dtype=torch.float64),
+        "b2": torch.tensor([0.99, 0.995, 0.999], dtype=torch.float64),
+    }
+    state = vmap(opt.init)(params)
+    for _ in range(3):
+        grads = {n: torch.randn(v.shape, generator=gen) for n, v in params.items()}
+        new, new_state = vmap(opt.step)(grads, state, params, hyper)
+        for i in range(k):
+            one = {n: v[i] for n, v in params.items()}
+            s_i = tree_map(lambda t, i=i: t[i], state)
+            h_i = {n: float(v[i]) for n, v in hyper.items()}
+            want, _ = opt.step({n: g[i] for n, g in grads.items()}, s_i, one, h_i)
+            for n in want:
+                assert new[n].dtype == torch.float32
+                torch.testing.assert_close(new[n][i], want[n], rtol=1e-6, atol=1e-7)
+        params, state = new, new_state

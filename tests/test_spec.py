@@ -1,5 +1,7 @@
 """Spec and penalized(): composition with torch.func and torch.compile, selection, describe."""
 
+import copy
+import pickle
 import re
 
 import pytest
@@ -8,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jacrev, vmap
 
 import funcreg as fr
+from funcreg.spec import _LIVE
 
 DT = torch.float64
 
@@ -121,8 +124,10 @@ def test_jacrev_with_respect_to_strengths(setup):
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph(setup):
+    """Also for a copied spec: copies are rebuilt through ``__init__``, which registers them
+    for the selection the tracer takes as a constant (a plain copy was unknown to it)."""
     net, p, loss, spec, x, y = setup
-    obj = fr.penalized(loss, spec)
+    obj = fr.penalized(loss, copy.deepcopy(spec))
     K = 4
     stacked = {k: v.expand(K, *v.shape).clone() for k, v in p.items()}
     s = {
@@ -136,6 +141,14 @@ def test_torch_compile_fullgraph(setup):
     want = f(stacked, s, x, y)
     for n in p:
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+def test_copies_and_pickles_are_equal_registered_specs(setup):
+    net, p, loss, spec, x, y = setup
+    for twin in (copy.copy(spec), copy.deepcopy(spec), pickle.loads(pickle.dumps(spec))):
+        assert type(twin) is fr.Spec and twin is not spec and repr(twin) == repr(spec)
+        assert _LIVE[id(twin)] is twin
+        assert twin.selection(p) == spec.selection(p)
 
 
 def test_selection_is_cached_and_skips_non_float(setup):

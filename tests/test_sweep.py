@@ -608,6 +608,9 @@ def test_auto_chunk_size() -> None:
     assert auto_chunk_size(lambda: torch.zeros(16) + 1, 5) == 5
     assert auto_chunk_size(lambda: torch.zeros(16) + 1, 4) == 1  # too few models for vmap
     assert auto_chunk_size(lambda: torch.zeros(16) + 1, 4, device="meta") == 4
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 4, compiled=True) == 4
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 2, whole_k=8) == 2  # a shard of 8
+    assert auto_chunk_size(lambda: torch.zeros(16) + 1, 8, whole_k=4) == 1
     assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 8) == 1  # 8 MiB: one by one
     assert auto_chunk_size(lambda: torch.zeros(mib // 4) + 1, 1) == 1
     assert auto_chunk_size(lambda: torch.zeros(mib) + 1, 64, device="meta") == 64
