@@ -15,12 +15,13 @@ own code on a machine without a GPU).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sweep import data, mlp, mse_of  # the small MLP task of the CPU sweep tests
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -42,32 +43,6 @@ def f64() -> Iterator[None]:
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
-
-
-def data(seed: int = 0, n: int = 64, d: int = 6) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = torch.sin(x[:, :2].sum(1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g)
-    return x, y
-
-
-def mlp(bn: bool = False, dropout: float = 0.0, d: int = 6) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(d, 8)]
-    if bn:
-        layers.append(nn.BatchNorm1d(8))
-    layers.append(nn.ReLU())
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(8, 1))
-    return nn.Sequential(*layers)
-
-
-def mse_of(net: nn.Module) -> Callable[..., Tensor]:
-    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(net, params, (x,), strict=True), y)
-
-    return loss
 
 
 def on(device: torch.device, *ts: Tensor) -> tuple[Tensor, ...]:
