@@ -43,7 +43,9 @@ How it runs
   per-model ``torch.where`` runs only from the first non-finite step on.
 * **Compile**: ``compile=True`` wraps the whole chunk step (vmap, step, divergence guard)
   in ``torch.compile(fullgraph=True)``; hyperparameters are tensors, so one graph serves
-  every strength (expect 10-80 s of compile time on CPU).
+  every strength (expect 10-80 s of compile time on CPU). On a GPU, where eager steps are
+  bound by kernel launches, it is the fast path: on an H200 at K = 64 the eager sweep had
+  17x the throughput of a loop of K models, the compiled one 69x (benchmarks/README.md).
 * **Checkpoints**: with ``checkpoint=path`` the sweep saves its state every
   ``checkpoint_every`` steps and at the end (atomically). Calling ``sweep`` again with the
   same path resumes, also with a larger ``steps``/``epochs``, and ends with the same numbers
