@@ -31,8 +31,8 @@ How it runs
   >= 2 models, as far as we measured; vmapped train-mode BatchNorm rounds differently with
   the number of models in a call, and a chunk of one model runs without ``vmap``, with
   plain autograd — faster — both agreeing to float rounding). ``chunk_size=None``
-  chooses it on CPU (see :func:`auto_chunk_size`); on other devices the whole grid runs
-  at once (eager steps on CPU: grids of up to 4 models train one by one). Bit-for-bit
+  chooses it on CPU (see :func:`auto_chunk_size`; without ``compile=True`` a grid of up to
+  4 models trains one by one); on other devices the whole grid runs at once. Bit-for-bit
   comparisons between two grids need the same kind of chunk for each model: pass
   ``chunk_size=1``, or a size that leaves no single-model chunk in either grid.
 * **Divergence**: after every step, a model whose loss, penalty or parameters are
@@ -96,11 +96,11 @@ Batch = tuple[Tensor, ...]
 # otherwise a chunk's temporaries stay below glibc's mmap threshold.
 UNBATCHED_FORWARD_BYTES = 3 * 2**20
 UNBATCHED_MAX_K = 4
+LARGEST_TEMP_BYTES = 16 * 2**20
+FORWARD_BYTES = 64 * 2**20
 # K of the whole grid while this process sweeps one shard of it (funcreg.distributed), so
 # that the shard decides "vmap or one by one" as the one-process sweep of the grid would
 WHOLE_GRID_K: ContextVar[int | None] = ContextVar("WHOLE_GRID_K", default=None)
-LARGEST_TEMP_BYTES = 16 * 2**20
-FORWARD_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------- data
