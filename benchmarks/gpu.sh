@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/README.md in one run (about 8-10 minutes on one H100/H200):
+# The GPU figures of benchmarks/README.md in one run (an estimated 8-10 minutes on one H100/H200;
+# this layout has not been timed as a whole):
 #   1. tests/test_cuda.py: the same numbers on the GPU as on the CPU (float64);
 #   2. sweep_vs_loop.py on the GPU, K = 1 and 64 (minibatch 512), with JAX;
 #   3. the same at K = 1024, minibatch and full batch (the loop alone takes ~1.5 min);
