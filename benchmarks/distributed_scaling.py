@@ -51,8 +51,8 @@ import common  # noqa: E402
 
 import funcreg as fr  # noqa: E402
 import funcreg.distributed as frd  # noqa: E402
+from funcreg import sweep  # noqa: E402
 from funcreg.result import SweepResult  # noqa: E402
-from funcreg.sweep import sweep  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -220,7 +220,7 @@ def _sweep_module() -> Any:
     if callable(getattr(fr, "sweep", None)) and not isinstance(fr.sweep, ModuleType):
         return fr
     try:
-        mod = importlib.import_module("funcreg.sweep")
+        mod = importlib.import_module("funcreg._sweep")
     except ImportError:
         return None
     return mod if callable(getattr(mod, "sweep", None)) else None
@@ -230,7 +230,7 @@ def _same_batches(mod: Any, idx: Any, batch_size: int) -> bool:
     """Whether funcreg's own batching (``batch_order``) yields exactly the task's batches."""
     order = getattr(mod, "batch_order", None)
     if order is None:
-        order = getattr(importlib.import_module("funcreg.sweep"), "batch_order", None)
+        order = getattr(importlib.import_module("funcreg._sweep"), "batch_order", None)
     if order is None:
         return False
     per_epoch = common.N_SAMPLES // batch_size

@@ -26,8 +26,8 @@ from torch.func import functional_call
 
 import funcreg as fr
 import funcreg.distributed as frd
+from funcreg import sweep
 from funcreg.result import SweepResult
-from funcreg.sweep import sweep
 
 N_FEATURES, N_USEFUL = 20, 4
 

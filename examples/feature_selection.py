@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg.path import path
+from funcreg import path
 
 INFORMATIVE = 4
 

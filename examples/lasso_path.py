@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import funcreg as fr
-from funcreg.path import path
+from funcreg import path
 
 
 def make_data(n: int, p: int, rho: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
+from funcreg import sweep
 from funcreg.result import SweepResult
 from funcreg.stack import grid
-from funcreg.sweep import sweep
 
 N_FEATURES, N_USEFUL = 40, 5
 

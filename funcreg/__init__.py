@@ -7,6 +7,8 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 import importlib.metadata as _metadata
 
 from . import distributed, optim, plot, prox
+from ._path import geometric_grid, path, strength_max
+from ._sweep import sweep
 from .eager import (
     buffers,
     from_keras,
@@ -17,7 +19,6 @@ from .eager import (
     penalty,
     prox_,
 )
-from .path import geometric_grid, path, strength_max
 from .penalties import (
     L1,
     L2,
@@ -51,7 +52,6 @@ from .selectors import (
 from .solvers import LeastSquares, Solution, least_squares, solve
 from .spec import Spec, as_spec, penalized
 from .stack import grid, load_, stack, stack_modules, unstack
-from .sweep import sweep
 from .train import split_spec, train_step
 
 try:

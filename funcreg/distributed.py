@@ -1,6 +1,6 @@
 """Sharding a sweep's grid over ``torch.distributed`` ranks.
 
-The same call as :func:`fr.sweep <funcreg.sweep.sweep>`, launched with ``torchrun``, splits
+The same call as :func:`fr.sweep <funcreg._sweep.sweep>`, launched with ``torchrun``, splits
 the grid over the processes and hands back one result::
 
     # torchrun --standalone --nproc_per_node=2 examples/distributed_sweep.py
@@ -14,7 +14,7 @@ How it runs
 * **Process group**: used as is when already initialised; otherwise, under ``torchrun``
   (its ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` environment variables), initialised with the
   ``nccl`` backend when CUDA is available and ``gloo`` otherwise (see :func:`init_from_env`).
-  Without either, ``sweep`` is plain :func:`funcreg.sweep.sweep` in one process.
+  Without either, ``sweep`` is plain :func:`funcreg._sweep.sweep` in one process.
 * **Device**: ``cuda:LOCAL_RANK`` when the backend is NCCL, else the model's device
   (``device=`` overrides).
 * **Shards**: rank ``r`` trains the contiguous models ``shard_bounds(K, W, r)`` (sizes
@@ -86,12 +86,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._sweep import WHOLE_GRID_K
+from ._sweep import sweep as _local_sweep
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
 from .stack import build_grid, check_stacked
-from .sweep import WHOLE_GRID_K
-from .sweep import sweep as _local_sweep
 
 __all__ = [
     "DistributedSweepError",
@@ -415,7 +415,7 @@ def sweep(
     timeout: float | timedelta | None = None,
     **sweep_kwargs: Any,
 ) -> SweepResult | None:
-    """:func:`fr.sweep <funcreg.sweep.sweep>` with the grid sharded over the ranks of
+    """:func:`fr.sweep <funcreg._sweep.sweep>` with the grid sharded over the ranks of
     ``torch.distributed`` (see the module docstring). Takes the same arguments, plus:
 
     Args:

@@ -1,4 +1,4 @@
-"""Progress reporting for :func:`fr.sweep <funcreg.sweep.sweep>`.
+"""Progress reporting for :func:`fr.sweep <funcreg._sweep.sweep>`.
 
 A tqdm bar when tqdm is installed (steps, best validation loss so far, diverged models), a
 plain line on stderr at each evaluation otherwise, nothing with ``progress=False``. The

@@ -78,7 +78,7 @@ class Best:
 
 @dataclass(eq=False)
 class SweepResult:
-    """The outcome of :func:`fr.sweep <funcreg.sweep.sweep>` (see the module docstring)."""
+    """The outcome of :func:`fr.sweep <funcreg._sweep.sweep>` (see the module docstring)."""
 
     grid: dict[str, Tensor]
     stacked: dict[str, Tensor]

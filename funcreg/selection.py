@@ -29,7 +29,7 @@ of two ways:
 Scores (``score_fn``, default ``loss_fn``) on each fold's held-out samples are computed the
 same way. Internally the fold of a model is a one-hot vector that travels with its params
 (as an extra entry for :func:`~funcreg.solvers.solve`, as a buffer for
-:func:`~funcreg.sweep.sweep`); it receives no gradient and is never penalised.
+:func:`~funcreg._sweep.sweep`); it receives no gradient and is never penalised.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import _checks
-from .optim import Optimizer
-from .path import (
+from ._path import (
     as_data,
     solved_result,
     split_model,
@@ -58,13 +57,14 @@ from .path import (
     strength_values,
     with_buffers,
 )
+from ._sweep import sweep
+from .optim import Optimizer
 from .penalties import GroupLasso, Penalty, _as_dims
 from .result import Best, SweepResult
 from .selectors import by_name
 from .solvers import solve
 from .spec import Spec, as_spec
 from .stack import build_grid
-from .sweep import sweep
 
 __all__ = ["CVResult", "cross_validate", "fold_masks", "one_se_index"]
 
@@ -558,7 +558,7 @@ def cross_validate(
     * Without ``optimizer``: each fit is solved exactly by :func:`~funcreg.solvers.solve`
       (FISTA to ``tol``; convex problems — what ``LassoCV``/``cv.glmnet`` users expect).
     * With ``optimizer`` and ``steps``: every fit trains ``steps`` steps with
-      :func:`fr.sweep <funcreg.sweep.sweep>` from the model's current weights (networks);
+      :func:`fr.sweep <funcreg._sweep.sweep>` from the model's current weights (networks);
       extra keywords (``batch_size``, ``chunk_size``, ``compile``, ...) go to ``sweep``.
       With ``batch_size``, each minibatch's loss is the weighted mean over the fold's
       training samples in it.

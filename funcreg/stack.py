@@ -10,7 +10,7 @@ axis is that K (axis 0 is always the sweep axis)::
     fr.load_(net, fr.unstack(stacked, 3))                             # model 3 back into net
 
 Grid values are stored in ``torch.get_default_dtype()`` (float32 unless changed), like
-``torch.tensor`` of Python floats; :func:`fr.sweep <funcreg.sweep.sweep>` casts them to the
+``torch.tensor`` of Python floats; :func:`fr.sweep <funcreg._sweep.sweep>` casts them to the
 parameters' dtype. Pass ``dtype=torch.float64`` to keep full precision for fp64 models.
 """
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg.path import geometric_grid
+from funcreg._path import geometric_grid
 from funcreg.selection import cross_validate, fold_masks, one_se_index
 from funcreg.solvers import solve
 

@@ -21,8 +21,8 @@ from torch.func import functional_call
 
 import funcreg as fr
 import funcreg.distributed as frd
+from funcreg import sweep
 from funcreg.result import SweepResult
-from funcreg.sweep import sweep
 
 STEPS = 12
 LAUNCH_LIMIT_S = 60.0

@@ -8,7 +8,7 @@ import torch
 from sklearn.linear_model import ElasticNet, Lasso
 
 import funcreg as fr
-from funcreg.path import geometric_grid, path, strength_max
+from funcreg import geometric_grid, path, strength_max
 
 DT = torch.float64
 

@@ -11,8 +11,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 import funcreg as fr  # noqa: E402
-from funcreg import plot  # noqa: E402
-from funcreg.path import path  # noqa: E402
+from funcreg import path, plot  # noqa: E402
 from funcreg.selection import cross_validate  # noqa: E402
 
 

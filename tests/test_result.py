@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
+from funcreg import sweep
 from funcreg.optim import sgd
 from funcreg.result import Best, SweepResult
 from funcreg.stack import grid
-from funcreg.sweep import sweep
 
 
 def _setup() -> tuple[nn.Module, Any, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:

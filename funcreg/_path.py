@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from . import _checks
+from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _as_dims
 from .prox import _safe_ratio
@@ -39,7 +40,6 @@ from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec, penalized
 from .stack import split_module
-from .sweep import sweep
 
 __all__ = ["geometric_grid", "path", "strength_max"]
 
@@ -418,7 +418,7 @@ def path(
       ``result.meta["iterations"]`` holds each model's iteration count. ``loss_fn`` may be a
       :func:`~funcreg.solvers.least_squares` loss (pass ``ls.init()`` as params, no data).
     * With ``optimizer`` and ``steps``: each chunk trains ``steps`` steps with
-      :func:`fr.sweep <funcreg.sweep.sweep>` (networks); ``model_or_params`` must be the
+      :func:`fr.sweep <funcreg._sweep.sweep>` (networks); ``model_or_params`` must be the
       module and ``data`` is its ``train=`` (extra keywords such as ``batch_size`` go to
       ``sweep``; ``checkpoint="p.pt"`` becomes one file per chunk, ``p.chunk0.pt``, ...,
       so that a rerun resumes every chunk).
