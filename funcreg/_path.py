@@ -39,7 +39,7 @@ from .prox import _safe_ratio
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec, penalized
-from .stack import split_module
+from .stack import eval_mode, split_module
 
 __all__ = ["geometric_grid", "path", "strength_max"]
 
@@ -284,14 +284,8 @@ def solved_result(
     steps = int(iterations.max()) if k else 0
     history["eval_step"] = torch.tensor([steps])
     if val:
-        modes = {m: m.training for m in model.modules()} if model is not None else {}
-        if model is not None:
-            model.eval()
-        try:
+        with eval_mode(model):
             vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
-        finally:
-            for m, flag in modes.items():
-                m.training = flag
         history["val_loss"] = vl[None]
     single = {n: v[0] for n, v in stacked.items()}
     selected = spec.selected_names(single)

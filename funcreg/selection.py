@@ -64,7 +64,7 @@ from .result import Best, SweepResult
 from .selectors import by_name
 from .solvers import solve
 from .spec import Spec, as_spec
-from .stack import build_grid
+from .stack import build_grid, eval_mode
 
 __all__ = ["CVResult", "cross_validate", "fold_masks", "one_se_index"]
 
@@ -481,10 +481,7 @@ def _scores(
 ) -> Tensor:
     """``(F, K)`` weighted held-out scores of the fold fits (fold-major stacked params)."""
     f = test.shape[0]
-    modes = {m: m.training for m in model.modules()} if model is not None else {}
-    if model is not None:
-        model.eval()
-    try:
+    with eval_mode(model):
         rows = []
         with torch.no_grad():
             for j in range(f):
@@ -499,9 +496,6 @@ def _scores(
                 else:
                     fn = vmap(score, in_dims=(0, None) + (None,) * len(data))
                     rows.append(fn(p, test[j], *data))
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
     return torch.stack(rows).double().cpu()
 
 

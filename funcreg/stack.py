@@ -16,10 +16,11 @@ parameters' dtype. Pass ``dtype=torch.float64`` to keep full precision for fp64 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -183,6 +184,20 @@ def split_module(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]
     for n, b in model.named_buffers():
         carried[n] = b.detach().clone()
     return trained, carried
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """``model.eval()`` for the block, then every submodule's own ``training`` flag back as
+    it was (also after an exception). ``None`` (no module: a params dict) does nothing."""
+    modes = {m: m.training for m in model.modules()} if model is not None else {}
+    if model is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
 
 
 def _k_of(grid_or_k: Mapping[str, Any] | int) -> int:
