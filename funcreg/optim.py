@@ -54,7 +54,6 @@ HyperValue: TypeAlias = float | str
 """A hyperparameter: a number, or the name of an entry of the ``hyper`` dict given to ``step``."""
 
 _Scalar: TypeAlias = Tensor | float
-_Tensors: TypeAlias = tuple[Tensor, ...] | list[Tensor]  # what torch._foreach_* take and give
 
 
 class Optimizer(NamedTuple):
@@ -72,17 +71,13 @@ class Optimizer(NamedTuple):
         config: the optimizer's name and settings as given (numbers or names), e.g.
             ``(("name", "adam"), ("lr", "lr"), ("betas", (0.9, 0.999)), ...)``; checkpoints
             use it to recognise the same optimizer.
-        step_eager: optional, ``step``'s eager twin for one unbatched model: same signature,
-            same results, less per-tensor dispatch cost for a small model. SGD applies each
-            op to all parameters at once with ``torch._foreach_*`` kernels (the same
-            arithmetic, op for op: bitwise equal on CPU); Adam/AdamW run torch's fused
-            kernel (``torch.optim.Adam(fused=True)``'s; on CPU torch.optim's default Adam
-            to a few ulps, and ``step``'s numbers up to rounding), falling back to
-            ``_foreach`` ops where it has none. Still pure (it works on copies; nothing passed
-            in is modified). It cannot run under ``vmap`` (neither kind of kernel has a
-            batching rule) and is not meant for ``torch.compile`` or ``torch.func.grad``;
-            :func:`funcreg.train.train_step` uses it only with ``autograd=True``. ``None``
-            when an optimizer has none.
+        step_eager: optional, an eager twin of ``step`` for one unbatched model given by
+            whoever builds the optimizer (same signature, same results, pure, not for
+            ``vmap``/``torch.compile``/``torch.func.grad``); ``None`` (the built-in
+            optimizers) leaves it to :func:`funcreg._foreach.eager_update`, which finds the
+            ``torch._foreach``/fused-kernel twins of :func:`sgd`, :func:`adam` and
+            :func:`adamw` from ``config``. :func:`funcreg.train.train_step` uses the twin only
+            with ``autograd=True``.
     """
 
     init: Callable[[Params], Any]
@@ -215,7 +210,7 @@ def _decayed_square(v: Tensor, g: Tensor, beta: _Scalar) -> Tensor:
     return torch.addcmul(v * beta, g, g, value=1 - beta)
 
 
-def _is_zero(value: HyperValue | Tensor) -> bool:
+def is_zero(value: HyperValue | Tensor) -> bool:
     """True when ``value`` is the number 0 (a name or a tensor is never statically zero)."""
     return not isinstance(value, str | Tensor) and _is_number(value) and value == 0
 
@@ -224,7 +219,7 @@ def _names(*values: HyperValue) -> frozenset[str]:
     return frozenset(v for v in values if isinstance(v, str))
 
 
-def _check_keys(opt: str, grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+def check_grads(opt: str, grads: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
     if grads.keys() != params.keys():
         missing = sorted(set(params) - set(grads))
         extra = sorted(set(grads) - set(params))
@@ -243,126 +238,57 @@ def _as_dtype(value: _Scalar, dtype: torch.dtype) -> _Scalar:
     return value.to(dtype) if isinstance(value, Tensor) else value
 
 
-# ------------------------------------------------------------- eager (_foreach) helpers
-# ``step_eager`` applies the pure step's update with one ``torch._foreach_*`` call per op
-# over a group of parameters (same dtype and device), on freshly computed tensors only.
-# SGD's ops are the pure step's, in the same order: on CPU each ``_foreach`` op runs the
-# ordinary kernel per tensor, so its numbers are bitwise those of ``step``. Adam/AdamW run
-# torch's fused kernel (``_foreach`` ops where it is missing): equal to ``step`` to rounding.
+# ------------------------------------------------ hyperparameters as a step resolves them
+# Module-level, with the optimizer's settings (``dict(opt.config)``) as argument, so that
+# the eager twins of :mod:`funcreg._foreach` resolve and check exactly as the pure steps do.
 
 
-def _foreach_ok(params: Params, *scalars: _Scalar) -> bool:
-    """Whether ``step_eager`` can run: some params, and every tensor hyperparameter 0-dim
-    (anything else — e.g. a per-parameter broadcast — goes through the pure ``step``)."""
-    return bool(params) and all(not isinstance(s, Tensor) or s.ndim == 0 for s in scalars)
+def sgd_scalars(
+    settings: Mapping[str, Any], hyper: Hyper | None
+) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar]:
+    """``(lr, weight_decay, momentum, dampening)`` of :func:`sgd` with ``settings`` as a
+    step resolves them (the last two 0.0 when ``momentum`` is the number 0)."""
+    name = "sgd"
+    lr_ = _get(name, "lr", settings["lr"], hyper, _NONNEG)
+    wd = _get(name, "weight_decay", settings["weight_decay"], hyper, _NONNEG)
+    mu: _Scalar = 0.0
+    tau: _Scalar = 0.0
+    if not is_zero(settings["momentum"]):
+        mu = _get(name, "momentum", settings["momentum"], hyper, _NONNEG)
+        tau = _get(name, "dampening", settings["dampening"], hyper, _FINITE)
+        # torch.optim.SGD ignores dampening when momentum == 0: then b_t = g on every step.
+        if isinstance(mu, Tensor):
+            tau = tau * (mu != 0).to(mu.dtype)
+        elif mu == 0:
+            tau = 0.0
+    return lr_, wd, mu, tau
 
 
-def _groups(params: Params) -> list[list[str]]:
-    """Keys of ``params`` grouped by (dtype, device), in first-seen order."""
-    out: dict[tuple[torch.dtype, torch.device], list[str]] = {}
-    for key, p in params.items():
-        out.setdefault((p.dtype, p.device), []).append(key)
-    return list(out.values())
-
-
-def _in_order(d: Params, params: Params) -> Params:
-    """``d`` with the key order of ``params`` (``d`` itself when it has it already)."""
-    if not d or list(d) == list(params):
-        return d
-    return {k: d[k] for k in params}
-
-
-def _fe_scale(xs: _Tensors, s: _Scalar) -> _Tensors:
-    """``[s * x for x in xs]`` (new tensors)."""
-    return torch._foreach_mul(xs, s)
-
-
-def _cpu_number(value: _Scalar) -> float | None:
-    """``value`` as a Python float when it is a number or a 0-dim CPU tensor (no sync)."""
-    if isinstance(value, Tensor):
-        return float(value) if value.device.type == "cpu" and value.ndim == 0 else None
-    return float(value)
-
-
-# (device type, dtype) pairs for which this torch has no fused Adam kernel
-_NO_FUSED: set[tuple[str, torch.dtype]] = set()
-
-
-def _fused_adam(
-    decoupled: bool,
-    grads: Params,
-    state: AdamState,
-    params: Params,
-    count: Tensor,
-    *scalars: _Scalar,
-) -> tuple[Params, AdamState] | None:
-    """Adam/AdamW's step by ``torch._fused_adam_`` / ``torch._fused_adamw_`` — the kernel
-    behind ``torch.optim.Adam(fused=True)``, one pass over each tensor — applied to
-    contiguous copies (so the step stays pure; the CPU kernel walks memory in flat order,
-    so every tensor it sees is contiguous). On CPU its numbers follow
-    ``torch.optim.Adam``'s default path to a few ulps and ``step``'s up to rounding (tested).
-    ``None`` when it cannot run here — a hyperparameter that is not a CPU number, state or
-    gradients of another dtype or device than their parameter, a (device, dtype) this torch
-    has no kernel for, or a ``torch`` without the op — and the caller takes the
-    ``_foreach`` path."""
-    lr_, b1, b2, eps_, wd = (_cpu_number(s) for s in scalars)
-    kernel = getattr(torch, "_fused_adamw_" if decoupled else "_fused_adam_", None)
-    if kernel is None or lr_ is None or b1 is None or b2 is None or eps_ is None or wd is None:
-        return None
-    new_params: Params = {}
-    exp_avg: Params = {}
-    exp_avg_sq: Params = {}
-    for keys in _groups(params):
-        first = params[keys[0]]
-        where = (first.device.type, first.dtype)
-        if where in _NO_FUSED:
-            return None
-        for k in keys:
-            p = params[k]
-            others = (grads[k], state.exp_avg[k], state.exp_avg_sq[k])
-            if any((t.dtype, t.device, t.shape) != (p.dtype, p.device, p.shape) for t in others):
-                return None
-        fmt = torch.contiguous_format
-        with torch.no_grad():
-            ps = [params[k].detach().clone(memory_format=fmt) for k in keys]
-            ms = [state.exp_avg[k].clone(memory_format=fmt) for k in keys]
-            vs = [state.exp_avg_sq[k].clone(memory_format=fmt) for k in keys]
-            try:
-                kernel(
-                    ps,
-                    [grads[k].contiguous() for k in keys],
-                    ms,
-                    vs,
-                    [],
-                    [count.to(first.device, torch.float32)] * len(keys),
-                    amsgrad=False,
-                    lr=lr_,
-                    beta1=b1,
-                    beta2=b2,
-                    weight_decay=wd,
-                    eps=eps_,
-                    maximize=False,
-                    grad_scale=None,
-                    found_inf=None,
-                )
-            except NotImplementedError:  # no kernel for this device/dtype: never again
-                _NO_FUSED.add(where)
-                return None
-            except RuntimeError as err:
-                if "not implemented" in str(err).lower():
-                    _NO_FUSED.add(where)
-                return None
-        new_params.update(zip(keys, ps, strict=True))
-        exp_avg.update(zip(keys, ms, strict=True))
-        exp_avg_sq.update(zip(keys, vs, strict=True))
+def adam_scalars(
+    settings: Mapping[str, Any], hyper: Hyper | None
+) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar, _Scalar]:
+    """``(lr, beta1, beta2, eps, weight_decay)`` of :func:`adam`/:func:`adamw` with
+    ``settings`` as a step resolves them."""
+    name = settings["name"]
+    beta1, beta2 = settings["betas"]
     return (
-        _in_order(new_params, params),
-        AdamState(
-            step=count,
-            exp_avg=_in_order(exp_avg, params),
-            exp_avg_sq=_in_order(exp_avg_sq, params),
-        ),
+        _get(name, "lr", settings["lr"], hyper, _NONNEG),
+        _get(name, "betas[0]", beta1, hyper, _UNIT),
+        _get(name, "betas[1]", beta2, hyper, _UNIT),
+        _get(name, "eps", settings["eps"], hyper, _POSITIVE),
+        _get(name, "weight_decay", settings["weight_decay"], hyper, _NONNEG),
     )
+
+
+def bias_corrections(
+    count: Tensor, dtype: torch.dtype, lr: _Scalar, beta1: _Scalar, beta2: _Scalar
+) -> tuple[_Scalar, _Scalar]:
+    """Adam's ``(lr / (1 - β1^t), sqrt(1 - β2^t))`` at step ``t = count``, computed in
+    ``dtype``."""
+    t = count.to(dtype)
+    bc1 = 1 - _as_dtype(beta1, dtype) ** t
+    bc2 = 1 - _as_dtype(beta2, dtype) ** t
+    return lr / bc1, torch.sqrt(bc2)
 
 
 # --------------------------------------------------------------------------- SGD
@@ -418,90 +344,7 @@ def sgd(
             f"sgd: nesterov=True requires dampening == 0, got dampening={dampening!r}; "
             "set dampening=0 or use nesterov=False."
         )
-    use_momentum = not _is_zero(momentum)
-
-    def init(params: Params) -> SGDState:
-        buffers = {k: torch.zeros_like(p) for k, p in params.items()} if use_momentum else {}
-        return SGDState(step=_zero_count(params), momentum_buffer=buffers)
-
-    def scalars(hyper: Hyper | None) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar]:
-        """``(lr, weight_decay, momentum, dampening)`` as a step resolves them (the last two
-        0.0 without momentum)."""
-        lr_ = _get(name, "lr", lr, hyper, _NONNEG)
-        wd = _get(name, "weight_decay", weight_decay, hyper, _NONNEG)
-        mu: _Scalar = 0.0
-        tau: _Scalar = 0.0
-        if use_momentum:
-            mu = _get(name, "momentum", momentum, hyper, _NONNEG)
-            tau = _get(name, "dampening", dampening, hyper, _FINITE)
-            # torch.optim.SGD ignores dampening when momentum == 0: then b_t = g on every step.
-            if isinstance(mu, Tensor):
-                tau = tau * (mu != 0).to(mu.dtype)
-            elif mu == 0:
-                tau = 0.0
-        return lr_, wd, mu, tau
-
-    def step(
-        grads: Params, state: SGDState, params: Params, hyper: Hyper | None = None
-    ) -> tuple[Params, SGDState]:
-        _check_keys(name, grads, params)
-        lr_, wd, mu, tau = scalars(hyper)
-        new_params: Params = {}
-        new_buffers: Params = {}
-        if use_momentum:
-            first = state.step == 0
-        for key, p in params.items():
-            g = grads[key]
-            if not _is_zero(wd):
-                g = g + wd * p
-            if use_momentum:
-                buf = torch.where(first, g, mu * state.momentum_buffer[key] + (1 - tau) * g)
-                new_buffers[key] = buf
-                g = g + mu * buf if nesterov else buf
-            new_params[key] = _descend(p, g, lr_)
-        return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
-
-    def step_eager(
-        grads: Params, state: SGDState, params: Params, hyper: Hyper | None = None
-    ) -> tuple[Params, SGDState]:
-        _check_keys(name, grads, params)
-        lr_, wd, mu, tau = scalars(hyper)
-        if not _foreach_ok(params, lr_, wd, mu, tau):
-            return step(grads, state, params, hyper)
-        # on CPU read the step count once instead of a torch.where per tensor
-        on_cpu = state.step.device.type == "cpu"
-        first_now = use_momentum and on_cpu and bool(state.step == 0)
-        new_params: Params = {}
-        new_buffers: Params = {}
-        for keys in _groups(params):
-            ps: _Tensors = [params[k] for k in keys]
-            gs: _Tensors = [grads[k] for k in keys]
-            if not _is_zero(wd):
-                gs = torch._foreach_add(gs, _fe_scale(ps, wd))
-            if use_momentum:
-                bufs: _Tensors
-                if first_now:
-                    bufs = [g.clone() for g in gs]
-                else:
-                    bufs = _fe_scale([state.momentum_buffer[k] for k in keys], mu)
-                    torch._foreach_add_(bufs, _fe_scale(gs, 1 - tau))
-                    if not on_cpu:
-                        first = state.step == 0
-                        bufs = [torch.where(first, g, b) for g, b in zip(gs, bufs, strict=True)]
-                new_buffers.update(zip(keys, bufs, strict=True))
-                gs = torch._foreach_add(gs, _fe_scale(bufs, mu)) if nesterov else bufs
-            if isinstance(lr_, Tensor):  # a grid's learning rate: the pure step's p - lr·g
-                stepped = torch._foreach_sub(ps, _fe_scale(gs, lr_))
-            else:  # torch.optim.SGD's update
-                stepped = torch._foreach_add(ps, gs, alpha=-lr_)
-            new_params.update(zip(keys, stepped, strict=True))
-        new_params = _in_order(new_params, params)
-        new_buffers = _in_order(new_buffers, params)
-        return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
-
-    def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
-        return _get(name, "lr", lr, hyper, _NONNEG)
-
+    use_momentum = not is_zero(momentum)
     config = (
         ("name", name),
         ("lr", lr),
@@ -510,8 +353,37 @@ def sgd(
         ("nesterov", nesterov),
         ("weight_decay", weight_decay),
     )
+    settings = dict(config)
+
+    def init(params: Params) -> SGDState:
+        buffers = {k: torch.zeros_like(p) for k, p in params.items()} if use_momentum else {}
+        return SGDState(step=_zero_count(params), momentum_buffer=buffers)
+
+    def step(
+        grads: Params, state: SGDState, params: Params, hyper: Hyper | None = None
+    ) -> tuple[Params, SGDState]:
+        check_grads(name, grads, params)
+        lr_, wd, mu, tau = sgd_scalars(settings, hyper)
+        new_params: Params = {}
+        new_buffers: Params = {}
+        if use_momentum:
+            first = state.step == 0
+        for key, p in params.items():
+            g = grads[key]
+            if not is_zero(wd):
+                g = g + wd * p
+            if use_momentum:
+                buf = torch.where(first, g, mu * state.momentum_buffer[key] + (1 - tau) * g)
+                new_buffers[key] = buf
+                g = g + mu * buf if nesterov else buf
+            new_params[key] = _descend(p, g, lr_)
+        return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
+
+    def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
+        return _get(name, "lr", lr, hyper, _NONNEG)
+
     names = _names(lr, momentum, dampening, weight_decay)
-    return Optimizer(init, step, names, learning_rate, config, step_eager)
+    return Optimizer(init, step, names, learning_rate, config)
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
@@ -532,6 +404,14 @@ def _adam_like(
     beta2 = _hyper_value(name, "betas[1]", betas[1], _UNIT)
     eps = _hyper_value(name, "eps", eps, _POSITIVE)
     weight_decay = _hyper_value(name, "weight_decay", weight_decay, _NONNEG)
+    config = (
+        ("name", name),
+        ("lr", lr),
+        ("betas", (beta1, beta2)),
+        ("eps", eps),
+        ("weight_decay", weight_decay),
+    )
+    settings = dict(config)
 
     def init(params: Params) -> AdamState:
         return AdamState(
@@ -540,30 +420,11 @@ def _adam_like(
             exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
         )
 
-    def scalars(hyper: Hyper | None) -> tuple[_Scalar, _Scalar, _Scalar, _Scalar, _Scalar]:
-        """``(lr, beta1, beta2, eps, weight_decay)`` as a step resolves them."""
-        return (
-            _get(name, "lr", lr, hyper, _NONNEG),
-            _get(name, "betas[0]", beta1, hyper, _UNIT),
-            _get(name, "betas[1]", beta2, hyper, _UNIT),
-            _get(name, "eps", eps, hyper, _POSITIVE),
-            _get(name, "weight_decay", weight_decay, hyper, _NONNEG),
-        )
-
-    def bias_corrections(
-        count: Tensor, dtype: torch.dtype, lr_: _Scalar, b1: _Scalar, b2: _Scalar
-    ) -> tuple[_Scalar, _Scalar]:
-        """``(lr / (1 - β1^t), sqrt(1 - β2^t))`` computed in ``dtype``."""
-        t = count.to(dtype)
-        bc1 = 1 - _as_dtype(b1, dtype) ** t
-        bc2 = 1 - _as_dtype(b2, dtype) ** t
-        return lr_ / bc1, torch.sqrt(bc2)
-
     def step(
         grads: Params, state: AdamState, params: Params, hyper: Hyper | None = None
     ) -> tuple[Params, AdamState]:
-        _check_keys(name, grads, params)
-        lr_, b1, b2, eps_, wd = scalars(hyper)
+        check_grads(name, grads, params)
+        lr_, b1, b2, eps_, wd = adam_scalars(settings, hyper)
         count = state.step + 1
         # (-lr / (1 - β1^t), sqrt(1 - β2^t)) per parameter dtype, computed once for all
         corrections: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
@@ -572,7 +433,7 @@ def _adam_like(
         exp_avg_sq: Params = {}
         for key, p in params.items():
             g = grads[key]
-            if not _is_zero(wd):
+            if not is_zero(wd):
                 if decoupled:
                     p = p * (1 - lr_ * wd)
                 else:
@@ -592,64 +453,11 @@ def _adam_like(
             exp_avg_sq[key] = v
         return new_params, AdamState(step=count, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
-    def step_eager(
-        grads: Params, state: AdamState, params: Params, hyper: Hyper | None = None
-    ) -> tuple[Params, AdamState]:
-        _check_keys(name, grads, params)
-        lr_, b1, b2, eps_, wd = scalars(hyper)
-        if not _foreach_ok(params, lr_, b1, b2, eps_, wd):
-            return step(grads, state, params, hyper)
-        count = state.step + 1
-        fused = _fused_adam(decoupled, grads, state, params, count, lr_, b1, b2, eps_, wd)
-        if fused is not None:
-            return fused
-        cache: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
-        new_params: Params = {}
-        exp_avg: Params = {}
-        exp_avg_sq: Params = {}
-        for keys in _groups(params):
-            ps: _Tensors = [params[k] for k in keys]
-            gs: _Tensors = [grads[k] for k in keys]
-            if not _is_zero(wd):
-                if decoupled:
-                    ps = _fe_scale(ps, 1 - lr_ * wd)
-                else:
-                    gs = torch._foreach_add(gs, _fe_scale(ps, wd))
-            ms = _fe_scale([state.exp_avg[k] for k in keys], b1)
-            torch._foreach_add_(ms, _fe_scale(gs, 1 - b1))
-            vs = _fe_scale([state.exp_avg_sq[k] for k in keys], b2)
-            gg = torch._foreach_mul(gs, gs)
-            torch._foreach_mul_(gg, 1 - b2)
-            torch._foreach_add_(vs, gg)
-            dtype = torch.promote_types(count.dtype, ps[0].dtype)
-            if dtype not in cache:
-                cache[dtype] = bias_corrections(count, dtype, lr_, b1, b2)
-            step_size, bc2_sqrt = cache[dtype]
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps_)
-            upd = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(upd, step_size)
-            new_params.update(zip(keys, torch._foreach_sub(ps, upd), strict=True))
-            exp_avg.update(zip(keys, ms, strict=True))
-            exp_avg_sq.update(zip(keys, vs, strict=True))
-        new_params = _in_order(new_params, params)
-        exp_avg = _in_order(exp_avg, params)
-        exp_avg_sq = _in_order(exp_avg_sq, params)
-        return new_params, AdamState(step=count, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)
 
-    config = (
-        ("name", name),
-        ("lr", lr),
-        ("betas", (beta1, beta2)),
-        ("eps", eps),
-        ("weight_decay", weight_decay),
-    )
     names = _names(lr, beta1, beta2, eps, weight_decay)
-    return Optimizer(init, step, names, learning_rate, config, step_eager)
+    return Optimizer(init, step, names, learning_rate, config)
 
 
 def adam(

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from ._foreach import eager_update
 from .optim import Optimizer
 from .penalties import Penalty
 from .spec import Spec, _strength, as_spec, penalized
@@ -111,9 +112,10 @@ def train_step(
     ``optimizer.init(params)``. Vmap it over stacked params/state/strengths for a sweep.
 
     ``autograd=True`` computes the gradient with ``torch.autograd.grad`` instead of
-    ``torch.func.grad`` and updates with the optimizer's ``step_eager`` (its ``_foreach`` or
-    fused-kernel twin) when it has one: the same numbers up to rounding, less per-call overhead for
-    one unbatched model in eager mode, but not usable under ``vmap``/``torch.compile``.
+    ``torch.func.grad`` and updates with the optimizer's eager twin when it has one
+    (:func:`funcreg._foreach.eager_update`: a ``_foreach`` or fused-kernel twin of its step):
+    the same numbers up to rounding, less per-call overhead for one unbatched model in eager
+    mode, but not usable under ``vmap``/``torch.compile``.
     """
     grad_part, prox_part = split_spec(spec, prox)
     if autograd:
@@ -121,8 +123,8 @@ def train_step(
     else:
         grad_fn = grad(penalized(loss_fn, grad_part, return_parts=True), has_aux=True)
     # eager: the optimizer's _foreach or fused twin of its step, when it has one
-    eager_update = getattr(optimizer, "step_eager", None) if autograd else None
-    update = eager_update if eager_update is not None else optimizer.step
+    twin = eager_update(optimizer) if autograd else None
+    update = twin if twin is not None else optimizer.step
     has_prox = len(prox_part) > 0
 
     def step(

@@ -14,6 +14,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from funcreg import optim
+from funcreg._foreach import eager_update
 from funcreg.optim import AdamState, MissingHyperparameterError, SGDState, adam, adamw, sgd
 
 DTYPE = torch.float64
@@ -180,7 +181,7 @@ def test_step_eager_equals_step(
     second group."""
     ours_kwargs, hyper = as_names(kwargs) if by_name else (kwargs, {})
     opt = FACTORIES[kind][0](**ours_kwargs)
-    assert opt.step_eager is not None
+    assert eager_update(opt) is not None
     params = make_params(dtype=dtype)
     params["c"] = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
     p1 = p2 = params
@@ -190,7 +191,7 @@ def test_step_eager_equals_step(
         p1, s1 = opt.step(g, s1, p1, hyper)
         inputs = (g, s2, p2)
         snapshot = tree_map(torch.clone, inputs)
-        p2, s2 = opt.step_eager(g, s2, p2, hyper)
+        p2, s2 = eager_update(opt)(g, s2, p2, hyper)
         _assert_same_tree(inputs, snapshot)  # pure: nothing passed in was modified
         assert list(p2) == list(params)
         if kind == "sgd":
@@ -215,7 +216,7 @@ def test_adam_step_eager_follows_torch_optim(kind: str, dtype: torch.dtype) -> N
         for leaf, g in zip(leaves, grads.values(), strict=True):
             leaf.grad = g.clone()
         ref.step()
-        params, state = opt.step_eager(grads, state, params, {})
+        params, state = eager_update(opt)(grads, state, params, {})
     for v, leaf in zip(params.values(), leaves, strict=True):
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(v, leaf.detach(), rtol=8 * eps, atol=8 * eps)
@@ -228,7 +229,7 @@ def test_step_eager_is_pure_and_falls_back() -> None:
         state = opt.init(params)
         for _ in range(2):  # the first SGD step copies the gradient into the buffer
             snapshot = tree_map(torch.clone, (params, grads, state))
-            new_p, state_2 = opt.step_eager(grads, state, params, {})
+            new_p, state_2 = eager_update(opt)(grads, state, params, {})
             _assert_same_tree((params, grads, state), snapshot)
             state = state_2
         # results never alias the inputs
@@ -240,11 +241,11 @@ def test_step_eager_is_pure_and_falls_back() -> None:
     lr = {"lr": torch.tensor([0.1, 0.2, 0.3], dtype=DTYPE)}
     state = opt.init(params)
     g = {"w": torch.ones(3, dtype=DTYPE)}
-    _assert_same_tree(opt.step_eager(g, state, params, lr), opt.step(g, state, params, lr))
+    _assert_same_tree(eager_update(opt)(g, state, params, lr), opt.step(g, state, params, lr))
     with pytest.raises(ValueError, match="same keys"):
-        opt.step_eager({}, state, params, lr)
+        eager_update(opt)({}, state, params, lr)
     with pytest.raises(MissingHyperparameterError):
-        opt.step_eager(g, state, params, {})
+        eager_update(opt)(g, state, params, {})
 
 
 def test_optimizer_without_step_eager_still_builds() -> None:
@@ -512,3 +513,44 @@ def test_grid_betas_of_another_dtype_under_vmap(kind: str) -> None:
                 assert new[n].dtype == torch.float32
                 torch.testing.assert_close(new[n][i], want[n], rtol=1e-6, atol=1e-7)
         params, state = new, new_state
+
+
+def test_eager_update_only_for_the_built_in_steps() -> None:
+    """The twin is found from ``config`` for the steps the factories built; an optimizer
+    without config, or one that keeps a built-in config with its own step, gets none; a
+    builder's own ``step_eager`` is used as given."""
+    base = sgd(0.1)
+    assert eager_update(base) is not None
+    assert eager_update(base._replace(config=())) is None
+
+    def own_step(grads: Any, state: Any, params: Any, hyper: Any = None) -> Any:
+        return base.step(grads, state, params, hyper)
+
+    assert eager_update(base._replace(step=own_step)) is None
+    assert eager_update(base._replace(step_eager=own_step)) is own_step
+
+
+def test_missing_fused_kernel_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A (device, dtype) whose fused Adam kernel raises "not implemented" is recorded once
+    in ``_NO_FUSED`` and never tried again; the _foreach fallback gives the step's numbers."""
+    from funcreg import _foreach
+
+    calls = []
+
+    def missing(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(torch, "_fused_adam_", missing)
+    _foreach._NO_FUSED.clear()
+    try:
+        opt = adam(0.1)
+        params = make_params()
+        grads = grad_fn(params)
+        state = opt.init(params)
+        for _ in range(2):
+            fast = eager_update(opt)(grads, state, params, {})
+            _assert_same_tree(fast, opt.step(grads, state, params, {}), ulps=64)
+        assert calls == [1] and ("cpu", DTYPE) in _foreach._NO_FUSED
+    finally:
+        _foreach._NO_FUSED.clear()

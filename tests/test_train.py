@@ -8,6 +8,7 @@ from torch.func import functional_call, vmap
 
 import funcreg as fr
 from funcreg import optim
+from funcreg._foreach import eager_update
 
 DT = torch.float64
 
@@ -153,7 +154,7 @@ def test_autograd_step_equals_pure_step(problem, name, prox):
         "mom": torch.tensor(0.9, dtype=DT),
     }
     calls = []
-    eager = opt.step_eager
+    eager = eager_update(opt)
 
     def counted(*args):
         calls.append(1)
@@ -232,7 +233,7 @@ def test_eager_adam_runs_the_fused_kernel(monkeypatch):
     params = {"w": torch.randn(4, 3, dtype=DT), "b": torch.randn(3, dtype=DT)}
     grads = {"w": torch.randn(3, 4, dtype=DT).t(), "b": torch.randn(3, dtype=DT)}  # strided
     state = opt.init(params)
-    fast = opt.step_eager(grads, state, params, {})
+    fast = eager_update(opt)(grads, state, params, {})
     slow = opt.step(grads, state, params, {})
     assert calls == [1]
     torch.testing.assert_close(fast, slow, rtol=1e-15, atol=1e-15)
