@@ -56,7 +56,7 @@ class Spec(Mapping[str, Penalty]):
                 )
         self._terms: dict[str, Penalty] = merged
         self._cache: dict[tuple, dict[str, tuple[str, ...]]] = {}
-        _LIVE[id(self)] = self
+        _LIVE.add(self)
 
     def __reduce__(self) -> tuple[type[Spec], tuple[dict[str, Penalty]]]:
         """Copies and unpickled specs are rebuilt through ``__init__`` (fresh cache, and
@@ -192,9 +192,39 @@ class Spec(Mapping[str, Penalty]):
         _checks.check_strengths(self._terms, strengths, needs=self.strength_names)
 
 
-# specs by id for _traced_selection: its arguments must be constants to the tracer, and
-# older releases (torch 2.11) do not treat a Spec object as one
-_LIVE: weakref.WeakValueDictionary[int, Spec] = weakref.WeakValueDictionary()
+class _LiveSpecs:
+    """Every :class:`Spec` alive in this process, by ``id``: how :func:`_traced_selection`
+    finds a spec from a number, since its arguments must be constants to the tracer and
+    older releases (torch 2.11) do not treat a Spec object as one.
+
+    The single instance :data:`_LIVE` owns the table. An entry appears when a spec is built
+    (``Spec.__init__``, which copies and unpickling also go through) and goes away by itself
+    when the spec is garbage-collected (weak references: the table keeps no spec alive). An
+    id is looked up only by ``Spec.selection`` of the spec itself, which is alive during the
+    call, so the entry is there and is that spec even if CPython reuses the id of a dead one
+    (the new spec's registration replaces the old entry). Safe under threads: one-item reads
+    and writes of the weak dictionary are atomic under the GIL, and distinct live specs have
+    distinct ids. Under ``torch.compile`` it is read at trace time only (the lookup is an
+    ``assume_constant_result``), so it adds nothing to a graph.
+    """
+
+    def __init__(self) -> None:
+        self._specs: weakref.WeakValueDictionary[int, Spec] = weakref.WeakValueDictionary()
+
+    def add(self, spec: Spec) -> None:
+        self._specs[id(spec)] = spec
+
+    def __getitem__(self, spec_id: int) -> Spec:
+        return self._specs[spec_id]
+
+    def __contains__(self, spec_id: object) -> bool:
+        return spec_id in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+_LIVE = _LiveSpecs()
 
 
 @torch.compiler.assume_constant_result

@@ -151,6 +151,18 @@ def test_copies_and_pickles_are_equal_registered_specs(setup):
         assert twin.selection(p) == spec.selection(p)
 
 
+def test_live_specs_hold_no_spec_alive():
+    """A spec is registered when built and leaves the table when garbage-collected."""
+    import gc
+
+    spec = fr.Spec(l1=fr.L1())
+    key = id(spec)
+    assert key in _LIVE and _LIVE[key] is spec
+    del spec
+    gc.collect()
+    assert key not in _LIVE
+
+
 def test_selection_is_cached_and_skips_non_float(setup):
     net, p, loss, spec, x, y = setup
     p2 = {**p, "step": torch.tensor(3)}
