@@ -3,17 +3,25 @@
 The checks run at the eager boundaries (``fr.grid``, ``fr.stack``, ``fr.sweep``,
 ``fr.penalty``, ``fr.prox_``, ...), never inside a function that runs under ``vmap``.
 Each message names what was passed, the rule, and what to do instead.
+
+The generic checks that several entry points share (``positive_int``, ``check_seed``,
+``check_optimizer``, ``check_engine_args``, ...) live here, once; a check that belongs to one
+domain keeps its message beside its code. This module imports only :mod:`funcreg.optim`
+(for :class:`~funcreg.optim.Optimizer`), which imports nothing from funcreg.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .optim import Optimizer
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
@@ -42,6 +50,12 @@ def no_match_error(term: str, selector: Any, names: Iterable[str]) -> ValueError
     )
 
 
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool: ``int``, ``float`` and numpy's scalars
+    (``np.float32(0.1)``, ``np.int64(3)``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_finite(where: str, what: str, t: Tensor) -> None:
     """No NaN or inf in a floating (or complex) tensor of data or params."""
     if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
@@ -50,7 +64,7 @@ def check_finite(where: str, what: str, t: Tensor) -> None:
 
 def check_strength_value(term: str, value: Any) -> None:
     """A strength must be a finite, non-negative number or floating tensor."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if not (is_number(value) or isinstance(value, Tensor)):
         raise TypeError(
             f"strength {term!r} must be a number or a floating tensor, got {type(value).__name__}"
         )
@@ -165,3 +179,145 @@ def check_min_ndim(term: str, penalty: str, name: str, w: Tensor, ndim: int, why
             f"({why}), but {name!r} has shape {tuple(w.shape)}; select weights only, "
             "e.g. fr.weights() or a name pattern"
         )
+
+
+# ------------------------------------------------------------ shared argument checks
+
+
+def positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
+    """``value`` as an ``int >= 1`` (``None`` passes when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_seed(where: str, seed: Any) -> int:
+    """A random seed: an ``int >= 0`` (not a bool), returned as ``int``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"{where}: seed must be an int >= 0, got {seed!r}")
+    return int(seed)
+
+
+def check_optimizer(where: str, optimizer: Any) -> None:
+    """``optimizer`` is a functional optimizer (:class:`funcreg.optim.Optimizer`)."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"{where}: optimizer must be a functional optimizer such as fr.optim.adam(1e-3), "
+            f"got {type(optimizer).__name__}"
+        )
+
+
+def check_engine_args(where: str, optimizer: Any, steps: Any) -> None:
+    """``optimizer=`` and ``steps=`` come together (the sweep engine) or not at all (the
+    exact solver)."""
+    if (optimizer is None) != (steps is None):
+        raise ValueError(
+            f"{where}: give optimizer= and steps= together (the sweep engine, for networks), "
+            "or neither (exact solutions by fr.solve, for convex problems)"
+        )
+
+
+def no_prox_error(term: str, penalty: str, smooth: bool) -> ValueError:
+    """A term whose penalty has no proximal operator was given to a prox step. The rule,
+    everywhere: such a term goes through the (sub)gradient, never through a prox."""
+    if smooth:
+        return ValueError(
+            f"term {term!r}: {penalty} has no proximal operator; it goes through the gradient: "
+            "add it to the loss (fr.penalty, fr.penalized) and give prox steps only terms that "
+            "have one, e.g. spec.nonsmooth()"
+        )
+    return ValueError(
+        f"term {term!r}: {penalty} is non-smooth but has no proximal operator; it goes "
+        "through its subgradient: train with prox=False, or in a classic loop add it to the "
+        "loss with fr.penalty instead of applying fr.prox_"
+    )
+
+
+# ------------------------------------------------- eager entry points: one model at a time
+
+
+def check_one_model_strengths(
+    where: str, strengths: Mapping[str, Any], terms: Iterable[str], known: Iterable[str]
+) -> dict[str, Any]:
+    """The strengths of one model at an eager entry point (``fr.penalty``, ``fr.prox_``),
+    after :func:`check_strengths`: every key names a term of the spec (``known``: the terms
+    of the whole spec, also those split off by ``smooth()``/``nonsmooth()``), and each
+    strength of ``terms`` is one number — a number or a 0-dim tensor. Returns the strengths
+    with numpy scalars as Python floats (tensors are passed through, never read)."""
+    known = list(known)
+    for key in strengths:
+        if key not in known:
+            near = closest(str(key), known, 1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(
+                f"{where}: strengths has {key!r}, which names no term of the spec; {hint}"
+                f"Terms: {_names(known)}. Fix the name or drop the entry ({where} reads one "
+                "strength per term, no optimizer hyperparameters such as 'lr')"
+            )
+    out = dict(strengths)
+    for term in terms:
+        if term not in out:
+            continue
+        value = out[term]
+        if isinstance(value, Tensor) and value.dim() > 0:
+            raise ValueError(
+                f"{where}: strength {term!r} has shape {tuple(value.shape)}, but {where} "
+                "takes one model's strengths: a number or a 0-dim tensor (e.g. s[i]). For K "
+                "strengths at once use fr.sweep, or torch.func.vmap over fr.penalized"
+            )
+        if is_number(value) and not isinstance(value, int | float):
+            out[term] = float(value)  # numpy scalars: no numpy arithmetic with tensors
+    return out
+
+
+def check_lr(where: str, lr: Any) -> Tensor | float:
+    """A learning rate given as a value: a number (numpy scalars too) or a 0-dim floating
+    tensor, finite and >= 0. Numbers come back as ``float``, tensors as they are."""
+    if isinstance(lr, Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise ValueError(
+                f"{where}: lr must be a number or a 0-dim floating tensor, got a {lr.dtype} "
+                f"tensor of shape {tuple(lr.shape)}; pass one model's learning rate"
+            )
+        value = float(lr)
+    elif is_number(lr):
+        value = float(lr)
+    else:
+        raise TypeError(
+            f"{where}: lr must be a number >= 0 (or a 0-dim tensor), got {type(lr).__name__} "
+            f"{lr!r:.60}"
+        )
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where}: lr must be a number >= 0, got {value!r}")
+    return lr if isinstance(lr, Tensor) else value
+
+
+def check_loss_value(loss_fn: Any, value: Any) -> None:
+    """What a loss function returned is one loss: a 0-dim tensor (static facts only, so the
+    check is free under ``vmap``, ``grad`` and ``torch.compile``)."""
+    if isinstance(value, Tensor) and value.dim() == 0:
+        return
+    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    got = (
+        f"a tensor of shape {tuple(value.shape)}"
+        if isinstance(value, Tensor)
+        else f"a {type(value).__name__}"
+    )
+    raise ValueError(
+        f"loss_fn {name} returned {got}; it must return a 0-dim tensor computed from its "
+        "params argument (e.g. F.mse_loss(functional_call(model, params, (x,)), y)): not "
+        ".item() or a float, and reduce a shape-(1,) loss with .sum() or .squeeze()"
+    )
+
+
+def loss_ignores_params_error(loss_fn: Any) -> ValueError:
+    """A loss that does not depend on the params it is given (detached, or computed from the
+    module's own weights)."""
+    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    return ValueError(
+        f"loss_fn {name} returned a loss that does not depend on its params argument (it is "
+        "detached, or computed with the module's own weights, e.g. net(x) instead of "
+        "functional_call(net, params, (x,))); compute it from params so gradients reach them"
+    )

@@ -41,17 +41,30 @@ def _live_params(module_or_params: nn.Module | Mapping[str, Tensor]) -> Mapping[
     return module_or_params
 
 
+def _one_model(
+    where: str, spec: Spec, live: Mapping[str, Tensor], strengths: Strengths
+) -> dict[str, Any]:
+    """The eager checks of ``fr.penalty``/``fr.prox_``: the spec against the params, then one
+    model's strengths (no unknown key, one number per term; numpy scalars as floats)."""
+    spec.validate(live, strengths)
+    return _checks.check_one_model_strengths(
+        where, strengths, spec.strength_names, spec.known_terms
+    )
+
+
 def penalty(
     module_or_params: nn.Module | Mapping[str, Tensor],
     spec: Spec | Mapping[str, Penalty],
     strengths: Strengths,
 ) -> Tensor | float:
     """``Σ_k s_k Ω_k`` of a module's own parameters (so ``loss.backward()`` reaches them) or
-    of a params dict; validates the spec and the strengths first. Non-smooth terms give
+    of a params dict; validates the spec and the strengths first: one model's strengths,
+    a number (numpy scalars too) or a 0-dim tensor per term, keyed by the terms of ``spec``
+    (or of the spec it was split from by ``smooth()``/``nonsmooth()``). Non-smooth terms give
     their subgradient through backward; use :func:`prox_` for exact zeros."""
     spec = as_spec(spec)
     live = _live_params(module_or_params)
-    spec.validate(live, strengths)
+    strengths = _one_model("penalty", spec, live, strengths)
     return spec(live, strengths)
 
 
@@ -60,17 +73,22 @@ def prox_(
     module_or_params: nn.Module | Mapping[str, Tensor],
     spec: Spec | Mapping[str, Penalty],
     strengths: Strengths,
-    lr: float,
+    lr: float | Tensor,
 ) -> None:
     """In place: ``p ← prox_{lr·s_k·Ω_k}(p)`` for every term of ``spec`` (use
     ``spec.nonsmooth()``), after ``optimizer.step()``. With SGD this is proximal gradient
     descent; with any torch.optim optimizer it leaves exact zeros (L1, group lasso) and
-    feasible weights (constraints)."""
+    feasible weights (constraints). ``strengths`` as for :func:`penalty`; ``lr`` a number
+    or a 0-dim tensor >= 0."""
     spec = as_spec(spec)
     live = _live_params(module_or_params)
-    spec.validate(live, strengths)
-    if not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"prox_: lr must be a number >= 0, got {lr!r}")
+    strengths = _one_model("prox_", spec, live, strengths)
+    lr = _checks.check_lr("prox_", lr)
+    for term, pen in spec.items():  # a defined prox step (MCP needs lr < gamma, ...)
+        try:
+            pen.check_step(float(lr))
+        except ValueError as e:
+            raise ValueError(f"prox_: term {term!r}: {e}") from None
     new = spec.prox({n: p.detach() for n, p in live.items()}, strengths, lr)
     touched = {n for names in spec.selection(live).values() for n in names}
     for name in touched:

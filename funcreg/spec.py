@@ -35,7 +35,7 @@ class Spec(Mapping[str, Penalty]):
     >>> spec(params, {"l1": 1e-3, "l2": 1e-4})      # total penalty, a 0-dim tensor
     """
 
-    __slots__ = ("_terms", "_cache", "__weakref__")
+    __slots__ = ("_terms", "_cache", "_known", "__weakref__")
 
     def __init__(self, terms: Mapping[str, Penalty] | None = None, /, **kwargs: Penalty) -> None:
         merged = dict(terms or {})
@@ -56,12 +56,29 @@ class Spec(Mapping[str, Penalty]):
                 )
         self._terms: dict[str, Penalty] = merged
         self._cache: dict[tuple, dict[str, tuple[str, ...]]] = {}
+        self._known: tuple[str, ...] = tuple(merged)
         _LIVE.add(self)
 
-    def __reduce__(self) -> tuple[type[Spec], tuple[dict[str, Penalty]]]:
+    def __reduce__(self) -> tuple[type[Spec], tuple[dict[str, Penalty]], tuple[str, ...]]:
         """Copies and unpickled specs are rebuilt through ``__init__`` (fresh cache, and
         registered for the traced selection under ``torch.compile``)."""
-        return (type(self), (self._terms,))
+        return (type(self), (self._terms,), self._known)
+
+    def __setstate__(self, known: tuple[str, ...]) -> None:
+        self._known = tuple(known)
+
+    def _part(self, terms: dict[str, Penalty]) -> Spec:
+        part = Spec(terms)
+        part._known = self._known
+        return part
+
+    @property
+    def known_terms(self) -> tuple[str, ...]:
+        """The terms of the spec this one was split from by :meth:`smooth`/:meth:`nonsmooth`
+        (its own terms otherwise): the keys a strengths dict given to it may hold, so that
+        one dict serves ``fr.penalty(net, spec.smooth(), s)`` and ``fr.prox_(net,
+        spec.nonsmooth(), s, lr)``."""
+        return self._known
 
     # -- mapping protocol -----------------------------------------------------------------
     def __getitem__(self, key: str) -> Penalty:
@@ -86,16 +103,35 @@ class Spec(Mapping[str, Penalty]):
     # -- splits ---------------------------------------------------------------------------
     def smooth(self) -> Spec:
         """The terms that go through the gradient (no prox used in training)."""
-        return Spec({k: v for k, v in self._terms.items() if v.smooth})
+        return self._part({k: v for k, v in self._terms.items() if v.smooth})
 
     def nonsmooth(self) -> Spec:
         """The terms applied by their prox/projection after a gradient step."""
-        return Spec({k: v for k, v in self._terms.items() if not v.smooth})
+        return self._part({k: v for k, v in self._terms.items() if not v.smooth})
 
     @property
     def strength_names(self) -> tuple[str, ...]:
         """Terms that need a strength (every term but constraints)."""
         return tuple(k for k, v in self._terms.items() if not v.is_constraint)
+
+    def strength_term(self, term: str | None, what: str) -> str:
+        """The term whose strength a path or a cross-validation varies: ``term``, or the
+        spec's only term with a strength when ``term`` is ``None``; ``what`` names the caller
+        in the messages."""
+        names = self.strength_names
+        if term is None:
+            if len(names) != 1:
+                raise ValueError(
+                    f"{what}: the spec has {len(names)} terms with a strength ({list(names)}); "
+                    "say which one the grid varies with term=..."
+                )
+            return names[0]
+        if term not in names:
+            raise ValueError(
+                f"{what}: term {term!r} is not a spec term with a strength; "
+                f"the spec has {list(names)}"
+            )
+        return term
 
     # -- selection ------------------------------------------------------------------------
     def selection(self, params: Params) -> dict[str, tuple[str, ...]]:
@@ -175,10 +211,7 @@ class Spec(Mapping[str, Penalty]):
         for term, names in sel.items():
             pen = self._terms[term]
             if not pen.has_prox:
-                raise ValueError(
-                    f"term {term!r}: {type(pen).__name__} has no proximal operator; "
-                    "apply only spec.nonsmooth() by prox, or train with prox=False"
-                )
+                raise _checks.no_prox_error(term, type(pen).__name__, pen.smooth)
             s = 1.0 if pen.is_constraint else _strength(strengths, term)
             for n in names:
                 out[n] = pen.prox_step(out[n], lr, s, n)
@@ -280,12 +313,16 @@ def penalized(
     ready for ``grad(..., has_aux=True)``.
 
     ``strengths`` may hold extra entries (e.g. an optimizer's ``lr``); they are ignored.
-    Nothing is checked per call — use ``spec.validate`` or the eager entry points once.
+    Per call only what ``loss_fn`` returned is checked, from static facts (a 0-dim tensor, not
+    a float from ``.item()`` nor a shape-``(1,)`` tensor), which costs nothing under
+    ``vmap``/``grad``/``torch.compile``; the strengths are not — use ``spec.validate`` or the
+    eager entry points once.
     """
     spec = as_spec(spec)
 
     def objective(params: Params, strengths: Strengths, *args: Any, **kwargs: Any) -> Any:
         data = loss_fn(params, *args, **kwargs)
+        _checks.check_loss_value(loss_fn, data)
         parts = spec.parts(params, strengths)
         total = data
         for v in parts.values():

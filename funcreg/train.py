@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from . import _checks
 from ._foreach import eager_update
 from .optim import Optimizer
 from .penalties import Penalty
@@ -44,10 +45,7 @@ def split_spec(spec: Spec | Mapping[str, Penalty], prox: bool) -> tuple[Spec, Sp
         prox_part = spec.nonsmooth()
         for term, pen in prox_part.items():
             if not pen.has_prox:
-                raise ValueError(
-                    f"term {term!r}: {type(pen).__name__} is non-smooth but has no proximal "
-                    "operator; train with prox=False or mark it smooth"
-                )
+                raise _checks.no_prox_error(term, type(pen).__name__, pen.smooth)
         return spec.smooth(), prox_part
     constraints = {k: v for k, v in spec.items() if v.is_constraint}
     return Spec({k: v for k, v in spec.items() if not v.is_constraint}), Spec(constraints)
@@ -59,15 +57,29 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
     plain ``L1``, ``L2``) stay out of the autograd graph: their gradients come from one
     ``torch._foreach_add`` over all their parameters and their values from one reduction
     (:mod:`funcreg._flat`), the same numbers as autograd's (``s·sign(w)``, ``s·w``) for less
-    work."""
+    work. The first call checks that the data loss depends on the params it is given (not
+    detached, not computed from a module's own weights) and raises, naming ``loss_fn``,
+    if it does not."""
     forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
     objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in forms}), True)
     order = ["loss", *spec]
+    checked: list[bool] = []  # set once the first call found the loss reading the params
 
     def grad_fn(params: Mapping[str, Tensor], strengths: Mapping[str, Any], *batch: Any) -> Any:
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             total, parts = objective(leaves, strengths, *batch)
+            if leaves and not checked:  # once: the data loss must reach some param
+                data = parts["loss"]
+                used = data.requires_grad and any(
+                    g is not None
+                    for g in torch.autograd.grad(
+                        data, list(leaves.values()), allow_unused=True, retain_graph=True
+                    )
+                )
+                if not used:
+                    raise _checks.loss_ignores_params_error(loss_fn)
+                checked.append(True)
             if total.requires_grad:
                 found = torch.autograd.grad(
                     total, list(leaves.values()), allow_unused=True, materialize_grads=True

@@ -131,3 +131,169 @@ def test_sweep_checks_mcp_step_for_every_grid_lr(net):
     with pytest.raises(ValueError, match=r"sweep: term 'mcp': MCP prox needs lr < gamma.*lr=4\.0"):
         fr.sweep(net, loss, {"mcp": fr.MCP(gamma=3.0)}, grid, train=(x, y),
                  optimizer=fr.optim.sgd("lr"), steps=1, progress=False)  # fmt: skip
+
+
+# ------------------------------------------------------------ shared checks (_checks)
+
+
+def test_positive_int():
+    from funcreg import _checks
+
+    assert _checks.positive_int("steps", 3) == 3
+    assert _checks.positive_int("chunk_size", None) is None
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match=r"steps must be an int >= 1, got"):
+            _checks.positive_int("steps", bad)
+    with pytest.raises(ValueError, match=r"epochs must be an int >= 1, got None"):
+        _checks.positive_int("epochs", None, allow_none=False)
+
+
+def test_check_seed():
+    import numpy as np
+
+    from funcreg import _checks
+
+    assert _checks.check_seed("sweep", np.int64(7)) == 7 and _checks.check_seed("cv", 0) == 0
+    for bad in (-1, 1.0, True, "1", None):
+        with pytest.raises(ValueError, match=r"cross_validate: seed must be an int >= 0, got"):
+            _checks.check_seed("cross_validate", bad)
+
+
+def test_check_optimizer_and_engine_args():
+    from funcreg import _checks
+
+    _checks.check_optimizer("sweep", fr.optim.sgd(0.1))
+    with pytest.raises(TypeError, match=r"sweep: optimizer must be a functional optimizer such "):
+        _checks.check_optimizer("sweep", torch.optim.SGD)
+    _checks.check_engine_args("path", None, None)
+    _checks.check_engine_args("path", fr.optim.sgd(0.1), 10)
+    for opt, steps in ((fr.optim.sgd(0.1), None), (None, 10)):
+        with pytest.raises(ValueError, match=r"path: give optimizer= and steps= together"):
+            _checks.check_engine_args("path", opt, steps)
+
+
+def test_no_prox_advice_is_one_rule(net):
+    """A term without a prox goes through the (sub)gradient: train_step, Spec.prox and
+    fr.prox_ give the same advice (no 'mark it smooth', which no user can do)."""
+
+    @fr.penalties._penalty
+    class Bumpy(fr.Penalty):
+        smooth = False
+
+        def _value(self, d, c):
+            return d.abs().sqrt().sum()
+
+    with pytest.raises(ValueError, match=r"term 'b': Bumpy is non-smooth .* train with prox=False"):
+        fr.train_step(lambda p: p["w"].sum(), {"b": Bumpy()}, fr.optim.sgd(0.1))
+    with pytest.raises(ValueError, match=r"term 'b': Bumpy is non-smooth .* fr\.penalty instead"):
+        fr.prox_(net, {"b": Bumpy()}, {"b": 1.0}, lr=0.1)
+    with pytest.raises(ValueError, match=r"term 'o': Orthogonal has no .* goes through the gradi"):
+        fr.prox_(net, {"o": fr.Orthogonal()}, {"o": 1.0}, lr=0.1)
+
+
+# ------------------------------------------------ eager misuse: one model's strengths
+
+
+def test_penalty_refuses_k_strengths(net):
+    spec = fr.Spec(l1=fr.L1())
+    with pytest.raises(ValueError, match=r"penalty: strength 'l1' has shape \(3,\).*fr\.sweep"):
+        fr.penalty(net, spec, {"l1": torch.tensor([0.1, 0.2, 0.3])})
+    with pytest.raises(ValueError, match=r"prox_: strength 'l1' has shape \(1,\).*fr\.sweep"):
+        fr.prox_(net, spec, {"l1": torch.tensor([0.1])}, lr=0.1)
+
+
+def test_unknown_strength_key_names_the_closest_term(net):
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    with pytest.raises(ValueError, match=r"strengths has 'l22'.*did you mean 'l2'\?"):
+        fr.penalty(net, spec, {"l1": 0.1, "l2": 0.1, "l22": 0.3})
+    with pytest.raises(ValueError, match=r"prox_: strengths has 'lr'.*drop the entry"):
+        fr.prox_(net, spec.nonsmooth(), {"l1": 0.1, "l2": 0.1, "lr": 0.1}, lr=0.1)
+
+
+def test_one_strengths_dict_serves_both_halves_of_a_spec(net):
+    """The documented classic loop: the whole strengths dict goes to both halves."""
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    s = {"l1": 0.1, "l2": 0.2}
+    assert spec.smooth().known_terms == spec.nonsmooth().known_terms == ("l1", "l2")
+    fr.penalty(net, spec.smooth(), s)
+    fr.prox_(net, spec.nonsmooth(), s, lr=0.1)
+
+
+def test_numpy_scalar_strengths_and_tensor_lr_are_accepted(net):
+    import numpy as np
+
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    plain = fr.penalty(net, spec, {"l1": 0.25, "l2": 0.5})
+    got = fr.penalty(net, spec, {"l1": np.float32(0.25), "l2": np.float64(0.5)})
+    assert isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got, plain)
+    twin = type(net)()
+    twin.load_state_dict(net.state_dict())
+    fr.prox_(net, spec.nonsmooth(), {"l1": np.float32(0.25)}, lr=torch.tensor(0.5))
+    fr.prox_(twin, spec.nonsmooth(), {"l1": 0.25}, lr=0.5)
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    fr.prox_(net, spec.nonsmooth(), {"l1": 0.25}, lr=np.float32(0.5))
+    with pytest.raises(ValueError, match=r"prox_: lr must be a number or a 0-dim floating"):
+        fr.prox_(net, spec.nonsmooth(), {"l1": 0.25}, lr=torch.tensor([0.5, 0.1]))
+    with pytest.raises(ValueError, match=r"prox_: lr must be a number >= 0, got -0\.5"):
+        fr.prox_(net, spec.nonsmooth(), {"l1": 0.25}, lr=torch.tensor(-0.5))
+    with pytest.raises(TypeError, match=r"prox_: lr must be a number >= 0"):
+        fr.prox_(net, spec.nonsmooth(), {"l1": 0.25}, lr="0.5")
+
+
+def test_prox_checks_the_step_of_mcp(net):
+    spec = fr.Spec(m=fr.MCP(gamma=3.0))
+    with pytest.raises(ValueError, match=r"prox_: term 'm': MCP prox needs lr < gamma"):
+        fr.prox_(net, spec, {"m": 0.1}, lr=5.0)
+
+
+# ----------------------------------------------------------------- loss misuse
+
+
+def _problem():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    return lin, fr.params(lin), x, y
+
+
+@pytest.mark.parametrize("autograd", [False, True], ids=["func", "autograd"])
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda out, y: float(((out - y) ** 2).mean().item()), r"returned a float; .*not \.item"),
+        (lambda out, y: ((out - y) ** 2).mean().reshape(1), r"returned a tensor of shape \(1,\)"),
+    ],
+    ids=["item", "shape-1"],
+)
+def test_loss_that_is_not_one_tensor_is_named(autograd, make, match):
+    from torch.func import functional_call
+
+    lin, p, x, y = _problem()
+
+    def my_loss(params, x, y):
+        return make(functional_call(lin, params, (x,)), y)
+
+    step = fr.train_step(my_loss, fr.Spec(l1=fr.L1()), fr.optim.sgd(0.1), autograd=autograd)
+    with pytest.raises(ValueError, match=r"loss_fn .*my_loss " + match):
+        step(p, fr.optim.sgd(0.1).init(p), {"l1": 0.1}, x, y)
+    with pytest.raises(ValueError, match=r"loss_fn .*my_loss " + match):
+        fr.penalized(my_loss, fr.Spec(l1=fr.L1()))(p, {"l1": 0.1}, x, y)
+
+
+def test_eager_step_refuses_a_loss_that_ignores_params():
+    """train_step(autograd=True) (fr.sweep's single-model chunks): a loss computed from the
+    module's own weights, or detached, trained nothing before; now it is named."""
+    lin, p, x, y = _problem()
+
+    def module_loss(params, x, y):
+        return ((lin(x) - y) ** 2).mean()
+
+    def detached_loss(params, x, y):
+        return ((x @ params["weight"].t() + params["bias"] - y) ** 2).mean().detach()
+
+    for loss in (module_loss, detached_loss):
+        step = fr.train_step(loss, fr.Spec(l2=fr.L2()), fr.optim.sgd(0.1), autograd=True)
+        with pytest.raises(ValueError, match=r"does not depend on its params argument.*params"):
+            step(p, fr.optim.sgd(0.1).init(p), {"l2": 0.1}, x, y)

@@ -223,3 +223,20 @@ def test_selectors():
     assert either.select(p) == ["0.weight", "2.bias"]
     assert repr(both) == "(by_module(Linear) & ~biases())"
     assert fr.L1("0.*").selector == fr.by_name("0.*")
+
+
+def test_strength_term():
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2(), box=fr.Box(lo=-1, hi=1))
+    assert spec.strength_term("l2", "path") == "l2"
+    assert fr.Spec(l1=fr.L1(), box=fr.Box(lo=-1, hi=1)).strength_term(None, "path") == "l1"
+    with pytest.raises(ValueError, match=r"path: the spec has 2 terms with a strength .*term="):
+        spec.strength_term(None, "path")
+    with pytest.raises(ValueError, match=r"cross_validate: term 'box' is not a spec term with a"):
+        spec.strength_term("box", "cross_validate")
+
+
+def test_split_specs_know_their_family_through_copies():
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    part = spec.smooth()
+    for twin in (part, copy.deepcopy(part), pickle.loads(pickle.dumps(part))):
+        assert list(twin) == ["l2"] and twin.known_terms == ("l1", "l2")
