@@ -57,7 +57,7 @@ def eager_update(opt: Optimizer) -> Update | None:
     settings = dict(opt.config)
     twin = _TWINS.get(settings.get("name"))  # type: ignore[arg-type]
     step = opt.step
-    built_here = getattr(step, "__module__", None) == "funcreg.optim" and getattr(
+    built_here = getattr(step, "__module__", None) == Optimizer.__module__ and getattr(
         step, "__qualname__", ""
     ) in ("sgd.<locals>.step", "_adam_like.<locals>.step")
     if twin is None or not built_here:
