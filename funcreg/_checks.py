@@ -12,7 +12,9 @@ domain keeps its message beside its code. This module imports only :mod:`funcreg
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -294,12 +296,20 @@ def check_lr(where: str, lr: Any) -> Tensor | float:
     return lr if isinstance(lr, Tensor) else value
 
 
+def _loss_name(loss_fn: Any) -> str:
+    """The user's name for a loss function, through wrappers that set ``__wrapped__``
+    (``functools.wraps``)."""
+    with contextlib.suppress(ValueError):  # ValueError: a cycle of __wrapped__
+        loss_fn = inspect.unwrap(loss_fn)
+    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
 def check_loss_value(loss_fn: Any, value: Any) -> None:
     """What a loss function returned is one loss: a 0-dim tensor (static facts only, so the
     check is free under ``vmap``, ``grad`` and ``torch.compile``)."""
     if isinstance(value, Tensor) and value.dim() == 0:
         return
-    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    name = _loss_name(loss_fn)
     got = (
         f"a tensor of shape {tuple(value.shape)}"
         if isinstance(value, Tensor)
@@ -315,7 +325,7 @@ def check_loss_value(loss_fn: Any, value: Any) -> None:
 def loss_ignores_params_error(loss_fn: Any) -> ValueError:
     """A loss that does not depend on the params it is given (detached, or computed from the
     module's own weights)."""
-    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    name = _loss_name(loss_fn)
     return ValueError(
         f"loss_fn {name} returned a loss that does not depend on its params argument (it is "
         "detached, or computed with the module's own weights, e.g. net(x) instead of "
