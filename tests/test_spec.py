@@ -240,3 +240,17 @@ def test_split_specs_know_their_family_through_copies():
     part = spec.smooth()
     for twin in (part, copy.deepcopy(part), pickle.loads(pickle.dumps(part))):
         assert list(twin) == ["l2"] and twin.known_terms == ("l1", "l2")
+
+
+def test_numpy_scalar_strengths_under_vmap():
+    """A numpy scalar strength (as numbers from numpy code come) works in the pure penalty
+    under vmap and grad, with the params' dtype (0.5 and 0.25 are exact in float32)."""
+    import numpy as np
+
+    spec = fr.Spec(l1=fr.L1(), l2=fr.L2())
+    p = {"w": torch.randn(4, 3, 2, dtype=torch.float64)}
+    s_np = {"l1": np.float32(0.5), "l2": np.float64(0.25)}
+    s_py = {"l1": 0.5, "l2": 0.25}
+    for f in (spec, grad(spec)):
+        got, want = vmap(f, in_dims=(0, None))(p, s_np), vmap(f, in_dims=(0, None))(p, s_py)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
