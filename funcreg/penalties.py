@@ -82,10 +82,18 @@ class Penalty:
         raise NotImplementedError
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no closed-form proximal operator; "
-            "put it in spec.smooth() (gradient) instead"
-        )
+        name = type(self).__name__
+        if self.smooth:
+            fix = (
+                "it is smooth, so training applies it through its gradient: leave it to "
+                "fr.penalty / the gradient part of the spec (spec.smooth()), not to prox"
+            )
+        else:
+            fix = (
+                "train with prox=False (it then goes through its subgradient), or give the "
+                "subclass a _prox and has_prox = True"
+            )
+        raise NotImplementedError(f"{name} has no closed-form proximal operator; {fix}")
 
     def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
         """The shape ``weight=`` factors must broadcast to (elementwise by default)."""
@@ -93,10 +101,10 @@ class Penalty:
 
     # -- resolution of toward= and weight= for one parameter -----------------------------
     def reference(self, name: str | None) -> Tensor | None:
-        return _lookup(self.toward, name, missing_ok=False)
+        return _lookup(self.toward, name, "toward", type(self).__name__, missing_ok=False)
 
     def factor(self, name: str | None) -> Tensor | None:
-        return _lookup(self.weight, name, missing_ok=True)
+        return _lookup(self.weight, name, "weight", type(self).__name__, missing_ok=True)
 
     def _shift(self, w: Tensor, name: str | None) -> Tensor:
         ref = self.reference(name)
@@ -172,16 +180,25 @@ class Penalty:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def _lookup(ref: Ref, name: str | None, *, missing_ok: bool) -> Tensor | None:
+def _lookup(
+    ref: Ref, name: str | None, option: str, owner: str, *, missing_ok: bool
+) -> Tensor | None:
+    """The entry of ``option=`` (``toward`` or ``weight``) for parameter ``name``."""
     if ref is None:
         return None
     if isinstance(ref, Mapping):
         if name is None:
-            raise ValueError("this penalty has dict-valued toward=/weight=: pass name=")
+            raise ValueError(
+                f"{owner} has a dict-valued {option}=: pass name= (the parameter's name) "
+                "so its entry can be found"
+            )
         if name not in ref:
             if missing_ok:
                 return None
-            raise KeyError(name)
+            raise ValueError(
+                f"{owner}: {option}= has no entry for parameter {name!r} (it has "
+                f"{sorted(ref)}): give every selected parameter one, or narrow the selector"
+            )
         return torch.as_tensor(ref[name])
     return torch.as_tensor(ref)
 
@@ -330,9 +347,25 @@ def _scaled_step(t: Tensor | float, c: Tensor | None) -> Tensor | float:
 # ---------------------------------------------------------------------------------------
 
 
-def _as_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
+def _as_dims(
+    dim: Dim, ndim: int, owner: str = "a group penalty", shape: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """``dim`` as sorted non-negative axes of a tensor with ``ndim`` dims; an axis out of
+    ``[-ndim, ndim)`` or named twice is an error (never wrapped around)."""
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    return tuple(sorted(d % ndim for d in dims))
+    of = f"shape {shape}" if shape is not None else f"{ndim} dims"
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{owner}: dim={dim!r} is out of range for a parameter with ndim {ndim} "
+                f"({of}); dim must be in [{-ndim}, {ndim - 1}]: pick the axes the group norm "
+                "runs over (for an nn.Linear weight (out, in): dim=0 gives one group per "
+                "input feature, dim=1 one per output unit), or narrow the selector"
+            )
+    out = tuple(sorted(d % ndim for d in dims))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner}: dim={dim!r} names an axis twice ({of}); list each once")
+    return out
 
 
 def _group_size(w: Tensor, dims: tuple[int, ...]) -> int:
@@ -359,22 +392,31 @@ class GroupLasso(Penalty):
     min_ndim: ClassVar[int] = 2
     min_ndim_reason: ClassVar[str] = "a group is a slice along the axes not in dim"
 
+    def _dims(self, w: Tensor) -> tuple[int, ...]:
+        """The axes of ``w`` the group norm runs over (checked against ``w``'s shape)."""
+        return _as_dims(self.dim, w.dim(), type(self).__name__, tuple(w.shape))
+
+    def check(self, term: str, name: str, w: Tensor) -> None:
+        super().check(term, name, w)
+        try:
+            self._dims(w)
+        except ValueError as e:
+            raise ValueError(f"term {term!r}, parameter {name!r}: {e}") from None
+
     def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
-        dims = _as_dims(self.dim, w.dim())
+        dims = self._dims(w)
         return tuple(1 if i in dims else s for i, s in enumerate(w.shape))
 
     def _group_scale(self, d: Tensor, c: Tensor | None) -> Tensor | float:
-        root = math.sqrt(_group_size(d, _as_dims(self.dim, d.dim())))
+        root = math.sqrt(_group_size(d, self._dims(d)))
         return root if c is None else root * c
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        dims = _as_dims(self.dim, d.dim())
-        norms = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+        norms = torch.linalg.vector_norm(d, dim=self._dims(d), keepdim=True)
         return (self._group_scale(d, c) * norms).sum()
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        dims = _as_dims(self.dim, d.dim())
-        return P.group_shrink(d, t * self._group_scale(d, c), dims)
+        return P.group_shrink(d, t * self._group_scale(d, c), self._dims(d))
 
 
 @_penalty
@@ -404,7 +446,10 @@ class SparseGroupLasso(GroupLasso):
 
 
 def _matrix(w: Tensor) -> Tensor:
-    return w.reshape(w.shape[0], -1)
+    """``w`` as a matrix (also with 0 rows), in float32 if it is float16/bfloat16 (torch's
+    SVD and matrix norms refuse low precision); values are cast back by the callers."""
+    m = P.matrix(w)
+    return m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
 
 
 class _MatrixPenalty(Penalty):
@@ -424,7 +469,7 @@ class Nuclear(_MatrixPenalty):
     has_prox: ClassVar[bool] = True
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord="nuc"), c)
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord="nuc").to(d.dtype), c)
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.svd_threshold(d, _scaled_step(t, c))
@@ -436,7 +481,9 @@ class SpectralNorm(_MatrixPenalty):
     is simple). Goes through the gradient."""
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square(), c)
+        if d.numel() == 0:  # torch's norm of an empty matrix is a constant: keep the graph
+            return _scaled(d.sum(), c)
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square().to(d.dtype), c)
 
 
 @_penalty
@@ -458,7 +505,7 @@ class Orthogonal(_MatrixPenalty):
             raise ValueError(f"Orthogonal: mode must be 'rows' or 'columns', got {self.mode!r}")
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        m = _matrix(d)
+        m = P.matrix(d)
         if self.mode == "columns":
             m = m.T
         u = torch.nn.functional.normalize(m, dim=1, eps=1e-6)
@@ -514,8 +561,15 @@ class MCP(_Nonconvex):
     """Minimax concave penalty (Zhang 2010), strength ``λ``, concavity ``γ > 1``:
 
     ``p(w) = λ|w| − w²/(2γ)`` if ``|w| ≤ γλ``, else ``γλ²/2``; ``Ω = Σ_i p(w_i)`` with
-    ``λ_i = λ c_i``. ``value(w)`` is at ``λ = 1``. Prox (firm thresholding, needs
-    ``γ > lr``): ``soft(w, lr λ)/(1 − lr/γ)`` inside ``|w| ≤ γλ``, ``w`` outside.
+    ``λ_i = λ c_i``. ``value(w)`` is at ``λ = 1``. Computed as ``|w|·(λ − |w|/(2γ))`` (both
+    factors ≥ 0, so a huge ``λ`` overflows to ``inf``, never ``inf − inf``) and exactly 0 at
+    ``w = 0`` whatever ``λ``.
+
+    Prox (:func:`funcreg.prox.mcp_prox`, the global minimiser for every step ``t``): firm
+    thresholding ``soft(w, tλ)/(1 − t/γ)`` inside ``|w| ≤ γλ`` and ``w`` outside when
+    ``t < γ``; hard thresholding at ``√(tγ)·λ`` when ``t ≥ γ``. Training steps
+    (:meth:`prox_step`, ``fr.sweep``) keep ``lr < γ`` (:meth:`check_step`), where the step is
+    the unique, continuous firm-thresholding map.
     """
 
     gamma: float = 3.0
@@ -527,15 +581,22 @@ class MCP(_Nonconvex):
 
     def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         a = d.abs()
-        inside = lam * a - a.square() / (2 * self.gamma)
-        return torch.where(a <= self.gamma * lam, inside, 0.5 * self.gamma * lam * lam)
+        nonzero = a > 0
+        a1 = torch.where(nonzero, a, torch.ones_like(a))  # no 0·inf when λ overflows
+        inside = torch.where(nonzero, a1 * (lam - a1 / (2 * self.gamma)), torch.zeros_like(a))
+        return torch.where(a <= self.gamma * lam, inside, (0.5 * self.gamma * lam) * lam)
 
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.mcp_prox(d, t, lam, self.gamma)
 
     def check_step(self, lr: float) -> None:
+        """Training keeps ``lr < γ`` (firm thresholding; beyond it the step is hard
+        thresholding, which jumps)."""
         if not lr < self.gamma:
-            raise ValueError(f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}")
+            raise ValueError(
+                f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}: lower the "
+                "learning rate or raise gamma (MCP.prox(w, t) itself is exact for any t)"
+            )
 
 
 @_penalty
@@ -543,7 +604,13 @@ class SCAD(_Nonconvex):
     """Smoothly clipped absolute deviation (Fan & Li 2001), strength ``λ``, ``a > 2``:
 
     ``p(w) = λ|w|`` if ``|w| ≤ λ``; ``(2aλ|w| − w² − λ²) / (2(a − 1))`` if ``λ < |w| ≤ aλ``;
-    ``λ²(a + 1)/2`` otherwise. ``value(w)`` is at ``λ = 1``. Prox needs ``a > 1 + lr``.
+    ``λ²(a + 1)/2`` otherwise. ``value(w)`` is at ``λ = 1``. The middle piece is computed as
+    ``|w|(λ − v) + λv`` with ``v = (|w| − λ)/(2(a − 1)) ≤ λ/2`` (terms ≥ 0: a huge ``λ``
+    overflows to ``inf``, never ``inf − inf``), and ``p(0) = 0`` whatever ``λ``.
+
+    Prox (:func:`funcreg.prox.scad_prox`, the global minimiser for every step ``t``): the
+    three-piece closed form when ``a > 1 + t``, else the better of the minimisers on
+    ``|y| ≤ λ`` and ``|y| ≥ aλ``. Training steps keep ``a > 1 + lr`` (:meth:`check_step`).
     """
 
     a: float = 3.7
@@ -556,16 +623,24 @@ class SCAD(_Nonconvex):
     def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         x = d.abs()
         a = self.a
-        mid = (2 * a * lam * x - x.square() - lam * lam) / (2 * (a - 1))
-        big = 0.5 * lam * lam * (a + 1)
-        return torch.where(x <= lam, lam * x, torch.where(x <= a * lam, mid, big))
+        nonzero = x > 0
+        x1 = torch.where(nonzero, x, torch.ones_like(x))  # no 0·inf when λ overflows
+        small = torch.where(nonzero, lam * x1, torch.zeros_like(x))
+        v = (x - lam) / (2 * (a - 1))
+        mid = x * (lam - v) + lam * v
+        big = (0.5 * (a + 1) * lam) * lam
+        return torch.where(x <= lam, small, torch.where(x <= a * lam, mid, big))
 
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.scad_prox(d, t, lam, self.a)
 
     def check_step(self, lr: float) -> None:
+        """Training keeps ``a > 1 + lr`` (the three-piece closed form, continuous in ``w``)."""
         if not self.a > 1 + lr:
-            raise ValueError(f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}")
+            raise ValueError(
+                f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}: lower the learning "
+                "rate or raise a (SCAD.prox(w, t) itself is exact for any t)"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -641,7 +716,11 @@ class MaxNorm(Constraint):
             raise ValueError(f"MaxNorm: max_value must be >= 0, got {self.max_value}")
 
     def _project(self, d: Tensor) -> Tensor:
-        dims = tuple(range(1, d.dim())) if self.dim is None else _as_dims(self.dim, d.dim())
+        dims = (
+            tuple(range(1, d.dim()))
+            if self.dim is None
+            else _as_dims(self.dim, d.dim(), "MaxNorm", tuple(d.shape))
+        )
         if not dims:
             dims = (0,)
         return P.project_max_norm(d, self.max_value, dims)
