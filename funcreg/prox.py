@@ -47,8 +47,10 @@ def group_shrink(x: Tensor, t: Step, dim: int | tuple[int, ...]) -> Tensor:
     norms taken with ``keepdim=True`` (so a per-group ``t`` has size 1 along ``dim``)."""
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     scale = torch.clamp(1 - _safe_ratio(t, norm), min=0)
-    # Where the norm is 0, x_g is 0 and any scale gives 0; keep it finite.
-    return x * torch.where(norm > 0, scale, torch.zeros_like(scale))
+    # A norm of 0 is a zero group, or a nonzero one whose squares underflowed (subnormal
+    # entries): keep it at step 0 (the exact identity), zero it otherwise (t > its norm).
+    zero_step = t == 0 if isinstance(t, Tensor) else torch.tensor(t == 0, device=x.device)
+    return x * torch.where((norm > 0) | zero_step, scale, torch.zeros_like(scale))
 
 
 def _low_precision(x: Tensor) -> bool:
