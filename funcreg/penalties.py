@@ -62,6 +62,17 @@ class Penalty:
     is_constraint: ClassVar[bool] = False
     min_ndim: ClassVar[int] = 0
     min_ndim_reason: ClassVar[str] = ""
+    elementwise: ClassVar[bool] = False
+    """Whether ``prox_step(w, lr, s)`` acts coordinate by coordinate with ``lr``/``s``
+    broadcastable against ``w`` (so solvers may apply it to a stacked ``(K, ...)`` tensor with
+    ``(K, 1, ...)`` steps directly, without ``vmap``): ``L1``, ``L2``, ``ElasticNet``,
+    ``NonNegative``, ``Box``. Not inherited: a subclass is ``False`` unless its own body sets
+    it (it may override ``_prox`` with a non-separable map)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "elementwise" not in cls.__dict__:
+            cls.elementwise = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", as_selector(self.select))
@@ -160,7 +171,28 @@ class Penalty:
             _checks.check_weight(term, name, w, c, self._factor_shape(w))
 
     def check_step(self, lr: float) -> None:
-        """Eager check that a prox step with learning rate ``lr`` is defined (MCP/SCAD)."""
+        """Eager check that a prox step with learning rate ``lr`` is allowed (MCP/SCAD)."""
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """The smallest strength ``s`` at which zero (or the ``toward=`` reference) is a
+        stationary point for parameter ``name``, given ``grad``, the data loss's gradient
+        there: the smallest ``s`` with ``−grad ∈ s·∂Ω(0)`` (the top of a regularization path,
+        :func:`funcreg.strength_max`). Coordinates or groups whose ``weight=`` factor is 0
+        are unpenalised and set no bound; an empty ``grad`` gives 0.
+
+        Defined by the penalties that make exact zeros (:class:`L1`, :class:`ElasticNet`
+        with ``l1_ratio > 0``, :class:`GroupLasso`, :class:`SparseGroupLasso`); here it
+        raises ``ValueError``."""
+        raise ValueError(
+            f"{type(self).__name__} induces no exact sparsity; strength_max is defined for "
+            "L1, ElasticNet (l1_ratio > 0), GroupLasso and SparseGroupLasso"
+        )
+
+    def nonzero_groups(self, w: Tensor) -> Tensor | None:
+        """For one (unstacked) parameter, the number of groups with a nonzero entry as a
+        0-dim int64 tensor (works under ``vmap``); ``None`` for penalties without groups
+        (here)."""
+        return None
 
     def check_names(self, term: str, selected: list[str]) -> None:
         if isinstance(self.toward, Mapping):
@@ -234,6 +266,15 @@ def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
     return x if c is None else x * c
 
 
+def _max_ratio(num: Tensor, den: Tensor | float) -> float:
+    """``max(num / den)`` over the entries with ``den > 0`` (0 elsewhere: an unpenalised
+    coordinate sets no bound); 0 for an empty ``num``."""
+    if num.numel() == 0:
+        return 0.0
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return float(P.safe_ratio(num, den).max())
+
+
 _P = TypeVar("_P", bound=type)
 
 
@@ -274,6 +315,7 @@ class L1(Penalty):
 
     smooth: ClassVar[bool] = False
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         return _scaled(d.abs(), c).sum()
@@ -285,6 +327,16 @@ class L1(Penalty):
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.soft_threshold(d, _scaled_step(t, c))
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_i |g_i| / c_i`` (over ``c_i > 0``)."""
+        return _l1_threshold(grad, self._c(grad, name), 1.0)
+
+
+def _l1_threshold(grad: Tensor, c: Tensor | None, r: float) -> float:
+    """``max_i |g_i| / (r c_i)`` over ``c_i > 0``: zero is stationary for ``s r Σ c|w|``
+    (plus any term smooth at 0) iff ``|g_i| ≤ s r c_i`` for every ``i``."""
+    return _max_ratio(grad.detach().abs(), r if c is None else r * c)
 
 
 @_penalty
@@ -309,6 +361,7 @@ class L2(Penalty):
         return P.ridge_shrink(d, _scaled_step(t, c))
 
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
 
 @_penalty
@@ -324,11 +377,22 @@ class ElasticNet(Penalty):
 
     smooth: ClassVar[bool] = False
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.l1_ratio <= 1.0:
             raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {self.l1_ratio}")
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_i |g_i| / (r c_i)`` with ``r = l1_ratio`` (the ridge part is smooth at 0);
+        ``l1_ratio = 0`` is ridge, which makes no zeros: ``ValueError``."""
+        if self.l1_ratio == 0:
+            raise ValueError(
+                "ElasticNet with l1_ratio=0 is ridge: no sparsity, so no strength makes zero "
+                "stationary; use l1_ratio > 0, or choose ridge strengths with a grid"
+            )
+        return _l1_threshold(grad, self._c(grad, name), self.l1_ratio)
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         r = self.l1_ratio
@@ -418,6 +482,17 @@ class GroupLasso(Penalty):
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.group_shrink(d, t * self._group_scale(d, c), self._dims(d))
 
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_g ‖g_g‖₂ / (√|g| c_g)`` (over ``c_g > 0``)."""
+        g = grad.detach()
+        norms = torch.linalg.vector_norm(g, dim=self._dims(g), keepdim=True)
+        return _max_ratio(norms, self._group_scale(g, self._c(g, name)))
+
+    def nonzero_groups(self, w: Tensor) -> Tensor | None:
+        """The number of groups (slices along the axes not in ``dim``) with a nonzero entry
+        (exact: no norm, so entries whose squares underflow still count)."""
+        return ((w != 0).sum(dim=self._dims(w)) > 0).sum()
+
 
 @_penalty
 class SparseGroupLasso(GroupLasso):
@@ -438,6 +513,43 @@ class SparseGroupLasso(GroupLasso):
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         r = self.l1_ratio
         return super()._prox(P.soft_threshold(d, _scaled_step(t * r, c)), t * (1 - r), c)
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """The smallest ``λ`` with ``‖soft(g_g, λ r c_g)‖₂ ≤ λ (1 − r) √|g| c_g`` for every
+        group ``g`` with ``c_g > 0`` (``r = l1_ratio``): per group the left side decreases and
+        the right increases in ``λ``, so it is found by bisection (200 halvings of
+        ``[0, max|g_g|/(r c_g) + ‖g_g‖/((1 − r)√|g| c_g)]``, all groups at once; norms in
+        ``grad``'s dtype, ``λ`` in float64). ``r = 1``: ``max|g_g|/c_g`` (lasso); ``r = 0``:
+        the group lasso bound."""
+        g = grad.detach()
+        dims = self._dims(g)
+        if g.numel() == 0:
+            return 0.0
+        size = _group_size(g, dims)
+        groups = g.movedim(dims, tuple(range(len(dims)))).reshape(size, -1).abs()
+        c = self._c(g, name)
+        cg = torch.ones((), dtype=g.dtype) if c is None else c
+        cflat = torch.broadcast_to(cg, self._factor_shape(g)).reshape(-1).double()
+        penalised = cflat > 0
+        c1 = torch.where(penalised, cflat, torch.ones_like(cflat))
+        r, root = self.l1_ratio, math.sqrt(size)
+        gmax = groups.amax(0).double()
+        gnorm = torch.linalg.vector_norm(groups, dim=0).double()
+        if r >= 1.0:
+            bound = gmax / c1
+        elif r <= 0.0:
+            bound = gnorm / (root * c1)
+        else:
+            lo = torch.zeros_like(c1)
+            hi = gmax / (r * c1) + gnorm / ((1 - r) * root * c1) + 1e-300
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                shrunk = torch.clamp(groups - (mid * r * c1).to(g.dtype), min=0)
+                ok = torch.linalg.vector_norm(shrunk, dim=0).double() <= mid * (1 - r) * root * c1
+                hi = torch.where(ok, mid, hi)
+                lo = torch.where(ok, lo, mid)
+            bound = hi
+        return float(torch.where(penalised, bound, torch.zeros_like(bound)).max())
 
 
 # ---------------------------------------------------------------------------------------
@@ -679,6 +791,8 @@ class NonNegative(Constraint):
     """``w ≥ 0`` (with ``toward=``: ``w ≥ w_ref``); projection ``max(w, 0)``. Like Keras
     ``NonNeg`` and scikit-learn's ``positive=True``."""
 
+    elementwise: ClassVar[bool] = True
+
     def _project(self, d: Tensor) -> Tensor:
         return P.project_nonnegative(d)
 
@@ -690,6 +804,8 @@ class Box(Constraint):
 
     lo: float = -1.0
     hi: float = 1.0
+
+    elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,7 +29,7 @@ def elastic_net_prox(x: Tensor, t: Step, l1_ratio: float) -> Tensor:
     return soft_threshold(x, t * l1_ratio) / (1 + t * (1 - l1_ratio))
 
 
-def _safe_ratio(num: Step, norm: Tensor) -> Tensor:
+def safe_ratio(num: Step, norm: Tensor) -> Tensor:
     """``num / norm`` where ``norm > 0``, else 0 — NaN-free at ``norm = 0``.
 
     A Python ``num`` becomes a tensor first: ``number / tensor`` is computed by torch as
@@ -41,12 +41,15 @@ def _safe_ratio(num: Step, norm: Tensor) -> Tensor:
     return torch.where(positive, num / torch.where(positive, norm, torch.ones_like(norm)), 0.0)
 
 
+_safe_ratio = safe_ratio  # the former private name, still imported by the path module
+
+
 def group_shrink(x: Tensor, t: Step, dim: int | tuple[int, ...]) -> Tensor:
     """Prox of ``t·Σ_g ‖y_g‖₂`` (block soft-thresholding), groups indexed by the axes *not*
     in ``dim``: ``y_g = x_g · max(1 − t/‖x_g‖, 0)``. ``t`` broadcasts against the group
     norms taken with ``keepdim=True`` (so a per-group ``t`` has size 1 along ``dim``)."""
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    scale = torch.clamp(1 - _safe_ratio(t, norm), min=0)
+    scale = torch.clamp(1 - safe_ratio(t, norm), min=0)
     # A norm of 0 is a zero group, or a nonzero one whose squares underflowed (subnormal
     # entries): keep it at step 0 (the exact identity), zero it otherwise (t > its norm).
     zero_step = t == 0 if isinstance(t, Tensor) else torch.tensor(t == 0, device=x.device)
@@ -98,7 +101,7 @@ def project_max_norm(x: Tensor, max_value: Step, dim: int | tuple[int, ...]) -> 
     ``y_g = x_g · min(1, max_value/‖x_g‖)`` (Keras ``MaxNorm`` without its ε)."""
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     over = norm > max_value
-    return x * torch.where(over, _safe_ratio(max_value, norm), torch.ones_like(norm))
+    return x * torch.where(over, safe_ratio(max_value, norm), torch.ones_like(norm))
 
 
 def _as_tensor(v: Step, x: Tensor) -> Tensor:
