@@ -37,7 +37,7 @@ def safe_ratio(num: Step, norm: Tensor) -> Tensor:
     (``0 · inf = NaN``); a true division gives ``0 / norm = 0``."""
     positive = norm > 0
     if not isinstance(num, Tensor):
-        num = torch.as_tensor(num, dtype=norm.dtype, device=norm.device)
+        num = norm.new_full((), num)  # a fill on norm's device, no host-to-device copy
     return torch.where(positive, num / torch.where(positive, norm, torch.ones_like(norm)), 0.0)
 
 
@@ -47,13 +47,18 @@ _safe_ratio = safe_ratio  # the former private name, still imported by the path 
 def group_shrink(x: Tensor, t: Step, dim: int | tuple[int, ...]) -> Tensor:
     """Prox of ``t·Σ_g ‖y_g‖₂`` (block soft-thresholding), groups indexed by the axes *not*
     in ``dim``: ``y_g = x_g · max(1 − t/‖x_g‖, 0)``. ``t`` broadcasts against the group
-    norms taken with ``keepdim=True`` (so a per-group ``t`` has size 1 along ``dim``)."""
+    norms taken with ``keepdim=True`` (so a per-group ``t`` has size 1 along ``dim``). A step
+    of 0 returns ``x`` exactly (also groups whose norm underflows to 0)."""
+    if not isinstance(t, Tensor) and t == 0:
+        return x
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
     scale = torch.clamp(1 - safe_ratio(t, norm), min=0)
     # A norm of 0 is a zero group, or a nonzero one whose squares underflowed (subnormal
     # entries): keep it at step 0 (the exact identity), zero it otherwise (t > its norm).
-    zero_step = t == 0 if isinstance(t, Tensor) else torch.tensor(t == 0, device=x.device)
-    return x * torch.where((norm > 0) | zero_step, scale, torch.zeros_like(scale))
+    keep = norm > 0
+    if isinstance(t, Tensor):
+        keep = keep | (t == 0)
+    return x * torch.where(keep, scale, torch.zeros_like(scale))
 
 
 def _low_precision(x: Tensor) -> bool:
