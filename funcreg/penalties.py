@@ -617,7 +617,7 @@ class Orthogonal(_MatrixPenalty):
             raise ValueError(f"Orthogonal: mode must be 'rows' or 'columns', got {self.mode!r}")
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        m = P.matrix(d)
+        m = _matrix(d)
         if self.mode == "columns":
             m = m.T
         u = torch.nn.functional.normalize(m, dim=1, eps=1e-6)
@@ -625,7 +625,7 @@ class Orthogonal(_MatrixPenalty):
         size = g.shape[0]
         off = g * (1 - torch.eye(size, dtype=g.dtype, device=g.device))
         pairs = max(size * (size - 1) / 2, 1.0)
-        return _scaled(0.5 * off.abs().sum() / pairs, c)
+        return _scaled((0.5 * off.abs().sum() / pairs).to(d.dtype), c)
 
 
 # ---------------------------------------------------------------------------------------

