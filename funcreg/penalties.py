@@ -62,6 +62,17 @@ class Penalty:
     is_constraint: ClassVar[bool] = False
     min_ndim: ClassVar[int] = 0
     min_ndim_reason: ClassVar[str] = ""
+    elementwise: ClassVar[bool] = False
+    """Whether ``prox_step(w, lr, s)`` acts coordinate by coordinate with ``lr``/``s``
+    broadcastable against ``w`` (so solvers may apply it to a stacked ``(K, ...)`` tensor with
+    ``(K, 1, ...)`` steps directly, without ``vmap``): ``L1``, ``L2``, ``ElasticNet``,
+    ``NonNegative``, ``Box``. Not inherited: a subclass is ``False`` unless its own body sets
+    it (it may override ``_prox`` with a non-separable map)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "elementwise" not in cls.__dict__:
+            cls.elementwise = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", as_selector(self.select))
@@ -82,10 +93,18 @@ class Penalty:
         raise NotImplementedError
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no closed-form proximal operator; "
-            "put it in spec.smooth() (gradient) instead"
-        )
+        name = type(self).__name__
+        if self.smooth:
+            fix = (
+                "it is smooth, so training applies it through its gradient: leave it to "
+                "fr.penalty / the gradient part of the spec (spec.smooth()), not to prox"
+            )
+        else:
+            fix = (
+                "train with prox=False (it then goes through its subgradient), or give the "
+                "subclass a _prox and has_prox = True"
+            )
+        raise NotImplementedError(f"{name} has no closed-form proximal operator; {fix}")
 
     def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
         """The shape ``weight=`` factors must broadcast to (elementwise by default)."""
@@ -93,10 +112,10 @@ class Penalty:
 
     # -- resolution of toward= and weight= for one parameter -----------------------------
     def reference(self, name: str | None) -> Tensor | None:
-        return _lookup(self.toward, name, missing_ok=False)
+        return _lookup(self.toward, name, "toward", type(self).__name__, missing_ok=False)
 
     def factor(self, name: str | None) -> Tensor | None:
-        return _lookup(self.weight, name, missing_ok=True)
+        return _lookup(self.weight, name, "weight", type(self).__name__, missing_ok=True)
 
     def _shift(self, w: Tensor, name: str | None) -> Tensor:
         ref = self.reference(name)
@@ -152,7 +171,28 @@ class Penalty:
             _checks.check_weight(term, name, w, c, self._factor_shape(w))
 
     def check_step(self, lr: float) -> None:
-        """Eager check that a prox step with learning rate ``lr`` is defined (MCP/SCAD)."""
+        """Eager check that a prox step with learning rate ``lr`` is allowed (MCP/SCAD)."""
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """The smallest strength ``s`` at which zero (or the ``toward=`` reference) is a
+        stationary point for parameter ``name``, given ``grad``, the data loss's gradient
+        there: the smallest ``s`` with ``−grad ∈ s·∂Ω(0)`` (the top of a regularization path,
+        :func:`funcreg.strength_max`). Coordinates or groups whose ``weight=`` factor is 0
+        are unpenalised and set no bound; an empty ``grad`` gives 0.
+
+        Defined by the penalties that make exact zeros (:class:`L1`, :class:`ElasticNet`
+        with ``l1_ratio > 0``, :class:`GroupLasso`, :class:`SparseGroupLasso`); here it
+        raises ``ValueError``."""
+        raise ValueError(
+            f"{type(self).__name__} induces no exact sparsity; strength_max is defined for "
+            "L1, ElasticNet (l1_ratio > 0), GroupLasso and SparseGroupLasso"
+        )
+
+    def nonzero_groups(self, w: Tensor) -> Tensor | None:
+        """For one (unstacked) parameter, the number of groups with a nonzero entry as a
+        0-dim int64 tensor (works under ``vmap``); ``None`` for penalties without groups
+        (here)."""
+        return None
 
     def check_names(self, term: str, selected: list[str]) -> None:
         if isinstance(self.toward, Mapping):
@@ -172,16 +212,25 @@ class Penalty:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def _lookup(ref: Ref, name: str | None, *, missing_ok: bool) -> Tensor | None:
+def _lookup(
+    ref: Ref, name: str | None, option: str, owner: str, *, missing_ok: bool
+) -> Tensor | None:
+    """The entry of ``option=`` (``toward`` or ``weight``) for parameter ``name``."""
     if ref is None:
         return None
     if isinstance(ref, Mapping):
         if name is None:
-            raise ValueError("this penalty has dict-valued toward=/weight=: pass name=")
+            raise ValueError(
+                f"{owner} has a dict-valued {option}=: pass name= (the parameter's name) "
+                "so its entry can be found"
+            )
         if name not in ref:
             if missing_ok:
                 return None
-            raise KeyError(name)
+            raise ValueError(
+                f"{owner}: {option}= has no entry for parameter {name!r} (it has "
+                f"{sorted(ref)}): give every selected parameter one, or narrow the selector"
+            )
         return torch.as_tensor(ref[name])
     return torch.as_tensor(ref)
 
@@ -215,6 +264,15 @@ def _add_scaled(gs: list[Tensor], xs: list[Tensor], s: Tensor | float) -> list[T
 
 def _scaled(x: Tensor, c: Tensor | None) -> Tensor:
     return x if c is None else x * c
+
+
+def _max_ratio(num: Tensor, den: Tensor | float) -> float:
+    """``max(num / den)`` over the entries with ``den > 0`` (0 elsewhere: an unpenalised
+    coordinate sets no bound); 0 for an empty ``num``."""
+    if num.numel() == 0:
+        return 0.0
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return float(P.safe_ratio(num, den).max())
 
 
 _P = TypeVar("_P", bound=type)
@@ -257,6 +315,7 @@ class L1(Penalty):
 
     smooth: ClassVar[bool] = False
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         return _scaled(d.abs(), c).sum()
@@ -268,6 +327,16 @@ class L1(Penalty):
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.soft_threshold(d, _scaled_step(t, c))
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_i |g_i| / c_i`` (over ``c_i > 0``)."""
+        return _l1_threshold(grad, self._c(grad, name), 1.0)
+
+
+def _l1_threshold(grad: Tensor, c: Tensor | None, r: float) -> float:
+    """``max_i |g_i| / (r c_i)`` over ``c_i > 0``: zero is stationary for ``s r Σ c|w|``
+    (plus any term smooth at 0) iff ``|g_i| ≤ s r c_i`` for every ``i``."""
+    return _max_ratio(grad.detach().abs(), r if c is None else r * c)
 
 
 @_penalty
@@ -292,6 +361,7 @@ class L2(Penalty):
         return P.ridge_shrink(d, _scaled_step(t, c))
 
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
 
 @_penalty
@@ -307,11 +377,22 @@ class ElasticNet(Penalty):
 
     smooth: ClassVar[bool] = False
     has_prox: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.l1_ratio <= 1.0:
             raise ValueError(f"ElasticNet: l1_ratio must be in [0, 1], got {self.l1_ratio}")
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_i |g_i| / (r c_i)`` with ``r = l1_ratio`` (the ridge part is smooth at 0);
+        ``l1_ratio = 0`` is ridge, which makes no zeros: ``ValueError``."""
+        if self.l1_ratio == 0:
+            raise ValueError(
+                "ElasticNet with l1_ratio=0 is ridge: no sparsity, so no strength makes zero "
+                "stationary; use l1_ratio > 0, or choose ridge strengths with a grid"
+            )
+        return _l1_threshold(grad, self._c(grad, name), self.l1_ratio)
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
         r = self.l1_ratio
@@ -330,9 +411,25 @@ def _scaled_step(t: Tensor | float, c: Tensor | None) -> Tensor | float:
 # ---------------------------------------------------------------------------------------
 
 
-def _as_dims(dim: Dim, ndim: int) -> tuple[int, ...]:
+def _as_dims(
+    dim: Dim, ndim: int, owner: str = "a group penalty", shape: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """``dim`` as sorted non-negative axes of a tensor with ``ndim`` dims; an axis out of
+    ``[-ndim, ndim)`` or named twice is an error (never wrapped around)."""
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    return tuple(sorted(d % ndim for d in dims))
+    of = f"shape {shape}" if shape is not None else f"{ndim} dims"
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{owner}: dim={dim!r} is out of range for a parameter with ndim {ndim} "
+                f"({of}); dim must be in [{-ndim}, {ndim - 1}]: pick the axes the group norm "
+                "runs over (for an nn.Linear weight (out, in): dim=0 gives one group per "
+                "input feature, dim=1 one per output unit), or narrow the selector"
+            )
+    out = tuple(sorted(d % ndim for d in dims))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner}: dim={dim!r} names an axis twice ({of}); list each once")
+    return out
 
 
 def _group_size(w: Tensor, dims: tuple[int, ...]) -> int:
@@ -359,22 +456,42 @@ class GroupLasso(Penalty):
     min_ndim: ClassVar[int] = 2
     min_ndim_reason: ClassVar[str] = "a group is a slice along the axes not in dim"
 
+    def _dims(self, w: Tensor) -> tuple[int, ...]:
+        """The axes of ``w`` the group norm runs over (checked against ``w``'s shape)."""
+        return _as_dims(self.dim, w.dim(), type(self).__name__, tuple(w.shape))
+
+    def check(self, term: str, name: str, w: Tensor) -> None:
+        super().check(term, name, w)
+        try:
+            self._dims(w)
+        except ValueError as e:
+            raise ValueError(f"term {term!r}, parameter {name!r}: {e}") from None
+
     def _factor_shape(self, w: Tensor) -> tuple[int, ...]:
-        dims = _as_dims(self.dim, w.dim())
+        dims = self._dims(w)
         return tuple(1 if i in dims else s for i, s in enumerate(w.shape))
 
     def _group_scale(self, d: Tensor, c: Tensor | None) -> Tensor | float:
-        root = math.sqrt(_group_size(d, _as_dims(self.dim, d.dim())))
+        root = math.sqrt(_group_size(d, self._dims(d)))
         return root if c is None else root * c
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        dims = _as_dims(self.dim, d.dim())
-        norms = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+        norms = torch.linalg.vector_norm(d, dim=self._dims(d), keepdim=True)
         return (self._group_scale(d, c) * norms).sum()
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
-        dims = _as_dims(self.dim, d.dim())
-        return P.group_shrink(d, t * self._group_scale(d, c), dims)
+        return P.group_shrink(d, t * self._group_scale(d, c), self._dims(d))
+
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """``max_g ‖g_g‖₂ / (√|g| c_g)`` (over ``c_g > 0``)."""
+        g = grad.detach()
+        norms = torch.linalg.vector_norm(g, dim=self._dims(g), keepdim=True)
+        return _max_ratio(norms, self._group_scale(g, self._c(g, name)))
+
+    def nonzero_groups(self, w: Tensor) -> Tensor | None:
+        """The number of groups (slices along the axes not in ``dim``) with a nonzero entry
+        (exact: no norm, so entries whose squares underflow still count)."""
+        return ((w != 0).sum(dim=self._dims(w)) > 0).sum()
 
 
 @_penalty
@@ -397,6 +514,43 @@ class SparseGroupLasso(GroupLasso):
         r = self.l1_ratio
         return super()._prox(P.soft_threshold(d, _scaled_step(t * r, c)), t * (1 - r), c)
 
+    def zero_threshold(self, grad: Tensor, name: str) -> float:
+        """The smallest ``λ`` with ``‖soft(g_g, λ r c_g)‖₂ ≤ λ (1 − r) √|g| c_g`` for every
+        group ``g`` with ``c_g > 0`` (``r = l1_ratio``): per group the left side decreases and
+        the right increases in ``λ``, so it is found by bisection (200 halvings of
+        ``[0, max|g_g|/(r c_g) + ‖g_g‖/((1 − r)√|g| c_g)]``, all groups at once; norms in
+        ``grad``'s dtype, ``λ`` in float64). ``r = 1``: ``max|g_g|/c_g`` (lasso); ``r = 0``:
+        the group lasso bound."""
+        g = grad.detach()
+        dims = self._dims(g)
+        if g.numel() == 0:
+            return 0.0
+        size = _group_size(g, dims)
+        groups = g.movedim(dims, tuple(range(len(dims)))).reshape(size, -1).abs()
+        c = self._c(g, name)
+        cg = torch.ones((), dtype=g.dtype) if c is None else c
+        cflat = torch.broadcast_to(cg, self._factor_shape(g)).reshape(-1).double()
+        penalised = cflat > 0
+        c1 = torch.where(penalised, cflat, torch.ones_like(cflat))
+        r, root = self.l1_ratio, math.sqrt(size)
+        gmax = groups.amax(0).double()
+        gnorm = torch.linalg.vector_norm(groups, dim=0).double()
+        if r >= 1.0:
+            bound = gmax / c1
+        elif r <= 0.0:
+            bound = gnorm / (root * c1)
+        else:
+            lo = torch.zeros_like(c1)
+            hi = gmax / (r * c1) + gnorm / ((1 - r) * root * c1) + 1e-300
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                shrunk = torch.clamp(groups - (mid * r * c1).to(g.dtype), min=0)
+                ok = torch.linalg.vector_norm(shrunk, dim=0).double() <= mid * (1 - r) * root * c1
+                hi = torch.where(ok, mid, hi)
+                lo = torch.where(ok, lo, mid)
+            bound = hi
+        return float(torch.where(penalised, bound, torch.zeros_like(bound)).max())
+
 
 # ---------------------------------------------------------------------------------------
 # Matrix penalties (tensors with > 2 dims are seen as w.reshape(w.shape[0], -1))
@@ -404,7 +558,10 @@ class SparseGroupLasso(GroupLasso):
 
 
 def _matrix(w: Tensor) -> Tensor:
-    return w.reshape(w.shape[0], -1)
+    """``w`` as a matrix (also with 0 rows), in float32 if it is float16/bfloat16 (torch's
+    SVD and matrix norms refuse low precision); values are cast back by the callers."""
+    m = P.matrix(w)
+    return m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
 
 
 class _MatrixPenalty(Penalty):
@@ -424,7 +581,7 @@ class Nuclear(_MatrixPenalty):
     has_prox: ClassVar[bool] = True
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord="nuc"), c)
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord="nuc").to(d.dtype), c)
 
     def _prox(self, d: Tensor, t: Tensor | float, c: Tensor | None) -> Tensor:
         return P.svd_threshold(d, _scaled_step(t, c))
@@ -436,7 +593,9 @@ class SpectralNorm(_MatrixPenalty):
     is simple). Goes through the gradient."""
 
     def _value(self, d: Tensor, c: Tensor | None) -> Tensor:
-        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square(), c)
+        if d.numel() == 0:  # torch's norm of an empty matrix is a constant: keep the graph
+            return _scaled(d.sum(), c)
+        return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square().to(d.dtype), c)
 
 
 @_penalty
@@ -466,7 +625,7 @@ class Orthogonal(_MatrixPenalty):
         size = g.shape[0]
         off = g * (1 - torch.eye(size, dtype=g.dtype, device=g.device))
         pairs = max(size * (size - 1) / 2, 1.0)
-        return _scaled(0.5 * off.abs().sum() / pairs, c)
+        return _scaled((0.5 * off.abs().sum() / pairs).to(d.dtype), c)
 
 
 # ---------------------------------------------------------------------------------------
@@ -514,8 +673,15 @@ class MCP(_Nonconvex):
     """Minimax concave penalty (Zhang 2010), strength ``λ``, concavity ``γ > 1``:
 
     ``p(w) = λ|w| − w²/(2γ)`` if ``|w| ≤ γλ``, else ``γλ²/2``; ``Ω = Σ_i p(w_i)`` with
-    ``λ_i = λ c_i``. ``value(w)`` is at ``λ = 1``. Prox (firm thresholding, needs
-    ``γ > lr``): ``soft(w, lr λ)/(1 − lr/γ)`` inside ``|w| ≤ γλ``, ``w`` outside.
+    ``λ_i = λ c_i``. ``value(w)`` is at ``λ = 1``. Computed as ``|w|·(λ − |w|/(2γ))`` (both
+    factors ≥ 0, so a huge ``λ`` overflows to ``inf``, never ``inf − inf``) and exactly 0 at
+    ``w = 0`` whatever ``λ``.
+
+    Prox (:func:`funcreg.prox.mcp_prox`, the global minimiser for every step ``t``): firm
+    thresholding ``soft(w, tλ)/(1 − t/γ)`` inside ``|w| ≤ γλ`` and ``w`` outside when
+    ``t < γ``; hard thresholding at ``√(tγ)·λ`` when ``t ≥ γ``. Training steps
+    (:meth:`prox_step`, ``fr.sweep``) keep ``lr < γ`` (:meth:`check_step`), where the step is
+    the unique, continuous firm-thresholding map.
     """
 
     gamma: float = 3.0
@@ -527,15 +693,22 @@ class MCP(_Nonconvex):
 
     def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         a = d.abs()
-        inside = lam * a - a.square() / (2 * self.gamma)
-        return torch.where(a <= self.gamma * lam, inside, 0.5 * self.gamma * lam * lam)
+        nonzero = a > 0
+        a1 = torch.where(nonzero, a, torch.ones_like(a))  # no 0·inf when λ overflows
+        inside = torch.where(nonzero, a1 * (lam - a1 / (2 * self.gamma)), torch.zeros_like(a))
+        return torch.where(a <= self.gamma * lam, inside, (0.5 * self.gamma * lam) * lam)
 
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.mcp_prox(d, t, lam, self.gamma)
 
     def check_step(self, lr: float) -> None:
+        """Training keeps ``lr < γ`` (firm thresholding; beyond it the step is hard
+        thresholding, which jumps)."""
         if not lr < self.gamma:
-            raise ValueError(f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}")
+            raise ValueError(
+                f"MCP prox needs lr < gamma, got lr={lr}, gamma={self.gamma}: lower the "
+                "learning rate or raise gamma (MCP.prox(w, t) itself is exact for any t)"
+            )
 
 
 @_penalty
@@ -543,7 +716,13 @@ class SCAD(_Nonconvex):
     """Smoothly clipped absolute deviation (Fan & Li 2001), strength ``λ``, ``a > 2``:
 
     ``p(w) = λ|w|`` if ``|w| ≤ λ``; ``(2aλ|w| − w² − λ²) / (2(a − 1))`` if ``λ < |w| ≤ aλ``;
-    ``λ²(a + 1)/2`` otherwise. ``value(w)`` is at ``λ = 1``. Prox needs ``a > 1 + lr``.
+    ``λ²(a + 1)/2`` otherwise. ``value(w)`` is at ``λ = 1``. The middle piece is computed as
+    ``|w|(λ − v) + λv`` with ``v = (|w| − λ)/(2(a − 1)) ≤ λ/2`` (terms ≥ 0: a huge ``λ``
+    overflows to ``inf``, never ``inf − inf``), and ``p(0) = 0`` whatever ``λ``.
+
+    Prox (:func:`funcreg.prox.scad_prox`, the global minimiser for every step ``t``): the
+    three-piece closed form when ``a > 1 + t``, else the better of the minimisers on
+    ``|y| ≤ λ`` and ``|y| ≥ aλ``. Training steps keep ``a > 1 + lr`` (:meth:`check_step`).
     """
 
     a: float = 3.7
@@ -556,16 +735,24 @@ class SCAD(_Nonconvex):
     def _p(self, d: Tensor, lam: Tensor | float) -> Tensor:
         x = d.abs()
         a = self.a
-        mid = (2 * a * lam * x - x.square() - lam * lam) / (2 * (a - 1))
-        big = 0.5 * lam * lam * (a + 1)
-        return torch.where(x <= lam, lam * x, torch.where(x <= a * lam, mid, big))
+        nonzero = x > 0
+        x1 = torch.where(nonzero, x, torch.ones_like(x))  # no 0·inf when λ overflows
+        small = torch.where(nonzero, lam * x1, torch.zeros_like(x))
+        v = (x - lam) / (2 * (a - 1))
+        mid = x * (lam - v) + lam * v
+        big = (0.5 * (a + 1) * lam) * lam
+        return torch.where(x <= lam, small, torch.where(x <= a * lam, mid, big))
 
     def _prox_lam(self, d: Tensor, t: Tensor | float, lam: Tensor | float) -> Tensor:
         return P.scad_prox(d, t, lam, self.a)
 
     def check_step(self, lr: float) -> None:
+        """Training keeps ``a > 1 + lr`` (the three-piece closed form, continuous in ``w``)."""
         if not self.a > 1 + lr:
-            raise ValueError(f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}")
+            raise ValueError(
+                f"SCAD prox needs a > 1 + lr, got lr={lr}, a={self.a}: lower the learning "
+                "rate or raise a (SCAD.prox(w, t) itself is exact for any t)"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -604,6 +791,8 @@ class NonNegative(Constraint):
     """``w ≥ 0`` (with ``toward=``: ``w ≥ w_ref``); projection ``max(w, 0)``. Like Keras
     ``NonNeg`` and scikit-learn's ``positive=True``."""
 
+    elementwise: ClassVar[bool] = True
+
     def _project(self, d: Tensor) -> Tensor:
         return P.project_nonnegative(d)
 
@@ -615,6 +804,8 @@ class Box(Constraint):
 
     lo: float = -1.0
     hi: float = 1.0
+
+    elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -641,7 +832,11 @@ class MaxNorm(Constraint):
             raise ValueError(f"MaxNorm: max_value must be >= 0, got {self.max_value}")
 
     def _project(self, d: Tensor) -> Tensor:
-        dims = tuple(range(1, d.dim())) if self.dim is None else _as_dims(self.dim, d.dim())
+        dims = (
+            tuple(range(1, d.dim()))
+            if self.dim is None
+            else _as_dims(self.dim, d.dim(), "MaxNorm", tuple(d.shape))
+        )
         if not dims:
             dims = (0,)
         return P.project_max_norm(d, self.max_value, dims)

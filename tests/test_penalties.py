@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import grad, vmap
 
@@ -56,7 +56,7 @@ def f_orth_rows(w):
     ]
     m = len(rows)
     tot = sum(abs(float(rows[i] @ rows[j])) for i in range(m) for j in range(m) if i != j)
-    return 0.5 * tot / (m * (m - 1) / 2)
+    return 0.5 * tot / max(m * (m - 1) / 2, 1)  # one row: no pairs, 0
 
 
 def f_mcp(w, lam, g):
@@ -109,18 +109,27 @@ HOMOGENEOUS_DEGREE = {
     "Orthogonal": 0,
 }
 
-floats = st.floats(-3, 3, allow_nan=False, width=64)
+# Values reach every branch of every penalty at the strengths used below (λ up to 3):
+# MCP's flat region |w| > γλ and SCAD's outer branch |w| > aλ (γ = 3, a = 3.7 at λ = 1),
+# exact zeros and subnormals (whose squares underflow).
+floats = st.one_of(
+    st.floats(-3, 3, allow_nan=False, width=64),
+    st.floats(-15, 15, allow_nan=False, width=64),
+    st.sampled_from([0.0, -0.0, 5e-324, -1e-310, 2.2e-308, 1e-160]),
+)
 
 
 @st.composite
-def matrices(draw, min_side=2, max_side=4):
+def matrices(draw, min_side=1, max_side=4):
+    """``r × c`` float64 matrices, ``1 ≤ r, c ≤ 4`` (1×n and n×1 included)."""
     r = draw(st.integers(min_side, max_side))
     c = draw(st.integers(min_side, max_side))
     vals = draw(st.lists(floats, min_size=r * c, max_size=r * c))
     return torch.tensor(vals, dtype=DT).reshape(r, c)
 
 
-steps = st.floats(0.0, 2.0, allow_nan=False)
+# Steps on both sides of the nonconvex convexity bounds (MCP: t < γ = 3; SCAD: t < a − 1 = 2.7).
+steps = st.floats(0.0, 8.0, allow_nan=False)
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -138,6 +147,8 @@ def test_homogeneity(name, w, a):
     pen, _ = ALL[name]
     if name == "Orthogonal" and bool((w.abs().sum(1) < 1e-3).any()):
         return  # normalisation of a (near) zero row is not scale invariant
+    if HOMOGENEOUS_DEGREE[name] == 2 and bool(((w != 0) & (w.abs() < 1e-150)).any()):
+        w = torch.where(w.abs() < 1e-150, 0.0, w)  # squares of these underflow
     deg = HOMOGENEOUS_DEGREE[name]
     assert float(pen.value(a * w)) == pytest.approx(
         a**deg * float(pen.value(w)), rel=1e-7, abs=1e-9
@@ -158,9 +169,10 @@ def prox_objective(pen, x, y, t):
 
 
 @pytest.mark.parametrize("name", list(CONVEX) + list(NONCONVEX))
-@given(x=matrices(), t=st.floats(0.01, 1.5), seed=st.integers(0, 10_000))
+@given(x=matrices(), t=steps, seed=st.integers(0, 10_000))
 def test_prox_minimises_the_prox_objective(name, x, t, seed):
-    """prox(x, t) is no worse than random perturbations of it nor the zero point nor x."""
+    """prox(x, t) is no worse than random perturbations of it nor the zero point nor x,
+    for steps on both sides of MCP's and SCAD's convexity bounds."""
     pen, _ = ALL[name]
     y = pen.prox(x, t)
     best = prox_objective(pen, x, y, t)
@@ -170,7 +182,7 @@ def test_prox_minimises_the_prox_objective(name, x, t, seed):
         for _ in range(6):
             candidates.append(y + scale * torch.randn(x.shape, generator=gen, dtype=DT))
     for c in candidates:
-        assert best <= prox_objective(pen, x, c, t) + 1e-9
+        assert best <= prox_objective(pen, x, c, t) + 1e-9 * (1 + best)
 
 
 @pytest.mark.parametrize("name", list(CONVEX))
@@ -233,6 +245,39 @@ def _elementwise_value(pen, grid):
     return vmap(lambda g: pen.value(g.reshape(1)))(grid)
 
 
+SEPARABLE = {
+    "L1": fr.L1(fr.everything()),
+    "L2": fr.L2(fr.everything()),
+    "ElasticNet": fr.ElasticNet(fr.everything(), l1_ratio=0.6),
+    "MCP": fr.MCP(fr.everything(), gamma=2.5),
+    "SCAD": fr.SCAD(fr.everything(), a=3.7),
+}
+
+
+@pytest.mark.parametrize("name", list(SEPARABLE))
+@given(
+    xs=st.lists(floats, min_size=1, max_size=6),
+    t=steps,
+    lam=st.floats(0.0, 3.0, allow_nan=False),
+)
+@settings(max_examples=40, deadline=None)
+def test_prox_step_is_the_global_minimiser_by_brute_force(name, xs, t, lam):
+    """``prox_step(x, t, λ)`` minimises ``½(y − x)² + t·pen(y; λ)`` coordinate by coordinate,
+    against a grid over ``[−|x| − 1, |x| + 1]``, for any step (a tensor step: no guard)."""
+    pen = SEPARABLE[name]
+    x = torch.tensor(xs, dtype=DT)
+    y = pen.prox_step(x, torch.tensor(t, dtype=DT), lam)
+    for xi, yi in zip(xs, y.tolist(), strict=True):
+        span = abs(xi) + 1.0
+        grid = torch.linspace(-span, span, 20_001, dtype=DT)
+        cost = vmap(lambda g: pen.penalty(g.reshape(1), lam))(grid)
+        h_grid = 0.5 * (grid - xi) ** 2 + t * cost
+        h_y = 0.5 * (yi - xi) ** 2 + t * float(pen.penalty(torch.tensor([yi], dtype=DT), lam))
+        slope = 2 * span + t * 3.0  # |h'| on the grid: bounds the grid's miss of the minimum
+        assert h_y <= float(h_grid.min()) + 1e-12 * (1 + abs(h_y)), (xi, yi)
+        assert h_y >= float(h_grid.min()) - slope * (2 * span / 20_000), (xi, yi)
+
+
 def test_mcp_and_scad_strength_is_lambda_inside_the_formula():
     w = torch.linspace(-5, 5, 41, dtype=DT)
     for lam in [0.3, 1.0, 2.2]:
@@ -276,10 +321,70 @@ def test_gradient_finite_at_zero(name):
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if ALL[n][0].has_prox])
-def test_prox_finite_at_zero_and_zero_step(name):
+@given(x=matrices())
+def test_prox_finite_at_zero_and_zero_step(name, x):
+    """Zero stays zero for a positive step; a zero step (number or tensor) is the exact
+    identity, also at zero."""
     pen, _ = ALL[name]
     z = torch.zeros(4, 3, dtype=DT)
     assert torch.equal(pen.prox(z, 0.5), z)
+    assert torch.equal(pen.prox(z, 0.0), z)
+    assert torch.equal(pen.prox(x, 0.0), x)
+    assert torch.equal(pen.prox(x, torch.tensor(0.0, dtype=DT)), x)
+    assert torch.isfinite(pen.prox(x, 0.5)).all()
+
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", list(ALL))
+@given(w=matrices(), t=st.floats(0.0, 2.0))
+@settings(max_examples=25, deadline=None)
+def test_low_precision_value_and_prox_follow_float64(name, dtype, w, t):
+    """float16/bfloat16 weights: value, gradient and prox keep the dtype, are finite, and
+    are within a few units of the dtype's rounding of the float64 results on the same
+    (rounded) weights (steps below the nonconvex bounds, where the prox is continuous)."""
+    pen, _ = ALL[name]
+    lo = w.to(dtype)
+    w64 = lo.to(DT)
+    eps = torch.finfo(dtype).eps
+    scale = 1.0 + float(w64.abs().max())
+    v = pen.value(lo)
+    assert v.dtype == dtype and torch.isfinite(v)
+    assert float(v) == pytest.approx(float(pen.value(w64)), rel=16 * eps, abs=16 * eps * scale)
+    g = grad(pen.value)(lo)
+    assert g.dtype == dtype
+    # Orthogonal's gradient near a zero row is up to 1/eps = 1e6 (Keras' eps = 1e-6): it
+    # overflows float16 honestly
+    tiny_row = name == "Orthogonal" and bool((w64.norm(dim=1) < 1e-3).any())
+    assert tiny_row or torch.isfinite(g).all()
+    if pen.has_prox:
+        y = pen.prox(lo, t)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        torch.testing.assert_close(y.to(DT), pen.prox(w64, t), rtol=16 * eps, atol=16 * eps * scale)
+
+
+EVERY_PENALTY = {
+    **{n: p for n, (p, _) in ALL.items()},
+    "NonNegative": fr.NonNegative(),
+    "Box": fr.Box(),
+    "MaxNorm": fr.MaxNorm(),
+}
+
+
+@pytest.mark.parametrize("name", list(EVERY_PENALTY))
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0, 0)])
+def test_empty_tensors(name, shape):
+    """A parameter with no entries costs 0, has an (empty) zero gradient and an identity
+    prox."""
+    pen = EVERY_PENALTY[name]
+    w = torch.zeros(shape, dtype=DT)
+    assert float(pen.penalty(w, 1.0)) == 0.0
+    g = grad(lambda v: pen.penalty(v, 1.0))(w)
+    assert g.shape == w.shape
+    if pen.has_prox:
+        assert pen.prox_step(w, 0.1, 1.0).shape == w.shape
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -341,8 +446,17 @@ def test_toward_shifts_value_and_prox(x, t):
         base = cls()
         assert float(pen.value(x)) == pytest.approx(float(base.value(x - ref)))
         torch.testing.assert_close(pen.prox(x, t), ref + base.prox(x - ref, t))
-        # at the reference the penalty and its gradient vanish
+        # the gradient is the base penalty's gradient at x − ref
+        torch.testing.assert_close(grad(pen.value)(x), grad(base.value)(x - ref))
+        # at the reference the penalty vanishes, and so does the gradient (autograd's
+        # subgradient at 0 of |·| and ‖·‖ is 0; the nuclear norm's at the zero matrix is
+        # U Vᵀ of some SVD, so only its size is known: spectral norm ≤ 1)
         assert float(pen.value(ref)) == pytest.approx(0.0, abs=1e-12)
+        g_ref = grad(pen.value)(ref)
+        if cls is fr.Nuclear:
+            assert float(torch.linalg.matrix_norm(g_ref, ord=2)) <= 1 + 1e-12
+        else:
+            assert torch.equal(g_ref, torch.zeros_like(ref))
 
 
 def test_toward_dict_uses_each_name():
