@@ -381,6 +381,43 @@ def _settle(
     return start
 
 
+def _top_point(
+    loss: Callable[..., Tensor],
+    spec: Spec,
+    term: str,
+    settled: Mapping[str, Tensor],
+    fixed: Mapping[str, Any],
+    data: tuple[Tensor, ...],
+) -> tuple[dict[str, Tensor], float]:
+    """``(point, strength)``: the settled point with ``term``'s parameters set exactly to
+    zero (or to their ``toward=`` reference), and the smallest strength of ``term`` at which
+    that point satisfies the KKT conditions, so that it *is* the solution there.
+
+    The strength is :func:`strength_max` of the data loss plus the other terms at their
+    ``fixed`` strengths (their gradient at the point; at zero a norm contributes the
+    subgradient 0), so that a smooth term pulling ``term``'s parameters away from zero
+    raises it. With ``term`` alone it equals the grid's top, ``strength_max`` at the
+    settled point, to the bit (the other terms add exact zeros)."""
+    names = spec.selection(settled)[term]
+    pen = spec[term]
+    point = dict(settled)
+    for n in names:
+        ref = pen.reference(n)
+        point[n] = torch.zeros_like(settled[n]) if ref is None else ref.to(settled[n]).clone()
+    sel = spec.selection(settled)
+    if any(p.is_constraint and set(sel[t]) & set(names) for t, p in spec.items()):
+        return point, math.inf  # zero need not be feasible: no certificate, nothing is set
+    others = Spec({t: p for t, p in spec.items() if t != term and not p.is_constraint})
+    if not others:
+        return point, strength_max(loss, spec, term, point, *data)
+    other_strengths = {t: fixed[t] for t in others}
+
+    def with_others(p: Mapping[str, Tensor], *d: Any) -> Tensor:
+        return loss(p, *d) + others(p, other_strengths)
+
+    return point, strength_max(with_others, spec, term, point, *data)
+
+
 def path(
     model_or_params: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -428,7 +465,10 @@ def path(
             ``strength_max`` computed at the given params — for a convex fit after solving
             for the unpenalised parameters (e.g. an intercept) with ``term``'s at zero,
             which makes it exact (see :func:`strength_max`). Run in the order ``descending``
-            says.
+            says. Without ``optimizer``, the default grid's models at or above the KKT
+            strength of that settled point (its top, and any other there) are set to it,
+            not solved for: ``term``'s parameters exactly zero (or at their ``toward=``
+            reference) on every machine, ``meta["iterations"]`` 0.
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
@@ -475,9 +515,11 @@ def path(
         )
     t0 = time.perf_counter()
     settled = params0
+    known: tuple[dict[str, Tensor], float] | None = None  # (the top's solution, from where)
     if strengths is None:
         if optimizer is None:
             settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
+            known = _top_point(loss, spec, term, settled, fixed, data_t)
         top = strength_max(loss, spec, term, settled, *data_t)
         if not top > 0:
             raise ValueError(
@@ -500,20 +542,31 @@ def path(
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)
-        start = settled if warm_start else params0  # the settled point is the path's top
+        # at and above the KKT strength of the settled point the solution is known: that
+        # point, with term's parameters exactly zero; it is set, not solved for
+        is_set = torch.zeros(k, dtype=torch.bool) if known is None else s >= known[1]
+        start = settled if known is None else known[0]
+        start = start if warm_start else params0  # the settled point is the path's top
         dtype = next(iter(params0.values())).dtype
         for a, b in chunks:
-            x0 = {nm: v.expand(b - a, *v.shape).clone() for nm, v in start.items()}
-            strengths_ab = {**fixed, term: s[a:b].to(dtype)}
-            sol = solve(
-                loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
-            )
-            for nm, v in sol.params.items():
-                out[nm][a:b] = v
-            iters[a:b] = sol.iterations.cpu()
-            conv[a:b] = sol.converged.cpu()
+            todo = (~is_set[a:b]).nonzero().reshape(-1)
+            if todo.numel() < b - a:
+                assert known is not None
+                for nm, v in known[0].items():
+                    out[nm][a:b] = v
+                conv[a:b] = True
+            if todo.numel():
+                x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
+                strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
+                sol = solve(
+                    loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
+                )
+                for nm, v in sol.params.items():
+                    out[nm][a + todo] = v
+                iters[a + todo] = sol.iterations.cpu()
+                conv[a + todo] = sol.converged.cpu()
             if warm_start:
-                start = {nm: v[-1] for nm, v in sol.params.items()}
+                start = {nm: v[b - 1] for nm, v in out.items()}
         grid = {term: s, **_fixed_axes(fixed, k)}
         info["elapsed_s"] = time.perf_counter() - t0
         res = solved_result(model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info)
