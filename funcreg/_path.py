@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad
 
 from . import _checks
 from ._sweep import sweep
@@ -38,8 +38,8 @@ from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _a
 from .prox import _safe_ratio
 from .result import SweepResult
 from .solvers import solve
-from .spec import Spec, as_spec, penalized
-from .stack import eval_mode, split_module
+from .spec import Spec, as_spec
+from .stack import split_module
 
 __all__ = ["geometric_grid", "path", "strength_max"]
 
@@ -250,100 +250,6 @@ def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {size!r}")
     return [(a, min(a + size, k)) for a in range(0, k, size)]
-
-
-@torch.no_grad()
-def solved_result(
-    model: nn.Module | None,
-    loss_fn: Callable[..., Tensor],
-    spec: Spec,
-    grid: dict[str, Tensor],
-    stacked: dict[str, Tensor],
-    fixed: Mapping[str, Tensor],
-    data: tuple[Tensor, ...],
-    val: tuple[Tensor, ...],
-    iterations: Tensor,
-    converged: Tensor,
-    meta: Mapping[str, Any],
-) -> SweepResult:
-    """A :class:`SweepResult` of K exact solutions (from :func:`~funcreg.solvers.solve`).
-
-    There are no training steps: every per-step history entry has one row, the objective's
-    parts at the solution (``"loss"`` on ``data``, ``"penalty"``, each term); ``steps`` is
-    the largest number of iterations; ``meta`` has ``"solver": "fista"``, ``"iterations"``
-    and ``"converged"`` (both ``(K,)``)."""
-    k = int(iterations.shape[0])
-    first = next(iter(stacked.values()))
-    strengths = {n: v.to(first.device, first.dtype) for n, v in grid.items() if n in spec}
-    objective = penalized(loss_fn, spec, return_parts=True)
-    dims = (0, 0) + (None,) * len(data)
-    _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)
-    penalty = sum((parts[t] for t in spec), torch.zeros_like(parts["loss"]))
-    history: dict[str, Any] = {"loss": parts["loss"][None], "penalty": penalty[None]}
-    history.update({t: parts[t][None] for t in spec})
-    steps = int(iterations.max()) if k else 0
-    history["eval_step"] = torch.tensor([steps])
-    if val:
-        with eval_mode(model):
-            vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
-        history["val_loss"] = vl[None]
-    single = {n: v[0] for n, v in stacked.items()}
-    selected = spec.selected_names(single)
-    history["zeros"] = {n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected}
-    diverged = ~torch.isfinite(parts["loss"] + penalty)
-    return SweepResult(
-        grid={n: v.clone() for n, v in grid.items()},
-        stacked=stacked,
-        stacked_buffers={n: v.expand(k, *v.shape).clone() for n, v in fixed.items()},
-        history=history,
-        diverged=diverged,
-        diverged_at=torch.where(diverged, steps, -1).to(torch.int64),
-        steps=steps,
-        meta={
-            "solver": "fista",
-            "iterations": iterations.clone(),
-            "converged": converged.clone(),
-            "metrics": ["loss", "penalty", *spec],
-            "selected": selected,
-            **meta,
-        },
-        resume=None,
-        model=model,
-    )
-
-
-def concat_results(results: Sequence[SweepResult], meta: Mapping[str, Any]) -> SweepResult:
-    """Sweep results of the same run shape (steps, evaluations) joined along the models."""
-    first = results[0]
-
-    def cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
-        return torch.cat(tensors, dim)
-
-    def joined(d: str) -> dict[str, Tensor]:
-        return {n: cat([getattr(r, d)[n] for r in results]) for n in getattr(first, d)}
-
-    history: dict[str, Any] = {}
-    for key, v in first.history.items():
-        if key == "zeros":
-            history[key] = {n: cat([r.history["zeros"][n] for r in results], 1) for n in v}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            history[key] = cat([r.history[key] for r in results], 1)
-        else:
-            history[key] = v
-    base = {k: v for k, v in first.meta.items() if k not in ("identity", "chunks")}
-    base["elapsed_s"] = sum(float(r.meta.get("elapsed_s", 0.0)) for r in results)
-    return SweepResult(
-        grid=joined("grid"),
-        stacked=joined("stacked"),
-        stacked_buffers=joined("stacked_buffers"),
-        history=history,
-        diverged=cat([r.diverged for r in results]),
-        diverged_at=cat([r.diverged_at for r in results]),
-        steps=first.steps,
-        meta={**base, **meta},
-        resume=None,
-        model=first.model,
-    )
 
 
 def _fixed_axes(fixed: Mapping[str, Any], k: int) -> dict[str, Tensor]:
@@ -569,8 +475,10 @@ def path(
                 start = {nm: v[b - 1] for nm, v in out.items()}
         grid = {term: s, **_fixed_axes(fixed, k)}
         info["elapsed_s"] = time.perf_counter() - t0
-        res = solved_result(model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info)
-        return res if descending else _flip(res)
+        res = SweepResult.from_solution(
+            model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info
+        )
+        return res if descending else res.flip()
 
     if model is None:
         raise TypeError("path(optimizer=...) trains with fr.sweep: pass the nn.Module itself")
@@ -600,35 +508,5 @@ def path(
             size = chunks[j + 1][1] - chunks[j + 1][0]
             init = (_replicate_last(r.stacked, size), _replicate_last(r.stacked_buffers, size))
     info["elapsed_s"] = time.perf_counter() - t0
-    res = concat_results(results, info)
-    return res if descending else _flip(res)
-
-
-def _flip(r: SweepResult) -> SweepResult:
-    """The same result with the model order reversed (meta's per-model tensors too)."""
-
-    def rev(v: Any) -> Any:
-        if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == r.K:
-            return v.flip(0)
-        return v
-
-    h: dict[str, Any] = {}
-    for key, v in r.history.items():
-        if key == "zeros":
-            h[key] = {n: z.flip(1) for n, z in v.items()}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            h[key] = v.flip(1)
-        else:
-            h[key] = v
-    return SweepResult(
-        grid={n: v.flip(0) for n, v in r.grid.items()},
-        stacked={n: v.flip(0) for n, v in r.stacked.items()},
-        stacked_buffers={n: v.flip(0) for n, v in r.stacked_buffers.items()},
-        history=h,
-        diverged=r.diverged.flip(0),
-        diverged_at=r.diverged_at.flip(0),
-        steps=r.steps,
-        meta={k: rev(v) for k, v in r.meta.items()},
-        resume=None,
-        model=r.model,
-    )
+    res = SweepResult.concat(results, info)
+    return res if descending else res.flip()

@@ -51,7 +51,6 @@ from torch.func import vmap
 from . import _checks
 from ._path import (
     as_data,
-    solved_result,
     split_model,
     strength_term,
     strength_values,
@@ -60,34 +59,15 @@ from ._path import (
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import GroupLasso, Penalty, _as_dims
-from .result import Best, SweepResult
+from .result import Best, SweepResult, one_se_index
 from .selectors import by_name
 from .solvers import solve
 from .spec import Spec, as_spec
 from .stack import build_grid, eval_mode
 
-__all__ = ["CVResult", "cross_validate", "fold_masks", "one_se_index"]
+__all__ = ["CVResult", "cross_validate", "fold_masks"]
 
 FOLD_KEY = "_funcreg_cv_fold"  # the one-hot fold vector that travels with each model
-
-
-# ---------------------------------------------------------------------------- the rules
-
-
-def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:
-    """The one-standard-error rule: among the models whose ``mean`` is at most
-    ``mean[i_min] + se[i_min]`` (``i_min`` the lowest finite mean), the one with the largest
-    ``order`` (the most regularised; ties: the lower mean). Non-finite means never win."""
-    mean, se, order = mean.double(), se.double(), order.double()
-    ok = torch.isfinite(mean)
-    if not bool(ok.any()):
-        raise ValueError("one-standard-error rule: no model has a finite score")
-    i_min = int(torch.where(ok, mean, math.inf).argmin())
-    spread = float(se[i_min]) if math.isfinite(float(se[i_min])) else 0.0
-    within = ok & (mean <= float(mean[i_min]) + spread)
-    top = torch.where(within, order, -math.inf)
-    tied = within & (top == top.max())
-    return int(torch.where(tied, mean, math.inf).argmin())
 
 
 # ------------------------------------------------------------------------------ folds
@@ -499,31 +479,6 @@ def _scores(
     return torch.stack(rows).double().cpu()
 
 
-def _take_models(r: SweepResult, idx: Tensor, grid: dict[str, Tensor], meta: dict) -> SweepResult:
-    """Models ``idx`` of a sweep result (without the fold vector), with another grid."""
-    h: dict[str, Any] = {}
-    for key, v in r.history.items():
-        if key == "zeros":
-            h[key] = {n: z[:, idx] for n, z in v.items()}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            h[key] = v[:, idx]
-        else:
-            h[key] = v
-    base = {k: v for k, v in r.meta.items() if k not in ("identity", "chunks")}
-    return SweepResult(
-        grid=grid,
-        stacked={n: v[idx] for n, v in r.stacked.items()},
-        stacked_buffers={n: v[idx] for n, v in r.stacked_buffers.items() if n != FOLD_KEY},
-        history=h,
-        diverged=r.diverged[idx],
-        diverged_at=r.diverged_at[idx],
-        steps=r.steps,
-        meta={**base, **meta},
-        resume=None,
-        model=None,
-    )
-
-
 def cross_validate(
     model: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -667,7 +622,7 @@ def cross_validate(
             def loss_all(p: Mapping[str, Tensor], *d: Tensor) -> Tensor:
                 return fit_loss({**p, **bufs0}, ones, *d)
 
-        full = solved_result(
+        full = SweepResult.from_solution(
             module, loss_all, spec, {nm: v.clone() for nm, v in g.items()}, full_p, bufs0,
             data_t, (), sol.iterations[full_idx].cpu(), sol.converged[full_idx].cpu(),
             {"cv_refit": True},
@@ -704,10 +659,11 @@ def cross_validate(
         diverged = r.diverged
         info.update(solver="sweep", steps=r.steps)
         g_full = {nm: v.clone() for nm, v in g.items()}
-        full = _take_models(r, torch.arange(nf * k, rows * k), g_full, {"cv_refit": True})
+        refit_idx = torch.arange(nf * k, rows * k)
+        full = r.take(refit_idx, g_full, {"cv_refit": True}, drop_buffers=(FOLD_KEY,))
         full.model = module
         g_fits = {nm: v[: nf * k].clone() for nm, v in big.items()}
-        fits = _take_models(r, torch.arange(nf * k), g_fits, {})
+        fits = r.take(torch.arange(nf * k), g_fits, {}, drop_buffers=(FOLD_KEY,))
         fits.model = module
 
     scores = _scores(score_w, fitted, fit_bufs, test_w, k, data_t, module)

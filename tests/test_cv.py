@@ -16,7 +16,8 @@ from torch.func import functional_call
 
 import funcreg as fr
 from funcreg._path import geometric_grid
-from funcreg.selection import cross_validate, fold_masks, one_se_index
+from funcreg.result import one_se_index
+from funcreg.selection import cross_validate, fold_masks
 from funcreg.solvers import solve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
