@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import operator
 import os
@@ -180,25 +181,27 @@ class SweepResult:
         dims = (0, 0) + (None,) * len(data)
         _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)
         penalty = sum((parts[t] for t in spec), torch.zeros_like(parts["loss"]))
-        history: dict[str, Any] = {"loss": parts["loss"][None], "penalty": penalty[None]}
-        history.update({t: parts[t][None] for t in spec})
+        names = ["loss", "penalty", *spec]
+        columns = [parts["loss"], penalty, *(parts[t] for t in spec)]
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in columns])
         steps = int(iterations.max()) if k else 0
-        history["eval_step"] = torch.tensor([steps])
+        val_rows = None
         if val:
             with eval_mode(model):
                 vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
-            history["val_loss"] = vl[None]
+            val_rows = vl[None, :, None]
         single = {n: v[0] for n, v in stacked.items()}
         selected = spec.selected_names(single)
-        history["zeros"] = {
-            n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected
-        }
         diverged = ~torch.isfinite(parts["loss"] + penalty)
-        return cls(
-            grid={n: v.clone() for n, v in grid.items()},
+        return cls.from_run(
+            grid=grid,
             stacked=stacked,
             stacked_buffers={n: v.expand(k, *v.shape).clone() for n, v in fixed.items()},
-            history=history,
+            rows=torch.stack([c.to(dtype) for c in columns], -1)[None],
+            metric_names=names,
+            eval_step=torch.tensor([steps]),
+            val_rows=val_rows,
+            zeros={n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected},
             diverged=diverged,
             diverged_at=torch.where(diverged, steps, -1).to(torch.int64),
             steps=steps,
@@ -206,11 +209,65 @@ class SweepResult:
                 "solver": "fista",
                 "iterations": iterations.clone(),
                 "converged": converged.clone(),
-                "metrics": ["loss", "penalty", *spec],
+                "metrics": names,
                 "selected": selected,
                 **meta,
             },
             resume=None,
+            model=model,
+            clone=False,
+        )
+
+    @classmethod
+    def from_run(
+        cls,
+        *,
+        grid: Mapping[str, Tensor],
+        stacked: dict[str, Tensor],
+        stacked_buffers: Mapping[str, Tensor],
+        rows: Tensor,
+        metric_names: Sequence[str],
+        eval_step: Tensor,
+        val_rows: Tensor | None,
+        zeros: Mapping[str, Tensor],
+        diverged: Tensor,
+        diverged_at: Tensor,
+        steps: int,
+        meta: dict[str, Any],
+        resume: dict[str, Any] | None,
+        model: nn.Module | None,
+        clone: bool = True,
+    ) -> SweepResult:
+        """A result from what a run recorded (copies, so the recorders may go on):
+
+        * ``rows`` ``(S, K, M)``: per step and model, the metrics ``metric_names``
+          (``"loss"``, ``"penalty"``, each term) — ``history[name]`` is ``(S, K)``;
+        * ``eval_step`` ``(E,)`` and, at those evaluations, ``val_rows`` ``(E, K, V)``
+          (``val_loss``, then ``val_metric`` when ``V = 2``; ``None`` without validation)
+          and ``zeros`` ``{param: (E, K)}``;
+        * ``stacked`` and ``stacked_buffers``: ``{name: (K, *shape)}``, taken as they are
+          with ``clone=False`` (when they are fresh tensors already)."""
+        history: dict[str, Any] = {m: rows[..., j].clone() for j, m in enumerate(metric_names)}
+        history["eval_step"] = eval_step.clone()
+        if val_rows is not None:
+            history["val_loss"] = val_rows[..., 0].clone()
+            if val_rows.shape[-1] > 1:
+                history["val_metric"] = val_rows[..., 1].clone()
+        history["zeros"] = {n: z.clone() for n, z in zeros.items()}
+        return cls(
+            grid={n: v.clone() for n, v in grid.items()},
+            stacked={n: v.clone() for n, v in stacked.items()} if clone else stacked,
+            stacked_buffers=(
+                {n: v.clone() for n, v in stacked_buffers.items()}
+                if clone
+                else dict(stacked_buffers)
+            ),
+            history=history,
+            diverged=diverged,
+            diverged_at=diverged_at,
+            steps=steps,
+            meta=meta,
+            resume=resume,
             model=model,
         )
 
