@@ -265,7 +265,8 @@ def path(
 
     * Without ``optimizer``: each chunk is solved exactly by
       :func:`~funcreg.solvers.solve` (FISTA, convex problems) to ``tol`` from that start;
-      ``result.meta["iterations"]`` holds each model's iteration count. ``loss_fn`` may be a
+      ``result.meta["iterations"]`` holds each model's iteration count, ``meta["tol"]``
+      and ``meta["max_iter"]`` the solver's settings. ``loss_fn`` may be a
       :func:`~funcreg.solvers.least_squares` loss (pass ``ls.init()`` as params, no data).
     * With ``optimizer`` and ``steps``: each chunk trains ``steps`` steps with
       :func:`fr.sweep <funcreg._sweep.sweep>` (networks); ``model_or_params`` must be the
@@ -358,6 +359,7 @@ def path(
     info["chunks"] = [list(c) for c in chunks]  # in run order
 
     if optimizer is None:
+        info.update(tol=tol, max_iter=max_iter)
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)

@@ -92,7 +92,10 @@ class CVResult:
             value), or ``None`` when several strength axes vary.
         fits: the fold fits as a ``SweepResult`` of ``F·K`` models (fold-major:
             model ``f·K + k``), for inspection.
-        meta: timing, the solver used and its iteration counts or steps.
+        meta: timing, the solver used and its iteration counts or steps (``solve``: also
+            ``tol`` and ``max_iter``), and ``chunks``, the ``[start, stop)`` model ranges
+            of the fits run together (over the ``(F + 1)·K`` fits, fold-major, the all-data
+            fits last).
     """
 
     grid: dict[str, Tensor]
@@ -485,6 +488,9 @@ def cross_validate(
             solver="fista",
             iterations=sol.iterations.reshape(rows, k).cpu(),
             converged=sol.converged.reshape(rows, k).cpu(),
+            tol=tol,
+            max_iter=max_iter,
+            chunks=[[0, rows * k]],  # one solve of every fit
         )
         diverged = ~torch.isfinite(next(iter(fitted.values())).reshape(rows * k, -1).sum(1))
         fit_bufs: dict[str, Tensor] | None = (
@@ -502,7 +508,7 @@ def cross_validate(
         full = SweepResult.from_solution(
             module, loss_all, spec, {nm: v.clone() for nm, v in g.items()}, full_p, bufs0,
             data_t, (), sol.iterations[full_idx].cpu(), sol.converged[full_idx].cpu(),
-            {"cv_refit": True},
+            {"cv_refit": True, "tol": tol, "max_iter": max_iter},
         )  # fmt: skip
         fits = None
     else:
@@ -534,7 +540,7 @@ def cross_validate(
         fitted = r.stacked
         fit_bufs = {nm: v for nm, v in r.stacked_buffers.items() if nm != FOLD_KEY} or None
         diverged = r.diverged
-        info.update(solver="sweep", steps=r.steps)
+        info.update(solver="sweep", steps=r.steps, chunks=r.meta.get("chunks"))
         g_full = {nm: v.clone() for nm, v in g.items()}
         refit_idx = torch.arange(nf * k, rows * k)
         full = r.take(refit_idx, g_full, {"cv_refit": True}, drop_buffers=(FOLD_KEY,))
