@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg.selection import cross_validate, fold_masks
+from funcreg._folds import fold_masks
+from funcreg.selection import cross_validate
 from funcreg.solvers import solve
 
 

@@ -13,19 +13,8 @@ reference ``F*``: per strength, the lower of ``lasso_path(tol=1e-14)`` and funcr
 is at least as accurate.
 
 funcreg takes its lean Lasso loop here (fixed step ``1/λ_max``, convergence tested every
-10th iteration; see ``funcreg.solvers``). Measured on a 2-core box: below sklearn's time on
-the Gaussian design, within noise of it on the wide one (bound by the 1000 x 1000 Gram
-product), about 2.5-2.7x slower on AR(1) 0.9, where the last models need 300-450 FISTA
-iterations against sklearn's warm-started coordinate descent. Per iteration the loop is one
-``addmm`` (~120 us at K = 100, p = 200) and ~9 elementwise ops. Tried there and not kept: a
-primal-dual active-set (semismooth Newton) polish from FISTA's iterates reaches every
-model's exact KKT point in <= 6 rounds from iteration 10-50, but each round needs K
-restricted solves on different supports, and batched Cholesky of (K, s, s) runs at 2-5
-GFLOP/s on CPU (the Gram matmul at ~80): 84-134 ms in all, against 65-75 ms for FISTA and
-20-26 ms for sklearn. Not tried, from estimates: a per-model adaptive step (the curvature
-test needs the iterates' Gram products, ~2x the ops per iteration, for at most ~2x fewer
-iterations) and a compiled iteration (fuses the elementwise ops, not the product: ~1.4x,
-after 10-50 s of compilation).
+10th iteration; see ``funcreg.solvers``). Measured figures and what was tried: see
+``benchmarks/README.md``.
 
     python benchmarks/lasso_path.py            # n = 2000; p = 200, 200 (AR(1) 0.9), 1000
     python benchmarks/lasso_path.py --quick    # CI size

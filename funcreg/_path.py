@@ -22,24 +22,22 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad
 
-from . import _checks
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _as_dims
 from .prox import _safe_ratio
 from .result import SweepResult
 from .solvers import solve
-from .spec import Spec, as_spec, penalized
-from .stack import eval_mode, split_module
+from .spec import Spec, as_spec
+from .stack import as_data, split_model, strength_term, strength_values, with_buffers
 
 __all__ = ["geometric_grid", "path", "strength_max"]
 
@@ -157,91 +155,6 @@ def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tens
 # ---------------------------------------------------------------------------------------
 
 
-def split_model(
-    model_or_params: nn.Module | Mapping[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module | None]:
-    """``(trained params, buffers and frozen params, module or None)``, detached copies.
-
-    A module contributes its floating-point parameters with ``requires_grad`` (trained
-    and penalised) and carries its buffers and other parameters along; a dict is all
-    trained."""
-    if isinstance(model_or_params, nn.Module):
-        params0, fixed0 = split_module(model_or_params)
-        if not params0:
-            raise ValueError("the model has no floating-point parameter to fit")
-        return params0, fixed0, model_or_params
-    if isinstance(model_or_params, Mapping):
-        _checks.check_float_params(model_or_params)
-        if not model_or_params:
-            raise ValueError("params is empty; pass fr.params(model) or the model itself")
-        return {n: v.detach().clone() for n, v in model_or_params.items()}, {}, None
-    raise TypeError(
-        "expected an nn.Module or a dict of params {name: tensor}, got "
-        f"{type(model_or_params).__name__}"
-    )
-
-
-def with_buffers(loss_fn: Callable[..., Tensor], fixed: Mapping[str, Tensor]) -> Callable[..., Any]:
-    """``loss_fn`` seeing the buffers beside the params (so ``functional_call(model, p, x)``
-    with ``strict=True`` works); ``loss_fn`` itself when there are none."""
-    if not fixed:
-        return loss_fn
-
-    def loss(p: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
-        return loss_fn({**p, **fixed}, *args, **kwargs)
-
-    return loss
-
-
-def as_data(data: Any, what: str = "data") -> tuple[Tensor, ...]:
-    """A tuple of tensors from a tensor, a tuple/list of tensors or ``None``."""
-    if data is None:
-        return ()
-    if isinstance(data, Tensor):
-        return (data,)
-    if isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data):
-        return tuple(data)
-    raise TypeError(
-        f"{what} must be a tensor or a tuple of tensors such as (x, y), got {type(data).__name__}"
-    )
-
-
-def strength_values(values: Any, what: str) -> Tensor:
-    """A non-empty 1-d float64 tensor of finite strengths >= 0."""
-    try:
-        if isinstance(values, Tensor):
-            t = values.detach().to("cpu", torch.float64).reshape(-1)
-        else:  # via numpy: Python floats must not pass through float32
-            t = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(
-            f"{what} must be a 1-d list or tensor of numbers, got {values!r:.80}"
-        ) from e
-    if t.numel() == 0:
-        raise ValueError(f"{what}: the grid of strengths is empty; give at least one strength")
-    bad = ~torch.isfinite(t) | (t < 0)
-    if bool(bad.any()):
-        raise ValueError(f"{what}: strengths must be finite and >= 0, got {t[bad].tolist()[:5]}")
-    return t
-
-
-def strength_term(spec: Spec, term: str | None, what: str) -> str:
-    """The term a path or CV varies: ``term``, or the spec's only term with a strength."""
-    names = spec.strength_names
-    if term is None:
-        if len(names) != 1:
-            raise ValueError(
-                f"{what}: the spec has {len(names)} terms with a strength ({list(names)}); "
-                "say which one the grid varies with term=..."
-            )
-        return names[0]
-    if term not in names:
-        raise ValueError(
-            f"{what}: term {term!r} is not a spec term with a strength; the spec has {list(names)}"
-        )
-    return term
-
-
 def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` chunks of at most ``size`` models (the last may be
     shorter: a path's chunks follow the grid)."""
@@ -250,100 +163,6 @@ def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {size!r}")
     return [(a, min(a + size, k)) for a in range(0, k, size)]
-
-
-@torch.no_grad()
-def solved_result(
-    model: nn.Module | None,
-    loss_fn: Callable[..., Tensor],
-    spec: Spec,
-    grid: dict[str, Tensor],
-    stacked: dict[str, Tensor],
-    fixed: Mapping[str, Tensor],
-    data: tuple[Tensor, ...],
-    val: tuple[Tensor, ...],
-    iterations: Tensor,
-    converged: Tensor,
-    meta: Mapping[str, Any],
-) -> SweepResult:
-    """A :class:`SweepResult` of K exact solutions (from :func:`~funcreg.solvers.solve`).
-
-    There are no training steps: every per-step history entry has one row, the objective's
-    parts at the solution (``"loss"`` on ``data``, ``"penalty"``, each term); ``steps`` is
-    the largest number of iterations; ``meta`` has ``"solver": "fista"``, ``"iterations"``
-    and ``"converged"`` (both ``(K,)``)."""
-    k = int(iterations.shape[0])
-    first = next(iter(stacked.values()))
-    strengths = {n: v.to(first.device, first.dtype) for n, v in grid.items() if n in spec}
-    objective = penalized(loss_fn, spec, return_parts=True)
-    dims = (0, 0) + (None,) * len(data)
-    _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)
-    penalty = sum((parts[t] for t in spec), torch.zeros_like(parts["loss"]))
-    history: dict[str, Any] = {"loss": parts["loss"][None], "penalty": penalty[None]}
-    history.update({t: parts[t][None] for t in spec})
-    steps = int(iterations.max()) if k else 0
-    history["eval_step"] = torch.tensor([steps])
-    if val:
-        with eval_mode(model):
-            vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
-        history["val_loss"] = vl[None]
-    single = {n: v[0] for n, v in stacked.items()}
-    selected = spec.selected_names(single)
-    history["zeros"] = {n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected}
-    diverged = ~torch.isfinite(parts["loss"] + penalty)
-    return SweepResult(
-        grid={n: v.clone() for n, v in grid.items()},
-        stacked=stacked,
-        stacked_buffers={n: v.expand(k, *v.shape).clone() for n, v in fixed.items()},
-        history=history,
-        diverged=diverged,
-        diverged_at=torch.where(diverged, steps, -1).to(torch.int64),
-        steps=steps,
-        meta={
-            "solver": "fista",
-            "iterations": iterations.clone(),
-            "converged": converged.clone(),
-            "metrics": ["loss", "penalty", *spec],
-            "selected": selected,
-            **meta,
-        },
-        resume=None,
-        model=model,
-    )
-
-
-def concat_results(results: Sequence[SweepResult], meta: Mapping[str, Any]) -> SweepResult:
-    """Sweep results of the same run shape (steps, evaluations) joined along the models."""
-    first = results[0]
-
-    def cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
-        return torch.cat(tensors, dim)
-
-    def joined(d: str) -> dict[str, Tensor]:
-        return {n: cat([getattr(r, d)[n] for r in results]) for n in getattr(first, d)}
-
-    history: dict[str, Any] = {}
-    for key, v in first.history.items():
-        if key == "zeros":
-            history[key] = {n: cat([r.history["zeros"][n] for r in results], 1) for n in v}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            history[key] = cat([r.history[key] for r in results], 1)
-        else:
-            history[key] = v
-    base = {k: v for k, v in first.meta.items() if k not in ("identity", "chunks")}
-    base["elapsed_s"] = sum(float(r.meta.get("elapsed_s", 0.0)) for r in results)
-    return SweepResult(
-        grid=joined("grid"),
-        stacked=joined("stacked"),
-        stacked_buffers=joined("stacked_buffers"),
-        history=history,
-        diverged=cat([r.diverged for r in results]),
-        diverged_at=cat([r.diverged_at for r in results]),
-        steps=first.steps,
-        meta={**base, **meta},
-        resume=None,
-        model=first.model,
-    )
 
 
 def _fixed_axes(fixed: Mapping[str, Any], k: int) -> dict[str, Tensor]:
@@ -381,6 +200,43 @@ def _settle(
     return start
 
 
+def _top_point(
+    loss: Callable[..., Tensor],
+    spec: Spec,
+    term: str,
+    settled: Mapping[str, Tensor],
+    fixed: Mapping[str, Any],
+    data: tuple[Tensor, ...],
+) -> tuple[dict[str, Tensor], float]:
+    """``(point, strength)``: the settled point with ``term``'s parameters set exactly to
+    zero (or to their ``toward=`` reference), and the smallest strength of ``term`` at which
+    that point satisfies the KKT conditions, so that it *is* the solution there.
+
+    The strength is :func:`strength_max` of the data loss plus the other terms at their
+    ``fixed`` strengths (their gradient at the point; at zero a norm contributes the
+    subgradient 0), so that a smooth term pulling ``term``'s parameters away from zero
+    raises it. With ``term`` alone it equals the grid's top, ``strength_max`` at the
+    settled point, to the bit (the other terms add exact zeros)."""
+    names = spec.selection(settled)[term]
+    pen = spec[term]
+    point = dict(settled)
+    for n in names:
+        ref = pen.reference(n)
+        point[n] = torch.zeros_like(settled[n]) if ref is None else ref.to(settled[n]).clone()
+    sel = spec.selection(settled)
+    if any(p.is_constraint and set(sel[t]) & set(names) for t, p in spec.items()):
+        return point, math.inf  # zero need not be feasible: no certificate, nothing is set
+    others = Spec({t: p for t, p in spec.items() if t != term and not p.is_constraint})
+    if not others:
+        return point, strength_max(loss, spec, term, point, *data)
+    other_strengths = {t: fixed[t] for t in others}
+
+    def with_others(p: Mapping[str, Tensor], *d: Any) -> Tensor:
+        return loss(p, *d) + others(p, other_strengths)
+
+    return point, strength_max(with_others, spec, term, point, *data)
+
+
 def path(
     model_or_params: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -409,7 +265,8 @@ def path(
 
     * Without ``optimizer``: each chunk is solved exactly by
       :func:`~funcreg.solvers.solve` (FISTA, convex problems) to ``tol`` from that start;
-      ``result.meta["iterations"]`` holds each model's iteration count. ``loss_fn`` may be a
+      ``result.meta["iterations"]`` holds each model's iteration count, ``meta["tol"]``
+      and ``meta["max_iter"]`` the solver's settings. ``loss_fn`` may be a
       :func:`~funcreg.solvers.least_squares` loss (pass ``ls.init()`` as params, no data).
     * With ``optimizer`` and ``steps``: each chunk trains ``steps`` steps with
       :func:`fr.sweep <funcreg._sweep.sweep>` (networks); ``model_or_params`` must be the
@@ -428,7 +285,10 @@ def path(
             ``strength_max`` computed at the given params — for a convex fit after solving
             for the unpenalised parameters (e.g. an intercept) with ``term``'s at zero,
             which makes it exact (see :func:`strength_max`). Run in the order ``descending``
-            says.
+            says. Without ``optimizer``, the default grid's models at or above the KKT
+            strength of that settled point (its top, and any other there) are set to it,
+            not solved for: ``term``'s parameters exactly zero (or at their ``toward=``
+            reference) on every machine, ``meta["iterations"]`` 0.
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
@@ -475,9 +335,11 @@ def path(
         )
     t0 = time.perf_counter()
     settled = params0
+    known: tuple[dict[str, Tensor], float] | None = None  # (the top's solution, from where)
     if strengths is None:
         if optimizer is None:
             settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
+            known = _top_point(loss, spec, term, settled, fixed, data_t)
         top = strength_max(loss, spec, term, settled, *data_t)
         if not top > 0:
             raise ValueError(
@@ -497,27 +359,41 @@ def path(
     info["chunks"] = [list(c) for c in chunks]  # in run order
 
     if optimizer is None:
+        info.update(tol=tol, max_iter=max_iter)
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)
-        start = settled if warm_start else params0  # the settled point is the path's top
+        # at and above the KKT strength of the settled point the solution is known: that
+        # point, with term's parameters exactly zero; it is set, not solved for
+        is_set = torch.zeros(k, dtype=torch.bool) if known is None else s >= known[1]
+        start = settled if known is None else known[0]
+        start = start if warm_start else params0  # the settled point is the path's top
         dtype = next(iter(params0.values())).dtype
         for a, b in chunks:
-            x0 = {nm: v.expand(b - a, *v.shape).clone() for nm, v in start.items()}
-            strengths_ab = {**fixed, term: s[a:b].to(dtype)}
-            sol = solve(
-                loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
-            )
-            for nm, v in sol.params.items():
-                out[nm][a:b] = v
-            iters[a:b] = sol.iterations.cpu()
-            conv[a:b] = sol.converged.cpu()
+            todo = (~is_set[a:b]).nonzero().reshape(-1)
+            if todo.numel() < b - a:
+                assert known is not None
+                for nm, v in known[0].items():
+                    out[nm][a:b] = v
+                conv[a:b] = True
+            if todo.numel():
+                x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
+                strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
+                sol = solve(
+                    loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
+                )
+                for nm, v in sol.params.items():
+                    out[nm][a + todo] = v
+                iters[a + todo] = sol.iterations.cpu()
+                conv[a + todo] = sol.converged.cpu()
             if warm_start:
-                start = {nm: v[-1] for nm, v in sol.params.items()}
+                start = {nm: v[b - 1] for nm, v in out.items()}
         grid = {term: s, **_fixed_axes(fixed, k)}
         info["elapsed_s"] = time.perf_counter() - t0
-        res = solved_result(model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info)
-        return res if descending else _flip(res)
+        res = SweepResult.from_solution(
+            model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info
+        )
+        return res if descending else res.flip()
 
     if model is None:
         raise TypeError("path(optimizer=...) trains with fr.sweep: pass the nn.Module itself")
@@ -547,35 +423,5 @@ def path(
             size = chunks[j + 1][1] - chunks[j + 1][0]
             init = (_replicate_last(r.stacked, size), _replicate_last(r.stacked_buffers, size))
     info["elapsed_s"] = time.perf_counter() - t0
-    res = concat_results(results, info)
-    return res if descending else _flip(res)
-
-
-def _flip(r: SweepResult) -> SweepResult:
-    """The same result with the model order reversed (meta's per-model tensors too)."""
-
-    def rev(v: Any) -> Any:
-        if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == r.K:
-            return v.flip(0)
-        return v
-
-    h: dict[str, Any] = {}
-    for key, v in r.history.items():
-        if key == "zeros":
-            h[key] = {n: z.flip(1) for n, z in v.items()}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            h[key] = v.flip(1)
-        else:
-            h[key] = v
-    return SweepResult(
-        grid={n: v.flip(0) for n, v in r.grid.items()},
-        stacked={n: v.flip(0) for n, v in r.stacked.items()},
-        stacked_buffers={n: v.flip(0) for n, v in r.stacked_buffers.items()},
-        history=h,
-        diverged=r.diverged.flip(0),
-        diverged_at=r.diverged_at.flip(0),
-        steps=r.steps,
-        meta={k: rev(v) for k, v in r.meta.items()},
-        resume=None,
-        model=r.model,
-    )
+    res = SweepResult.concat(results, info)
+    return res if descending else res.flip()

@@ -34,24 +34,45 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import operator
 import os
 import secrets
 import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 
-from .stack import load_, unstack
+from .spec import Spec, penalized
+from .stack import eval_mode, load_, unstack
 
-__all__ = ["FORMAT", "Best", "SweepResult"]
+__all__ = ["FORMAT", "Best", "SweepResult", "one_se_index"]
 
 FORMAT = "funcreg.SweepResult/1"
 _EVAL_METRICS = ("val_loss", "val_metric")
+_RUN_ONLY = ("identity", "chunks")  # meta of one run that a new result of its models drops
+
+
+def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:
+    """The one-standard-error rule: among the models whose ``mean`` is at most
+    ``mean[i_min] + se[i_min]`` (``i_min`` the lowest finite mean), the one with the largest
+    ``order`` (the most regularised; ties: the lower mean). Non-finite means never win."""
+    mean, se, order = mean.double(), se.double(), order.double()
+    ok = torch.isfinite(mean)
+    if not bool(ok.any()):
+        raise ValueError("one-standard-error rule: no model has a finite score")
+    i_min = int(torch.where(ok, mean, math.inf).argmin())
+    spread = float(se[i_min]) if math.isfinite(float(se[i_min])) else 0.0
+    within = ok & (mean <= float(mean[i_min]) + spread)
+    top = torch.where(within, order, -math.inf)
+    tied = within & (top == top.max())
+    return int(torch.where(tied, mean, math.inf).argmin())
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,203 @@ class SweepResult:
             )
         out = copy.deepcopy(self.model)
         return load_(out, {**self.buffers(i), **self.params(i)})
+
+    # -- building: the only code that knows where the model axis sits in each field -------
+    @classmethod
+    @torch.no_grad()
+    def from_solution(
+        cls,
+        model: nn.Module | None,
+        loss_fn: Callable[..., Tensor],
+        spec: Spec,
+        grid: dict[str, Tensor],
+        stacked: dict[str, Tensor],
+        fixed: Mapping[str, Tensor],
+        data: tuple[Tensor, ...],
+        val: tuple[Tensor, ...],
+        iterations: Tensor,
+        converged: Tensor,
+        meta: Mapping[str, Any],
+    ) -> SweepResult:
+        """A result of K exact solutions (from :func:`~funcreg.solvers.solve`).
+
+        There are no training steps: every per-step history entry has one row, the
+        objective's parts at the solution (``"loss"`` on ``data``, ``"penalty"``, each
+        term); ``steps`` is the largest number of iterations; ``meta`` has ``"solver":
+        "fista"``, ``"iterations"`` and ``"converged"`` (both ``(K,)``)."""
+        k = int(iterations.shape[0])
+        first = next(iter(stacked.values()))
+        strengths = {n: v.to(first.device, first.dtype) for n, v in grid.items() if n in spec}
+        objective = penalized(loss_fn, spec, return_parts=True)
+        dims = (0, 0) + (None,) * len(data)
+        _, parts = vmap(objective, in_dims=dims)(stacked, strengths, *data)
+        penalty = sum((parts[t] for t in spec), torch.zeros_like(parts["loss"]))
+        names = ["loss", "penalty", *spec]
+        columns = [parts["loss"], penalty, *(parts[t] for t in spec)]
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in columns])
+        steps = int(iterations.max()) if k else 0
+        val_rows = None
+        if val:
+            with eval_mode(model):
+                vl = vmap(loss_fn, in_dims=(0,) + (None,) * len(val))(stacked, *val)
+            val_rows = vl[None, :, None]
+        single = {n: v[0] for n, v in stacked.items()}
+        selected = spec.selected_names(single)
+        diverged = ~torch.isfinite(parts["loss"] + penalty)
+        return cls.from_run(
+            grid=grid,
+            stacked=stacked,
+            stacked_buffers={n: v.expand(k, *v.shape).clone() for n, v in fixed.items()},
+            rows=torch.stack([c.to(dtype) for c in columns], -1)[None],
+            metric_names=names,
+            eval_step=torch.tensor([steps]),
+            val_rows=val_rows,
+            zeros={n: (stacked[n].reshape(k, -1) == 0).float().mean(1)[None] for n in selected},
+            diverged=diverged,
+            diverged_at=torch.where(diverged, steps, -1).to(torch.int64),
+            steps=steps,
+            meta={
+                "solver": "fista",
+                "iterations": iterations.clone(),
+                "converged": converged.clone(),
+                "metrics": names,
+                "selected": selected,
+                **meta,
+            },
+            resume=None,
+            model=model,
+            clone=False,
+        )
+
+    @classmethod
+    def from_run(
+        cls,
+        *,
+        grid: Mapping[str, Tensor],
+        stacked: dict[str, Tensor],
+        stacked_buffers: Mapping[str, Tensor],
+        rows: Tensor,
+        metric_names: Sequence[str],
+        eval_step: Tensor,
+        val_rows: Tensor | None,
+        zeros: Mapping[str, Tensor],
+        diverged: Tensor,
+        diverged_at: Tensor,
+        steps: int,
+        meta: dict[str, Any],
+        resume: dict[str, Any] | None,
+        model: nn.Module | None,
+        clone: bool = True,
+    ) -> SweepResult:
+        """A result from what a run recorded (copies, so the recorders may go on):
+
+        * ``rows`` ``(S, K, M)``: per step and model, the metrics ``metric_names``
+          (``"loss"``, ``"penalty"``, each term) — ``history[name]`` is ``(S, K)``;
+        * ``eval_step`` ``(E,)`` and, at those evaluations, ``val_rows`` ``(E, K, V)``
+          (``val_loss``, then ``val_metric`` when ``V = 2``; ``None`` without validation)
+          and ``zeros`` ``{param: (E, K)}``;
+        * ``stacked`` and ``stacked_buffers``: ``{name: (K, *shape)}``, taken as they are
+          with ``clone=False`` (when they are fresh tensors already)."""
+        history: dict[str, Any] = {m: rows[..., j].clone() for j, m in enumerate(metric_names)}
+        history["eval_step"] = eval_step.clone()
+        if val_rows is not None:
+            history["val_loss"] = val_rows[..., 0].clone()
+            if val_rows.shape[-1] > 1:
+                history["val_metric"] = val_rows[..., 1].clone()
+        history["zeros"] = {n: z.clone() for n, z in zeros.items()}
+        return cls(
+            grid={n: v.clone() for n, v in grid.items()},
+            stacked={n: v.clone() for n, v in stacked.items()} if clone else stacked,
+            stacked_buffers=(
+                {n: v.clone() for n, v in stacked_buffers.items()}
+                if clone
+                else dict(stacked_buffers)
+            ),
+            history=history,
+            diverged=diverged,
+            diverged_at=diverged_at,
+            steps=steps,
+            meta=meta,
+            resume=resume,
+            model=model,
+        )
+
+    @classmethod
+    def _of_models(
+        cls,
+        results: Sequence[SweepResult],
+        along: Callable[[list[Tensor], int], Tensor],
+        grid: dict[str, Tensor] | None,
+        meta: dict[str, Any],
+        drop_buffers: Collection[str] = (),
+    ) -> SweepResult:
+        """A result whose models are ``along(the results' tensors, model dim)`` of every
+        per-model field: dim 0 of the grid, params, buffers and status, dim 1 of the
+        history's rows (``(S, K)`` and ``(E, K)``, ``zeros`` included); ``eval_step`` and
+        ``steps`` are the first result's (the same run shape)."""
+        first = results[0]
+
+        def joined(d: str, skip: Collection[str] = ()) -> dict[str, Tensor]:
+            got = getattr(first, d)
+            return {n: along([getattr(r, d)[n] for r in results], 0) for n in got if n not in skip}
+
+        history: dict[str, Any] = {}
+        for key, v in first.history.items():
+            if key == "zeros":
+                history[key] = {n: along([r.history[key][n] for r in results], 1) for n in v}
+            elif isinstance(v, Tensor) and v.ndim == 2:
+                history[key] = along([r.history[key] for r in results], 1)
+            else:
+                history[key] = v
+        return cls(
+            grid=joined("grid") if grid is None else grid,
+            stacked=joined("stacked"),
+            stacked_buffers=joined("stacked_buffers", drop_buffers),
+            history=history,
+            diverged=along([r.diverged for r in results], 0),
+            diverged_at=along([r.diverged_at for r in results], 0),
+            steps=first.steps,
+            meta=meta,
+            resume=None,
+            model=first.model,
+        )
+
+    @classmethod
+    def concat(cls, results: Sequence[SweepResult], meta: Mapping[str, Any]) -> SweepResult:
+        """Results of the same run shape (steps, evaluations) joined along the models;
+        ``meta`` is the first's (without its run's identity and chunks), the summed
+        ``elapsed_s``, then ``meta``."""
+        base = {k: v for k, v in results[0].meta.items() if k not in _RUN_ONLY}
+        base["elapsed_s"] = sum(float(r.meta.get("elapsed_s", 0.0)) for r in results)
+        return cls._of_models(results, lambda ts, d: torch.cat(ts, d), None, {**base, **meta})
+
+    def flip(self) -> SweepResult:
+        """The same result with the model order reversed (meta's per-model tensors too)."""
+
+        def rev(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == self.K:
+                return v.flip(0)
+            return v
+
+        meta = {k: rev(v) for k, v in self.meta.items()}
+        return self._of_models([self], lambda ts, d: ts[0].flip(d), None, meta)
+
+    def take(
+        self,
+        idx: Tensor,
+        grid: dict[str, Tensor],
+        meta: Mapping[str, Any],
+        drop_buffers: Collection[str] = (),
+    ) -> SweepResult:
+        """Models ``idx`` (a 1-d index tensor) with the grid ``grid``, without the buffers
+        ``drop_buffers``; ``meta`` is this result's (without its run's identity and
+        chunks), then ``meta``."""
+        base = {k: v for k, v in self.meta.items() if k not in _RUN_ONLY}
+
+        def pick(ts: list[Tensor], d: int) -> Tensor:
+            return ts[0][(slice(None),) * d + (idx,)]
+
+        return self._of_models([self], pick, grid, {**base, **meta}, drop_buffers)
 
     # -- selection ------------------------------------------------------------------------
     def values(self, metric: str = "val_loss") -> Tensor:
@@ -237,8 +455,6 @@ class SweepResult:
         fill = math.inf if mode == "min" else -math.inf
         vals[~ok] = fill
         if rule == "1se":
-            from .selection import one_se_index
-
             se = self.history[f"{metric}_se"][-1].double().cpu()
             along = self.path_axis(axis, "best(rule='1se')")
             sign = 1.0 if mode == "min" else -1.0

@@ -35,193 +35,43 @@ same way. Internally the fold of a model is a one-hot vector that travels with i
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
 from . import _checks
-from ._path import (
+from ._folds import (
+    FOLD_KEY,
+    accepts_weight,
+    exclude_fold,
+    fold_masks,
+    weighted_mean,
+    without_fold,
+)
+from ._sweep import sweep
+from .optim import Optimizer
+from .penalties import GroupLasso, Penalty, _as_dims
+from .result import Best, SweepResult, one_se_index
+from .solvers import solve
+from .spec import Spec, as_spec
+from .stack import (
     as_data,
-    solved_result,
+    build_grid,
+    eval_mode,
     split_model,
     strength_term,
     strength_values,
     with_buffers,
 )
-from ._sweep import sweep
-from .optim import Optimizer
-from .penalties import GroupLasso, Penalty, _as_dims
-from .result import Best, SweepResult
-from .selectors import by_name
-from .solvers import solve
-from .spec import Spec, as_spec
-from .stack import build_grid, eval_mode
 
-__all__ = ["CVResult", "cross_validate", "fold_masks", "one_se_index"]
-
-FOLD_KEY = "_funcreg_cv_fold"  # the one-hot fold vector that travels with each model
-
-
-# ---------------------------------------------------------------------------- the rules
-
-
-def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:
-    """The one-standard-error rule: among the models whose ``mean`` is at most
-    ``mean[i_min] + se[i_min]`` (``i_min`` the lowest finite mean), the one with the largest
-    ``order`` (the most regularised; ties: the lower mean). Non-finite means never win."""
-    mean, se, order = mean.double(), se.double(), order.double()
-    ok = torch.isfinite(mean)
-    if not bool(ok.any()):
-        raise ValueError("one-standard-error rule: no model has a finite score")
-    i_min = int(torch.where(ok, mean, math.inf).argmin())
-    spread = float(se[i_min]) if math.isfinite(float(se[i_min])) else 0.0
-    within = ok & (mean <= float(mean[i_min]) + spread)
-    top = torch.where(within, order, -math.inf)
-    tied = within & (top == top.max())
-    return int(torch.where(tied, mean, math.inf).argmin())
-
-
-# ------------------------------------------------------------------------------ folds
-
-
-def fold_masks(folds: Any, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(train, test)`` 0/1 masks of shape ``(F, n)`` from ``folds``:
-
-    * an int ``F``: shuffled K-fold — a seeded permutation cut into ``F`` consecutive
-      parts of sizes ``n // F`` (+1 for the first ``n % F``), as ``KFold(shuffle=True)``;
-    * a per-sample tensor of fold ids (glmnet's ``foldid``): fold ``f`` holds out the
-      samples with the ``f``-th smallest id;
-    * a list of ``(train_idx, test_idx)`` pairs (scikit-learn's ``cv.split(X)``).
-    """
-    if isinstance(folds, bool):
-        raise TypeError("folds must be an int, a tensor of fold ids or (train, test) pairs")
-    if n == 0:
-        raise ValueError("cross-validation needs data: the data has no samples")
-    if (
-        isinstance(folds, Sequence)
-        and not isinstance(folds, str | bytes)
-        and len(folds) == n
-        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in folds)
-    ):
-        folds = torch.as_tensor(list(folds))  # fold ids given as a plain list
-    if isinstance(folds, numbers.Integral):
-        f = int(folds)
-        if f < 2:
-            raise ValueError(f"folds must be >= 2 for cross-validation, got folds={f}")
-        if f > n:
-            raise ValueError(
-                f"more folds ({f}) than samples ({n}): every fold needs a held-out sample; "
-                f"use folds <= {n}"
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-        test = torch.zeros(f, n, dtype=torch.bool)
-        start = 0
-        for j in range(f):
-            size = n // f + (1 if j < n % f else 0)
-            test[j, perm[start : start + size]] = True
-            start += size
-        return ~test, test
-    if isinstance(folds, Tensor | np.ndarray) and np.ndim(folds) == 1:
-        ids = torch.as_tensor(folds)
-        if ids.numel() != n:
-            raise ValueError(f"folds: {ids.numel()} fold ids for {n} samples; give one per sample")
-        if ids.is_floating_point() and not bool((ids == ids.round()).all()):
-            raise ValueError("folds: fold ids must be integers")
-        uniq = torch.unique(ids)
-        if uniq.numel() < 2:
-            raise ValueError(
-                f"folds must be >= 2 for cross-validation: the fold ids hold {uniq.numel()} "
-                "distinct value(s)"
-            )
-        test = ids[None, :] == uniq[:, None]
-        return ~test, test
-    if isinstance(folds, Sequence) and not isinstance(folds, str | bytes):
-        pairs = list(folds)
-        if len(pairs) < 2:
-            raise ValueError(
-                f"folds must be >= 2 for cross-validation, got {len(pairs)} (train, test) pair(s)"
-            )
-        train = torch.zeros(len(pairs), n, dtype=torch.bool)
-        test = torch.zeros(len(pairs), n, dtype=torch.bool)
-        for j, pair in enumerate(pairs):
-            if not isinstance(pair, Sequence) or len(pair) != 2:
-                raise TypeError(
-                    f"folds[{j}] must be a (train_idx, test_idx) pair, got {type(pair).__name__}"
-                )
-            for mask, idx, what in ((train, pair[0], "train"), (test, pair[1], "test")):
-                t = torch.as_tensor(np.asarray(idx)).reshape(-1)
-                if t.dtype == torch.bool:
-                    t = t.nonzero().reshape(-1)
-                if t.numel() == 0:
-                    raise ValueError(f"folds[{j}] has an empty {what} set")
-                if t.is_floating_point() or int(t.min()) < -n or int(t.max()) >= n:
-                    raise ValueError(
-                        f"folds[{j}]: {what} indices must be integers in [0, {n}), got "
-                        f"{t.tolist()[:5]}"
-                    )
-                mask[j, t] = True
-        return train, test
-    raise TypeError(
-        "folds must be an int (K-fold), a per-sample tensor of fold ids or a list of "
-        f"(train_idx, test_idx) pairs, got {type(folds).__name__}"
-    )
-
-
-# -------------------------------------------------------------------- weighted losses
-
-
-def accepts_weight(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` has a ``weight`` keyword (then it gets the sample weights)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get("weight")
-    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-
-
-def weighted_mean(fn: Callable[..., Tensor], use_weight: bool) -> Callable[..., Tensor]:
-    """``(params, w, *batch) -> Σ_i w_i ℓ_i / Σ_i w_i`` from a mean-reduced ``fn`` (see the
-    module docstring: by ``weight=`` or by per-sample evaluation under ``vmap``)."""
-    if use_weight:
-
-        def by_keyword(p: Mapping[str, Tensor], w: Tensor, *batch: Tensor) -> Tensor:
-            # a minibatch may hold none of a fold's samples: its loss is 0 then, not 0/0
-            some = w.sum() > 0
-            out = fn(p, *batch, weight=torch.where(some, w, torch.ones_like(w)))
-            return torch.where(some, out, torch.zeros_like(out))
-
-        return by_keyword
-
-    def per_sample(p: Mapping[str, Tensor], w: Tensor, *batch: Tensor) -> Tensor:
-        def one(*sample: Tensor) -> Tensor:
-            return fn(p, *(t.unsqueeze(0) for t in sample))
-
-        losses = vmap(one)(*batch)
-        total = w.sum()
-        return (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
-
-    return per_sample
-
-
-def _without_fold(p: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in p.items() if k != FOLD_KEY}
-
-
-def _exclude_fold(spec: Spec) -> Spec:
-    """The spec with every selector told to skip the fold vector."""
-    skip = ~by_name(FOLD_KEY)
-    return Spec({t: replace(pen, select=pen.selector & skip) for t, pen in spec.items()})
-
+__all__ = ["CVResult", "cross_validate"]
 
 # ----------------------------------------------------------------------------- result
 
@@ -242,7 +92,10 @@ class CVResult:
             value), or ``None`` when several strength axes vary.
         fits: the fold fits as a ``SweepResult`` of ``F·K`` models (fold-major:
             model ``f·K + k``), for inspection.
-        meta: timing, the solver used and its iteration counts or steps.
+        meta: timing, the solver used and its iteration counts or steps (``solve``: also
+            ``tol`` and ``max_iter``), and ``chunks``, the ``[start, stop)`` model ranges
+            of the fits run together (over the ``(F + 1)·K`` fits, fold-major, the all-data
+            fits last).
     """
 
     grid: dict[str, Tensor]
@@ -460,14 +313,21 @@ def _nonzeros(spec: Spec, stacked: Mapping[str, Tensor]) -> tuple[Tensor, Tensor
         nz += (stacked[n].reshape(k, -1) != 0).sum(1).cpu()
     groups: Tensor | None = None
     for t, pen in spec.items():
-        if isinstance(pen, GroupLasso):
-            groups = torch.zeros(k, dtype=torch.int64) if groups is None else groups
-            for n in sel[t]:
-                v = stacked[n]
-                dims = tuple(d + 1 for d in _as_dims(pen.dim, v.dim() - 1))
-                norms = torch.linalg.vector_norm(v, dim=dims)
-                groups += (norms.reshape(k, -1) != 0).sum(1).cpu()
+        for n in sel[t]:
+            count = _nonzero_groups(pen, stacked[n])
+            if count is not None:
+                groups = count.cpu() if groups is None else groups + count.cpu()
     return nz, groups
+
+
+def _nonzero_groups(pen: Penalty, stacked: Tensor) -> Tensor | None:
+    """``(K,)`` non-zero groups of each model's ``stacked`` parameter under ``pen``;
+    ``None`` when ``pen`` has no groups."""
+    if not isinstance(pen, GroupLasso):
+        return None
+    dims = tuple(d + 1 for d in _as_dims(pen.dim, stacked.dim() - 1))
+    norms = torch.linalg.vector_norm(stacked, dim=dims)
+    return (norms.reshape(stacked.shape[0], -1) != 0).sum(1)
 
 
 def _scores(
@@ -497,31 +357,6 @@ def _scores(
                     fn = vmap(score, in_dims=(0, None) + (None,) * len(data))
                     rows.append(fn(p, test[j], *data))
     return torch.stack(rows).double().cpu()
-
-
-def _take_models(r: SweepResult, idx: Tensor, grid: dict[str, Tensor], meta: dict) -> SweepResult:
-    """Models ``idx`` of a sweep result (without the fold vector), with another grid."""
-    h: dict[str, Any] = {}
-    for key, v in r.history.items():
-        if key == "zeros":
-            h[key] = {n: z[:, idx] for n, z in v.items()}
-        elif isinstance(v, Tensor) and v.ndim == 2:
-            h[key] = v[:, idx]
-        else:
-            h[key] = v
-    base = {k: v for k, v in r.meta.items() if k not in ("identity", "chunks")}
-    return SweepResult(
-        grid=grid,
-        stacked={n: v[idx] for n, v in r.stacked.items()},
-        stacked_buffers={n: v[idx] for n, v in r.stacked_buffers.items() if n != FOLD_KEY},
-        history=h,
-        diverged=r.diverged[idx],
-        diverged_at=r.diverged_at[idx],
-        steps=r.steps,
-        meta={**base, **meta},
-        resume=None,
-        model=None,
-    )
 
 
 def cross_validate(
@@ -639,20 +474,23 @@ def cross_validate(
 
         def cv_loss(p: Mapping[str, Tensor], w_rows: Tensor, *d: Tensor) -> Tensor:
             w = p[FOLD_KEY].detach() @ w_rows
-            return fit_loss({**_without_fold(p), **bufs0}, w, *d)
+            return fit_loss({**without_fold(p), **bufs0}, w, *d)
 
         x0 = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
         x0[FOLD_KEY] = onehot
         strengths = {nm: v.to(dtype) for nm, v in big.items()}
         sol = solve(
-            cv_loss, _exclude_fold(spec), x0, strengths, norm_w, *data_t,
+            cv_loss, exclude_fold(spec), x0, strengths, norm_w, *data_t,
             stacked=True, tol=tol, max_iter=max_iter,
         )  # fmt: skip
-        fitted = _without_fold(sol.params)
+        fitted = without_fold(sol.params)
         info.update(
             solver="fista",
             iterations=sol.iterations.reshape(rows, k).cpu(),
             converged=sol.converged.reshape(rows, k).cpu(),
+            tol=tol,
+            max_iter=max_iter,
+            chunks=[[0, rows * k]],  # one solve of every fit
         )
         diverged = ~torch.isfinite(next(iter(fitted.values())).reshape(rows * k, -1).sum(1))
         fit_bufs: dict[str, Tensor] | None = (
@@ -667,10 +505,10 @@ def cross_validate(
             def loss_all(p: Mapping[str, Tensor], *d: Tensor) -> Tensor:
                 return fit_loss({**p, **bufs0}, ones, *d)
 
-        full = solved_result(
+        full = SweepResult.from_solution(
             module, loss_all, spec, {nm: v.clone() for nm, v in g.items()}, full_p, bufs0,
             data_t, (), sol.iterations[full_idx].cpu(), sol.converged[full_idx].cpu(),
-            {"cv_refit": True},
+            {"cv_refit": True, "tol": tol, "max_iter": max_iter},
         )  # fmt: skip
         fits = None
     else:
@@ -690,7 +528,7 @@ def cross_validate(
         def sweep_loss(p: Mapping[str, Tensor], *batch: Tensor) -> Tensor:
             *d, idx = batch
             w = p[FOLD_KEY] @ raw_w.index_select(1, idx)
-            return fit_loss(_without_fold(p), w, *d)
+            return fit_loss(without_fold(p), w, *d)
 
         sample_idx = torch.arange(n, device=data_t[0].device)
         init_p = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
@@ -702,12 +540,13 @@ def cross_validate(
         fitted = r.stacked
         fit_bufs = {nm: v for nm, v in r.stacked_buffers.items() if nm != FOLD_KEY} or None
         diverged = r.diverged
-        info.update(solver="sweep", steps=r.steps)
+        info.update(solver="sweep", steps=r.steps, chunks=r.meta.get("chunks"))
         g_full = {nm: v.clone() for nm, v in g.items()}
-        full = _take_models(r, torch.arange(nf * k, rows * k), g_full, {"cv_refit": True})
+        refit_idx = torch.arange(nf * k, rows * k)
+        full = r.take(refit_idx, g_full, {"cv_refit": True}, drop_buffers=(FOLD_KEY,))
         full.model = module
         g_fits = {nm: v[: nf * k].clone() for nm, v in big.items()}
-        fits = _take_models(r, torch.arange(nf * k), g_fits, {})
+        fits = r.take(torch.arange(nf * k), g_fits, {}, drop_buffers=(FOLD_KEY,))
         fits.model = module
 
     scores = _scores(score_w, fitted, fit_bufs, test_w, k, data_t, module)

@@ -20,8 +20,8 @@ import contextlib
 import math
 import numbers
 import operator
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,15 +29,23 @@ from torch import Tensor, nn
 
 from . import _checks
 
+if TYPE_CHECKING:
+    from .spec import Spec
+
 __all__ = [
+    "as_data",
     "build_grid",
     "check_stacked",
     "grid",
     "grid_size",
     "load_",
+    "split_model",
     "stack",
     "stack_modules",
+    "strength_term",
+    "strength_values",
     "unstack",
+    "with_buffers",
 ]
 
 
@@ -170,6 +178,44 @@ def grid_size(g: Mapping[str, Any]) -> int:
     return next(iter(sizes.values()))
 
 
+def strength_values(values: Any, what: str) -> Tensor:
+    """A non-empty 1-d float64 tensor of finite strengths >= 0."""
+    try:
+        if isinstance(values, Tensor):
+            t = values.detach().to("cpu", torch.float64).reshape(-1)
+        else:  # via numpy: Python floats must not pass through float32
+            t = torch.as_tensor(np.asarray(values, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"{what} must be a 1-d list or tensor of numbers, got {values!r:.80}"
+        ) from e
+    if t.numel() == 0:
+        raise ValueError(f"{what}: the grid of strengths is empty; give at least one strength")
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{what}: strengths must be finite and >= 0, got {t[bad].tolist()[:5]}")
+    return t
+
+
+def strength_term(spec: Spec, term: str | None, what: str) -> str:
+    """The term a path or CV varies: ``term``, or the spec's only term with a strength.
+
+    (To become ``Spec.strength_term(term, what)``, same behaviour.)"""
+    names = spec.strength_names
+    if term is None:
+        if len(names) != 1:
+            raise ValueError(
+                f"{what}: the spec has {len(names)} terms with a strength ({list(names)}); "
+                "say which one the grid varies with term=..."
+            )
+        return names[0]
+    if term not in names:
+        raise ValueError(
+            f"{what}: term {term!r} is not a spec term with a strength; the spec has {list(names)}"
+        )
+    return term
+
+
 # --------------------------------------------------------------------------- stacking
 
 
@@ -198,6 +244,55 @@ def eval_mode(model: nn.Module | None) -> Iterator[None]:
     finally:
         for m, flag in modes.items():
             m.training = flag
+
+
+def split_model(
+    model_or_params: nn.Module | Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor], nn.Module | None]:
+    """``(trained params, buffers and frozen params, module or None)``, detached copies.
+
+    A module contributes its floating-point parameters with ``requires_grad`` (trained
+    and penalised) and carries its buffers and other parameters along; a dict is all
+    trained."""
+    if isinstance(model_or_params, nn.Module):
+        params0, fixed0 = split_module(model_or_params)
+        if not params0:
+            raise ValueError("the model has no floating-point parameter to fit")
+        return params0, fixed0, model_or_params
+    if isinstance(model_or_params, Mapping):
+        _checks.check_float_params(model_or_params)
+        if not model_or_params:
+            raise ValueError("params is empty; pass fr.params(model) or the model itself")
+        return {n: v.detach().clone() for n, v in model_or_params.items()}, {}, None
+    raise TypeError(
+        "expected an nn.Module or a dict of params {name: tensor}, got "
+        f"{type(model_or_params).__name__}"
+    )
+
+
+def with_buffers(loss_fn: Callable[..., Tensor], fixed: Mapping[str, Tensor]) -> Callable[..., Any]:
+    """``loss_fn`` seeing the buffers beside the params (so ``functional_call(model, p, x)``
+    with ``strict=True`` works); ``loss_fn`` itself when there are none."""
+    if not fixed:
+        return loss_fn
+
+    def loss(p: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        return loss_fn({**p, **fixed}, *args, **kwargs)
+
+    return loss
+
+
+def as_data(data: Any, what: str = "data") -> tuple[Tensor, ...]:
+    """A tuple of tensors from a tensor, a tuple/list of tensors or ``None``."""
+    if data is None:
+        return ()
+    if isinstance(data, Tensor):
+        return (data,)
+    if isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data):
+        return tuple(data)
+    raise TypeError(
+        f"{what} must be a tensor or a tuple of tensors such as (x, y), got {type(data).__name__}"
+    )
 
 
 def _k_of(grid_or_k: Mapping[str, Any] | int) -> int:

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg._path import geometric_grid
-from funcreg.selection import cross_validate, fold_masks, one_se_index
+from funcreg import geometric_grid
+from funcreg._folds import fold_masks
+from funcreg.result import one_se_index
+from funcreg.selection import cross_validate
 from funcreg.solvers import solve
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from funcreg.result import SweepResult
-from funcreg.selection import fold_masks, one_se_index
+from funcreg._folds import fold_masks
+from funcreg.result import SweepResult, one_se_index
 
 
 def test_one_se_index_picks_the_most_regularised_within_one_se() -> None:
