@@ -48,11 +48,11 @@ iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X`
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
 A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop, ``_fista_lasso``: a
-fixed step ``1/L`` shared by every model, with ``L = λ_max(XᵀX/n)`` (``eigvalsh`` for
-``p ≤ 512``, else Lanczos with a 2% margin; or the largest ``lipschitz=``), so no
-backtracking and ``backtrack`` is ignored; the gradient step as one ``addmm``;
-soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
+exact ``L1`` terms without ``toward=`` — goes through a leaner loop
+(:func:`funcreg._lasso.fista_lasso`): a fixed step ``1/L`` shared by every model, with
+``L = λ_max(XᵀX/n)`` (``eigvalsh`` for ``p ≤ 512``, else Lanczos with a 2% margin; or the
+largest ``lipschitz=``), so no backtracking and ``backtrack`` is ignored; the gradient step
+as one ``addmm``; soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
 indexed by the steps since each model's last restart; the same restart and stopping test,
 but the test (one host synchronisation) runs only at iteration 1 and every 10th iteration,
 so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 10 tensor operations
@@ -64,7 +64,6 @@ For a non-convex ``f`` the iteration finds a stationary point at best.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -72,13 +71,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from . import _checks
+from . import _checks, _tree
+from ._lasso import fista_lasso, lasso_thresholds
+from ._tree import Params
+from .losses import LeastSquares, least_squares
 from .penalties import L1, L2, Box, ElasticNet, NonNegative, Penalty
 from .spec import Spec, as_spec, penalized
 
 __all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
-
-Params = dict[str, Tensor]
 _GROW = 2.0  # backtracking: L ← 2L
 _SHRINK = 0.8  # each iteration first tries L ← max(_SHRINK·L, _MARGIN·curvature met last step)
 _MARGIN = 1.3
@@ -100,208 +100,6 @@ class Solution(NamedTuple):
     params: Params
     iterations: Tensor
     converged: Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# Least squares with a Gram fast path
-# ---------------------------------------------------------------------------------------
-
-
-class LeastSquares:
-    """The loss ``1/(2n) ‖Y − X Wᵀ − 1 bᵀ‖²_F`` of a linear model, a pure function of
-    ``params = {"weight": W (m, p), "bias": b (m,)}`` — the names and shapes of
-    ``nn.Linear(p, m)``, so the default selector :func:`~funcreg.weights` penalises
-    ``weight`` and not ``bias``. ``y`` of shape ``(n,)`` means ``m = 1``; without
-    ``fit_intercept`` there is no ``bias``.
-
-    Conversions (data term ``1/(2n)‖y − Xw‖²``):
-
-    * ``L1`` at strength ``α`` = ``sklearn.linear_model.Lasso(alpha=α)``;
-    * ``ElasticNet(l1_ratio=r)`` at ``α`` = ``sklearn`` ``ElasticNet(alpha=α, l1_ratio=r)``;
-    * ``L2`` at ``λ`` = ``Ridge(alpha=n·λ)``: Ridge minimises ``‖y − Xw‖² + a‖w‖²``, which
-      is ``2n ×`` ``1/(2n)‖y − Xw‖² + (a/n)·½‖w‖²``. (On the data term ``½‖y − Xw‖²``,
-      ``Ridge(alpha=a)`` is ``L2`` at ``a``.)
-
-    Call it like any loss (``obj(params)``; it works under ``grad``/``vmap``). :func:`solve`
-    recognises it and uses ``gram = XᵀX/n`` and ``xty = (XᵀY/n)ᵀ`` instead of ``X``.
-    """
-
-    def __init__(self, X: Tensor, y: Tensor, fit_intercept: bool = False) -> None:
-        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(
-                f"least_squares(X, y): X and y must be tensors, got {type(X).__name__} "
-                f"and {type(y).__name__}; use torch.as_tensor"
-            )
-        if X.dim() != 2 or not X.is_floating_point():
-            raise ValueError(
-                f"least_squares: X must be a floating (n, p) matrix, got {X.dtype} "
-                f"of shape {tuple(X.shape)}"
-            )
-        if y.dim() not in (1, 2) or y.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"least_squares: y must be (n,) or (n, m) with n = {X.shape[0]} like X, "
-                f"got shape {tuple(y.shape)}"
-            )
-        X = X.detach()
-        Y = (y.detach() if y.dim() == 2 else y.detach()[:, None]).to(X.dtype)
-        n = X.shape[0]
-        self.X, self.Y, self.n = X, Y, n
-        self.fit_intercept = bool(fit_intercept)
-        self.gram = X.T @ X / n  # (p, p)
-        self.xty = (X.T @ Y / n).T.contiguous()  # (m, p)
-        self.x_mean = X.mean(0)  # (p,)
-        self.y_mean = Y.mean(0)  # (m,)
-        self.const = 0.5 * Y.square().sum() / n
-        # NaN/inf anywhere in X or y shows up in these (one pass less than isfinite(X))
-        if not bool(torch.isfinite(self.gram.diagonal()).all()):
-            raise ValueError("least_squares: X contains NaN or inf; clean the data first")
-        if not bool(torch.isfinite(self.const)) or not bool(torch.isfinite(self.xty).all()):
-            raise ValueError("least_squares: y contains NaN or inf; clean the data first")
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """The parameter shapes: ``weight (m, p)`` and, with an intercept, ``bias (m,)``."""
-        m, p = self.Y.shape[1], self.X.shape[1]
-        out: dict[str, tuple[int, ...]] = {"weight": (m, p)}
-        if self.fit_intercept:
-            out["bias"] = (m,)
-        return out
-
-    def init(self) -> Params:
-        """Zero parameters of the right shapes and dtype, a starting point for :func:`solve`."""
-        return {k: self.X.new_zeros(s) for k, s in self.shapes.items()}
-
-    def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
-        pred = params["weight"] @ self.X.T  # (m, n)
-        if self.fit_intercept:
-            pred = pred + params["bias"][:, None]
-        return 0.5 * (self.Y.T - pred).square().sum() / self.n
-
-    def hessian_apply(self, theta: Mapping[str, Tensor]) -> Params:
-        """``A θ`` on stacked params ``(k, ...)``, where ``∇f(θ) = A θ − B``:
-        ``W G + b μᵀ`` and ``W μ + b`` (``G = XᵀX/n``, ``μ`` the column means of ``X``)."""
-        W = theta["weight"]
-        out = {"weight": W @ self.gram}
-        if self.fit_intercept:
-            b = theta["bias"]
-            out["weight"] = out["weight"] + b[..., None] * self.x_mean
-            out["bias"] = W @ self.x_mean + b
-        return out
-
-    def linear_term(self) -> Params:
-        """``B`` in ``∇f(θ) = A θ − B``: ``(XᵀY/n)ᵀ`` and the mean of ``Y``."""
-        out = {"weight": self.xty}
-        if self.fit_intercept:
-            out["bias"] = self.y_mean
-        return out
-
-
-def least_squares(X: Tensor, y: Tensor, *, fit_intercept: bool = False) -> LeastSquares:
-    """The loss ``1/(2n)‖y − X Wᵀ − b‖²`` of ``nn.Linear(p, m)``-shaped params, with a Gram
-    fast path in :func:`solve` (see :class:`LeastSquares` for the conventions).
-
-    >>> ls = fr.solvers.least_squares(X, y)
-    >>> sol = fr.solvers.solve(ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas})
-    >>> sol.params["weight"][:, 0]     # (K, p): sklearn Lasso(alpha=alphas[k]).coef_
-    """
-    return LeastSquares(X, y, fit_intercept=fit_intercept)
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers on stacked dicts (leading axis = model)
-# ---------------------------------------------------------------------------------------
-
-
-def _rows(v: Tensor, s: Tensor) -> Tensor:
-    """A per-model ``(k,)`` tensor viewed to broadcast against a stacked ``(k, ...)`` one."""
-    return s.view(-1, *([1] * (v.dim() - 1)))
-
-
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Per-model inner product ``⟨a, b⟩`` over all entries."""
-    total: Tensor | None = None
-    for key, v in a.items():
-        d = torch.linalg.vecdot(v.reshape(v.shape[0], -1), b[key].reshape(v.shape[0], -1))
-        total = d if total is None else total + d
-    assert total is not None
-    return total
-
-
-def _sqnorm(a: Mapping[str, Tensor]) -> Tensor:
-    """Per-model squared norm ``‖a‖²`` over all entries."""
-    total: Tensor | None = None
-    for v in a.values():
-        d = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
-        total = d if total is None else total + d
-    assert total is not None
-    return total
-
-
-def _axpy(alpha: Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
-    """``y + alpha·x`` with a per-model ``alpha``."""
-    return {k: torch.addcmul(y[k], _rows(y[k], alpha), x[k]) for k in y}
-
-
-def _sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
-    return {k: a[k] - b[k] for k in a}
-
-
-def _take(tree: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of every tensor in a (nested) dict/tuple."""
-    if isinstance(tree, Tensor):
-        return tree.index_select(0, idx)
-    if isinstance(tree, dict):
-        return {k: _take(v, idx) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(_take(v, idx) for v in tree)
-    return tree
-
-
-def _put(dst: Any, idx: Tensor, src: Any) -> None:
-    """In place: rows ``idx`` of ``dst`` ← ``src`` (same nesting)."""
-    if isinstance(dst, Tensor):
-        dst.index_copy_(0, idx, src)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _put(dst[k], idx, src[k])
-    elif isinstance(dst, tuple):
-        for d, s in zip(dst, src, strict=True):
-            _put(d, idx, s)
-
-
-def _retire(
-    done: Tensor,
-    ok: Tensor,
-    it: int,
-    idx: Tensor,
-    xn: Any,
-    out: Any,
-    iterations: Tensor,
-    converged: Tensor,
-    state: tuple[Any, ...],
-) -> tuple[Tensor, tuple[Any, ...]] | None:
-    """Write the batch rows that stop at iteration ``it`` (mask ``done``; ``idx`` maps batch
-    rows to grid models) into ``out``/``iterations``/``converged``; return ``idx`` and the
-    per-model ``state`` cut to the rows that go on, or ``None`` when every model has
-    stopped."""
-    rows = done.nonzero().squeeze(1)
-    where = idx.index_select(0, rows)
-    _put(out, where, _take(xn, rows))
-    iterations[where] = it
-    converged[where] = ok.index_select(0, rows)
-    if bool(done.all()):
-        return None
-    keep = (~done).nonzero().squeeze(1)
-    return idx.index_select(0, keep), _take(state, keep)
-
-
-def _roundoff(*values: Tensor) -> Tensor:
-    """An allowance for round-off in a sum of these per-model values."""
-    eps = torch.finfo(values[0].dtype).eps
-    total = values[0].abs()
-    for v in values[1:]:
-        total = total + v.abs()
-    return 64 * eps * total
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,25 +156,25 @@ class _Generic(_Smooth):
 
     def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
         g = self.gradient({k: torch.zeros_like(v) for k, v in x.items()}, s)
-        n = _sqnorm(g).sqrt()
+        n = _tree.sqnorm(g).sqrt()
         return torch.where(torch.isfinite(n), n, 0.0)
 
     def excess(
         self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
     ) -> tuple[Tensor, Tensor]:
         vx = self.value(x, s)
-        lin = _dot(gy, d)
-        return vx - vy - lin, _roundoff(vx, vy, lin)
+        lin = _tree.dot(gy, d)
+        return vx - vy - lin, _tree.roundoff(vx, vy, lin)
 
     def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
         # secant along the gradient: ‖∇f(x + δ) − ∇f(x)‖ / ‖δ‖, ‖δ‖ = √eps · max(1, ‖x‖)
         ref = next(iter(x.values()))
-        gn = _sqnorm(g).sqrt()
-        size = torch.finfo(ref.dtype).eps ** 0.5 * _sqnorm(x).sqrt().clamp(min=1)
+        gn = _tree.sqnorm(g).sqrt()
+        size = torch.finfo(ref.dtype).eps ** 0.5 * _tree.sqnorm(x).sqrt().clamp(min=1)
         ok = gn > 0
         step = torch.where(ok, size / torch.where(ok, gn, torch.ones_like(gn)), 0.0)
-        g2 = self.gradient(_axpy(-step, g, x), s)
-        est = _sqnorm(_sub(g2, g)).sqrt() / size
+        g2 = self.gradient(_tree.axpy(-step, g, x), s)
+        est = _tree.sqnorm(_tree.sub(g2, g)).sqrt() / size
         return torch.where(ok & torch.isfinite(est) & (est > 0), est, torch.ones_like(est))
 
 
@@ -401,21 +199,21 @@ class _Quadratic(_Smooth):
     def excess(
         self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
     ) -> tuple[Tensor, Tensor]:
-        exc = 0.5 * (_dot(d, fx) - _dot(d, fy))  # exact: the data term is quadratic
+        exc = 0.5 * (_tree.dot(d, fx) - _tree.dot(d, fy))  # exact: the data term is quadratic
         if self.penalty is None:
             return exc, torch.zeros_like(exc)
         pvy, pgy = vy  # the penalty part's value and gradient at y
         pvx = self.penalty.value(x, s)
-        lin = _dot(pgy, d)
-        return exc + pvx - pvy - lin, _roundoff(pvx, pvy, lin)
+        lin = _tree.dot(pgy, d)
+        return exc + pvx - pvy - lin, _tree.roundoff(pvx, pvy, lin)
 
     def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
         k = next(iter(x.values())).shape[0]
         B = {n: b.expand_as(x[n]) for n, b in self.B.items()}
         if self.penalty is None:
-            return _sqnorm(B).sqrt()
+            return _tree.sqnorm(B).sqrt()
         pg = self.penalty.gradient({n: torch.zeros_like(v) for n, v in x.items()}, s)
-        n = _sqnorm(_sub(pg, B)).sqrt()
+        n = _tree.sqnorm(_tree.sub(pg, B)).sqrt()
         return torch.where(torch.isfinite(n), n, 0.0).expand(k)
 
     def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
@@ -426,7 +224,7 @@ class _Quadratic(_Smooth):
             n: torch.randn(v[:1].shape, generator=gen, dtype=v.dtype).to(v.device)
             for n, v in x.items()
         }
-        est = _lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
+        est = _tree.lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
         if self.penalty is not None:
             est = est + self.penalty.curvature(x, self.penalty.gradient(x, s), s)
         return est
@@ -434,40 +232,6 @@ class _Quadratic(_Smooth):
 
 def _zero_loss(params: Params) -> Tensor:
     return next(iter(params.values())).sum() * 0
-
-
-def _lanczos_max(op: Callable[[Params], Params], v0: Params, steps: int) -> Tensor:
-    """Largest eigenvalue of a symmetric PSD operator on stacked params, per model, from
-    ``steps`` Lanczos steps (no reorthogonalisation: it only adds copies of converged
-    eigenvalues, which does not affect the largest)."""
-    v = {k: t / _rows(t, _sqnorm(v0).sqrt()) for k, t in v0.items()}
-    v_prev: Params | None = None
-    beta_prev: Tensor | None = None
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    dim = sum(t[0].numel() for t in v0.values())
-    for _ in range(min(steps, dim)):
-        w = op(v)
-        a = _dot(w, v)
-        w = _axpy(-a, v, w)
-        if v_prev is not None and beta_prev is not None:
-            w = _axpy(-beta_prev, v_prev, w)
-        b = _sqnorm(w).sqrt()
-        alphas.append(a)
-        betas.append(b)
-        ok = b > 1e-12 * alphas[0].abs()
-        if not bool(ok.any()):
-            break
-        safe = torch.where(ok, b, torch.ones_like(b))
-        v_prev, beta_prev = v, torch.where(ok, b, torch.zeros_like(b))
-        v = {k: torch.where(_rows(t, ok), t / _rows(t, safe), 0.0) for k, t in w.items()}
-    m = len(alphas)
-    diag = torch.stack(alphas, 1)
-    T = torch.diag_embed(diag)
-    if m > 1:
-        off = torch.stack(betas[:-1], 1)
-        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    return torch.linalg.eigvalsh(T)[:, -1].clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -643,9 +407,13 @@ def solve(
 
     with torch.no_grad():
         if isinstance(loss_fn, LeastSquares):
-            lasso = _lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
+            lasso = lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
             if lasso is not None:
-                return _fista_lasso(loss_fn, lasso, x0, max_iter, tol, L0, restart)
+                ((name, w0),) = x0.items()  # (K, 1, p)
+                out, iterations, converged = fista_lasso(
+                    loss_fn, lasso, w0, max_iter, tol, L0, restart
+                )
+                return Solution({name: out[:, None]}, iterations, converged)
         return _fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
 
 
@@ -671,8 +439,8 @@ def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Ten
             pen = nonsmooth[term]
             for n in names:
                 v = out[n]
-                st = _rows(v, t)
-                sk = 1.0 if pen.is_constraint else _rows(v, s[term])
+                st = _tree.rows(v, t)
+                sk = 1.0 if pen.is_constraint else _tree.rows(v, s[term])
                 out[n] = pen.prox_step(v, st, sk, n)
         return out
 
@@ -713,10 +481,10 @@ def _fista(
         """Candidate ``x⁺`` at step ``1/L``: ``(x⁺, feats(x⁺), x⁺ − y, ‖x⁺ − y‖², test)``,
         where ``test > 0`` means the sufficient-decrease test failed."""
         t = 1.0 / L
-        xn = prox(_axpy(-t, gy, y), S, t)
+        xn = prox(_tree.axpy(-t, gy, y), S, t)
         fxn = oracle.feats(xn)
-        d = _sub(xn, y)
-        dd = _sqnorm(d)
+        d = _tree.sub(xn, y)
+        dd = _tree.sqnorm(d)
         if not backtrack:
             return xn, fxn, d, dd, dd
         exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
@@ -724,7 +492,7 @@ def _fista(
 
     for it in range(1, max_iter + 1):
         gy, vy = oracle.grad(y, fy, S)
-        gnorm = _sqnorm(gy).sqrt()
+        gnorm = _tree.sqnorm(gy).sqrt()
         if it == 1:
             scale = torch.maximum(gnorm, oracle.grad_norm_at_zero(y, S))
             if L0 is None:
@@ -744,8 +512,8 @@ def _fista(
             while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
                 sel = bad.nonzero().squeeze(1)
-                part = trial(*_take((y, fy, vy, gy, S, L), sel))
-                _put((xn, fxn, d, dd), sel, part[:4])
+                part = trial(*_tree.take((y, fy, vy, gy, S, L), sel))
+                _tree.put((xn, fxn, d, dd), sel, part[:4])
                 test.index_copy_(1, sel, part[4])
                 bad = test[0] > 0.5 * L * dd + test[1]
                 curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
@@ -754,159 +522,29 @@ def _fista(
                 # iteration with a larger L (a second batched round costs more than that)
                 rejected = bad
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-        ok = L * dd.sqrt() <= tol * torch.maximum(scale, gnorm)
+        ok = _tree.meets_tol(L * dd.sqrt(), gnorm, scale, tol)
         # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
-        step = _sub(xn, x)
+        step = _tree.sub(xn, x)
         theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
         beta = (theta - 1) / theta_next
         if restart:
-            reset = _dot(d, step) < 0
+            reset = _tree.dot(d, step) < 0
             theta_next = torch.where(reset, 1.0, theta_next)
             beta = torch.where(reset, 0.0, beta)
-        y_next = _axpy(beta, step, xn)
-        fy_next = _axpy(beta, _sub(fxn, fx), fxn)  # linear features: A y = A x⁺ + β A(x⁺ − x)
+        y_next = _tree.axpy(beta, step, xn)
+        # linear features: A y = A x⁺ + β A(x⁺ − x)
+        fy_next = _tree.axpy(beta, _tree.sub(fxn, fx), fxn)
         if rejected is not None:  # usually a few models: copy their old state back in
             ok = ok & ~rejected
             sel = rejected.nonzero().squeeze(1)
-            _put((xn, fxn, y_next, fy_next, theta_next), sel, _take((x, fx, y, fy, theta), sel))
+            old = _tree.take((x, fx, y, fy, theta), sel)
+            _tree.put((xn, fxn, y_next, fy_next, theta_next), sel, old)
         x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
         done = ok if it < max_iter else torch.ones_like(ok)
         if bool(done.any()):
             state = (x, fx, y, fy, S, theta, L, curv, calm, scale)
-            going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
+            going = _tree.retire(done, ok, it, idx, xn, out, iterations, converged, state)
             if going is None:
                 break
             idx, (x, fx, y, fy, S, theta, L, curv, calm, scale) = going
     return Solution(out, iterations, converged)
-
-
-# ---------------------------------------------------------------------------------------
-# Lean path: least squares (one output, no intercept) with L1 terms only
-# ---------------------------------------------------------------------------------------
-
-_CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
-_EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
-
-
-def _lasso_thresholds(
-    ls: LeastSquares, smooth: Spec, nonsmooth: Spec, single: Params, S: Params
-) -> Tensor | None:
-    """``(K, p)`` soft-threshold levels at unit step (``Σ_terms s_k c``) when the problem is
-    a plain (weighted) Lasso on the Gram path — one output, no intercept, no smooth terms,
-    every non-smooth term an exact ``L1`` without ``toward=`` — else ``None``."""
-    if ls.fit_intercept or ls.Y.shape[1] != 1 or len(smooth) or not len(nonsmooth):
-        return None
-    if any(type(pen) is not L1 or pen.toward is not None for pen in nonsmooth.values()):
-        return None
-    p = ls.X.shape[1]
-    K = next(iter(S.values())).shape[0] if S else 1
-    tau = ls.X.new_zeros(K, p)
-    for term, names in nonsmooth.selection(single).items():
-        if not names:
-            continue
-        pen = nonsmooth[term]
-        c = pen.factor("weight")
-        level = S[term][:, None]
-        if c is not None:
-            level = level * c.to(tau.dtype).expand(1, p).reshape(1, p)
-        tau = tau + level
-    return tau
-
-
-def _gram_lipschitz(gram: Tensor) -> float:
-    """``λ_max(XᵀX/n)``: exact (``eigvalsh``) for ``p ≤ 512``, else 32 Lanczos steps with a
-    2% margin (Lanczos approaches ``λ_max`` from below; FISTA's momentum iteration stays
-    stable for steps up to ``4/(3 λ_max)``, and the stopping test holds at any step)."""
-    if gram.shape[0] <= _EIGVALSH_MAX:
-        return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0))
-    gen = torch.Generator().manual_seed(0)
-    v0 = {"w": torch.randn(1, gram.shape[0], generator=gen, dtype=gram.dtype).to(gram.device)}
-    est = _lanczos_max(lambda v: {"w": v["w"] @ gram}, v0, 32)
-    return 1.02 * float(est[0])
-
-
-class _Momentum:
-    """FISTA's momentum by steps since the last restart, as a growing tensor table:
-    ``β[0] = 0`` (a restart) and ``β[c] = (θ_{c−1} − 1)/θ_c`` with ``θ_0 = 1``,
-    ``θ_{c+1} = ½ + √(¼ + θ_c²)``. Each growth computes only the new entries."""
-
-    def __init__(self, like: Tensor) -> None:
-        self.theta = 1.0
-        self.table = like.new_zeros(1)
-        self.covering(63)
-
-    def covering(self, c: int) -> Tensor:
-        """The table, grown (doubled) until index ``c`` is in it."""
-        n = self.table.shape[0]
-        if c < n:
-            return self.table
-        new = []
-        for _ in range(max(n, c + 1 - n)):
-            nxt = 0.5 + math.sqrt(0.25 + self.theta * self.theta)
-            new.append((self.theta - 1.0) / nxt)
-            self.theta = nxt
-        more = torch.tensor(new, dtype=self.table.dtype).to(self.table.device)
-        self.table = torch.cat([self.table, more])
-        return self.table
-
-
-def _fista_lasso(
-    ls: LeastSquares,
-    tau: Tensor,
-    x0: Params,
-    max_iter: int,
-    tol: float,
-    L0: Tensor | None,
-    restart: bool,
-) -> Solution:
-    """FISTA for ``1/(2n)‖y − Xw‖² + Σ_j τ_kj |w_j|`` on the Gram matrix with one fixed step
-    ``1/L`` (no backtracking; the largest ``lipschitz=`` when given) and no host
-    synchronisation between tests. Per iteration, on ``(K, p)`` tensors::
-
-        z = y − (y G)/L + b/L  (= y − ∇f(y)/L, one addmm);  x⁺ = z − clamp(z, −τ/L, τ/L)
-        c ← 0 where ⟨y − x⁺, x⁺ − x⟩ > 0 (restart) else c + 1;  y ← x⁺ + β[c] (x⁺ − x)
-
-    with ``β`` from :class:`_Momentum`. The stopping test of :func:`solve`
-    (``L ‖x⁺ − y‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖)``, ``∇f(y) = L (y − z)``) is
-    evaluated at iteration 1, every ``_CHECK_EVERY``-th iteration and at ``max_iter``;
-    models that pass are written out and dropped from the batch."""
-    w0 = x0["weight"]  # (K, 1, p)
-    K, _, p = w0.shape
-    G = ls.gram
-    floor = torch.finfo(G.dtype).tiny ** 0.5
-    L = max(_gram_lipschitz(G), floor) if L0 is None else float(L0.max())
-    bL = ls.xty / L  # (1, p)
-    hi = tau / L
-    lo = -hi
-    momentum = _Momentum(w0)
-    out = w0[:, 0].clone()
-    iterations = torch.full((K,), max_iter, dtype=torch.int64, device=w0.device)
-    converged = torch.zeros(K, dtype=torch.bool, device=w0.device)
-    idx = torch.arange(K, device=w0.device)
-    scale = torch.linalg.vector_norm(ls.xty, dim=1).expand(K)  # ‖∇f(0)‖ = ‖b‖
-    x = w0[:, 0].clone()
-    y = x
-    since = torch.zeros(K, 1, dtype=torch.int64, device=w0.device)  # steps since restart
-    for it in range(1, max_iter + 1):
-        z = torch.addmm(y, y, G, alpha=-1.0 / L).add_(bL)
-        xn = z - torch.clamp(z, lo, hi)
-        step = xn - x
-        if it == 1 or it % _CHECK_EVERY == 0 or it == max_iter:
-            gnorm = L * torch.linalg.vector_norm(y - z, dim=1)
-            if it == 1:
-                scale = torch.maximum(scale, gnorm)
-            ok = L * torch.linalg.vector_norm(xn - y, dim=1) <= tol * torch.maximum(scale, gnorm)
-            done = ok if it < max_iter else torch.ones_like(ok)
-            if bool(done.any()):
-                state = (xn, step, y, since, lo, hi, scale)
-                going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
-                if going is None:
-                    break
-                idx, (xn, step, y, since, lo, hi, scale) = going
-        beta = momentum.covering(it)  # since <= it: grown on the host, no read of since
-        since = since + 1
-        if restart:
-            since = torch.where(torch.linalg.vecdot(y - xn, step).unsqueeze(1) > 0, 0, since)
-        y = torch.addcmul(xn, beta[since], step)
-        x = xn
-    return Solution({"weight": out[:, None]}, iterations, converged)

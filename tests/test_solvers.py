@@ -514,10 +514,10 @@ def test_lean_lasso_loop_is_textbook_fista_past_its_momentum_table(restart):
 
 
 def test_momentum_table_is_the_theta_recursion():
-    """``_Momentum``'s table, grown in doublings, is ``β[0] = 0`` (a restart) and
+    """``Momentum``'s table, grown in doublings, is ``β[0] = 0`` (a restart) and
     ``β[c] = (θ_{c−1} − 1)/θ_c`` with ``θ_0 = 1``, ``θ_c = (1 + √(1 + 4θ²_{c−1}))/2``, the
     recursion computed here in 40-digit decimal arithmetic."""
-    from funcreg.solvers import _Momentum
+    from funcreg._lasso import Momentum
 
     with localcontext() as ctx:
         ctx.prec = 40
@@ -526,13 +526,13 @@ def test_momentum_table_is_the_theta_recursion():
             nxt = (1 + (1 + 4 * theta * theta).sqrt()) / 2
             expected.append((theta - 1) / nxt)
             theta = nxt
-    once = _Momentum(torch.zeros(1, dtype=DT))
+    once = Momentum(torch.zeros(1, dtype=DT))
     assert once.table.shape == (64,)
     table = once.covering(3000)
     assert table.shape[0] > 3000 and table.dtype == DT
     ref = torch.tensor([float(b) for b in expected], dtype=DT)
     torch.testing.assert_close(table[:3001], ref, rtol=1e-12, atol=0)
-    stepwise = _Momentum(torch.zeros(1, dtype=DT))
+    stepwise = Momentum(torch.zeros(1, dtype=DT))
     for c in (63, 64, 100, 1023, 1024, 3000):  # each growth computes only the new entries
         grown = stepwise.covering(c)
         assert grown.shape[0] > c
