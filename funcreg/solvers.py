@@ -267,7 +267,7 @@ def solve(
     params: Mapping[str, Tensor],
     strengths: Mapping[str, Any],
     *data: Any,
-    max_iter: int = 1000,
+    max_iter: int = 10_000,
     tol: float = 1e-8,
     stacked: bool = False,
     lipschitz: float | Tensor | None = None,
@@ -292,7 +292,8 @@ def solve(
             K is the length of the ``(K,)`` entries, else the leading size of stacked params,
             else 1.
         *data: passed to ``loss_fn`` unchanged (shared by all models).
-        max_iter: the most iterations per model (``>= 1``).
+        max_iter: the most iterations per model (``>= 1``); 10 000 by default, as in
+            :func:`~funcreg.path` and :func:`~funcreg.cross_validate`.
         tol: model k stops at the first iteration with ``‖G(y)‖ ≤ tol · max(‖∇f(0)‖,
             ‖∇f(x_0)‖, ‖∇f(y)‖)``, where ``G(y) = L (y − prox_{h/L}(y − ∇f(y)/L))`` is the
             prox-gradient mapping (``∇F`` when ``h = 0``; zero exactly at a minimiser). The
