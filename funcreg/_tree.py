@@ -4,8 +4,9 @@
 models along a leading axis. :func:`dot`, :func:`sqnorm`, :func:`axpy` and :func:`sub` are
 the per-model vector-space operations over all entries; :func:`take`/:func:`put` select and
 write rows of nested dicts/tuples; :func:`retire` writes the models that stop into the result
-and cuts the batch; :func:`meets_tol` is the stopping rule of :func:`funcreg.solvers.solve`;
-:func:`lanczos_max` estimates the largest eigenvalue of a symmetric operator per model.
+and cuts the batch; :func:`stopping_rule` is the stopping rule of
+:func:`funcreg.solvers.solve`; :func:`lanczos_max` estimates the largest eigenvalue of a
+symmetric operator per model.
 
 **Flat reductions** (a sweep's per-step bookkeeping: a closed-form penalty's value, the
 divergence guard) reduce over a handful of tensors. For small ones, one ``cat`` into a flat
@@ -115,11 +116,41 @@ def retire(
     return idx.index_select(0, keep), take(state, keep)
 
 
-def meets_tol(mapping: Tensor, gnorm: Tensor, scale: Tensor, tol: float) -> Tensor:
-    """The stopping rule of :func:`~funcreg.solvers.solve`, per model: ``‖G‖ ≤ tol ·
-    max(scale, ‖∇f‖)``, with ``mapping = ‖G‖`` the norm of the prox-gradient mapping,
-    ``gnorm = ‖∇f‖`` at the same point and ``scale = max(‖∇f(0)‖, ‖∇f(x_0)‖)``."""
-    return mapping <= tol * torch.maximum(scale, gnorm)
+ROUNDOFF_FLOOR = 4.0
+"""The round-off floor of the stopping rule, in units of ``eps·(max(‖∇f(0)‖, ‖∇f(x)‖) +
+L‖x‖)``: the error of a prox-gradient mapping computed in floating point (measured at most
+2 units at exact minimisers of least-squares problems in float32 and float64)."""
+
+
+def stopping_rule(
+    mapping: Tensor, gnorm: Tensor, scale: Tensor, L: Tensor | float, xnorm: Tensor, tol: float
+) -> tuple[Tensor, Tensor]:
+    """The stopping rule of :func:`~funcreg.solvers.solve`, per model, at a point ``x``:
+    ``(stop, converged)``.
+
+    ``mapping = ‖G(x)‖ = L ‖x − prox_{h/L}(x − ∇f(x)/L)‖``, ``gnorm = ‖∇f(x)‖``, ``scale =
+    max(‖∇f(0)‖, ‖∇f(x_0)‖)``, ``xnorm = ‖x‖``. With ``ref = max(scale, gnorm)``:
+
+    * ``converged``: ``‖G(x)‖ ≤ tol · ref``, and that test is above the round-off floor
+      ``ROUNDOFF_FLOOR · eps · (ref + L‖x‖)``: below it a computed ``G`` is rounding noise
+      (``x − ∇f(x)/L`` is rounded to ``eps·|x|``; ``∇f`` to about ``eps·ref``), so a point
+      could pass the test by chance;
+    * ``stop``: converged, or ``‖G(x)‖`` at the floor (no iteration in this dtype can
+      certify more; the model stops with ``converged`` false)."""
+    eps = torch.finfo(mapping.dtype).eps
+    ref = torch.maximum(scale, gnorm)
+    floor = ROUNDOFF_FLOOR * eps * (ref + L * xnorm)
+    target = tol * ref
+    converged = (mapping <= target) & (target >= floor)
+    return converged | (mapping <= floor), converged
+
+
+def floor_ratio(gnorm: Tensor, scale: Tensor, L: Tensor | float, xnorm: Tensor) -> Tensor:
+    """The round-off floor of :func:`stopping_rule` relative to its scale ``ref``: the
+    smallest ``tol`` that the rule can certify at this point."""
+    eps = torch.finfo(gnorm.dtype).eps
+    ref = torch.maximum(scale, gnorm)
+    return ROUNDOFF_FLOOR * eps * (1 + L * xnorm / ref.clamp(min=torch.finfo(ref.dtype).tiny))
 
 
 def roundoff(*values: Tensor) -> Tensor:

@@ -16,23 +16,40 @@ model axis::
         unless this model failed the test below in the last 3 iterations:
             L ← max(0.8 L, 1.3 c)          # try a longer step; c = curvature met last step
         x⁺ = prox_{h/L}(y − ∇f(y)/L);  d = x⁺ − y
-        c = 2 (f(x⁺) − f(y) − ⟨∇f(y), d⟩) / ‖d‖²          # curvature of f along d
+        e = f(x⁺) − f(y) − ⟨∇f(y), d⟩;  c = 2e / ‖d‖²     # curvature of f along d
+            (c keeps its last value where |e| is within its round-off allowance)
         if c > L (beyond a round-off allowance):           # sufficient decrease fails
             L ← max(2L, 1.3 c); keep x, y, θ and try again next iteration
             (on the first iteration: try again at once, until the test holds)
             continue
-        G = L (y − x⁺)                     # the prox-gradient mapping at y
-        if ‖G‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖): stop; the answer is x⁺
+        if the stopping rule holds at y, with G(y) = L (y − x⁺) (at hand),
+           and then at x⁺, with G(x⁺) and L̂ = the largest L this model has used:
+            stop; the answer is x⁺
         θ⁺ = (1 + √(1 + 4θ²)) / 2;  β = (θ − 1)/θ⁺
-        if ⟨G, x⁺ − x⟩ > 0: θ⁺ = 1, β = 0      # restart: the last step went uphill
+        if ⟨G(y), x⁺ − x⟩ > 0: θ⁺ = 1, β = 0   # restart: the last step went uphill
         y ← x⁺ + β (x⁺ − x);  x ← x⁺;  θ ← θ⁺
 
-``G`` is zero exactly at a minimiser (it is ``∇F`` when ``h = 0``), so the stopping rule is
-a relative optimality test, the same for every penalty. Letting ``L`` fall back towards the
-curvature actually met (rather than keeping a global Lipschitz constant) matters for sparse
-models: the curvature on a small support is often several times below ``‖∇²f‖``. The first
-``L`` is a Lanczos estimate of ``‖XᵀX/n‖`` for least squares, else a secant estimate along
-``∇f(x_0)``; ``lipschitz=`` replaces it.
+The stopping rule at a point ``x`` (:func:`funcreg._tree.stopping_rule`) is
+
+    ``‖G(x)‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)``,
+    ``G(x) = L (x − prox_{h/L}(x − ∇f(x)/L))``   (the prox-gradient mapping).
+
+``G`` is zero exactly at a minimiser (it is ``∇F`` when ``h = 0``), so the rule is a
+relative optimality test, the same for every penalty; ``‖G‖`` grows with ``L``, so testing
+at the largest ``L`` used is the strictest of the model's steps. Only the point returned is
+certified, with one more gradient when the test at ``y`` passes. Below a **round-off floor**
+the rule cannot certify anything: a ``G`` computed in floating point carries an error of
+about ``eps · (max(‖∇f(0)‖, ‖∇f(x)‖) + L ‖x‖)`` (``x − ∇f(x)/L`` is rounded to ``eps·|x|``,
+``∇f`` to about ``eps`` times the gradient scale), so ``converged`` is reported only where
+``tol ·`` scale is at least 4 times that; a model whose ``‖G‖`` reaches the floor first
+stops there with ``converged`` false, and :func:`solve` warns, naming the floor. In float64
+the floor is near ``1e-15`` relative on well-scaled problems; in float32 near ``1e-6``, above
+the default ``tol``: solve in float64 where the answer must meet ``tol``.
+
+Letting ``L`` fall back towards the curvature actually met (rather than keeping a global
+Lipschitz constant) matters for sparse models: the curvature on a small support is often
+several times below ``‖∇²f‖``. The first ``L`` is a Lanczos estimate of ``‖XᵀX/n‖`` for least
+squares, else a secant estimate along ``∇f(x_0)``; ``lipschitz=`` replaces it.
 
 Gradients come from ``vmap(grad(f))`` of the single-model objective and the prox from
 ``vmap(spec.nonsmooth().prox)`` (elementwise penalties — ``L1``, ``L2``, ``ElasticNet``,
@@ -48,22 +65,17 @@ iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X`
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
 A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop
-(:func:`funcreg._lasso.fista_lasso`): a fixed step ``1/L`` shared by every model, with
-``L = λ_max(XᵀX/n)`` (``eigvalsh`` for ``p ≤ 512``, else Lanczos with a 2% margin; or the
-largest ``lipschitz=``), so no backtracking and ``backtrack`` is ignored; the gradient step
-as one ``addmm``; soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
-indexed by the steps since each model's last restart; the same restart and stopping test,
-but the test (one host synchronisation) runs only at iteration 1 and every 10th iteration,
-so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 10 tensor operations
-(one ``(K, p) × (p, p)`` product) per iteration, against ~40 on the general path; the fixed
-step needs up to ~2× more iterations than the adaptive one on correlated designs.
+exact ``L1`` terms without ``toward=`` — goes through a leaner loop with one fixed step
+``1/λ_max(XᵀX/n)`` (:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule
+runs only at iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or
+``max_iter``).
 
 For a non-convex ``f`` the iteration finds a stationary point at best.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -94,7 +106,10 @@ class Solution(NamedTuple):
         iterations: ``(K,)`` int64, the iterations each model ran (one batched gradient
             each; a step rejected by the decrease test counts); ``max_iter`` for the models
             that did not stop earlier.
-        converged: ``(K,)`` bool, whether the model met the stopping rule within ``max_iter``.
+        converged: ``(K,)`` bool, whether the point returned meets the stopping rule (see
+            ``tol`` of :func:`solve`) within ``max_iter``. False with ``iterations <
+            max_iter``: the model stopped at the round-off floor of its dtype, above
+            ``tol`` (:func:`solve` warns).
     """
 
     params: Params
@@ -199,13 +214,16 @@ class _Quadratic(_Smooth):
     def excess(
         self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
     ) -> tuple[Tensor, Tensor]:
-        exc = 0.5 * (_tree.dot(d, fx) - _tree.dot(d, fy))  # exact: the data term is quadratic
+        # exact for a quadratic, ½⟨d, A d⟩, but from features that round like A x⁺ and A y
+        dfx, dfy = _tree.dot(d, fx), _tree.dot(d, fy)
+        exc = 0.5 * (dfx - dfy)
+        slack = 0.5 * _tree.roundoff(dfx, dfy)
         if self.penalty is None:
-            return exc, torch.zeros_like(exc)
+            return exc, slack
         pvy, pgy = vy  # the penalty part's value and gradient at y
         pvx = self.penalty.value(x, s)
         lin = _tree.dot(pgy, d)
-        return exc + pvx - pvy - lin, _tree.roundoff(pvx, pvy, lin)
+        return exc + pvx - pvy - lin, slack + _tree.roundoff(pvx, pvy, lin)
 
     def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
         k = next(iter(x.values())).shape[0]
@@ -294,10 +312,14 @@ def solve(
         *data: passed to ``loss_fn`` unchanged (shared by all models).
         max_iter: the most iterations per model (``>= 1``); 10 000 by default, as in
             :func:`~funcreg.path` and :func:`~funcreg.cross_validate`.
-        tol: model k stops at the first iteration with ``‖G(y)‖ ≤ tol · max(‖∇f(0)‖,
-            ‖∇f(x_0)‖, ‖∇f(y)‖)``, where ``G(y) = L (y − prox_{h/L}(y − ∇f(y)/L))`` is the
-            prox-gradient mapping (``∇F`` when ``h = 0``; zero exactly at a minimiser). The
-            scale includes ``∇f(0)`` so that a warm start does not tighten the test.
+        tol: model k stops at the first iteration whose point ``x`` (the one returned) has
+            ``‖G(x)‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)``, where ``G(x) = L (x −
+            prox_{h/L}(x − ∇f(x)/L))`` is the prox-gradient mapping (``∇F`` when ``h = 0``;
+            zero exactly at a minimiser) at the largest ``L`` the model used. The scale
+            includes ``∇f(0)`` so that a warm start does not tighten the test. A ``tol``
+            below the round-off floor of the dtype (module docstring; about ``1e-6`` in
+            float32) cannot be certified: such models stop at the floor, report
+            ``converged=False``, and a ``RuntimeWarning`` names the floor.
         stacked: whether ``params`` already carry the leading K axis.
         lipschitz: a Lipschitz constant of ``∇f`` (number or ``(K,)``) to start from instead
             of the built-in estimate; with ``backtrack=False`` the step stays
@@ -310,6 +332,9 @@ def solve(
 
     Returns:
         :class:`Solution` ``(params, iterations, converged)``, each with K first.
+
+    Warns:
+        RuntimeWarning: models that stopped at the round-off floor, above ``tol``.
 
     Raises:
         ValueError: bad ``max_iter``, ``tol`` or ``lipschitz``; NaN or inf in the data or
@@ -407,15 +432,42 @@ def solve(
     prox = _make_prox(nonsmooth, single)
 
     with torch.no_grad():
+        lasso = None
         if isinstance(loss_fn, LeastSquares):
             lasso = lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
-            if lasso is not None:
-                ((name, w0),) = x0.items()  # (K, 1, p)
-                out, iterations, converged = fista_lasso(
-                    loss_fn, lasso, w0, max_iter, tol, L0, restart
-                )
-                return Solution({name: out[:, None]}, iterations, converged)
-        return _fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+        if lasso is not None:
+            assert isinstance(loss_fn, LeastSquares)
+            ((name, w0),) = x0.items()  # (K, 1, p)
+            w, iterations, converged, floors = fista_lasso(
+                loss_fn, lasso, w0, max_iter, tol, L0, restart
+            )
+            out = {name: w[:, None]}
+        else:
+            out, iterations, converged, floors = _fista(
+                oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart
+            )
+    _warn_floor(iterations, converged, floors, tol, max_iter, dtype)
+    return Solution(out, iterations, converged)
+
+
+def _warn_floor(
+    iterations: Tensor, converged: Tensor, floors: Tensor, tol: float, max_iter: int, dtype: Any
+) -> None:
+    """Warn about the models that stopped at the round-off floor of the stopping rule (before
+    ``max_iter`` and not converged): ``tol`` is below what ``dtype`` can certify there."""
+    floored = ~converged & (iterations < max_iter)
+    if not bool(floored.any()):
+        return
+    n, k = int(floored.sum()), floored.numel()
+    worst = float(floors[floored].max())
+    warnings.warn(
+        f"solve: tol={tol:g} is below the round-off floor of {dtype} for {n} of {k} models: "
+        f"they stopped where their prox-gradient mapping is rounding noise (floor up to "
+        f"{worst:.1e} relative to the gradient scale) and report converged=False; use "
+        f"float64 params and data, or tol >= {worst:.1e}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _ELEMENTWISE = (L1, L2, ElasticNet, NonNegative, Box)
@@ -458,12 +510,16 @@ def _fista(
     L0: Tensor | None,
     backtrack: bool,
     restart: bool,
-) -> Solution:
+) -> tuple[Params, Tensor, Tensor, Tensor]:
+    """The general loop (module docstring); returns the solutions, ``iterations``,
+    ``converged`` and the round-off floor of the stopping rule where each model stopped
+    (:func:`~funcreg._tree.floor_ratio`)."""
     ref = next(iter(x0.values()))
     K = ref.shape[0]
     out = {k: v.clone() for k, v in x0.items()}
     iterations = torch.full((K,), max_iter, dtype=torch.int64, device=ref.device)
     converged = torch.zeros(K, dtype=torch.bool, device=ref.device)
+    floors = torch.zeros(K, dtype=ref.dtype, device=ref.device)
 
     idx = torch.arange(K, device=ref.device)  # global index of each model still running
     x = x0
@@ -475,6 +531,7 @@ def _fista(
     # iterations since the model last backtracked
     calm = torch.full((K,), float(_COOLDOWN), dtype=ref.dtype, device=ref.device)
     scale = curv
+    L_top = curv  # the largest L each model has used: the stopping rule's step
 
     def trial(
         y: Params, fy: Params, vy: Any, gy: Params, S: Params, L: Tensor
@@ -491,6 +548,23 @@ def _fista(
         exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
         return xn, fxn, d, dd, torch.stack([exc, slack])
 
+    def measured(test: Tensor, dd: Tensor, curv: Tensor) -> Tensor:
+        """The curvature along ``d``, ``2 test[0]/‖d‖²``, where the excess ``test[0]`` is
+        beyond its round-off allowance ``test[1]``; else the last one measured (near a
+        minimiser the excess is rounding noise, and noise over a tiny ``‖d‖²`` would send
+        ``L`` towards infinity and the step to nothing)."""
+        seen = (test[0].abs() > test[1]) & (dd > 0)
+        return torch.where(seen, 2 * test[0] / torch.where(seen, dd, torch.ones_like(dd)), curv)
+
+    def certify(x: Params, fx: Params, S: Params, L: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
+        """The stopping rule at the point returned, ``x``: ``(stop, converged, floor)``."""
+        g, _ = oracle.grad(x, fx, S)
+        t = 1.0 / L
+        mapping = L * _tree.sqnorm(_tree.sub(prox(_tree.axpy(-t, g, x), S, t), x)).sqrt()
+        gnorm, xnorm = _tree.sqnorm(g).sqrt(), _tree.sqnorm(x).sqrt()
+        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
+        return stop, ok, _tree.floor_ratio(gnorm, scale, L, xnorm)
+
     for it in range(1, max_iter + 1):
         gy, vy = oracle.grad(y, fy, S)
         gnorm = _tree.sqnorm(gy).sqrt()
@@ -503,12 +577,13 @@ def _fista(
             shrunk = torch.maximum(_SHRINK * L, _MARGIN * curv)
             L = torch.where(calm >= _COOLDOWN, shrunk, L)
         xn, fxn, d, dd, test = trial(y, fy, vy, gy, S, L)
+        L_top = torch.maximum(L_top, L)
         rejected: Tensor | None = None
         if backtrack:
             # test[0] = f(x⁺) − f(y) − ⟨∇f(y), d⟩, test[1] = round-off allowance; the
             # curvature along d, 2 test[0]/‖d‖², is where a failed model's L goes next
             bad = test[0] > 0.5 * L * dd + test[1]
-            curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+            curv = measured(test, dd, curv)
             calm = torch.where(bad, 0.0, calm + 1)
             while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
@@ -517,13 +592,15 @@ def _fista(
                 _tree.put((xn, fxn, d, dd), sel, part[:4])
                 test.index_copy_(1, sel, part[4])
                 bad = test[0] > 0.5 * L * dd + test[1]
-                curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+                curv = measured(test, dd, curv)
             if bool(bad.any()):
                 # later steps: a failed model keeps its point and retries at the next
                 # iteration with a larger L (a second batched round costs more than that)
                 rejected = bad
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-        ok = _tree.meets_tol(L * dd.sqrt(), gnorm, scale, tol)
+        # a cheap first test at y (its gradient is at hand); the models that pass it are
+        # then tested at the point they would return, x⁺
+        passed, _ = _tree.stopping_rule(L * dd.sqrt(), gnorm, scale, L, _tree.sqnorm(y).sqrt(), tol)
         # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
         step = _tree.sub(xn, x)
         theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
@@ -536,16 +613,24 @@ def _fista(
         # linear features: A y = A x⁺ + β A(x⁺ − x)
         fy_next = _tree.axpy(beta, _tree.sub(fxn, fx), fxn)
         if rejected is not None:  # usually a few models: copy their old state back in
-            ok = ok & ~rejected
+            passed = passed & ~rejected
             sel = rejected.nonzero().squeeze(1)
             old = _tree.take((x, fx, y, fy, theta), sel)
             _tree.put((xn, fxn, y_next, fy_next, theta_next), sel, old)
         x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
-        done = ok if it < max_iter else torch.ones_like(ok)
-        if bool(done.any()):
-            state = (x, fx, y, fy, S, theta, L, curv, calm, scale)
-            going = _tree.retire(done, ok, it, idx, xn, out, iterations, converged, state)
-            if going is None:
-                break
-            idx, (x, fx, y, fy, S, theta, L, curv, calm, scale) = going
-    return Solution(out, iterations, converged)
+        last = it == max_iter
+        if last or bool(passed.any()):
+            sel = torch.arange(len(passed), device=ref.device) if last else passed.nonzero()[:, 0]
+            stop, ok, floor = certify(*_tree.take((x, fx, S, L_top, scale), sel))
+            done = torch.zeros_like(passed).index_copy_(0, sel, stop | last)
+            if bool(done.any()):
+                oks = torch.zeros_like(passed).index_copy_(0, sel, ok)
+                fls = torch.zeros_like(scale).index_copy_(0, sel, floor)
+                state = (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale)
+                going = _tree.retire(
+                    done, oks, it, idx, (x, fls), (out, floors), iterations, converged, state
+                )
+                if going is None:
+                    break
+                idx, (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale) = going
+    return out, iterations, converged, floors
