@@ -139,10 +139,9 @@ def stopping_rule(
       certify more; the model stops with ``converged`` false)."""
     eps = torch.finfo(mapping.dtype).eps
     ref = torch.maximum(scale, gnorm)
-    floor = ROUNDOFF_FLOOR * eps * (ref + L * xnorm)
+    floor = (ROUNDOFF_FLOOR * eps) * (ref + L * xnorm)
     target = tol * ref
-    converged = (mapping <= target) & (target >= floor)
-    return converged | (mapping <= floor), converged
+    return mapping <= torch.maximum(target, floor), (mapping <= target) & (target >= floor)
 
 
 def floor_ratio(gnorm: Tensor, scale: Tensor, L: Tensor | float, xnorm: Tensor) -> Tensor:

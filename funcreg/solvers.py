@@ -553,8 +553,8 @@ def _fista(
         beyond its round-off allowance ``test[1]``; else the last one measured (near a
         minimiser the excess is rounding noise, and noise over a tiny ``‖d‖²`` would send
         ``L`` towards infinity and the step to nothing)."""
-        seen = (test[0].abs() > test[1]) & (dd > 0)
-        return torch.where(seen, 2 * test[0] / torch.where(seen, dd, torch.ones_like(dd)), curv)
+        seen = test[0].abs() > test[1]  # never where d = 0: the excess is exactly 0 there
+        return torch.where(seen, 2 * test[0] / dd, curv)
 
     def certify(x: Params, fx: Params, S: Params, L: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
         """The stopping rule at the point returned, ``x``: ``(stop, converged, floor)``."""
