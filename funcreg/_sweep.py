@@ -78,7 +78,8 @@ from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from . import _checks, _flat
+from . import _checks
+from . import _tree as _flat
 from .optim import Optimizer
 from .penalties import Penalty
 from .progress import Progress

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from . import _checks, _flat
+from . import _checks
+from . import _tree as _flat
 from . import prox as P
 from .selectors import Selector, SelectorLike, as_selector
 

@@ -16,23 +16,40 @@ model axis::
         unless this model failed the test below in the last 3 iterations:
             L ← max(0.8 L, 1.3 c)          # try a longer step; c = curvature met last step
         x⁺ = prox_{h/L}(y − ∇f(y)/L);  d = x⁺ − y
-        c = 2 (f(x⁺) − f(y) − ⟨∇f(y), d⟩) / ‖d‖²          # curvature of f along d
+        e = f(x⁺) − f(y) − ⟨∇f(y), d⟩;  c = 2e / ‖d‖²     # curvature of f along d
+            (c keeps its last value where |e| is within its round-off allowance)
         if c > L (beyond a round-off allowance):           # sufficient decrease fails
             L ← max(2L, 1.3 c); keep x, y, θ and try again next iteration
             (on the first iteration: try again at once, until the test holds)
             continue
-        G = L (y − x⁺)                     # the prox-gradient mapping at y
-        if ‖G‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖): stop; the answer is x⁺
+        if the stopping rule holds at y, with G(y) = L (y − x⁺) (at hand),
+           and then at x⁺, with G(x⁺) and L̂ = the largest L this model has used:
+            stop; the answer is x⁺
         θ⁺ = (1 + √(1 + 4θ²)) / 2;  β = (θ − 1)/θ⁺
-        if ⟨G, x⁺ − x⟩ > 0: θ⁺ = 1, β = 0      # restart: the last step went uphill
+        if ⟨G(y), x⁺ − x⟩ > 0: θ⁺ = 1, β = 0   # restart: the last step went uphill
         y ← x⁺ + β (x⁺ − x);  x ← x⁺;  θ ← θ⁺
 
-``G`` is zero exactly at a minimiser (it is ``∇F`` when ``h = 0``), so the stopping rule is
-a relative optimality test, the same for every penalty. Letting ``L`` fall back towards the
-curvature actually met (rather than keeping a global Lipschitz constant) matters for sparse
-models: the curvature on a small support is often several times below ``‖∇²f‖``. The first
-``L`` is a Lanczos estimate of ``‖XᵀX/n‖`` for least squares, else a secant estimate along
-``∇f(x_0)``; ``lipschitz=`` replaces it.
+The stopping rule at a point ``x`` (:func:`funcreg._tree.stopping_rule`) is
+
+    ``‖G(x)‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)``,
+    ``G(x) = L (x − prox_{h/L}(x − ∇f(x)/L))``   (the prox-gradient mapping).
+
+``G`` is zero exactly at a minimiser (it is ``∇F`` when ``h = 0``), so the rule is a
+relative optimality test, the same for every penalty; ``‖G‖`` grows with ``L``, so testing
+at the largest ``L`` used is the strictest of the model's steps. Only the point returned is
+certified, with one more gradient when the test at ``y`` passes. Below a **round-off floor**
+the rule cannot certify anything: a ``G`` computed in floating point carries an error of
+about ``eps · (max(‖∇f(0)‖, ‖∇f(x)‖) + L ‖x‖)`` (``x − ∇f(x)/L`` is rounded to ``eps·|x|``,
+``∇f`` to about ``eps`` times the gradient scale), so ``converged`` is reported only where
+``tol ·`` scale is at least 4 times that; a model whose ``‖G‖`` reaches the floor first
+stops there with ``converged`` false, and :func:`solve` warns, naming the floor. In float64
+the floor is near ``1e-15`` relative on well-scaled problems; in float32 near ``1e-6``, above
+the default ``tol``: solve in float64 where the answer must meet ``tol``.
+
+Letting ``L`` fall back towards the curvature actually met (rather than keeping a global
+Lipschitz constant) matters for sparse models: the curvature on a small support is often
+several times below ``‖∇²f‖``. The first ``L`` is a Lanczos estimate of ``‖XᵀX/n‖`` for least
+squares, else a secant estimate along ``∇f(x_0)``; ``lipschitz=`` replaces it.
 
 Gradients come from ``vmap(grad(f))`` of the single-model objective and the prox from
 ``vmap(spec.nonsmooth().prox)`` (elementwise penalties — ``L1``, ``L2``, ``ElasticNet``,
@@ -48,23 +65,17 @@ iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X`
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
 A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop, ``_fista_lasso``: a
-fixed step ``1/L`` shared by every model, with ``L = λ_max(XᵀX/n)`` (``eigvalsh`` for
-``p ≤ 512``, else Lanczos with a 2% margin; or the largest ``lipschitz=``), so no
-backtracking and ``backtrack`` is ignored; the gradient step as one ``addmm``;
-soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
-indexed by the steps since each model's last restart; the same restart and stopping test,
-but the test (one host synchronisation) runs only at iteration 1 and every 10th iteration,
-so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 10 tensor operations
-(one ``(K, p) × (p, p)`` product) per iteration, against ~40 on the general path; the fixed
-step needs up to ~2× more iterations than the adaptive one on correlated designs.
+exact ``L1`` terms without ``toward=`` — goes through a leaner loop with one fixed step
+``1/λ_max(XᵀX/n)`` (:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule
+runs only at iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or
+``max_iter``).
 
 For a non-convex ``f`` the iteration finds a stationary point at best.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -72,13 +83,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
-from . import _checks
+from . import _checks, _tree
+from ._lasso import fista_lasso, lasso_thresholds
+from ._tree import Params
+from .losses import LeastSquares, least_squares
 from .penalties import L1, L2, Box, ElasticNet, NonNegative, Penalty
 from .spec import Spec, as_spec, penalized
 
 __all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
-
-Params = dict[str, Tensor]
 _GROW = 2.0  # backtracking: L ← 2L
 _SHRINK = 0.8  # each iteration first tries L ← max(_SHRINK·L, _MARGIN·curvature met last step)
 _MARGIN = 1.3
@@ -94,214 +106,15 @@ class Solution(NamedTuple):
         iterations: ``(K,)`` int64, the iterations each model ran (one batched gradient
             each; a step rejected by the decrease test counts); ``max_iter`` for the models
             that did not stop earlier.
-        converged: ``(K,)`` bool, whether the model met the stopping rule within ``max_iter``.
+        converged: ``(K,)`` bool, whether the point returned meets the stopping rule (see
+            ``tol`` of :func:`solve`) within ``max_iter``. False with ``iterations <
+            max_iter``: the model stopped at the round-off floor of its dtype, above
+            ``tol`` (:func:`solve` warns).
     """
 
     params: Params
     iterations: Tensor
     converged: Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# Least squares with a Gram fast path
-# ---------------------------------------------------------------------------------------
-
-
-class LeastSquares:
-    """The loss ``1/(2n) ‖Y − X Wᵀ − 1 bᵀ‖²_F`` of a linear model, a pure function of
-    ``params = {"weight": W (m, p), "bias": b (m,)}`` — the names and shapes of
-    ``nn.Linear(p, m)``, so the default selector :func:`~funcreg.weights` penalises
-    ``weight`` and not ``bias``. ``y`` of shape ``(n,)`` means ``m = 1``; without
-    ``fit_intercept`` there is no ``bias``.
-
-    Conversions (data term ``1/(2n)‖y − Xw‖²``):
-
-    * ``L1`` at strength ``α`` = ``sklearn.linear_model.Lasso(alpha=α)``;
-    * ``ElasticNet(l1_ratio=r)`` at ``α`` = ``sklearn`` ``ElasticNet(alpha=α, l1_ratio=r)``;
-    * ``L2`` at ``λ`` = ``Ridge(alpha=n·λ)``: Ridge minimises ``‖y − Xw‖² + a‖w‖²``, which
-      is ``2n ×`` ``1/(2n)‖y − Xw‖² + (a/n)·½‖w‖²``. (On the data term ``½‖y − Xw‖²``,
-      ``Ridge(alpha=a)`` is ``L2`` at ``a``.)
-
-    Call it like any loss (``obj(params)``; it works under ``grad``/``vmap``). :func:`solve`
-    recognises it and uses ``gram = XᵀX/n`` and ``xty = (XᵀY/n)ᵀ`` instead of ``X``.
-    """
-
-    def __init__(self, X: Tensor, y: Tensor, fit_intercept: bool = False) -> None:
-        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-            raise TypeError(
-                f"least_squares(X, y): X and y must be tensors, got {type(X).__name__} "
-                f"and {type(y).__name__}; use torch.as_tensor"
-            )
-        if X.dim() != 2 or not X.is_floating_point():
-            raise ValueError(
-                f"least_squares: X must be a floating (n, p) matrix, got {X.dtype} "
-                f"of shape {tuple(X.shape)}"
-            )
-        if y.dim() not in (1, 2) or y.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"least_squares: y must be (n,) or (n, m) with n = {X.shape[0]} like X, "
-                f"got shape {tuple(y.shape)}"
-            )
-        X = X.detach()
-        Y = (y.detach() if y.dim() == 2 else y.detach()[:, None]).to(X.dtype)
-        n = X.shape[0]
-        self.X, self.Y, self.n = X, Y, n
-        self.fit_intercept = bool(fit_intercept)
-        self.gram = X.T @ X / n  # (p, p)
-        self.xty = (X.T @ Y / n).T.contiguous()  # (m, p)
-        self.x_mean = X.mean(0)  # (p,)
-        self.y_mean = Y.mean(0)  # (m,)
-        self.const = 0.5 * Y.square().sum() / n
-        # NaN/inf anywhere in X or y shows up in these (one pass less than isfinite(X))
-        if not bool(torch.isfinite(self.gram.diagonal()).all()):
-            raise ValueError("least_squares: X contains NaN or inf; clean the data first")
-        if not bool(torch.isfinite(self.const)) or not bool(torch.isfinite(self.xty).all()):
-            raise ValueError("least_squares: y contains NaN or inf; clean the data first")
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """The parameter shapes: ``weight (m, p)`` and, with an intercept, ``bias (m,)``."""
-        m, p = self.Y.shape[1], self.X.shape[1]
-        out: dict[str, tuple[int, ...]] = {"weight": (m, p)}
-        if self.fit_intercept:
-            out["bias"] = (m,)
-        return out
-
-    def init(self) -> Params:
-        """Zero parameters of the right shapes and dtype, a starting point for :func:`solve`."""
-        return {k: self.X.new_zeros(s) for k, s in self.shapes.items()}
-
-    def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
-        pred = params["weight"] @ self.X.T  # (m, n)
-        if self.fit_intercept:
-            pred = pred + params["bias"][:, None]
-        return 0.5 * (self.Y.T - pred).square().sum() / self.n
-
-    def hessian_apply(self, theta: Mapping[str, Tensor]) -> Params:
-        """``A θ`` on stacked params ``(k, ...)``, where ``∇f(θ) = A θ − B``:
-        ``W G + b μᵀ`` and ``W μ + b`` (``G = XᵀX/n``, ``μ`` the column means of ``X``)."""
-        W = theta["weight"]
-        out = {"weight": W @ self.gram}
-        if self.fit_intercept:
-            b = theta["bias"]
-            out["weight"] = out["weight"] + b[..., None] * self.x_mean
-            out["bias"] = W @ self.x_mean + b
-        return out
-
-    def linear_term(self) -> Params:
-        """``B`` in ``∇f(θ) = A θ − B``: ``(XᵀY/n)ᵀ`` and the mean of ``Y``."""
-        out = {"weight": self.xty}
-        if self.fit_intercept:
-            out["bias"] = self.y_mean
-        return out
-
-
-def least_squares(X: Tensor, y: Tensor, *, fit_intercept: bool = False) -> LeastSquares:
-    """The loss ``1/(2n)‖y − X Wᵀ − b‖²`` of ``nn.Linear(p, m)``-shaped params, with a Gram
-    fast path in :func:`solve` (see :class:`LeastSquares` for the conventions).
-
-    >>> ls = fr.solvers.least_squares(X, y)
-    >>> sol = fr.solvers.solve(ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": alphas})
-    >>> sol.params["weight"][:, 0]     # (K, p): sklearn Lasso(alpha=alphas[k]).coef_
-    """
-    return LeastSquares(X, y, fit_intercept=fit_intercept)
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers on stacked dicts (leading axis = model)
-# ---------------------------------------------------------------------------------------
-
-
-def _rows(v: Tensor, s: Tensor) -> Tensor:
-    """A per-model ``(k,)`` tensor viewed to broadcast against a stacked ``(k, ...)`` one."""
-    return s.view(-1, *([1] * (v.dim() - 1)))
-
-
-def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Per-model inner product ``⟨a, b⟩`` over all entries."""
-    total: Tensor | None = None
-    for key, v in a.items():
-        d = torch.linalg.vecdot(v.reshape(v.shape[0], -1), b[key].reshape(v.shape[0], -1))
-        total = d if total is None else total + d
-    assert total is not None
-    return total
-
-
-def _sqnorm(a: Mapping[str, Tensor]) -> Tensor:
-    """Per-model squared norm ``‖a‖²`` over all entries."""
-    total: Tensor | None = None
-    for v in a.values():
-        d = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
-        total = d if total is None else total + d
-    assert total is not None
-    return total
-
-
-def _axpy(alpha: Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
-    """``y + alpha·x`` with a per-model ``alpha``."""
-    return {k: torch.addcmul(y[k], _rows(y[k], alpha), x[k]) for k in y}
-
-
-def _sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
-    return {k: a[k] - b[k] for k in a}
-
-
-def _take(tree: Any, idx: Tensor) -> Any:
-    """Rows ``idx`` of every tensor in a (nested) dict/tuple."""
-    if isinstance(tree, Tensor):
-        return tree.index_select(0, idx)
-    if isinstance(tree, dict):
-        return {k: _take(v, idx) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(_take(v, idx) for v in tree)
-    return tree
-
-
-def _put(dst: Any, idx: Tensor, src: Any) -> None:
-    """In place: rows ``idx`` of ``dst`` ← ``src`` (same nesting)."""
-    if isinstance(dst, Tensor):
-        dst.index_copy_(0, idx, src)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _put(dst[k], idx, src[k])
-    elif isinstance(dst, tuple):
-        for d, s in zip(dst, src, strict=True):
-            _put(d, idx, s)
-
-
-def _retire(
-    done: Tensor,
-    ok: Tensor,
-    it: int,
-    idx: Tensor,
-    xn: Any,
-    out: Any,
-    iterations: Tensor,
-    converged: Tensor,
-    state: tuple[Any, ...],
-) -> tuple[Tensor, tuple[Any, ...]] | None:
-    """Write the batch rows that stop at iteration ``it`` (mask ``done``; ``idx`` maps batch
-    rows to grid models) into ``out``/``iterations``/``converged``; return ``idx`` and the
-    per-model ``state`` cut to the rows that go on, or ``None`` when every model has
-    stopped."""
-    rows = done.nonzero().squeeze(1)
-    where = idx.index_select(0, rows)
-    _put(out, where, _take(xn, rows))
-    iterations[where] = it
-    converged[where] = ok.index_select(0, rows)
-    if bool(done.all()):
-        return None
-    keep = (~done).nonzero().squeeze(1)
-    return idx.index_select(0, keep), _take(state, keep)
-
-
-def _roundoff(*values: Tensor) -> Tensor:
-    """An allowance for round-off in a sum of these per-model values."""
-    eps = torch.finfo(values[0].dtype).eps
-    total = values[0].abs()
-    for v in values[1:]:
-        total = total + v.abs()
-    return 64 * eps * total
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,25 +171,25 @@ class _Generic(_Smooth):
 
     def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
         g = self.gradient({k: torch.zeros_like(v) for k, v in x.items()}, s)
-        n = _sqnorm(g).sqrt()
+        n = _tree.sqnorm(g).sqrt()
         return torch.where(torch.isfinite(n), n, 0.0)
 
     def excess(
         self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
     ) -> tuple[Tensor, Tensor]:
         vx = self.value(x, s)
-        lin = _dot(gy, d)
-        return vx - vy - lin, _roundoff(vx, vy, lin)
+        lin = _tree.dot(gy, d)
+        return vx - vy - lin, _tree.roundoff(vx, vy, lin)
 
     def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
         # secant along the gradient: ‖∇f(x + δ) − ∇f(x)‖ / ‖δ‖, ‖δ‖ = √eps · max(1, ‖x‖)
         ref = next(iter(x.values()))
-        gn = _sqnorm(g).sqrt()
-        size = torch.finfo(ref.dtype).eps ** 0.5 * _sqnorm(x).sqrt().clamp(min=1)
+        gn = _tree.sqnorm(g).sqrt()
+        size = torch.finfo(ref.dtype).eps ** 0.5 * _tree.sqnorm(x).sqrt().clamp(min=1)
         ok = gn > 0
         step = torch.where(ok, size / torch.where(ok, gn, torch.ones_like(gn)), 0.0)
-        g2 = self.gradient(_axpy(-step, g, x), s)
-        est = _sqnorm(_sub(g2, g)).sqrt() / size
+        g2 = self.gradient(_tree.axpy(-step, g, x), s)
+        est = _tree.sqnorm(_tree.sub(g2, g)).sqrt() / size
         return torch.where(ok & torch.isfinite(est) & (est > 0), est, torch.ones_like(est))
 
 
@@ -401,21 +214,24 @@ class _Quadratic(_Smooth):
     def excess(
         self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
     ) -> tuple[Tensor, Tensor]:
-        exc = 0.5 * (_dot(d, fx) - _dot(d, fy))  # exact: the data term is quadratic
+        # exact for a quadratic, ½⟨d, A d⟩, but from features that round like A x⁺ and A y
+        dfx, dfy = _tree.dot(d, fx), _tree.dot(d, fy)
+        exc = 0.5 * (dfx - dfy)
+        slack = 0.5 * _tree.roundoff(dfx, dfy)
         if self.penalty is None:
-            return exc, torch.zeros_like(exc)
+            return exc, slack
         pvy, pgy = vy  # the penalty part's value and gradient at y
         pvx = self.penalty.value(x, s)
-        lin = _dot(pgy, d)
-        return exc + pvx - pvy - lin, _roundoff(pvx, pvy, lin)
+        lin = _tree.dot(pgy, d)
+        return exc + pvx - pvy - lin, slack + _tree.roundoff(pvx, pvy, lin)
 
     def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
         k = next(iter(x.values())).shape[0]
         B = {n: b.expand_as(x[n]) for n, b in self.B.items()}
         if self.penalty is None:
-            return _sqnorm(B).sqrt()
+            return _tree.sqnorm(B).sqrt()
         pg = self.penalty.gradient({n: torch.zeros_like(v) for n, v in x.items()}, s)
-        n = _sqnorm(_sub(pg, B)).sqrt()
+        n = _tree.sqnorm(_tree.sub(pg, B)).sqrt()
         return torch.where(torch.isfinite(n), n, 0.0).expand(k)
 
     def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
@@ -426,7 +242,7 @@ class _Quadratic(_Smooth):
             n: torch.randn(v[:1].shape, generator=gen, dtype=v.dtype).to(v.device)
             for n, v in x.items()
         }
-        est = _lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
+        est = _tree.lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
         if self.penalty is not None:
             est = est + self.penalty.curvature(x, self.penalty.gradient(x, s), s)
         return est
@@ -434,40 +250,6 @@ class _Quadratic(_Smooth):
 
 def _zero_loss(params: Params) -> Tensor:
     return next(iter(params.values())).sum() * 0
-
-
-def _lanczos_max(op: Callable[[Params], Params], v0: Params, steps: int) -> Tensor:
-    """Largest eigenvalue of a symmetric PSD operator on stacked params, per model, from
-    ``steps`` Lanczos steps (no reorthogonalisation: it only adds copies of converged
-    eigenvalues, which does not affect the largest)."""
-    v = {k: t / _rows(t, _sqnorm(v0).sqrt()) for k, t in v0.items()}
-    v_prev: Params | None = None
-    beta_prev: Tensor | None = None
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    dim = sum(t[0].numel() for t in v0.values())
-    for _ in range(min(steps, dim)):
-        w = op(v)
-        a = _dot(w, v)
-        w = _axpy(-a, v, w)
-        if v_prev is not None and beta_prev is not None:
-            w = _axpy(-beta_prev, v_prev, w)
-        b = _sqnorm(w).sqrt()
-        alphas.append(a)
-        betas.append(b)
-        ok = b > 1e-12 * alphas[0].abs()
-        if not bool(ok.any()):
-            break
-        safe = torch.where(ok, b, torch.ones_like(b))
-        v_prev, beta_prev = v, torch.where(ok, b, torch.zeros_like(b))
-        v = {k: torch.where(_rows(t, ok), t / _rows(t, safe), 0.0) for k, t in w.items()}
-    m = len(alphas)
-    diag = torch.stack(alphas, 1)
-    T = torch.diag_embed(diag)
-    if m > 1:
-        off = torch.stack(betas[:-1], 1)
-        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    return torch.linalg.eigvalsh(T)[:, -1].clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,7 +285,7 @@ def solve(
     params: Mapping[str, Tensor],
     strengths: Mapping[str, Any],
     *data: Any,
-    max_iter: int = 1000,
+    max_iter: int = 10_000,
     tol: float = 1e-8,
     stacked: bool = False,
     lipschitz: float | Tensor | None = None,
@@ -528,11 +310,16 @@ def solve(
             K is the length of the ``(K,)`` entries, else the leading size of stacked params,
             else 1.
         *data: passed to ``loss_fn`` unchanged (shared by all models).
-        max_iter: the most iterations per model (``>= 1``).
-        tol: model k stops at the first iteration with ``‖G(y)‖ ≤ tol · max(‖∇f(0)‖,
-            ‖∇f(x_0)‖, ‖∇f(y)‖)``, where ``G(y) = L (y − prox_{h/L}(y − ∇f(y)/L))`` is the
-            prox-gradient mapping (``∇F`` when ``h = 0``; zero exactly at a minimiser). The
-            scale includes ``∇f(0)`` so that a warm start does not tighten the test.
+        max_iter: the most iterations per model (``>= 1``); 10 000 by default, as in
+            :func:`~funcreg.path` and :func:`~funcreg.cross_validate`.
+        tol: model k stops at the first iteration whose point ``x`` (the one returned) has
+            ``‖G(x)‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)``, where ``G(x) = L (x −
+            prox_{h/L}(x − ∇f(x)/L))`` is the prox-gradient mapping (``∇F`` when ``h = 0``;
+            zero exactly at a minimiser) at the largest ``L`` the model used. The scale
+            includes ``∇f(0)`` so that a warm start does not tighten the test. A ``tol``
+            below the round-off floor of the dtype (module docstring; about ``1e-6`` in
+            float32) cannot be certified: such models stop at the floor, report
+            ``converged=False``, and a ``RuntimeWarning`` names the floor.
         stacked: whether ``params`` already carry the leading K axis.
         lipschitz: a Lipschitz constant of ``∇f`` (number or ``(K,)``) to start from instead
             of the built-in estimate; with ``backtrack=False`` the step stays
@@ -545,6 +332,9 @@ def solve(
 
     Returns:
         :class:`Solution` ``(params, iterations, converged)``, each with K first.
+
+    Warns:
+        RuntimeWarning: models that stopped at the round-off floor, above ``tol``.
 
     Raises:
         ValueError: bad ``max_iter``, ``tol`` or ``lipschitz``; NaN or inf in the data or
@@ -642,11 +432,42 @@ def solve(
     prox = _make_prox(nonsmooth, single)
 
     with torch.no_grad():
+        lasso = None
         if isinstance(loss_fn, LeastSquares):
-            lasso = _lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
-            if lasso is not None:
-                return _fista_lasso(loss_fn, lasso, x0, max_iter, tol, L0, restart)
-        return _fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+            lasso = lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
+        if lasso is not None:
+            assert isinstance(loss_fn, LeastSquares)
+            ((name, w0),) = x0.items()  # (K, 1, p)
+            w, iterations, converged, floors = fista_lasso(
+                loss_fn, lasso, w0, max_iter, tol, L0, restart
+            )
+            out = {name: w[:, None]}
+        else:
+            out, iterations, converged, floors = _fista(
+                oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart
+            )
+    _warn_floor(iterations, converged, floors, tol, max_iter, dtype)
+    return Solution(out, iterations, converged)
+
+
+def _warn_floor(
+    iterations: Tensor, converged: Tensor, floors: Tensor, tol: float, max_iter: int, dtype: Any
+) -> None:
+    """Warn about the models that stopped at the round-off floor of the stopping rule (before
+    ``max_iter`` and not converged): ``tol`` is below what ``dtype`` can certify there."""
+    floored = ~converged & (iterations < max_iter)
+    if not bool(floored.any()):
+        return
+    n, k = int(floored.sum()), floored.numel()
+    worst = float(floors[floored].max())
+    warnings.warn(
+        f"solve: tol={tol:g} is below the round-off floor of {dtype} for {n} of {k} models: "
+        f"they stopped where their prox-gradient mapping is rounding noise (floor up to "
+        f"{worst:.1e} relative to the gradient scale) and report converged=False; use "
+        f"float64 params and data, or tol >= {worst:.1e}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _ELEMENTWISE = (L1, L2, ElasticNet, NonNegative, Box)
@@ -671,8 +492,8 @@ def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Ten
             pen = nonsmooth[term]
             for n in names:
                 v = out[n]
-                st = _rows(v, t)
-                sk = 1.0 if pen.is_constraint else _rows(v, s[term])
+                st = _tree.rows(v, t)
+                sk = 1.0 if pen.is_constraint else _tree.rows(v, s[term])
                 out[n] = pen.prox_step(v, st, sk, n)
         return out
 
@@ -689,12 +510,16 @@ def _fista(
     L0: Tensor | None,
     backtrack: bool,
     restart: bool,
-) -> Solution:
+) -> tuple[Params, Tensor, Tensor, Tensor]:
+    """The general loop (module docstring); returns the solutions, ``iterations``,
+    ``converged`` and the round-off floor of the stopping rule where each model stopped
+    (:func:`~funcreg._tree.floor_ratio`)."""
     ref = next(iter(x0.values()))
     K = ref.shape[0]
     out = {k: v.clone() for k, v in x0.items()}
     iterations = torch.full((K,), max_iter, dtype=torch.int64, device=ref.device)
     converged = torch.zeros(K, dtype=torch.bool, device=ref.device)
+    floors = torch.zeros(K, dtype=ref.dtype, device=ref.device)
 
     idx = torch.arange(K, device=ref.device)  # global index of each model still running
     x = x0
@@ -706,6 +531,7 @@ def _fista(
     # iterations since the model last backtracked
     calm = torch.full((K,), float(_COOLDOWN), dtype=ref.dtype, device=ref.device)
     scale = curv
+    L_top = curv  # the largest L each model has used: the stopping rule's step
 
     def trial(
         y: Params, fy: Params, vy: Any, gy: Params, S: Params, L: Tensor
@@ -713,18 +539,35 @@ def _fista(
         """Candidate ``x⁺`` at step ``1/L``: ``(x⁺, feats(x⁺), x⁺ − y, ‖x⁺ − y‖², test)``,
         where ``test > 0`` means the sufficient-decrease test failed."""
         t = 1.0 / L
-        xn = prox(_axpy(-t, gy, y), S, t)
+        xn = prox(_tree.axpy(-t, gy, y), S, t)
         fxn = oracle.feats(xn)
-        d = _sub(xn, y)
-        dd = _sqnorm(d)
+        d = _tree.sub(xn, y)
+        dd = _tree.sqnorm(d)
         if not backtrack:
             return xn, fxn, d, dd, dd
         exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
         return xn, fxn, d, dd, torch.stack([exc, slack])
 
+    def measured(test: Tensor, dd: Tensor, curv: Tensor) -> Tensor:
+        """The curvature along ``d``, ``2 test[0]/‖d‖²``, where the excess ``test[0]`` is
+        beyond its round-off allowance ``test[1]``; else the last one measured (near a
+        minimiser the excess is rounding noise, and noise over a tiny ``‖d‖²`` would send
+        ``L`` towards infinity and the step to nothing)."""
+        seen = test[0].abs() > test[1]  # never where d = 0: the excess is exactly 0 there
+        return torch.where(seen, 2 * test[0] / dd, curv)
+
+    def certify(x: Params, fx: Params, S: Params, L: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
+        """The stopping rule at the point returned, ``x``: ``(stop, converged, floor)``."""
+        g, _ = oracle.grad(x, fx, S)
+        t = 1.0 / L
+        mapping = L * _tree.sqnorm(_tree.sub(prox(_tree.axpy(-t, g, x), S, t), x)).sqrt()
+        gnorm, xnorm = _tree.sqnorm(g).sqrt(), _tree.sqnorm(x).sqrt()
+        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
+        return stop, ok, _tree.floor_ratio(gnorm, scale, L, xnorm)
+
     for it in range(1, max_iter + 1):
         gy, vy = oracle.grad(y, fy, S)
-        gnorm = _sqnorm(gy).sqrt()
+        gnorm = _tree.sqnorm(gy).sqrt()
         if it == 1:
             scale = torch.maximum(gnorm, oracle.grad_norm_at_zero(y, S))
             if L0 is None:
@@ -734,179 +577,60 @@ def _fista(
             shrunk = torch.maximum(_SHRINK * L, _MARGIN * curv)
             L = torch.where(calm >= _COOLDOWN, shrunk, L)
         xn, fxn, d, dd, test = trial(y, fy, vy, gy, S, L)
+        L_top = torch.maximum(L_top, L)
         rejected: Tensor | None = None
         if backtrack:
             # test[0] = f(x⁺) − f(y) − ⟨∇f(y), d⟩, test[1] = round-off allowance; the
             # curvature along d, 2 test[0]/‖d‖², is where a failed model's L goes next
             bad = test[0] > 0.5 * L * dd + test[1]
-            curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+            curv = measured(test, dd, curv)
             calm = torch.where(bad, 0.0, calm + 1)
             while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
                 sel = bad.nonzero().squeeze(1)
-                part = trial(*_take((y, fy, vy, gy, S, L), sel))
-                _put((xn, fxn, d, dd), sel, part[:4])
+                part = trial(*_tree.take((y, fy, vy, gy, S, L), sel))
+                _tree.put((xn, fxn, d, dd), sel, part[:4])
                 test.index_copy_(1, sel, part[4])
                 bad = test[0] > 0.5 * L * dd + test[1]
-                curv = 2 * test[0] / torch.where(dd > 0, dd, torch.ones_like(dd))
+                curv = measured(test, dd, curv)
             if bool(bad.any()):
                 # later steps: a failed model keeps its point and retries at the next
                 # iteration with a larger L (a second batched round costs more than that)
                 rejected = bad
                 L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-        ok = L * dd.sqrt() <= tol * torch.maximum(scale, gnorm)
+        # a cheap first test at y (its gradient is at hand); the models that pass it are
+        # then tested at the point they would return, x⁺
+        passed, _ = _tree.stopping_rule(L * dd.sqrt(), gnorm, scale, L, _tree.sqnorm(y).sqrt(), tol)
         # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
-        step = _sub(xn, x)
+        step = _tree.sub(xn, x)
         theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
         beta = (theta - 1) / theta_next
         if restart:
-            reset = _dot(d, step) < 0
+            reset = _tree.dot(d, step) < 0
             theta_next = torch.where(reset, 1.0, theta_next)
             beta = torch.where(reset, 0.0, beta)
-        y_next = _axpy(beta, step, xn)
-        fy_next = _axpy(beta, _sub(fxn, fx), fxn)  # linear features: A y = A x⁺ + β A(x⁺ − x)
+        y_next = _tree.axpy(beta, step, xn)
+        # linear features: A y = A x⁺ + β A(x⁺ − x)
+        fy_next = _tree.axpy(beta, _tree.sub(fxn, fx), fxn)
         if rejected is not None:  # usually a few models: copy their old state back in
-            ok = ok & ~rejected
+            passed = passed & ~rejected
             sel = rejected.nonzero().squeeze(1)
-            _put((xn, fxn, y_next, fy_next, theta_next), sel, _take((x, fx, y, fy, theta), sel))
+            old = _tree.take((x, fx, y, fy, theta), sel)
+            _tree.put((xn, fxn, y_next, fy_next, theta_next), sel, old)
         x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
-        done = ok if it < max_iter else torch.ones_like(ok)
-        if bool(done.any()):
-            state = (x, fx, y, fy, S, theta, L, curv, calm, scale)
-            going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
-            if going is None:
-                break
-            idx, (x, fx, y, fy, S, theta, L, curv, calm, scale) = going
-    return Solution(out, iterations, converged)
-
-
-# ---------------------------------------------------------------------------------------
-# Lean path: least squares (one output, no intercept) with L1 terms only
-# ---------------------------------------------------------------------------------------
-
-_CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
-_EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
-
-
-def _lasso_thresholds(
-    ls: LeastSquares, smooth: Spec, nonsmooth: Spec, single: Params, S: Params
-) -> Tensor | None:
-    """``(K, p)`` soft-threshold levels at unit step (``Σ_terms s_k c``) when the problem is
-    a plain (weighted) Lasso on the Gram path — one output, no intercept, no smooth terms,
-    every non-smooth term an exact ``L1`` without ``toward=`` — else ``None``."""
-    if ls.fit_intercept or ls.Y.shape[1] != 1 or len(smooth) or not len(nonsmooth):
-        return None
-    if any(type(pen) is not L1 or pen.toward is not None for pen in nonsmooth.values()):
-        return None
-    p = ls.X.shape[1]
-    K = next(iter(S.values())).shape[0] if S else 1
-    tau = ls.X.new_zeros(K, p)
-    for term, names in nonsmooth.selection(single).items():
-        if not names:
-            continue
-        pen = nonsmooth[term]
-        c = pen.factor("weight")
-        level = S[term][:, None]
-        if c is not None:
-            level = level * c.to(tau.dtype).expand(1, p).reshape(1, p)
-        tau = tau + level
-    return tau
-
-
-def _gram_lipschitz(gram: Tensor) -> float:
-    """``λ_max(XᵀX/n)``: exact (``eigvalsh``) for ``p ≤ 512``, else 32 Lanczos steps with a
-    2% margin (Lanczos approaches ``λ_max`` from below; FISTA's momentum iteration stays
-    stable for steps up to ``4/(3 λ_max)``, and the stopping test holds at any step)."""
-    if gram.shape[0] <= _EIGVALSH_MAX:
-        return float(torch.linalg.eigvalsh(gram)[-1].clamp(min=0))
-    gen = torch.Generator().manual_seed(0)
-    v0 = {"w": torch.randn(1, gram.shape[0], generator=gen, dtype=gram.dtype).to(gram.device)}
-    est = _lanczos_max(lambda v: {"w": v["w"] @ gram}, v0, 32)
-    return 1.02 * float(est[0])
-
-
-class _Momentum:
-    """FISTA's momentum by steps since the last restart, as a growing tensor table:
-    ``β[0] = 0`` (a restart) and ``β[c] = (θ_{c−1} − 1)/θ_c`` with ``θ_0 = 1``,
-    ``θ_{c+1} = ½ + √(¼ + θ_c²)``. Each growth computes only the new entries."""
-
-    def __init__(self, like: Tensor) -> None:
-        self.theta = 1.0
-        self.table = like.new_zeros(1)
-        self.covering(63)
-
-    def covering(self, c: int) -> Tensor:
-        """The table, grown (doubled) until index ``c`` is in it."""
-        n = self.table.shape[0]
-        if c < n:
-            return self.table
-        new = []
-        for _ in range(max(n, c + 1 - n)):
-            nxt = 0.5 + math.sqrt(0.25 + self.theta * self.theta)
-            new.append((self.theta - 1.0) / nxt)
-            self.theta = nxt
-        more = torch.tensor(new, dtype=self.table.dtype).to(self.table.device)
-        self.table = torch.cat([self.table, more])
-        return self.table
-
-
-def _fista_lasso(
-    ls: LeastSquares,
-    tau: Tensor,
-    x0: Params,
-    max_iter: int,
-    tol: float,
-    L0: Tensor | None,
-    restart: bool,
-) -> Solution:
-    """FISTA for ``1/(2n)‖y − Xw‖² + Σ_j τ_kj |w_j|`` on the Gram matrix with one fixed step
-    ``1/L`` (no backtracking; the largest ``lipschitz=`` when given) and no host
-    synchronisation between tests. Per iteration, on ``(K, p)`` tensors::
-
-        z = y − (y G)/L + b/L  (= y − ∇f(y)/L, one addmm);  x⁺ = z − clamp(z, −τ/L, τ/L)
-        c ← 0 where ⟨y − x⁺, x⁺ − x⟩ > 0 (restart) else c + 1;  y ← x⁺ + β[c] (x⁺ − x)
-
-    with ``β`` from :class:`_Momentum`. The stopping test of :func:`solve`
-    (``L ‖x⁺ − y‖ ≤ tol · max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(y)‖)``, ``∇f(y) = L (y − z)``) is
-    evaluated at iteration 1, every ``_CHECK_EVERY``-th iteration and at ``max_iter``;
-    models that pass are written out and dropped from the batch."""
-    w0 = x0["weight"]  # (K, 1, p)
-    K, _, p = w0.shape
-    G = ls.gram
-    floor = torch.finfo(G.dtype).tiny ** 0.5
-    L = max(_gram_lipschitz(G), floor) if L0 is None else float(L0.max())
-    bL = ls.xty / L  # (1, p)
-    hi = tau / L
-    lo = -hi
-    momentum = _Momentum(w0)
-    out = w0[:, 0].clone()
-    iterations = torch.full((K,), max_iter, dtype=torch.int64, device=w0.device)
-    converged = torch.zeros(K, dtype=torch.bool, device=w0.device)
-    idx = torch.arange(K, device=w0.device)
-    scale = torch.linalg.vector_norm(ls.xty, dim=1).expand(K)  # ‖∇f(0)‖ = ‖b‖
-    x = w0[:, 0].clone()
-    y = x
-    since = torch.zeros(K, 1, dtype=torch.int64, device=w0.device)  # steps since restart
-    for it in range(1, max_iter + 1):
-        z = torch.addmm(y, y, G, alpha=-1.0 / L).add_(bL)
-        xn = z - torch.clamp(z, lo, hi)
-        step = xn - x
-        if it == 1 or it % _CHECK_EVERY == 0 or it == max_iter:
-            gnorm = L * torch.linalg.vector_norm(y - z, dim=1)
-            if it == 1:
-                scale = torch.maximum(scale, gnorm)
-            ok = L * torch.linalg.vector_norm(xn - y, dim=1) <= tol * torch.maximum(scale, gnorm)
-            done = ok if it < max_iter else torch.ones_like(ok)
+        last = it == max_iter
+        if last or bool(passed.any()):
+            sel = torch.arange(len(passed), device=ref.device) if last else passed.nonzero()[:, 0]
+            stop, ok, floor = certify(*_tree.take((x, fx, S, L_top, scale), sel))
+            done = torch.zeros_like(passed).index_copy_(0, sel, stop | last)
             if bool(done.any()):
-                state = (xn, step, y, since, lo, hi, scale)
-                going = _retire(done, ok, it, idx, xn, out, iterations, converged, state)
+                oks = torch.zeros_like(passed).index_copy_(0, sel, ok)
+                fls = torch.zeros_like(scale).index_copy_(0, sel, floor)
+                state = (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale)
+                going = _tree.retire(
+                    done, oks, it, idx, (x, fls), (out, floors), iterations, converged, state
+                )
                 if going is None:
                     break
-                idx, (xn, step, y, since, lo, hi, scale) = going
-        beta = momentum.covering(it)  # since <= it: grown on the host, no read of since
-        since = since + 1
-        if restart:
-            since = torch.where(torch.linalg.vecdot(y - xn, step).unsqueeze(1) > 0, 0, since)
-        y = torch.addcmul(xn, beta[since], step)
-        x = xn
-    return Solution({"weight": out[:, None]}, iterations, converged)
+                idx, (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale) = going
+    return out, iterations, converged, floors

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg import _flat
+from funcreg import _tree as _flat
 from funcreg.optim import adam, sgd
 
 DEVICE = torch.device(os.environ.get("FUNCREG_TEST_DEVICE", "cuda"))

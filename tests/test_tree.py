@@ -1,4 +1,4 @@
-"""funcreg._flat: the one-vector reductions equal the per-tensor route they replace."""
+"""funcreg._tree: the one-vector reductions equal the per-tensor route they replace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcreg import _flat
+from funcreg import _tree
 
 DT = torch.float64
 
@@ -35,28 +35,28 @@ shapes = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3), min_size=
 def test_reductions_equal_the_per_tensor_route(shapes, seed):
     ts = _tensors(shapes, seed=seed)
     abs_sum, sq_sum, largest = _reference(ts)
-    assert float(_flat.sum_abs(ts)) == pytest.approx(abs_sum, rel=1e-12, abs=1e-300)
-    assert float(_flat.sum_squares(ts)) == pytest.approx(sq_sum, rel=1e-12, abs=1e-300)
-    assert _flat.max_abs(ts) == largest
+    assert float(_tree.sum_abs(ts)) == pytest.approx(abs_sum, rel=1e-12, abs=1e-300)
+    assert float(_tree.sum_squares(ts)) == pytest.approx(sq_sum, rel=1e-12, abs=1e-300)
+    assert _tree.max_abs(ts) == largest
 
 
 def test_large_or_mixed_lists_take_the_per_tensor_route_with_the_same_numbers():
     big = _tensors([(300, 300), (10,)])  # over FLAT_MAX elements: not copied
     mixed = [*_tensors([(3, 4)]), *_tensors([(5,)], dtype=torch.float32)]
-    assert _flat.flat(big) is None and _flat.flat(mixed) is None
+    assert _tree.flat(big) is None and _tree.flat(mixed) is None
     for ts in (big, mixed):
         abs_sum, sq_sum, largest = _reference(ts)
-        assert float(_flat.sum_abs(ts)) == pytest.approx(abs_sum, rel=1e-6)
-        assert float(_flat.sum_squares(ts)) == pytest.approx(sq_sum, rel=1e-6)
-        assert _flat.max_abs(ts) == pytest.approx(largest, rel=1e-7)
+        assert float(_tree.sum_abs(ts)) == pytest.approx(abs_sum, rel=1e-6)
+        assert float(_tree.sum_squares(ts)) == pytest.approx(sq_sum, rel=1e-6)
+        assert _tree.max_abs(ts) == pytest.approx(largest, rel=1e-7)
 
 
 def test_one_contiguous_tensor_is_viewed_not_copied():
     (t,) = _tensors([(4, 5)])
-    v = _flat.flat([t])
+    v = _tree.flat([t])
     assert v is not None and v.data_ptr() == t.data_ptr()
-    assert _flat.flat([t.T]) is not None  # a strided one is copied
-    assert _flat.flat([]) is None and _flat.max_abs([]) == 0.0
+    assert _tree.flat([t.T]) is not None  # a strided one is copied
+    assert _tree.flat([]) is None and _tree.max_abs([]) == 0.0
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
@@ -64,6 +64,6 @@ def test_one_contiguous_tensor_is_viewed_not_copied():
 def test_max_abs_sees_every_non_finite_value_and_never_overflows(bad, big):
     ts = _tensors([(300, 300) if big else (30, 3), (7,)], dtype=torch.float32)
     huge = [t.fill_(3e38) for t in _tensors([(400,), (3,)], dtype=torch.float32)]
-    assert math.isfinite(_flat.max_abs(huge))  # a sum would overflow to inf here
+    assert math.isfinite(_tree.max_abs(huge))  # a sum would overflow to inf here
     ts[1][4] = bad
-    assert not math.isfinite(_flat.max_abs(ts))
+    assert not math.isfinite(_tree.max_abs(ts))
