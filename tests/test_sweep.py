@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg._sweep import _plan_chunks, auto_chunk_size, batch_order, eager_step, sweep
+from funcreg._data import batch_order
+from funcreg._sweep import _plan_chunks, auto_chunk_size, eager_step, sweep
 from funcreg.optim import adam, sgd
 from funcreg.result import SweepResult
 from funcreg.stack import grid, stack
