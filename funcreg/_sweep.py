@@ -75,10 +75,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _checks, _flat
+from ._chunking import Chunk, auto_chunk_size, plan_chunks, unsplit
 from ._data import Batch, Data, make_data
 from .optim import Optimizer
 from .penalties import Penalty
@@ -88,16 +88,8 @@ from .spec import Spec, as_spec
 from .stack import build_grid, check_stacked, split_module, stack
 from .train import train_step
 
-__all__ = ["auto_chunk_size", "eager_step", "sweep"]
+__all__ = ["eager_step", "sweep"]
 
-
-# Auto chunking on CPU (measured on the 32-64-64-1 MLP task, 1 thread; see
-# auto_chunk_size): models whose forward handles megabytes train one by one without vmap;
-# otherwise a chunk's temporaries stay below glibc's mmap threshold.
-UNBATCHED_FORWARD_BYTES = 3 * 2**20
-UNBATCHED_MAX_K = 4
-LARGEST_TEMP_BYTES = 16 * 2**20
-FORWARD_BYTES = 64 * 2**20
 # K of the whole grid while this process sweeps one shard of it (funcreg.distributed), so
 # that the shard decides "vmap or one by one" as the one-process sweep of the grid would
 WHOLE_GRID_K: ContextVar[int | None] = ContextVar("WHOLE_GRID_K", default=None)
@@ -241,74 +233,6 @@ def _check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
             raise refuse(key, a, b)
 
 
-# -------------------------------------------------------------------- chunk heuristic
-
-
-class _Bytes(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, Tensor) and t.is_floating_point():
-                self.total += t.nbytes
-                self.largest = max(self.largest, t.nbytes)
-        return out
-
-
-def auto_chunk_size(
-    forward: Callable[[], Any],
-    k: int,
-    device: torch.device | str = "cpu",
-    whole_k: int | None = None,
-    compiled: bool = False,
-) -> int:
-    """The chunk size ``fr.sweep`` uses when ``chunk_size=None``.
-
-    Runs ``forward()`` (one model's loss on one training batch) once under ``no_grad`` and
-    measures its floating-point temporaries (per-model footprint ``A``, largest one ``M``).
-    On CPU:
-
-    * ``K <= 4`` and eager steps: 1 — vmapping so few models costs more than running them
-      one by one (not so for a compiled step, whose dispatch cost is small): on
-      the 32-64-64-1 MLP with batch 512 (Adam, 1 thread) a vmapped step took 1768 µs per
-      model at K = 2 and 1283 at K = 4, against 1118 and 1053 for the models one by one;
-      at K = 6 vmap won (938 vs 1028), and SGD gave the same crossover.
-    * ``A >= 3 MiB``: 1 — every model trains alone, without ``vmap`` (:func:`eager_step`).
-      vmap on CPU only saves per-op dispatch overhead, which is nothing once each op
-      handles megabytes, while its batching rules add copies: on the 32-64-64-1 MLP with
-      full batch 4096 (A = 4.75 MB) a plain per-model step took 2.99 ms and a vmapped one
-      3.2-4.0 ms per model (the torch.optim loop: 2.79 ms); at batch 2048 they tied.
-    * otherwise the largest C with ``C·M <= 16 MiB`` and ``C·A <= 64 MiB`` (at least 2, at
-      most K). glibc ``malloc`` hands blocks above its mmap threshold (at most 32 MiB) back
-      to the OS on every free, so a step with bigger temporaries page-faults them in again
-      each time: past it a vmapped step got 2x slower per model (batch 512: K=256 in one
-      call), below it the time per model is flat. (A high ``MALLOC_MMAP_THRESHOLD_``
-      environment variable removes this cliff; pass ``chunk_size`` yourself then.) The
-      footprint cap is a precaution for small caches, not binding in our measurements.
-
-    On other devices the whole grid runs at once (K). ``whole_k``: the K of the whole grid
-    when these ``k`` models are one shard of it (the ``K <= 4`` rule looks at the grid);
-    ``compiled``: the step is ``torch.compile``d (``compile=True``).
-    """
-    if k <= 1:
-        return k
-    if torch.device(device).type != "cpu":
-        return k
-    if not compiled and (k if whole_k is None else whole_k) <= UNBATCHED_MAX_K:
-        return 1
-    counter = _Bytes()
-    with torch.no_grad(), counter:
-        forward()
-    if counter.total >= UNBATCHED_FORWARD_BYTES:
-        return 1
-    c = min(LARGEST_TEMP_BYTES // max(counter.largest, 1), FORWARD_BYTES // max(counter.total, 1))
-    return int(max(2, min(k, c)))
-
-
 def _seed(seed: int, device: torch.device) -> None:
     """Seed the CPU generator, and a CUDA ``device``'s (its index resolved, see
     :func:`_rng_devices`): the generators ``fork_rng`` restores after the sweep.
@@ -328,18 +252,6 @@ def _rng_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def _plan_chunks(k: int, size: int) -> list[tuple[int, int]]:
-    """Contiguous, balanced chunks of at most ``size`` models (sizes differ by <= 1)."""
-    n = -(-k // size)
-    base, extra = divmod(k, n)
-    out, start = [], 0
-    for j in range(n):
-        stop = start + base + (1 if j < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
 
 
 # ---------------------------------------------------------------------- guard helpers
@@ -375,39 +287,6 @@ def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
     return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
-
-
-@dataclass
-class _Chunk:
-    start: int
-    stop: int
-    batched: bool
-    params: dict[str, Tensor]
-    state: Any
-    bufs: dict[str, Tensor]
-    strengths: dict[str, Tensor]
-    alive: Tensor
-    diverged_at: Tensor
-    hist: Tensor
-    healthy: bool = True
-
-    def take(self, t: Tensor) -> Tensor:
-        return t[self.start : self.stop].clone() if self.batched else t[self.start].clone()
-
-
-def _unsplit(chunks: list[_Chunk], get: Callable[[_Chunk], Any]) -> Any:
-    """Concatenate a pytree over chunks along axis 0 (unbatched chunks get one)."""
-    trees = [get(ch) for ch in chunks]
-    flat = [tree_flatten(t) for t in trees]
-    spec = flat[0][1]
-    leaves = []
-    for i in range(len(flat[0][0])):
-        parts = [
-            f[0][i] if ch.batched else f[0][i].unsqueeze(0)
-            for f, ch in zip(flat, chunks, strict=True)
-        ]
-        leaves.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
-    return tree_unflatten(leaves, spec)
 
 
 # ------------------------------------------------------------- single-model eager step
@@ -760,7 +639,7 @@ class _Run:
             False: one_val,
         }
         self.compiled: dict[bool, Callable[..., Any]] = {}
-        self.chunks: list[_Chunk] = []
+        self.chunks: list[Chunk] = []
         self.plan: list[tuple[int, int]] = []
         self.modes = {m: m.training for m in s.model.modules()}
 
@@ -832,7 +711,7 @@ class _Run:
         hp_all = {n: v.to(s.dev, s.dtype) for n, v in s.grid.items()}
         for a, b in self.plan:
             batched = b - a > 1
-            ch = _Chunk(
+            ch = Chunk(
                 a,
                 b,
                 batched,
@@ -949,14 +828,14 @@ class _Run:
             "elapsed_s": before + time.perf_counter() - s.t_start,
         }
         resume = {
-            "opt_state": tree_flatten(_unsplit(chunks, lambda ch: ch.state))[0],
+            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state))[0],
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
         }
         return SweepResult(
             grid={n: v.clone() for n, v in s.grid.items()},
-            stacked=_unsplit(chunks, lambda ch: ch.params),
-            stacked_buffers=_unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
+            stacked=unsplit(chunks, lambda ch: ch.params),
+            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
             history=history,
             diverged=~torch.cat([ch.alive for ch in chunks]),
             diverged_at=torch.cat([ch.diverged_at for ch in chunks]),
@@ -991,7 +870,7 @@ class _Run:
                         whole_k=WHOLE_GRID_K.get(),
                         compiled=s.compile,
                     )
-                self.plan = _plan_chunks(s.k, size)
+                self.plan = plan_chunks(s.k, size)
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])
                 if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:

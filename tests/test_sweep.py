@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
+from funcreg._chunking import auto_chunk_size
+from funcreg._chunking import plan_chunks as _plan_chunks
 from funcreg._data import batch_order
-from funcreg._sweep import _plan_chunks, auto_chunk_size, eager_step, sweep
+from funcreg._sweep import eager_step, sweep
 from funcreg.optim import adam, sgd
 from funcreg.result import SweepResult
 from funcreg.stack import grid, stack
