@@ -60,15 +60,14 @@ How it runs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import numbers
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +77,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _checks, _flat
+from ._checkpoint import load_checkpoint, save_checkpoint, sweep_identity
 from ._chunking import Chunk, auto_chunk_size, plan_chunks, unsplit
 from ._data import Batch, Data, make_data
 from .optim import Optimizer
@@ -151,86 +151,6 @@ def _resolve_device(model: nn.Module, device: Any) -> torch.device:
     for t in model.parameters():
         return t.device
     return torch.device("cpu")
-
-
-def _describe_optimizer(opt: Optimizer) -> str:
-    """A stable description of a functional optimizer: its settings as given
-    (``Optimizer.config``), else what its ``step`` closes over, and the names it reads."""
-    if opt.config:
-        return "; ".join(
-            [*(f"{k}={v!r}" for k, v in opt.config), f"hyperparams={sorted(opt.hyperparams)}"]
-        )
-    parts = [getattr(opt.step, "__qualname__", type(opt.step).__name__)]
-    code = getattr(opt.step, "__code__", None)
-    cells = getattr(opt.step, "__closure__", None) or ()
-    if code is not None:
-        for name, cell in zip(code.co_freevars, cells, strict=False):
-            try:
-                v = cell.cell_contents
-            except ValueError:
-                continue
-            plain = isinstance(v, bool | int | float | str | None) or (
-                isinstance(v, tuple) and all(isinstance(x, int | float | str) for x in v)
-            )
-            if plain:
-                parts.append(f"{name}={v!r}")
-    parts.append(f"hyperparams={sorted(opt.hyperparams)}")
-    return "; ".join(parts)
-
-
-def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
-    """A SHA-256 of labelled tensors: each label, dtype, shape and the bytes."""
-    h = hashlib.sha256()
-    for label, t in tensors:
-        h.update(f"{label}:{t.dtype}{tuple(t.shape)}:".encode())
-        if t.layout != torch.strided or t.device.type == "meta":
-            h.update(repr(t).encode())  # no plain bytes to hash
-            continue
-        c = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
-        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def _spec_identity(spec: Spec) -> str:
-    """``repr(spec)``, plus a digest of the tensors it holds (``toward=``, ``weight=``), which
-    its repr only names."""
-    found: list[tuple[str, Tensor]] = []
-    for term, pen in spec.items():
-        for f in fields(pen):
-            v = getattr(pen, f.name)
-            if isinstance(v, Tensor):
-                found.append((f"{term}.{f.name}", v))
-            elif isinstance(v, Mapping):
-                found += [(f"{term}.{f.name}[{key}]", v[key]) for key in sorted(v)
-                          if isinstance(v[key], Tensor)]  # fmt: skip
-    return repr(spec) + (f" tensors={_digest(found)}" if found else "")
-
-
-def _check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
-    def refuse(what: str, a: Any, b: Any) -> ValueError:
-        return ValueError(
-            f"checkpoint {os.fspath(path)!r} belongs to a different sweep: the {what} differs "
-            f"(checkpoint: {a!s:.200}; this run: {b!s:.200}). Use another checkpoint path, "
-            "or delete the file to start over."
-        )
-
-    if not isinstance(old, dict):
-        raise ValueError(f"{os.fspath(path)!r} holds no sweep identity; it is not a checkpoint")
-    for key, b in new.items():
-        a = old.get(key)
-        if key == "grid":
-            if not isinstance(a, dict) or list(a) != list(b):
-                raise refuse("grid axes", list(a or {}), list(b))
-            for axis, vb in b.items():
-                va = a[axis]
-                if va.shape != vb.shape or not torch.equal(va.double(), vb.double()):
-                    raise refuse(
-                        f"grid axis {axis!r}",
-                        f"K={va.numel()} {va.tolist()[:6]}",
-                        f"K={vb.numel()} {vb.tolist()[:6]}",
-                    )
-        elif a != b:
-            raise refuse(key, a, b)
 
 
 def _seed(seed: int, device: torch.device) -> None:
@@ -386,23 +306,6 @@ def _initial(
     return stacked_p, stacked_b
 
 
-def _load_checkpoint(
-    ckpt: Path, identity: dict[str, Any], steps: int, model: nn.Module
-) -> SweepResult | None:
-    if not ckpt.exists():
-        return None
-    prev = SweepResult.load(ckpt, model=model)
-    _check_identity(prev.meta.get("identity"), identity, ckpt)
-    if prev.resume is None:
-        raise ValueError(f"checkpoint {os.fspath(ckpt)!r} holds no resume state")
-    if prev.steps > steps:
-        raise ValueError(
-            f"checkpoint {os.fspath(ckpt)!r} has {prev.steps} steps done, more than "
-            f"steps={steps}; ask for at least {prev.steps} steps or delete it"
-        )
-    return prev
-
-
 # ------------------------------------------------------------------------------ sweep
 
 
@@ -539,20 +442,21 @@ def sweep(
     n_steps = int(_positive_int("steps", steps, allow_none=False) or 0)
 
     selected = spec.selected_names(params0)
-    identity = {
-        "model": [[n, list(v.shape), str(v.dtype)] for n, v in {**params0, **fixed0}.items()],
-        "spec": _spec_identity(spec),
-        "grid": {n: v.clone() for n, v in g64.items()},
-        "optimizer": _describe_optimizer(optimizer),
-        "prox": bool(prox),
-        "train": train_data.identity(),
-        "val": None if val_data is None else val_data.identity(),
-        "val_fn": val_fn is not None,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
+    identity = sweep_identity(
+        params0,
+        fixed0,
+        spec,
+        g64,
+        optimizer,
+        prox,
+        train=train_data,
+        val=val_data,
+        has_val_fn=val_fn is not None,
+        batch_size=batch_size,
+        seed=seed,
+    )
     ckpt = None if checkpoint is None else Path(checkpoint)
-    prev = None if ckpt is None else _load_checkpoint(ckpt, identity, n_steps, model)
+    prev = None if ckpt is None else load_checkpoint(ckpt, identity, n_steps, model)
     if prev is not None:
         stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
         stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
@@ -892,7 +796,7 @@ class _Run:
                     n_div = sum(int((~ch.alive).sum()) for ch in self.chunks)
                     bar.status(best_so_far if s.val is not None else None, n_div, s.k)
                 if s.ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
-                    self._snapshot(done).save(s.ckpt)
+                    save_checkpoint(self._snapshot(done), s.ckpt)
             result = self._snapshot(s.steps)
         self._restore_modes()
         return result
