@@ -18,12 +18,14 @@ How it runs
 * **Device**: ``cuda:LOCAL_RANK`` when the backend is NCCL, else the model's device
   (``device=`` overrides).
 * **Shards**: rank ``r`` trains the contiguous models ``shard_bounds(K, W, r)`` (sizes
-  differ by at most one, no padding models) by calling the ordinary ``fr.sweep`` on that
-  slice of the grid (and of ``init=``), with the whole grid's K deciding whether small
-  chunks run vmapped (eager steps on CPU: grids of up to 4 models train one by one, in
-  the shards as in one process). A shard of a single model trains beside a copy of
-  itself, which is dropped, so that it runs vmapped like the others where the one-process
-  sweep vmaps (see "Exactness"; where the grid trains one by one the copy is idle work).
+  differ by at most one, no padding models) as the one-process sweep would train that
+  slice of the grid (and of ``init=``): the same checks (:func:`funcreg._setup.prepare`)
+  and engine (:func:`funcreg._engine.run_local`), given the whole grid's K
+  (``whole_k=K``) to decide whether small chunks run vmapped (eager steps on CPU: grids
+  of up to 4 models train one by one, in the shards as in one process). A shard of a
+  single model trains beside a copy of itself, which is dropped, so that it runs vmapped
+  like the others where the one-process sweep vmaps (see "Exactness"; where the grid
+  trains one by one the copy is idle work).
 * **Gather**: every rank packs its shard's tensors (parameters, buffers, history,
   divergence, optimizer state) into one fixed-size byte tensor, padded to the largest
   shard, and one ``all_gather`` (``gather`` for ``gather_to=0``) moves them; the merged
@@ -86,8 +88,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._sweep import WHOLE_GRID_K
-from ._sweep import sweep as _local_sweep
+from ._engine import run_local
+from ._setup import prepare
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
@@ -454,7 +456,7 @@ def sweep(
     if not distributed or dist.get_world_size() == 1:
         if gather_to not in ("all", 0):
             raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
-        return _local_sweep(model, loss_fn, spec, grid, **sweep_kwargs)
+        return run_local(prepare(model, loss_fn, spec, grid, **sweep_kwargs))
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if gather_to != "all" and not 0 <= int(gather_to) < world:
@@ -492,11 +494,7 @@ def sweep(
         if kw.get("checkpoint") is not None:
             kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
         shard_grid = {n: v[idx] for n, v in g64.items()}
-        token = WHOLE_GRID_K.set(k)
-        try:
-            local = _local_sweep(model, loss_fn, spec, shard_grid, **kw)
-        finally:
-            WHOLE_GRID_K.reset(token)
+        local = run_local(prepare(model, loss_fn, spec, shard_grid, **kw), whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang
