@@ -27,15 +27,18 @@ How it runs
   batch. Any other iterable (a list of batches, a ``DataLoader``) yields batches (a tensor
   or a tuple of tensors) and is re-iterated when exhausted.
 * **Chunks**: the grid runs in chunks of at most ``chunk_size`` models per vmapped call;
-  results equal the unchunked run (bit for bit for plain MLPs whenever every chunk holds
-  >= 2 models, as far as we measured; vmapped train-mode BatchNorm rounds differently with
-  the number of models in a call, and a chunk of one model runs without ``vmap``, with
-  plain autograd — faster — both agreeing to float rounding). ``chunk_size=None``
-  chooses it on CPU (see :func:`~funcreg._chunking.auto_chunk_size`; without
-  ``compile=True`` a grid of up to 4 models trains one by one); on other devices the
-  whole grid runs at once. Bit-for-bit comparisons between two grids need the same kind of
-  chunk for each model: pass ``chunk_size=1``, or a size that leaves no single-model chunk
-  in either grid.
+  results equal the unchunked run to float rounding, and bit for bit where the chunks are
+  the same (the same models in each vmapped call). A model's numbers can depend on how
+  many models share its call: PyTorch's CPU kernels evaluate ``pow``/``exp``/``log``/...
+  with vectorized code on the leading blocks of a tensor and with the C library on its
+  last few elements (one ulp apart at times; a per-model value such as Adam's bias
+  correction takes one route or the other with the chunk's size), vmapped train-mode
+  BatchNorm rounds with the number of models, and a chunk of one model runs without
+  ``vmap``, with plain autograd — faster. ``chunk_size=None`` chooses it on CPU (see
+  :func:`~funcreg._chunking.auto_chunk_size`; without ``compile=True`` a grid of up to 4
+  models trains one by one); on other devices the whole grid runs at once. Bit-for-bit
+  comparisons between two grids need the same chunks for each model, e.g.
+  ``chunk_size=1``.
 * **Divergence**: after every step, a model whose loss, penalty or parameters are
   non-finite is frozen at its last finite parameters (``torch.where`` per model) and
   reported in ``result.diverged`` / ``result.diverged_at``; its history rows become NaN.

@@ -46,30 +46,39 @@ How it runs
 
 Exactness
 ---------
-The merged result equals the one-process sweep of the whole grid with the same seed bit
-for bit (parameters, buffers, history, optimizer state; measured on CPU, gloo, float32 and
-float64): every step is the same per-model computation on the same minibatches (the order
-is seeded by ``(seed, epoch)``, identical on every rank), and a vmapped model's numbers
-need not depend on the other models in its batch. Where they do, the sharded run is an
-equally valid run that agrees to float rounding only, or not at all:
+Every step of a shard is the one-process sweep's per-model computation on the same
+minibatches (the order is seeded by ``(seed, epoch)``, identical on every rank), so the
+merged result (parameters, buffers, history, optimizer state) equals the one-process
+sweep of the whole grid with the same seed:
 
-* **chunks of one model**: a model that the one-process run trains alone without ``vmap``
-  while its shard batches it, or the reverse (``chunk_size=1`` is fine: every model trains
-  alone in both; an odd tail chunk of one model of an explicit or automatic
-  ``chunk_size`` is not). With one chunk per run, the default for small and mid-size
-  models, or chunks of >= 2 models, results are exact; so they are for a CPU grid of up
-  to 4 models, which trains one by one in the shards too;
-* **BatchNorm in train mode**: vmapped ``batch_norm`` rounds differently depending on
-  how many models share the batch (and on the number of threads), so results agree to
-  float rounding; a bias right before a BatchNorm has zero gradient and, under Adam,
-  follows that rounding noise;
-* **randomness inside the model** (dropout): under ``vmap(randomness="different")`` a
-  model's masks depend on the number of models batched with it and on the draws of the
-  chunks before it, so dropout models differ between shardings (each is still a valid run,
-  reproducible for a given world size);
-* **different hardware or kernels** on the ranks than in the reference run (GPU models,
-  library versions): cuBLAS/cuDNN may pick different kernels for different batch sizes;
-  compare on the same setup.
+* **bit for bit, by construction, when every chunk of the sharded run is a chunk of the
+  one-process run** (the same models in one vmapped call, or the same model alone): the
+  same operations then run on tensors of the same shapes. This holds with
+  ``chunk_size=1``, for a CPU grid of up to 4 models without ``compile`` (one by one in
+  the shards too), and for an explicit ``chunk_size`` whose one-process chunks fall on the
+  shard bounds (e.g. ``W`` divides ``K`` and ``chunk_size`` divides ``K // W``);
+* **to float rounding otherwise**: a vmapped model's numbers can depend on how many
+  models share its call. PyTorch's CPU kernels evaluate ``pow``, ``exp``, ``log``,
+  ``tanh``, ... with vectorized (SLEEF) code on the leading blocks of a tensor and with
+  the C library on its last few elements, and the two can differ in the last bit. A
+  per-model value such as Adam's bias correction ``β2**t`` (one element per model of the
+  chunk) takes one route or the other depending on the chunk's size and the model's
+  place in it, so at some steps it differs by one ulp (with AVX2 kernels, float32
+  ``0.999**168``), and the difference grows over training like any rounding difference.
+  Measured with ``examples/distributed_sweep.py --check`` (K=16 over 2 processes,
+  float32, 300 Adam steps): max |Δparam| 3.6e-7 with ``ATEN_CPU_CAPABILITY=avx2``, 0 with
+  AVX-512 kernels (chunks of 16 and 8 both take the scalar route there). A chunk of one
+  model (no ``vmap``, plain autograd) against a vmapped chunk, and train-mode BatchNorm
+  (vmapped ``batch_norm`` rounds with the number of models and threads), differ at the
+  same level; a bias right before a BatchNorm has zero gradient and, under Adam, follows
+  that rounding noise;
+* **not at all** with randomness inside the model (dropout): under
+  ``vmap(randomness="different")`` a model's masks depend on the number of models batched
+  with it and on the draws of the chunks before it, so dropout models differ between
+  shardings (each is still a valid run, reproducible for a given world size);
+* on **different hardware or kernels** on the ranks than in the reference run (GPU
+  models, library versions), cuBLAS/cuDNN may pick different kernels for different batch
+  sizes: compare on the same setup.
 """
 
 from __future__ import annotations
