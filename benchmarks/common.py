@@ -88,7 +88,7 @@ def strengths(k: int) -> np.ndarray:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Any:
     """The permutation of ``epoch``: ``torch.randperm(n)`` from a generator seeded by
-    ``(seed, epoch)`` — the scheme of ``funcreg._sweep.batch_order``, so that ``fr.sweep`` can
+    ``(seed, epoch)`` — the scheme of ``funcreg._data.batch_order``, so that ``fr.sweep`` can
     batch the tensors itself and still see the same batches as everyone else."""
     import torch
 

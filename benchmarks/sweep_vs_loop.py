@@ -229,8 +229,12 @@ def _sweep_module() -> Any:
 def _same_batches(mod: Any, idx: Any, batch_size: int) -> bool:
     """Whether funcreg's own batching (``batch_order``) yields exactly the task's batches."""
     order = getattr(mod, "batch_order", None)
-    if order is None:
-        order = getattr(importlib.import_module("funcreg._sweep"), "batch_order", None)
+    for where in ("funcreg._data", "funcreg._sweep"):  # where it lives, where it lived
+        if order is None:
+            try:
+                order = getattr(importlib.import_module(where), "batch_order", None)
+            except ImportError:
+                continue
     if order is None:
         return False
     per_epoch = common.N_SAMPLES // batch_size

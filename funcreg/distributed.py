@@ -18,12 +18,14 @@ How it runs
 * **Device**: ``cuda:LOCAL_RANK`` when the backend is NCCL, else the model's device
   (``device=`` overrides).
 * **Shards**: rank ``r`` trains the contiguous models ``shard_bounds(K, W, r)`` (sizes
-  differ by at most one, no padding models) by calling the ordinary ``fr.sweep`` on that
-  slice of the grid (and of ``init=``), with the whole grid's K deciding whether small
-  chunks run vmapped (eager steps on CPU: grids of up to 4 models train one by one, in
-  the shards as in one process). A shard of a single model trains beside a copy of
-  itself, which is dropped, so that it runs vmapped like the others where the one-process
-  sweep vmaps (see "Exactness"; where the grid trains one by one the copy is idle work).
+  differ by at most one, no padding models) as the one-process sweep would train that
+  slice of the grid (and of ``init=``): the same checks (:func:`funcreg._setup.prepare`)
+  and engine (:func:`funcreg._engine.run_local`), given the whole grid's K
+  (``whole_k=K``) to decide whether small chunks run vmapped (eager steps on CPU: grids
+  of up to 4 models train one by one, in the shards as in one process). A shard of a
+  single model trains beside a copy of itself, which is dropped, so that it runs vmapped
+  like the others where the one-process sweep vmaps (see "Exactness"; where the grid
+  trains one by one the copy is idle work).
 * **Gather**: every rank packs its shard's tensors (parameters, buffers, history,
   divergence, optimizer state) into one fixed-size byte tensor, padded to the largest
   shard, and one ``all_gather`` (``gather`` for ``gather_to=0``) moves them; the merged
@@ -44,30 +46,39 @@ How it runs
 
 Exactness
 ---------
-The merged result equals the one-process sweep of the whole grid with the same seed bit
-for bit (parameters, buffers, history, optimizer state; measured on CPU, gloo, float32 and
-float64): every step is the same per-model computation on the same minibatches (the order
-is seeded by ``(seed, epoch)``, identical on every rank), and a vmapped model's numbers
-need not depend on the other models in its batch. Where they do, the sharded run is an
-equally valid run that agrees to float rounding only, or not at all:
+Every step of a shard is the one-process sweep's per-model computation on the same
+minibatches (the order is seeded by ``(seed, epoch)``, identical on every rank), so the
+merged result (parameters, buffers, history, optimizer state) equals the one-process
+sweep of the whole grid with the same seed:
 
-* **chunks of one model**: a model that the one-process run trains alone without ``vmap``
-  while its shard batches it, or the reverse (``chunk_size=1`` is fine: every model trains
-  alone in both; an odd tail chunk of one model of an explicit or automatic
-  ``chunk_size`` is not). With one chunk per run, the default for small and mid-size
-  models, or chunks of >= 2 models, results are exact; so they are for a CPU grid of up
-  to 4 models, which trains one by one in the shards too;
-* **BatchNorm in train mode**: vmapped ``batch_norm`` rounds differently depending on
-  how many models share the batch (and on the number of threads), so results agree to
-  float rounding; a bias right before a BatchNorm has zero gradient and, under Adam,
-  follows that rounding noise;
-* **randomness inside the model** (dropout): under ``vmap(randomness="different")`` a
-  model's masks depend on the number of models batched with it and on the draws of the
-  chunks before it, so dropout models differ between shardings (each is still a valid run,
-  reproducible for a given world size);
-* **different hardware or kernels** on the ranks than in the reference run (GPU models,
-  library versions): cuBLAS/cuDNN may pick different kernels for different batch sizes;
-  compare on the same setup.
+* **bit for bit, by construction, when every chunk of the sharded run is a chunk of the
+  one-process run** (the same models in one vmapped call, or the same model alone): the
+  same operations then run on tensors of the same shapes. This holds with
+  ``chunk_size=1``, for a CPU grid of up to 4 models without ``compile`` (one by one in
+  the shards too), and for an explicit ``chunk_size`` whose one-process chunks fall on the
+  shard bounds (e.g. ``W`` divides ``K`` and ``chunk_size`` divides ``K // W``);
+* **to float rounding otherwise**: a vmapped model's numbers can depend on how many
+  models share its call. PyTorch's CPU kernels evaluate ``pow``, ``exp``, ``log``,
+  ``tanh``, ... with vectorized (SLEEF) code on the leading blocks of a tensor and with
+  the C library on its last few elements, and the two can differ in the last bit. A
+  per-model value such as Adam's bias correction ``β2**t`` (one element per model of the
+  chunk) takes one route or the other depending on the chunk's size and the model's
+  place in it, so at some steps it differs by one ulp (with AVX2 kernels, float32
+  ``0.999**168``), and the difference grows over training like any rounding difference.
+  Measured with ``examples/distributed_sweep.py --check`` (K=16 over 2 processes,
+  float32, 300 Adam steps): max |Δparam| 3.6e-7 with ``ATEN_CPU_CAPABILITY=avx2``, 0 with
+  AVX-512 kernels (chunks of 16 and 8 both take the scalar route there). A chunk of one
+  model (no ``vmap``, plain autograd) against a vmapped chunk, and train-mode BatchNorm
+  (vmapped ``batch_norm`` rounds with the number of models and threads), differ at the
+  same level; a bias right before a BatchNorm has zero gradient and, under Adam, follows
+  that rounding noise;
+* **not at all** with randomness inside the model (dropout): under
+  ``vmap(randomness="different")`` a model's masks depend on the number of models batched
+  with it and on the draws of the chunks before it, so dropout models differ between
+  shardings (each is still a valid run, reproducible for a given world size);
+* on **different hardware or kernels** on the ranks than in the reference run (GPU
+  models, library versions), cuBLAS/cuDNN may pick different kernels for different batch
+  sizes: compare on the same setup.
 """
 
 from __future__ import annotations
@@ -86,8 +97,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._sweep import WHOLE_GRID_K
-from ._sweep import sweep as _local_sweep
+from ._engine import run_local
+from ._setup import prepare
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
@@ -454,7 +465,7 @@ def sweep(
     if not distributed or dist.get_world_size() == 1:
         if gather_to not in ("all", 0):
             raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
-        return _local_sweep(model, loss_fn, spec, grid, **sweep_kwargs)
+        return run_local(prepare(model, loss_fn, spec, grid, **sweep_kwargs))
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if gather_to != "all" and not 0 <= int(gather_to) < world:
@@ -492,11 +503,7 @@ def sweep(
         if kw.get("checkpoint") is not None:
             kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
         shard_grid = {n: v[idx] for n, v in g64.items()}
-        token = WHOLE_GRID_K.set(k)
-        try:
-            local = _local_sweep(model, loss_fn, spec, shard_grid, **kw)
-        finally:
-            WHOLE_GRID_K.reset(token)
+        local = run_local(prepare(model, loss_fn, spec, shard_grid, **kw), whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang

@@ -56,7 +56,7 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
     model, by ``torch.autograd``. Terms with a closed form (:meth:`Penalty.closed_form`:
     plain ``L1``, ``L2``) stay out of the autograd graph: their gradients come from one
     ``torch._foreach_add`` over all their parameters and their values from one reduction
-    (:mod:`funcreg._flat`), the same numbers as autograd's (``s·sign(w)``, ``s·w``) for less
+    (:mod:`funcreg._tree`), the same numbers as autograd's (``s·sign(w)``, ``s·w``) for less
     work. The first call checks that the data loss depends on the params it is given (not
     detached, not computed from a module's own weights) and raises, naming ``loss_fn``,
     if it does not."""

@@ -3,7 +3,7 @@
 Every test runs one computation on the CPU and on ``DEVICE`` in float64 and compares the
 results; GPU kernels sum in another order, so the tolerances are float64 round-off, not
 bit equality. The paths that only a GPU takes are all exercised here: the fused
-``torch._foreach_norm`` reductions of ``funcreg._flat`` (the sweep's divergence guard),
+``torch._foreach_norm`` reductions of ``funcreg._tree`` (the sweep's divergence guard),
 whole-grid chunks, CUDA generator seeding, forking and checkpointing, CPU-held ``weight=``
 and ``toward=`` tensors meeting device params, and results that live on the device
 (``best``, ``module``, ``save``/``load``).

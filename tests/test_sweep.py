@@ -14,7 +14,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import funcreg as fr
-from funcreg._sweep import _plan_chunks, auto_chunk_size, batch_order, eager_step, sweep
+from funcreg import sweep
+from funcreg._chunking import auto_chunk_size
+from funcreg._chunking import plan_chunks as _plan_chunks
+from funcreg._data import batch_order
+from funcreg._engine import eager_step
 from funcreg.optim import adam, sgd
 from funcreg.result import SweepResult
 from funcreg.stack import grid, stack
@@ -684,7 +688,7 @@ def test_example_sweep_mlp_runs_small(
 def test_divergence_guard_sees_inf_and_nan_but_not_large_finite_values():
     """The common-path guard (largest magnitude over metrics and params) flags an inf or a
     NaN anywhere, but not finite values whose sum would overflow float32."""
-    from funcreg._sweep import _all_finite, _finite
+    from funcreg._engine import _all_finite, _finite
 
     big = torch.full((4, 3), 3e38)  # Σ overflows float32, max does not
     ok = {"w": big, "b": torch.zeros(3), "empty": torch.zeros(0)}

@@ -1,0 +1,452 @@
+"""The training engine of :func:`fr.sweep <funcreg._sweep.sweep>`: :func:`run_local` trains
+the K models of a checked :class:`~funcreg._setup.Setup` in this process, chunk by chunk
+(:mod:`funcreg._chunking`), with the divergence guard, the compile cache
+(:data:`COMPILED`), periodic evaluation and checkpoints (:mod:`funcreg._checkpoint`), and
+returns their :class:`~funcreg.result.SweepResult`. See ``funcreg._sweep`` for what a run
+guarantees."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from . import _tree as _flat
+from ._checkpoint import save_checkpoint
+from ._chunking import Chunk, auto_chunk_size, plan_chunks, unsplit
+from ._data import Batch
+from ._setup import Setup
+from .optim import Optimizer
+from .penalties import Penalty
+from .progress import Progress
+from .result import SweepResult
+from .spec import Spec
+from .stack import eval_mode
+from .train import train_step
+
+__all__ = ["COMPILED", "CompileCache", "eager_step", "run_local"]
+
+
+def run_local(setup: Setup, whole_k: int | None = None) -> SweepResult:
+    """Train the models of ``setup`` in this process and return their result.
+
+    ``whole_k``: the K of the whole grid when ``setup`` holds one shard of it
+    (:mod:`funcreg.distributed`), so that the shard chooses its chunks as the one-process
+    sweep of the whole grid would (see :func:`~funcreg._chunking.auto_chunk_size`).
+    """
+    return _Run(setup, whole_k).run()
+
+
+def _seed(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator, and a CUDA ``device``'s (its index resolved, see
+    :func:`_rng_devices`): the generators ``fork_rng`` restores after the sweep.
+    ``torch.manual_seed`` would also reseed every other GPU without restoring it, and costs
+    ~0.1 ms per call on a CPU-only build. Other device types keep ``torch.manual_seed``."""
+    if device.type not in ("cpu", "cuda"):
+        torch.manual_seed(seed)
+        return
+    torch.default_generator.manual_seed(seed)
+    for index in _rng_devices(device):
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices ``fork_rng`` saves for a sweep on ``device``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+# ---------------------------------------------------------------------- guard helpers
+
+
+def _keep_view(keep: Tensor, t: Tensor, batched: bool) -> Tensor:
+    return keep.view(-1, *([1] * (t.ndim - 1))) if batched else keep.view(())
+
+
+def _merge(keep: Tensor, new: Any, old: Any, batched: bool) -> Any:
+    return tree_map(lambda n, o: torch.where(_keep_view(keep, n, batched), n, o), new, old)
+
+
+def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor:
+    """Per-model ``(C,)`` bool: the largest magnitude over the model's metrics and params is
+    finite (an inf-norm per tensor: it cannot overflow, and a NaN propagates)."""
+
+    def largest(t: Tensor) -> Tensor:
+        return _flat.largest_abs(t.reshape(t.shape[0], -1), 1) if batched else _flat.largest_abs(t)
+
+    m = largest(mvec)
+    for p in params.values():
+        if p.numel():
+            m = torch.maximum(m, largest(p))
+    return torch.isfinite(m).reshape(-1)
+
+
+def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
+    """``bool(_finite(...).all())`` for the whole chunk at once: the largest magnitude over
+    every tensor (:func:`funcreg._tree.max_abs`), read on the host."""
+    return math.isfinite(_flat.max_abs([mvec, *params.values()]))
+
+
+def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
+    return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
+
+
+# ------------------------------------------------------------- single-model eager step
+
+
+def eager_step(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    optimizer: Optimizer,
+    prox: bool = True,
+) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
+    """:func:`funcreg.train.train_step` for one unbatched model with ``autograd=True``:
+    same signature, the same numbers up to rounding, less per-step overhead on CPU.
+    ``fr.sweep`` runs chunks of one model with it."""
+    return train_step(loss_fn, spec, optimizer, prox, autograd=True)
+
+
+# ------------------------------------------------------------------------ compile cache
+
+
+class CompileCache:
+    """The ``torch.compile``d chunk steps of ``compile=True`` sweeps, kept between calls.
+
+    Lifetime: one instance per process (:data:`COMPILED`, created when the module is
+    imported), so calling ``sweep`` again with the same ``loss_fn``, spec and optimizer
+    objects reuses their compiled graphs instead of compiling again (10-80 s on CPU).
+    Key: the identities of ``(loss_fn, spec, optimizer)`` with ``prox``, the dtype and
+    whether the step is vmapped. An entry holds its key objects alive, so their ids cannot
+    be reused by other objects while it lives. Bound: at most ``max_entries`` entries; the
+    least recently used is evicted first (with its graph and key objects). :meth:`clear`
+    empties it.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> Callable[..., Any] | None:
+        """The compiled step for ``key`` (now the most recently used), or ``None``."""
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        self._entries.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: Hashable, fn: Callable[..., Any], keep_alive: tuple[Any, ...]) -> None:
+        """Store ``fn`` under ``key``, holding ``keep_alive`` (the objects whose ids are in
+        the key) until the entry is evicted."""
+        self._entries[key] = (fn, keep_alive)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+COMPILED = CompileCache()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """One sweep's training loop over chunks of models."""
+
+    def __init__(self, s: Setup, whole_k: int | None = None) -> None:
+        self.s = s
+        self.whole_k = whole_k
+        loss_fn, val_fn, dtype, names = s.loss_fn, s.val_fn, s.dtype, s.metric_names
+
+        def wrapped(p: dict[str, Tensor], bufs: dict[str, Tensor], *batch: Tensor) -> Tensor:
+            return loss_fn({**p, **bufs}, *batch)  # a new dict: the loss may change it
+
+        def with_metric_vector(step: Callable[..., Any]) -> Callable[..., Any]:
+            def one(
+                p: dict[str, Tensor], st: Any, bufs: dict[str, Tensor], hp: Any, b: Batch
+            ) -> tuple[dict[str, Tensor], Any, Tensor]:
+                new_p, new_s, metrics = step(p, st, hp, bufs, *b)
+                return new_p, new_s, torch.stack([metrics[m].to(dtype) for m in names])
+
+            return one
+
+        one = with_metric_vector(train_step(wrapped, s.spec, s.optimizer, prox=s.prox))
+        one_eager = with_metric_vector(eager_step(wrapped, s.spec, s.optimizer, prox=s.prox))
+
+        def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
+            full = {**p, **bufs}
+            vals = [loss_fn(full, *b).to(dtype)]
+            if val_fn is not None:
+                vals.append(torch.as_tensor(val_fn(full, *b)).to(dtype))
+            return torch.stack(vals)
+
+        self.wrapped = wrapped
+        self.fns: dict[bool, Callable[..., Any]] = {
+            True: vmap(one, in_dims=(0, 0, 0, 0, None), randomness="different"),
+            False: one if s.compile else one_eager,
+        }
+        self.val_fns: dict[bool, Callable[..., Any]] = {
+            True: vmap(one_val, in_dims=(0, 0, None), randomness="different"),
+            False: one_val,
+        }
+        self.compiled: dict[bool, Callable[..., Any]] = {}
+        self.chunks: list[Chunk] = []
+        self.plan: list[tuple[int, int]] = []
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _guarded(self, batched: bool) -> Callable[..., Any]:
+        """The compiled chunk step: vmapped step + divergence guard in one graph, from
+        :data:`COMPILED` when the same objects were compiled before."""
+        s = self.s
+        key = (id(s.loss_fn), id(s.spec), id(s.optimizer), s.prox, s.dtype, batched)
+        hit = COMPILED.get(key)
+        if hit is not None:
+            return hit
+        fn = self.fns[batched]
+
+        def run(p: Any, st: Any, bufs: Any, hp: Any, alive: Tensor, b: Batch) -> Any:
+            old_b = {n: v.clone() for n, v in bufs.items()}
+            new_p, new_s, mvec = fn(p, st, bufs, hp, b)
+            keep = alive & _finite(mvec, new_p, batched)
+            return (
+                _merge(keep, new_p, p, batched),
+                _merge(keep, new_s, st, batched),
+                _merge(keep, bufs, old_b, batched),
+                _mask(keep, mvec, batched),
+                keep,
+            )
+
+        compiled = torch.compile(run, fullgraph=True)
+        COMPILED.put(key, compiled, (s.loss_fn, s.spec, s.optimizer))
+        return compiled
+
+    def _history(self) -> None:
+        s, prev, k = self.s, self.s.prev, self.s.k
+        start = 0 if prev is None else prev.steps
+        n_prev = 0 if prev is None else int(prev.history["eval_step"].numel())
+        self.eval_at = {
+            t for t in range(start + 1, s.steps + 1) if t % s.eval_every == 0 or t == s.steps
+        }
+        n_eval = n_prev + len(self.eval_at)
+        n_val = 0 if s.val is None else (2 if s.val_fn is not None else 1)
+        nan = math.nan
+        self.hist = torch.full((s.steps, k, len(s.metric_names)), nan, dtype=s.dtype, device=s.dev)
+        self.eval_steps = torch.zeros(n_eval, dtype=torch.int64)
+        self.val_hist = torch.full((n_eval, k, n_val), nan, dtype=s.dtype, device=s.dev)
+        self.zeros = {n: torch.zeros(n_eval, k, device=s.dev) for n in s.selected}
+        self.e_index = n_prev
+        self.start = start
+        if prev is None:
+            return
+        h = prev.history
+        for j, m in enumerate(s.metric_names):
+            self.hist[:start, :, j] = h[m].to(s.dev, s.dtype)
+        self.eval_steps[:n_prev] = h["eval_step"]
+        for j, m in enumerate(("val_loss", "val_metric")[:n_val]):
+            self.val_hist[:n_prev, :, j] = h[m].to(s.dev, s.dtype)
+        for n in s.selected:
+            self.zeros[n][:n_prev] = h["zeros"][n].to(s.dev)
+
+    def _make_chunks(self) -> None:
+        s, prev = self.s, self.s.prev
+        alive = torch.ones(s.k, dtype=torch.bool, device=s.dev)
+        div_at = torch.full((s.k,), -1, dtype=torch.int64, device=s.dev)
+        if prev is not None:
+            alive, div_at = ~prev.diverged.to(s.dev), prev.diverged_at.to(s.dev)
+        hp_all = {n: v.to(s.dev, s.dtype) for n, v in s.grid.items()}
+        for a, b in self.plan:
+            batched = b - a > 1
+            ch = Chunk(
+                a,
+                b,
+                batched,
+                {},
+                None,
+                {},
+                {},
+                alive[a:b].clone(),
+                div_at[a:b].clone(),
+                self.hist[:, a:b] if batched else self.hist[:, a],
+            )
+            ch.params = {n: ch.take(v) for n, v in s.stacked_p.items()}
+            ch.bufs = {n: ch.take(v) for n, v in s.stacked_b.items()}
+            ch.strengths = {n: v[a:b] if batched else v[a] for n, v in hp_all.items()}
+            init = vmap(s.optimizer.init) if batched else s.optimizer.init
+            ch.state = tree_map(Tensor.contiguous, init(ch.params))  # no 0-stride leaves
+            ch.healthy = bool(ch.alive.all())
+            if prev is not None and prev.resume is not None:
+                saved = prev.resume["opt_state"]
+                leaves, tspec = tree_flatten(ch.state)
+                if len(leaves) != len(saved):
+                    raise ValueError(
+                        f"checkpoint {os.fspath(s.ckpt or '')!r}: the optimizer state has "
+                        f"{len(saved)} tensors, this optimizer has {len(leaves)}"
+                    )
+                restored = [
+                    ch.take(v.to(s.dev)).to(o.dtype) for v, o in zip(saved, leaves, strict=True)
+                ]
+                ch.state = tree_unflatten(restored, tspec)
+            self.chunks.append(ch)
+
+    def _train_step(self, t: int, batch: Batch) -> None:
+        for ch in self.chunks:
+            if self.s.compile:
+                if ch.batched not in self.compiled:
+                    self.compiled[ch.batched] = self._guarded(ch.batched)
+                ch.params, ch.state, ch.bufs, mvec, keep = self.compiled[ch.batched](
+                    ch.params, ch.state, ch.bufs, ch.strengths, ch.alive, batch
+                )
+                ch.diverged_at = torch.where(ch.alive & ~keep, t, ch.diverged_at)
+                ch.alive = keep
+            else:
+                old_b = {n: v.clone() for n, v in ch.bufs.items()}  # BatchNorm updates in place
+                new_p, new_s, mvec = self.fns[ch.batched](
+                    ch.params, ch.state, ch.bufs, ch.strengths, batch
+                )
+                if ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
+                    ch.params, ch.state = new_p, new_s
+                else:
+                    ok = _finite(mvec, new_p, ch.batched)
+                    keep = ch.alive & ok
+                    ch.params = _merge(keep, new_p, ch.params, ch.batched)
+                    ch.state = _merge(keep, new_s, ch.state, ch.batched)
+                    ch.bufs = _merge(keep, ch.bufs, old_b, ch.batched)
+                    mvec = _mask(keep, mvec, ch.batched)
+                    ch.diverged_at = torch.where(ch.alive & ~keep, t, ch.diverged_at)
+                    ch.alive = keep
+                    ch.healthy = False
+            ch.hist[t].copy_(mvec)
+
+    @torch.no_grad()
+    def _evaluate(self, done: int) -> float | None:
+        """Record validation values and exact-zero fractions; the best val loss now."""
+        s, e = self.s, self.e_index
+        self.eval_steps[e] = done
+        best: float | None = None
+        if s.val is not None:
+            with eval_mode(s.model):  # each validation batch is read once, for every chunk
+                acc: list[Tensor | float] = [0.0] * len(self.chunks)
+                weight = 0
+                for b in s.val.iter_batches():
+                    w = int(b[0].shape[0]) if b[0].ndim else 1
+                    for j, ch in enumerate(self.chunks):
+                        acc[j] = acc[j] + self.val_fns[ch.batched](ch.params, ch.bufs, b) * w
+                    weight += w
+                for ch, total in zip(self.chunks, acc, strict=True):
+                    row = _mask(ch.alive, torch.as_tensor(total) / weight, ch.batched)
+                    self.val_hist[e, ch.start : ch.stop] = row.view(ch.stop - ch.start, -1)
+            v = self.val_hist[e, :, 0]
+            best = float(torch.where(torch.isnan(v), math.inf, v).min())
+        for n in s.selected:
+            for ch in self.chunks:
+                p = ch.params[n].reshape(ch.stop - ch.start, -1)
+                self.zeros[n][e, ch.start : ch.stop] = (p == 0).float().mean(1)
+        self.e_index += 1
+        return best
+
+    def _snapshot(self, done: int) -> SweepResult:
+        s, e, names = self.s, self.e_index, self.s.metric_names
+        chunks = self.chunks
+        history: dict[str, Any] = {m: self.hist[:done, :, j].clone() for j, m in enumerate(names)}
+        history["eval_step"] = self.eval_steps[:e].clone()
+        if s.val is not None:
+            history["val_loss"] = self.val_hist[:e, :, 0].clone()
+            if s.val_fn is not None:
+                history["val_metric"] = self.val_hist[:e, :, 1].clone()
+        history["zeros"] = {n: z[:e].clone() for n, z in self.zeros.items()}
+        before = 0.0 if s.prev is None else float(s.prev.meta.get("elapsed_s", 0.0))
+        meta = {
+            "identity": s.identity,
+            "metrics": list(names),
+            "selected": list(s.selected),
+            "eval_every": s.eval_every,
+            "chunks": [[a, b] for a, b in self.plan],
+            "compile": s.compile,
+            "device": str(s.dev),
+            "elapsed_s": before + time.perf_counter() - s.t_start,
+        }
+        resume = {
+            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state))[0],
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
+        }
+        return SweepResult(
+            grid={n: v.clone() for n, v in s.grid.items()},
+            stacked=unsplit(chunks, lambda ch: ch.params),
+            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
+            history=history,
+            diverged=~torch.cat([ch.alive for ch in chunks]),
+            diverged_at=torch.cat([ch.diverged_at for ch in chunks]),
+            steps=done,
+            meta=meta,
+            resume=resume,
+            model=s.model,
+        )
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> SweepResult:
+        s = self.s
+        self._history()
+        with contextlib.ExitStack() as stack_:
+            stack_.enter_context(torch.random.fork_rng(devices=_rng_devices(s.dev)))
+            _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
+            first = s.train.batch(self.start)
+            size = s.chunk_size
+            resumed = {} if s.prev is None else s.prev.meta
+            # a merged distributed result records its shards' plans: re-plan for one process
+            planned = None if "distributed" in resumed else resumed.get("chunks")
+            if size is None and planned:  # a resumed run keeps the plan it started with
+                self.plan = [(int(a), int(b)) for a, b in planned]
+            else:
+                if size is None:  # the probe forward may draw random numbers: reseed after
+                    b0 = {n: v[0].clone() for n, v in s.stacked_b.items()}
+                    p0 = {n: v[0] for n, v in s.stacked_p.items()}
+                    size = auto_chunk_size(
+                        lambda: self.wrapped(p0, b0, *first),
+                        s.k,
+                        s.dev,
+                        whole_k=self.whole_k,
+                        compiled=s.compile,
+                    )
+                self.plan = plan_chunks(s.k, size)
+            if s.prev is not None and s.prev.resume is not None:
+                torch.set_rng_state(s.prev.resume["rng"])
+                if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(s.prev.resume["cuda_rng"], s.dev)
+            else:
+                _seed(s.seed, s.dev)
+            self._make_chunks()
+
+            bar = stack_.enter_context(Progress(s.steps, self.start, enabled=s.progress))
+            best_so_far = math.inf
+            for t in range(self.start, s.steps):
+                self._train_step(t, s.train.batch(t))
+                bar.update(1)
+                done = t + 1
+                if done in self.eval_at:
+                    best = self._evaluate(done)
+                    if best is not None:
+                        best_so_far = min(best_so_far, best)
+                    n_div = sum(int((~ch.alive).sum()) for ch in self.chunks)
+                    bar.status(best_so_far if s.val is not None else None, n_div, s.k)
+                if s.ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
+                    save_checkpoint(self._snapshot(done), s.ckpt)
+            result = self._snapshot(s.steps)
+        return result

@@ -1,0 +1,288 @@
+"""The arguments of :func:`fr.sweep <funcreg._sweep.sweep>`, checked and resolved into a
+:class:`Setup` (:func:`prepare`) before any training: the grid against the spec and the
+optimizer, the model's trained and carried tensors, every model's init, the data, the
+training length and, when a checkpoint exists, the run it resumes. Both the one-process
+sweep and each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
+:func:`funcreg._engine.run_local`."""
+
+from __future__ import annotations
+
+import numbers
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from ._checkpoint import load_checkpoint, sweep_identity
+from ._data import Data, make_data
+from .optim import Optimizer
+from .penalties import Penalty
+from .result import SweepResult
+from .spec import Spec, as_spec
+from .stack import build_grid, check_stacked, split_module, stack
+
+__all__ = ["Setup", "prepare"]
+
+
+@dataclass
+class Setup:
+    """Everything ``sweep`` validated and resolved before training starts: the input of
+    :func:`funcreg._engine.run_local`."""
+
+    model: nn.Module
+    loss_fn: Callable[..., Tensor]
+    val_fn: Callable[..., Tensor] | None
+    spec: Spec
+    optimizer: Optimizer
+    prox: bool
+    compile: bool
+    progress: bool
+    seed: int
+    grid: dict[str, Tensor]  # float64, CPU
+    k: int
+    dev: torch.device
+    dtype: torch.dtype
+    params0: dict[str, Tensor]  # one model: trained params
+    fixed0: dict[str, Tensor]  # one model: buffers and frozen params
+    stacked_p: dict[str, Tensor]
+    stacked_b: dict[str, Tensor]
+    train: Data
+    val: Data | None
+    steps: int
+    eval_every: int
+    checkpoint_every: int
+    chunk_size: int | None
+    metric_names: tuple[str, ...]
+    selected: list[str]
+    identity: dict[str, Any]
+    ckpt: Path | None
+    prev: SweepResult | None
+    t_start: float
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
+    strengths = set(spec.strength_names)
+    hyper = set(optimizer.hyperparams)
+    allowed = [*spec.strength_names, *sorted(hyper)]
+    for name in grid:
+        if name in strengths or name in hyper:
+            continue
+        if name in spec:
+            raise ValueError(
+                f"grid axis {name!r} names the constraint term {name!r}, which takes no "
+                "strength; remove it from the grid"
+            )
+        near = _checks.closest(name, allowed, 1)
+        raise ValueError(
+            f"grid axis {name!r} names no spec term and no optimizer hyperparameter "
+            f"(terms: {sorted(strengths)}, optimizer reads: {sorted(hyper)}). Did you mean "
+            f"{near[0] if near else None!r}? To sweep a learning rate, build the optimizer "
+            f'with a name, e.g. fr.optim.adam(lr="lr"), and add lr=[...] to the grid'
+        )
+    missing = [n for n in allowed if n not in grid]
+    if missing:
+        raise ValueError(
+            f"the grid has no value for {missing}; add them, e.g. fr.grid(..., "
+            f"{missing[0]}=1e-4) (a scalar is shared by all models)"
+        )
+
+
+def _check_prox_steps(spec: Spec, optimizer: Optimizer, grid: Mapping[str, Tensor]) -> None:
+    """Every learning rate of the grid gives a defined prox step (MCP needs lr < gamma, ...)."""
+    lr = optimizer.learning_rate(grid)
+    values = sorted(set(lr.reshape(-1).tolist())) if isinstance(lr, Tensor) else [float(lr)]
+    for term, pen in spec.nonsmooth().items():
+        for v in values:
+            try:
+                pen.check_step(v)
+            except ValueError as e:
+                raise ValueError(f"sweep: term {term!r}: {e}") from None
+
+
+def _resolve_device(model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _split_model(
+    model: nn.Module, dev: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(trained, carried)`` on ``dev`` (see :func:`funcreg.stack.split_module`)."""
+    params0, fixed0 = split_module(model)
+    if not params0:
+        raise ValueError("sweep: the model has no floating-point parameter to train")
+    return {n: v.to(dev) for n, v in params0.items()}, {n: v.to(dev) for n, v in fixed0.items()}
+
+
+def _initial(
+    init: Any, params0: dict[str, Tensor], fixed0: dict[str, Tensor], k: int, dev: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Stacked ``(params, buffers)`` every model starts from."""
+    if init is None:
+        return stack(params0, k), stack(fixed0, k)
+    init_p, init_b = init if isinstance(init, tuple) else (init, {})
+    frozen = [n for n in init_p if n not in params0 and n in fixed0]
+    if frozen:  # fr.stack_modules / fr.stack list frozen parameters with the trained ones
+        init_b = {**{n: init_p[n] for n in frozen}, **init_b}
+        init_p = {n: v for n, v in init_p.items() if n not in frozen}
+    check_stacked(init_p, k, "init")
+    check_stacked(init_b, k, "init buffers")
+    if list(init_p) != list(params0):
+        raise ValueError(
+            f"sweep: init has params {_checks._names(init_p)}, the model trains "
+            f"{_checks._names(params0)}; give exactly the model's trainable parameters"
+        )
+    for n, v in init_p.items():
+        if tuple(v.shape[1:]) != tuple(params0[n].shape):
+            raise ValueError(
+                f"sweep: init[{n!r}] is {tuple(v.shape)}, expected (K={k}, "
+                f"*{tuple(params0[n].shape)})"
+            )
+    unknown = [n for n in init_b if n not in fixed0]
+    if unknown:
+        raise ValueError(f"sweep: init buffers {unknown} are not buffers of the model")
+    stacked_p = {n: v.detach().to(dev, params0[n].dtype).clone() for n, v in init_p.items()}
+    stacked_b = stack(fixed0, k)
+    for n, v in init_b.items():
+        stacked_b[n] = v.detach().to(dev, fixed0[n].dtype).clone()
+    return stacked_p, stacked_b
+
+
+def prepare(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    *,
+    train: Any,
+    val: Any = None,
+    optimizer: Optimizer,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    prox: bool = True,
+    eval_every: int | None = None,
+    chunk_size: int | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    device: torch.device | str | None = None,
+    val_fn: Callable[..., Tensor] | None = None,
+    init: Any = None,
+) -> Setup:
+    """Check ``fr.sweep``'s arguments (same names and meanings) and resolve them into the
+    :class:`Setup` of one run, loading the checkpoint it resumes, if any."""
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sweep: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"sweep: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if val_fn is not None and not callable(val_fn):
+        raise TypeError(f"sweep: val_fn must be callable, got {type(val_fn).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "sweep: optimizer must be a functional optimizer such as fr.optim.adam(1e-3), "
+            f"got {type(optimizer).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"sweep: seed must be an int >= 0, got {seed!r}")
+    seed = int(seed)
+    spec = as_spec(spec)
+    if not isinstance(grid, Mapping):
+        raise TypeError(
+            f"sweep: grid must be a dict of axes as from fr.grid(...), got {type(grid).__name__}"
+        )
+    g64 = build_grid(grid, product=False, dtype=torch.float64)
+    k = next(iter(g64.values())).numel()
+    _check_axes(g64, spec, optimizer)
+    dev = _resolve_device(model, device)
+    params0, fixed0 = _split_model(model, dev)
+    spec.validate(params0, g64)
+    if prox:
+        _check_prox_steps(spec, optimizer, g64)
+    stacked_p, stacked_b = _initial(init, params0, fixed0, k, dev)
+
+    batch_size = _positive_int("batch_size", batch_size)
+    train_data = make_data(train, "train", batch_size, seed, dev)
+    val_data = None if val is None else make_data(val, "val", batch_size, seed, dev)
+    if val_fn is not None and val_data is None:
+        raise ValueError("sweep: val_fn= needs validation data (val=)")
+    if (steps is None) == (epochs is None):
+        raise ValueError("sweep: give exactly one of steps= or epochs=")
+    if steps is None:
+        steps = int(_positive_int("epochs", epochs, allow_none=False) or 0) * len(train_data)
+    n_steps = int(_positive_int("steps", steps, allow_none=False) or 0)
+
+    selected = spec.selected_names(params0)
+    identity = sweep_identity(
+        params0,
+        fixed0,
+        spec,
+        g64,
+        optimizer,
+        prox,
+        train=train_data,
+        val=val_data,
+        has_val_fn=val_fn is not None,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    prev = None if ckpt is None else load_checkpoint(ckpt, identity, n_steps, model)
+    if prev is not None:
+        stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
+        stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
+
+    return Setup(
+        model=model,
+        loss_fn=loss_fn,
+        val_fn=val_fn,
+        spec=spec,
+        optimizer=optimizer,
+        prox=bool(prox),
+        compile=bool(compile),
+        progress=bool(progress),
+        seed=seed,
+        grid=g64,
+        k=k,
+        dev=dev,
+        dtype=next(iter(params0.values())).dtype,
+        params0=params0,
+        fixed0=fixed0,
+        stacked_p=stacked_p,
+        stacked_b=stacked_b,
+        train=train_data,
+        val=val_data,
+        steps=n_steps,
+        eval_every=_positive_int("eval_every", eval_every)
+        or (prev.meta.get("eval_every") if prev is not None else None)  # the run's cadence
+        or max(1, n_steps // 20),
+        checkpoint_every=_positive_int("checkpoint_every", checkpoint_every)
+        or max(1, n_steps // 10),
+        chunk_size=_positive_int("chunk_size", chunk_size),
+        metric_names=("loss", "penalty", *spec),
+        selected=selected,
+        identity=identity,
+        ckpt=ckpt,
+        prev=prev,
+        t_start=t_start,
+    )
