@@ -9,6 +9,7 @@ import importlib.metadata as _metadata
 from . import distributed, optim, plot, prox
 from ._path import geometric_grid, path, strength_max
 from ._sweep import sweep
+from .declare import regularize, spec_of
 from .eager import (
     buffers,
     from_keras,
@@ -19,6 +20,7 @@ from .eager import (
     penalty,
     prox_,
 )
+from .hooks import Attached, attach
 from .penalties import (
     L1,
     L2,
@@ -60,6 +62,10 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.0.0"
 
 __all__ = [
+    "Attached",
+    "attach",
+    "regularize",
+    "spec_of",
     "distributed",
     "path",
     "cross_validate",

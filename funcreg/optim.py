@@ -329,6 +329,7 @@ def prox_steps(
     conditions of ``loss + Σ s_k Ω_k`` for separable ``Ω`` (L1: ``|∂_i loss| ≤ s`` where
     ``w_i = 0``, ``∂_i loss = -s·sign(w_i)`` elsewhere), whatever the preconditioner.
     """
+    hyper = {} if hyper is None else hyper
     lr = optimizer.learning_rate(hyper)
     if optimizer.metric is None:
         return lr

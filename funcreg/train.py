@@ -39,8 +39,7 @@ from torch.func import grad
 from . import _checks
 from ._foreach import eager_update
 from .optim import Optimizer, prox_steps
-from .penalties import MCP, SCAD
-from .penalties import Penalty
+from .penalties import MCP, SCAD, Penalty
 from .spec import Spec, _strength, as_spec, penalized
 
 Step = Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]
@@ -59,7 +58,12 @@ def split_spec(spec: Spec | Mapping[str, Penalty], prox: bool) -> tuple[Spec, Sp
     return Spec({k: v for k, v in spec.items() if not v.is_constraint}), Spec(constraints)
 
 
-def check_metric_prox(where: str, prox_part: Spec, adaptive: bool) -> None:
+def check_metric_prox(
+    where: str,
+    prox_part: Spec,
+    adaptive: bool,
+    fix: str = "wrap the optimizer as fr.optim.decoupled(optimizer) (prox step lr) or use sgd",
+) -> None:
     """Refuse MCP/SCAD terms applied by prox under a per-coordinate (adaptive) metric."""
     if not adaptive:
         return
@@ -68,8 +72,7 @@ def check_metric_prox(where: str, prox_part: Spec, adaptive: bool) -> None:
             raise ValueError(
                 f"{where}: term {term!r} ({type(pen).__name__}) has a prox only for steps below "
                 f"its concavity, and an adaptive optimizer's per-coordinate prox steps "
-                "lr/(sqrt(v)+eps) are unbounded; wrap the optimizer as "
-                "fr.optim.decoupled(optimizer) (prox step lr) or use sgd"
+                f"lr/(sqrt(v)+eps) are unbounded; {fix}"
             )
 
 
