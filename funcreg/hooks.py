@@ -81,13 +81,20 @@ class Attached:
             "fr.attach", value, self.spec.strength_names, self.spec.known_terms
         )
 
-    @torch.no_grad()
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.add_smooth_gradient(self._smooth)
+
+    @torch.no_grad()
+    def add_smooth_gradient(self, part: Spec | None = None) -> None:
+        """Add ``s_k ∇Ω_k`` of the smooth terms (``part``: default all of the spec's) to the
+        parameters' ``.grad``, at this step's strengths: what the pre-step hook does, for
+        loops whose step computes the gradients itself (a closure, as Lightning's)."""
+        part = self.spec.smooth() if part is None else part
         self.strengths = self._strengths_at(self.step)
-        names = self._smooth.selected_names(self._params)
+        names = part.selected_names(self._params)
         with torch.enable_grad():
             leaves = {n: p.detach().requires_grad_() for n, p in self._params.items()}
-            total = self._smooth(leaves, self.strengths)
+            total = part(leaves, self.strengths)
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return
             grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
@@ -102,7 +109,7 @@ class Attached:
 
     @torch.no_grad()
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not len(self._smooth):
+        if not len(self._smooth):  # else read by the pre-step hook
             self.strengths = self._strengths_at(self.step)
         if len(self._prox):
             live = {n: p.detach() for n, p in self._params.items()}
