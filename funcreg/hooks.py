@@ -53,8 +53,10 @@ class Attached:
         params: dict[str, nn.Parameter],
         smooth: str,
         metric: str,
+        model: nn.Module,
     ) -> None:
         self.optimizer = optimizer
+        self.model = model
         self.spec = spec
         self.step = 0
         self._schedule = strengths
@@ -69,7 +71,26 @@ class Attached:
         self.strengths = self._strengths_at(0)
 
     # -- the hooks --------------------------------------------------------------------
+    def _check_params(self) -> None:
+        """The selected params are still the model's, and trainable."""
+        now = dict(self.model.named_parameters())
+        for term, names in self.spec.selection(self._params).items():
+            for n in names:
+                if now.get(n) is not self._params[n]:
+                    raise ValueError(
+                        f"fr.attach: term {term!r} was attached to parameter {n!r}, which is no "
+                        "longer a parameter of the model (deleted or replaced); call "
+                        "handle.remove() and fr.attach again"
+                    )
+                if not self._params[n].requires_grad:
+                    raise ValueError(
+                        f"fr.attach: term {term!r} selects {n!r}, which was frozen "
+                        "(requires_grad=False) after attach; call handle.remove() and attach "
+                        "a spec that leaves it out"
+                    )
+
     def _strengths_at(self, step: int) -> dict[str, Any]:
+        self._check_params()
         value = self._schedule(step) if callable(self._schedule) else self._schedule
         if not isinstance(value, Mapping):
             raise TypeError(
@@ -241,4 +262,4 @@ def attach(
     check_metric_prox(
         "fr.attach", prox_part, adaptive, "pass metric='decoupled' (prox step lr) or use SGD"
     )
-    return Attached(optimizer, spec, strengths, params, smooth, metric)
+    return Attached(optimizer, spec, strengths, params, smooth, metric, model)

@@ -147,3 +147,20 @@ def test_attach_errors_name_the_fix():
         fr.attach(torch.optim.Adam(net.parameters()), {"m": fr.MCP()}, {"m": 0.1}, model=net)
     with pytest.raises(TypeError, match=r"torch.optim.Optimizer.*fr.train_step"):
         fr.attach(fr.optim.sgd(lr=0.1), None, strengths, model=net)  # type: ignore[arg-type]
+
+
+def test_frozen_or_deleted_after_attach_is_named():
+    x, y = _data()
+    net = _net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    handle = fr.attach(sgd, None, {"l1": 0.1, "l2": 0.1}, model=net)
+    net[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'0.weight', which was frozen.*handle.remove\(\)"):
+        _stock_steps(net, sgd, x, y, 1)
+    handle.remove()
+    net = _net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    fr.attach(sgd, None, {"l1": 0.1, "l2": 0.1}, model=net)
+    net[0].weight = nn.Parameter(net[0].weight.detach().clone())
+    with pytest.raises(ValueError, match=r"parameter '0.weight', which is no longer a parameter"):
+        _stock_steps(net, sgd, x, y, 1)
