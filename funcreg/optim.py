@@ -70,7 +70,8 @@ class Optimizer(NamedTuple):
             names in :attr:`hyperparameters` (may be omitted when there are none).
         hyperparams: the names this optimizer reads from ``hyper`` (empty when all are numbers).
         learning_rate: ``hyper -> lr``, the learning rate a step uses (resolved from ``hyper``
-            when it was given by name); proximal training uses it for ``prox(w, lr * strength)``.
+            when it was given by name); proximal training takes its prox step from it
+            (:func:`prox_steps`: ``lr``, or ``lr / d`` with a :attr:`metric`).
         config: the optimizer's name and settings as given (numbers or names), e.g.
             ``(("name", "adam"), ("lr", "lr"), ("betas", (0.9, 0.999)), ...)``; checkpoints
             use it to recognise the same optimizer.
@@ -545,7 +546,9 @@ def adam(
             by Adam; use :func:`adamw` for decoupled decay).
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An :class:`Optimizer` whose state is :class:`AdamState`, with the metric
+        ``d = sqrt(v̂) + ε`` (:func:`adam_metric`): proximal training thresholds at
+        ``lr·s/d`` per coordinate (:func:`prox_steps`; :func:`decoupled` for ``lr·s``).
     """
     return _adam_like("adam", lr, betas, eps, weight_decay, decoupled=False)
 
@@ -572,6 +575,7 @@ def adamw(
         weight_decay: decoupled decay ``λ >= 0``; each step shrinks ``w`` by ``γ λ w``.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An :class:`Optimizer` whose state is :class:`AdamState`, with Adam's metric (see
+        :func:`adam`): the penalties of a spec are *not* decoupled like ``weight_decay``.
     """
     return _adam_like("adamw", lr, betas, eps, weight_decay, decoupled=True)
