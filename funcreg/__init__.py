@@ -6,7 +6,7 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 
 import importlib.metadata as _metadata
 
-from . import activity, distributed, optim, plot, prox
+from . import activity, distributed, keras, optim, plot, prox
 from ._path import geometric_grid, path, strength_max
 from ._sweep import sweep
 from .declare import regularize, spec_of
@@ -62,6 +62,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.0.0"
 
 __all__ = [
+    "keras",
     "activity",
     "Attached",
     "attach",
