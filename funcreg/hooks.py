@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
+from .declare import spec_of
 from .spec import Spec, as_spec
 from .train import check_metric_prox
 
@@ -220,8 +221,6 @@ def attach(
     Returns:
         An :class:`Attached` handle.
     """
-    from .declare import spec_of
-
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"fr.attach: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
