@@ -6,9 +6,10 @@ call time, so ``torch.func.grad``/``vmap`` train many strengths at once.
 
 import importlib.metadata as _metadata
 
-from . import distributed, optim, plot, prox
+from . import activity, distributed, keras, optim, plot, prox
 from ._path import geometric_grid, path, strength_max
 from ._sweep import sweep
+from .declare import regularize, spec_of
 from .eager import (
     buffers,
     from_keras,
@@ -19,6 +20,7 @@ from .eager import (
     penalty,
     prox_,
 )
+from .hooks import Attached, attach
 from .penalties import (
     L1,
     L2,
@@ -60,6 +62,12 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.0.0"
 
 __all__ = [
+    "keras",
+    "activity",
+    "Attached",
+    "attach",
+    "regularize",
+    "spec_of",
     "distributed",
     "path",
     "cross_validate",

@@ -79,7 +79,9 @@ def prox_(
     ``spec.nonsmooth()``), after ``optimizer.step()``. With SGD this is proximal gradient
     descent; with any torch.optim optimizer it leaves exact zeros (L1, group lasso) and
     feasible weights (constraints). ``strengths`` as for :func:`penalty`; ``lr`` a number
-    or a 0-dim tensor >= 0."""
+    or a 0-dim tensor >= 0. After an Adam step this scalar step is the *decoupled* prox
+    (threshold ``lr·s`` whatever Adam's scaling); :func:`funcreg.attach` takes the prox in
+    Adam's own metric, whose fixed points are those of ``loss + Σ s_k Ω_k``."""
     spec = as_spec(spec)
     live = _live_params(module_or_params)
     strengths = _one_model("prox_", spec, live, strengths)

@@ -43,7 +43,10 @@ __all__ = [
     "Params",
     "SGDState",
     "adam",
+    "adam_metric",
     "adamw",
+    "decoupled",
+    "prox_steps",
     "resolve",
     "sgd",
 ]
@@ -67,7 +70,8 @@ class Optimizer(NamedTuple):
             names in :attr:`hyperparameters` (may be omitted when there are none).
         hyperparams: the names this optimizer reads from ``hyper`` (empty when all are numbers).
         learning_rate: ``hyper -> lr``, the learning rate a step uses (resolved from ``hyper``
-            when it was given by name); proximal training uses it for ``prox(w, lr * strength)``.
+            when it was given by name); proximal training takes its prox step from it
+            (:func:`prox_steps`: ``lr``, or ``lr / d`` with a :attr:`metric`).
         config: the optimizer's name and settings as given (numbers or names), e.g.
             ``(("name", "adam"), ("lr", "lr"), ("betas", (0.9, 0.999)), ...)``; checkpoints
             use it to recognise the same optimizer.
@@ -78,6 +82,13 @@ class Optimizer(NamedTuple):
             ``torch._foreach``/fused-kernel twins of :func:`sgd`, :func:`adam` and
             :func:`adamw` from ``config``. :func:`funcreg.train.train_step` uses the twin only
             with ``autograd=True``.
+        metric: optional, ``(state, hyper) -> {name: d}``: the diagonal of the variable metric
+            the step just used, a pure function of the state *after* the step (same keys and
+            shapes as the params). A preconditioned step ``w - η D⁻¹ m`` is the gradient step
+            of the metric ``D = diag(d)``, so the prox that keeps the penalized objective's
+            fixed points is the prox in that metric, per coordinate ``prox`` with step
+            ``η / d`` (:func:`prox_steps`). ``None`` means ``d = 1`` (SGD's Euclidean metric,
+            or the decoupled prox of :func:`decoupled`).
     """
 
     init: Callable[[Params], Any]
@@ -86,6 +97,7 @@ class Optimizer(NamedTuple):
     learning_rate: Callable[[Hyper], Tensor | float]
     config: tuple[tuple[str, Any], ...] = ()
     step_eager: Callable[[Params, Any, Params, Hyper], tuple[Params, Any]] | None = None
+    metric: Callable[[Any, Hyper], Params] | None = None
 
 
 class SGDState(NamedTuple):
@@ -291,6 +303,53 @@ def bias_corrections(
     return lr / bc1, torch.sqrt(bc2)
 
 
+def adam_metric(state: AdamState, settings: Mapping[str, Any], hyper: Hyper | None) -> Params:
+    """Adam's diagonal metric after a step: ``d = sqrt(v_t) / sqrt(1 - β2^t) + ε`` per
+    coordinate (``sqrt(v̂) + ε``, the denominator the step at count ``t = state.step`` used),
+    computed in the promoted dtype of the count and each parameter, like the step."""
+    _, _, b2, eps_, _ = adam_scalars(settings, hyper)
+    out: Params = {}
+    roots: dict[torch.dtype, Tensor] = {}
+    for key, v in state.exp_avg_sq.items():
+        if v.dtype not in roots:
+            dtype = torch.promote_types(state.step.dtype, v.dtype)
+            roots[v.dtype] = torch.sqrt(1 - _as_dtype(b2, dtype) ** state.step.to(dtype))
+        out[key] = torch.sqrt(v) / roots[v.dtype] + eps_
+    return out
+
+
+def prox_steps(
+    optimizer: Optimizer, state: Any, hyper: Hyper | None
+) -> Tensor | float | dict[str, Tensor]:
+    """The steps of the prox that follows ``optimizer.step`` (``state`` is the state the step
+    returned): the learning rate ``η`` when the optimizer has no :attr:`Optimizer.metric`
+    (SGD: proximal gradient descent), else ``{name: η / d}`` per coordinate, ``d`` the
+    metric's diagonal (Adam/AdamW: ``η / (sqrt(v̂) + ε)``).
+
+    With these steps a fixed point of *step then prox* satisfies the optimality (KKT)
+    conditions of ``loss + Σ s_k Ω_k`` for separable ``Ω`` (L1: ``|∂_i loss| ≤ s`` where
+    ``w_i = 0``, ``∂_i loss = -s·sign(w_i)`` elsewhere), whatever the preconditioner.
+    """
+    hyper = {} if hyper is None else hyper
+    lr = optimizer.learning_rate(hyper)
+    if optimizer.metric is None:
+        return lr
+    return {k: lr / d for k, d in optimizer.metric(state, hyper).items()}
+
+
+def decoupled(optimizer: Optimizer) -> Optimizer:
+    """``optimizer`` whose prox step is the plain learning rate ``η`` (metric 1), decoupled
+    from its preconditioner, as AdamW decouples weight decay.
+
+    Not the prox of the documented objective under Adam: a coordinate stays at zero when
+    ``|g_i| / (sqrt(v̂_i) + ε) ≤ s``, so a strength means "a threshold on the normalised
+    step", about ``s`` times the learning rate per step whatever the gradients' scale. Use it
+    to reproduce runs made with that rule, or for MCP/SCAD, whose prox needs every step
+    below ``γ`` (resp. ``a - 1``), which Adam's per-coordinate steps need not be.
+    """
+    return optimizer._replace(metric=None)
+
+
 # --------------------------------------------------------------------------- SGD
 
 
@@ -456,8 +515,11 @@ def _adam_like(
     def learning_rate(hyper: Hyper | None = None) -> Tensor | float:
         return _get(name, "lr", lr, hyper, _NONNEG)
 
+    def metric(state: AdamState, hyper: Hyper | None = None) -> Params:
+        return adam_metric(state, settings, hyper)
+
     names = _names(lr, beta1, beta2, eps, weight_decay)
-    return Optimizer(init, step, names, learning_rate, config)
+    return Optimizer(init, step, names, learning_rate, config, metric=metric)
 
 
 def adam(
@@ -484,7 +546,9 @@ def adam(
             by Adam; use :func:`adamw` for decoupled decay).
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An :class:`Optimizer` whose state is :class:`AdamState`, with the metric
+        ``d = sqrt(v̂) + ε`` (:func:`adam_metric`): proximal training thresholds at
+        ``lr·s/d`` per coordinate (:func:`prox_steps`; :func:`decoupled` for ``lr·s``).
     """
     return _adam_like("adam", lr, betas, eps, weight_decay, decoupled=False)
 
@@ -511,6 +575,7 @@ def adamw(
         weight_decay: decoupled decay ``λ >= 0``; each step shrinks ``w`` by ``γ λ w``.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An :class:`Optimizer` whose state is :class:`AdamState`, with Adam's metric (see
+        :func:`adam`): the penalties of a spec are *not* decoupled like ``weight_decay``.
     """
     return _adam_like("adamw", lr, betas, eps, weight_decay, decoupled=True)

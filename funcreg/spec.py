@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .penalties import Penalty
+from .penalties import L1, L2, MCP, SCAD, ElasticNet, GroupLasso, Penalty, _as_dims
 
 Params = Mapping[str, Tensor]
 Strengths = Mapping[str, Any]
@@ -202,10 +202,18 @@ class Spec(Mapping[str, Penalty]):
             total = total + v
         return total
 
-    def prox(self, params: Params, strengths: Strengths, lr: Tensor | float) -> dict[str, Tensor]:
+    def prox(
+        self, params: Params, strengths: Strengths, lr: Tensor | float | Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Apply ``prox_{lr·s_k·Ω_k}`` of every term in this spec to the params it selects,
         in spec order (pure: returns a new dict; untouched entries are passed through).
-        Use on ``spec.nonsmooth()``."""
+        Use on ``spec.nonsmooth()``.
+
+        ``lr`` is one step for all (a number or a 0-dim tensor), or ``{name: step}`` with a
+        step per coordinate of each selected param (a tensor broadcastable to it), the steps
+        ``η / d`` of a variable metric ``diag(d)`` (:func:`funcreg.optim.prox_steps`). Each
+        penalty then gets the prox in that metric where it has a closed form, and the prox
+        in a metric constant on each block otherwise (:func:`metric_step`)."""
         sel = self.selection(params)
         out = dict(params)
         for term, names in sel.items():
@@ -214,7 +222,8 @@ class Spec(Mapping[str, Penalty]):
                 raise _checks.no_prox_error(term, type(pen).__name__, pen.smooth)
             s = 1.0 if pen.is_constraint else _strength(strengths, term)
             for n in names:
-                out[n] = pen.prox_step(out[n], lr, s, n)
+                step = metric_step(pen, lr[n], out[n]) if isinstance(lr, Mapping) else lr
+                out[n] = pen.prox_step(out[n], step, s, n)
         return out
 
     def validate(self, params: Params, strengths: Strengths) -> None:
@@ -280,6 +289,34 @@ def _resolve_selection(spec: Spec, key: tuple) -> tuple[tuple[str, tuple[str, ..
             pen.check(term, n, metas[n])
         out.append((term, tuple(chosen)))
     return tuple(out)
+
+
+def metric_step(pen: Penalty, step: Tensor, w: Tensor) -> Tensor:
+    """The step a penalty's prox takes from a per-coordinate step ``step = η / d`` (the
+    diagonal metric ``D = diag(d)`` of an adaptive optimizer), for a param ``w``.
+
+    * Separable penalties (``L1``, ``L2``, ``ElasticNet``, ``MCP``, ``SCAD``) and the
+      separable constraints: ``step`` itself. Their prox in the metric ``D`` is the
+      coordinate-wise prox with step ``η / d_i``, exact.
+    * Group penalties (``GroupLasso``, ``SparseGroupLasso``): one step per group,
+      ``η / mean_g(d)``: the prox in the metric ``D`` restricted to a block has no closed
+      form, so the block's metric is taken as the scalar ``mean_g(d)·I`` (exact where ``d`` is
+      constant on the group; otherwise the zero-group test reads
+      ``‖mean_g(d) · D_g⁻¹ ∇_g loss‖ ≤ s√|g|`` instead of ``‖∇_g loss‖ ≤ s√|g|``).
+    * Any other prox (``Nuclear``, user penalties, ``MaxNorm``): one step per tensor,
+      ``η / mean(d)`` (a scalar metric per tensor, under which every prox is exact).
+
+    Projections (``NonNegative``, ``Box``, ``MaxNorm``) ignore the step: they stay
+    Euclidean projections.
+    """
+    if step.dim() == 0 or pen.is_constraint:
+        return step
+    if isinstance(pen, GroupLasso):  # SparseGroupLasso too
+        dims = _as_dims(pen.dim, w.dim())
+        return 1 / torch.mean(1 / step, dim=dims, keepdim=True)
+    if type(pen) in (L1, L2, ElasticNet, MCP, SCAD):
+        return step
+    return 1 / torch.mean(1 / step)
 
 
 def _strength(strengths: Strengths, term: str) -> Any:

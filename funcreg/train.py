@@ -8,12 +8,19 @@ optimizer:
     ``w⁺ = prox_{η s_k Ω_k}(w')`` for every non-smooth term ``k`` (in spec order),
     with ``η`` the optimizer's learning rate.
 
-With SGD this is exactly ISTA/proximal SGD. With Adam the prox uses the plain learning
-rate ``η`` (not Adam's per-coordinate ``η/(√v̂ + ε)``): the penalty is *decoupled* from the
-gradient preconditioning, the choice AdamW makes for weight decay. It keeps a strength's
-meaning independent of the gradients' scale (a coordinate with small gradients is not
-thresholded harder) and stays exact for every prox, including non-separable ones (group
-lasso, nuclear norm) whose prox has no closed form in Adam's diagonal metric.
+with ``η`` the optimizer's learning rate and, for an optimizer with a variable metric
+(:attr:`funcreg.optim.Optimizer.metric`: Adam, AdamW), the prox taken in that metric.
+
+With SGD this is exactly ISTA/proximal SGD. With Adam/AdamW the step ``w - η D⁻¹ m̂`` is a
+gradient step in the metric ``D = diag(sqrt(v̂) + ε)``, so the prox is taken in the same
+metric: per coordinate the threshold ``η·s/(sqrt(v̂_i) + ε)``
+(:func:`funcreg.optim.prox_steps`; group and matrix penalties take one metric value per
+group/tensor, :func:`funcreg.spec.metric_step`). Its fixed points satisfy the optimality
+conditions of ``loss + Σ s_k Ω_k`` (L1: ``|∂_i loss| ≤ s`` at ``w_i = 0``), so a strength
+means the same under Adam as under SGD and in the exact solvers. The decoupled prox (plain
+``η``, thresholding at ``|g_i|/(sqrt(v̂_i)+ε) ≤ s``) is :func:`funcreg.optim.decoupled`.
+MCP and SCAD need every prox step below ``γ`` (``a - 1``), which Adam's per-coordinate
+steps do not guarantee: with an adaptive optimizer they need ``decoupled(...)``.
 
 With ``prox=False`` every term but the constraints goes through the (sub)gradient —
 the hand-written penalty loop, which never produces exact zeros. Constraints
@@ -31,8 +38,8 @@ from torch.func import grad
 
 from . import _checks
 from ._foreach import eager_update
-from .optim import Optimizer
-from .penalties import Penalty
+from .optim import Optimizer, prox_steps
+from .penalties import MCP, SCAD, Penalty
 from .spec import Spec, _strength, as_spec, penalized
 
 Step = Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]
@@ -49,6 +56,24 @@ def split_spec(spec: Spec | Mapping[str, Penalty], prox: bool) -> tuple[Spec, Sp
         return spec.smooth(), prox_part
     constraints = {k: v for k, v in spec.items() if v.is_constraint}
     return Spec({k: v for k, v in spec.items() if not v.is_constraint}), Spec(constraints)
+
+
+def check_metric_prox(
+    where: str,
+    prox_part: Spec,
+    adaptive: bool,
+    fix: str = "wrap the optimizer as fr.optim.decoupled(optimizer) (prox step lr) or use sgd",
+) -> None:
+    """Refuse MCP/SCAD terms applied by prox under a per-coordinate (adaptive) metric."""
+    if not adaptive:
+        return
+    for term, pen in prox_part.items():
+        if isinstance(pen, MCP | SCAD):
+            raise ValueError(
+                f"{where}: term {term!r} ({type(pen).__name__}) has a prox only for steps below "
+                f"its concavity, and an adaptive optimizer's per-coordinate prox steps "
+                f"lr/(sqrt(v)+eps) are unbounded; {fix}"
+            )
 
 
 def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., Any]:
@@ -138,6 +163,7 @@ def train_step(
     twin = eager_update(optimizer) if autograd else None
     update = twin if twin is not None else optimizer.step
     has_prox = len(prox_part) > 0
+    check_metric_prox("train_step", prox_part, optimizer.metric is not None)
 
     def step(
         params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
@@ -153,7 +179,8 @@ def train_step(
         metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
         new_params, new_state = update(grads, state, params, strengths)
         if has_prox:
-            new_params = prox_part.prox(new_params, strengths, optimizer.learning_rate(strengths))
+            steps = prox_steps(optimizer, new_state, strengths)
+            new_params = prox_part.prox(new_params, strengths, steps)
         return new_params, new_state, metrics
 
     return step
