@@ -19,6 +19,7 @@ from .eager import (
     penalty,
     prox_,
 )
+from .hypergrad import Hypergradient, hypergrad
 from .penalties import (
     L1,
     L2,
@@ -72,6 +73,8 @@ __all__ = [
     "grid",
     "SweepResult",
     "Best",
+    "Hypergradient",
+    "hypergrad",
     "strength_max",
     "solve",
     "plot",
