@@ -54,6 +54,7 @@ from .solvers import LeastSquares, Solution, least_squares, solve
 from .spec import Spec, as_spec, penalized
 from .stack import grid, load_, stack, stack_modules, unstack
 from .train import split_spec, train_step
+from .tune import TuneResult, tune
 
 try:
     __version__ = _metadata.version("funcreg")
@@ -75,6 +76,8 @@ __all__ = [
     "Best",
     "Hypergradient",
     "hypergrad",
+    "tune",
+    "TuneResult",
     "strength_max",
     "solve",
     "plot",
