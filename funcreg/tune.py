@@ -35,7 +35,7 @@ from .penalties import Penalty
 from .progress import Progress
 from .result import Best
 from .selection import fold_masks
-from .solvers import solve
+from .solvers import LeastSquares, least_squares, solve
 from .spec import Spec, as_spec
 
 __all__ = ["TuneResult", "tune"]
@@ -82,7 +82,7 @@ def tune(
     spec: Spec | Mapping[str, Penalty],
     params: Mapping[str, Tensor],
     strengths: Mapping[str, Any],
-    data: tuple[Tensor, ...],
+    data: tuple[Tensor, ...] = (),
     *,
     validation: tuple[Tensor, ...] | None = None,
     folds: Any = None,
@@ -106,7 +106,10 @@ def tune(
         spec: the penalty terms.
         params: the starting point of the inner solves (one model).
         strengths: the starting strengths ``{term: number}`` (> 0 for the tuned terms).
-        data: the training data, a tuple of tensors sharing the sample axis 0.
+        data: the training data, a tuple of tensors sharing the sample axis 0. With a
+            :func:`funcreg.least_squares` loss pass none: each fold gets its own
+            ``least_squares`` of its rows (the Gram fast path of :func:`funcreg.solve`), and
+            the default score is the same loss on the held-out rows.
         validation: held-out data (same layout); else K-fold cross-validation of ``data``.
         folds: an int, fold ids or ``(train, test)`` index pairs (as
             :func:`funcreg.cross_validate`); default 5 when ``validation`` is not given.
@@ -133,7 +136,10 @@ def tune(
     score = loss_fn if score_fn is None else score_fn
     if validation is not None and folds is not None:
         raise ValueError(f"{who}: give validation= or folds=, not both")
-    if not isinstance(data, tuple) or not data:
+    ls = loss_fn if isinstance(loss_fn, LeastSquares) else None
+    if ls is not None and data:
+        raise TypeError(f"{who}: a least_squares loss holds its data; pass no data")
+    if ls is None and (not isinstance(data, tuple) or not data):
         raise TypeError(f"{who}: data must be a tuple of tensors, e.g. (X, y)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{who}: steps must be an integer >= 1, got {steps!r}")
@@ -162,12 +168,25 @@ def tune(
                 f"{who}: term {t!r} needs a weight= tensor to tune (e.g. torch.ones(p))"
             )
     like = next(iter(params.values()))
-    n = int(data[0].shape[0])
+    rows = data if ls is None else (ls.X, ls.Y)
+    n = int(rows[0].shape[0])
+    # each split: (inner loss, its data, outer score, its data)
+    splits: list[tuple[Callable[..., Tensor], tuple[Any, ...], Callable[..., Tensor], tuple]] = []
     if validation is None:
         train_m, test_m = fold_masks(5 if folds is None else folds, n, seed)
-        splits = [(_split(data, a), _split(data, b)) for a, b in zip(train_m, test_m, strict=True)]
+        pairs = [(_split(rows, a), _split(rows, b)) for a, b in zip(train_m, test_m, strict=True)]
     else:
-        splits = [(data, tuple(validation))]
+        pairs = [(rows, tuple(validation))]
+    for train, held in pairs:
+        if ls is None:
+            splits.append((loss_fn, train, score, held))
+        else:
+            fit = least_squares(train[0], train[1], fit_intercept=ls.fit_intercept)
+            if score_fn is None:
+                outer = least_squares(held[0], held[1], fit_intercept=ls.fit_intercept)
+                splits.append((fit, (), outer, ()))
+            else:
+                splits.append((fit, (), score_fn, held))
 
     theta: dict[str, Tensor] = {
         t: torch.tensor(math.log(float(strengths[t])), dtype=like.dtype) for t in tuned
@@ -211,11 +230,13 @@ def tune(
             total = 0.0
             grads = {k: torch.zeros_like(v) for k, v in theta.items()}
             inner = 0
-            for f, (train, held) in enumerate(splits):
-                sol = solve(loss_fn, sp, warm[f], s, *train, tol=solve_tol, max_iter=max_iter)
+            for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
+                sol = solve(inner_fn, sp, warm[f], s, *train, tol=solve_tol, max_iter=max_iter)
                 warm[f] = {k: v[0] for k, v in sol.params.items()}
                 inner += int(sol.iterations.sum())
-                hg = hypergrad(score, loss_fn, sp, sol, s, *train, outer_data=held, weights=wterms)
+                hg = hypergrad(
+                    outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
+                )
                 total += float(hg.value[0]) / len(splits)
                 for t in tuned:
                     grads[t] = grads[t] + hg.strengths[t][0] / len(splits)

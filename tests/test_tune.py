@@ -133,3 +133,21 @@ def test_bad_input_is_named() -> None:
         fr.tune(mse_half, spec, init, {"l1": 0.1}, (X, y), validation=(Xv, yv), folds=3)
     with pytest.raises(ValueError, match="'l1' needs a weight= tensor"):
         fr.tune(mse_half, spec, init, {"l1": 0.1}, (X, y), validation=(Xv, yv), weights=["l1"])
+
+
+def test_least_squares_loss_gives_the_generic_path_per_fold() -> None:
+    X, y, _, _ = _scaled_problem()
+    p = X.shape[1]
+    kw: dict = dict(folds=4, steps=5, patience=5, solve_tol=1e-12)
+    ls = fr.tune(
+        fr.least_squares(X, y),
+        {"l1": fr.L1()},
+        {"weight": torch.zeros(1, p, dtype=D)},
+        {"l1": 0.2},
+        **kw,
+    )
+    gen = fr.tune(
+        mse_half, {"l1": fr.L1("w")}, {"w": torch.zeros(p, dtype=D)}, {"l1": 0.2}, (X, y), **kw
+    )
+    np.testing.assert_allclose(ls.history["value"], gen.history["value"], rtol=1e-7)
+    torch.testing.assert_close(ls.params["weight"][0], gen.params["w"], atol=1e-7, rtol=0)
