@@ -35,7 +35,10 @@ Solving the adjoint system:
       (diag((1/d_D − 1)/η) + H_DD) q_D = ∇E(w)_D / η,    v = ∇E(w) + q − η H q,
 
   solved matrix-free by conjugate gradient on Hessian-vector products (``H_DD`` for a
-  Lasso; ``H_DD + s(1 − r) diag(c)`` for an elastic net). Never forms a ``p × p`` matrix.
+  Lasso; ``H_DD + s(1 − r) diag(c)`` for an elastic net). Never forms a ``p × p`` matrix;
+  a support of at most ``direct_max`` coordinates gets its ``|D| × |D|`` matrix from one
+  batched (vmapped) Hessian-vector product and a direct solve. This system does not
+  depend on ``η``, so no curvature estimate is made.
 * ``method="cgnr"`` (any prox, e.g. group lasso): conjugate gradient on the normal
   equations ``M Mᵀ v = M ∇E`` with ``Mᵀ = I − (I − η H) J``, matrix-free.
 * ``method="direct"``: ``∂_w T`` as a dense ``p × p`` Jacobian (``jacfwd``) and one LU solve;
@@ -63,7 +66,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jvp, vjp
+from torch.func import grad, jacfwd, jvp, vjp, vmap
 
 from .penalties import L1, MCP, SCAD, Box, ElasticNet, NonNegative, Penalty
 from .solvers import Solution
@@ -301,7 +304,8 @@ def hypergrad(
     gw: dict[str, list[Any]] = {t: [] for t in W}
     for k in range(K):
         sk = {t: v[k] for t, v in S.items()}
-        fp = _FixedPoint(objective, nonsmooth, {n: p[k] for n, p in P.items()}, sk, data)
+        w0 = {n: p[k] for n, p in P.items()}
+        fp = _FixedPoint(objective, nonsmooth, w0, sk, data, scaled=method != "cg")
         opt = fp.optimality()
         opts.append(opt)
         if opt > check or (converged is not None and not bool(converged[k])):
@@ -314,7 +318,7 @@ def hypergrad(
             )
         val, gE = _outer_grad(outer_fn, fp.w0, outer_data, who)
         values.append(val)
-        v = _adjoint(fp, gE, method, tol, iters)
+        v = _adjoint(fp, gE, method, tol, iters, direct_max)
         ds, dw = fp.strength_vjp(v, W)
         for t in S:
             gs[t].append(ds[t] * sk[t] if log else ds[t])
@@ -349,12 +353,14 @@ class _FixedPoint:
         w0: Params,
         strengths: Mapping[str, Tensor],
         data: tuple[Any, ...],
+        scaled: bool = True,
     ) -> None:
         self.objective, self.nonsmooth, self.w0 = objective, nonsmooth, w0
         self.s, self.data = dict(strengths), data
         self.x = _flat(w0)
         self.eta = 1.0
-        self.eta = 1.0 / self._curvature()
+        if scaled:  # the elementwise system does not depend on η: skip the estimate
+            self.eta = 1.0 / self._curvature()
         self.z = self.x - self.eta * self.grad_f(self.x, self.s)
 
     def grad_f(self, xf: Tensor, s: Mapping[str, Tensor]) -> Tensor:
@@ -442,8 +448,12 @@ def _outer_grad(
     return val.detach(), gE
 
 
-def _adjoint(fp: _FixedPoint, gE: Tensor, method: str, tol: float, iters: int) -> Tensor:
-    """Solve ``(I − (I − ηH) J) v = ∇E`` (see the module docstring for the three methods)."""
+def _adjoint(
+    fp: _FixedPoint, gE: Tensor, method: str, tol: float, iters: int, direct_max: int
+) -> Tensor:
+    """Solve ``(I − (I − ηH) J) v = ∇E`` (see the module docstring for the three methods;
+    ``"cg"`` with a support of at most ``direct_max`` coordinates forms ``H_DD`` by one
+    batched Hessian-vector product and solves it directly)."""
     eta = fp.eta
     if method == "direct":
         Jw = jacfwd(lambda y: fp.T(y, fp.s))(fp.x)
@@ -454,6 +464,16 @@ def _adjoint(fp: _FixedPoint, gE: Tensor, method: str, tol: float, iters: int) -
         act = d > 0
         extra = torch.where(act, (1.0 / torch.where(act, d, 1.0) - 1.0) / eta, 0.0)
         mask = act.to(fp.x.dtype)
+        idx = act.nonzero().squeeze(1)
+        if idx.numel() <= direct_max:
+            if idx.numel() == 0:
+                return gE
+            E = torch.zeros(idx.numel(), fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device)
+            E[torch.arange(idx.numel()), idx] = 1.0
+            A = vmap(fp.hvp)(E)[:, idx] + torch.diag(extra[idx])
+            q = torch.zeros_like(gE)
+            q[idx] = torch.linalg.solve(A, gE[idx] / eta)
+            return gE + q - eta * fp.hvp(q)
 
         def op(q: Tensor) -> Tensor:
             return mask * (fp.hvp(mask * q) + extra * q)

@@ -270,3 +270,21 @@ def test_cg_needs_an_elementwise_prox() -> None:
     sol = _solve(mse, spec, _init((5, 3)), {"gl": 0.08}, X, y)
     with pytest.raises(ValueError, match="'gl' \\(GroupLasso\\) is not"):
         fr.hypergrad(mse, mse, spec, sol, {"gl": 0.08}, X, y, outer_data=(Xv, yv), method="cg")
+
+
+@pytest.mark.parametrize(
+    "spec,strength",
+    [
+        ({"t": fr.L1("w")}, 0.05),
+        ({"t": fr.ElasticNet("w", l1_ratio=0.6)}, 0.05),
+        ({"t": fr.L1("w"), "pos": fr.NonNegative("w")}, 0.03),
+    ],
+)
+def test_support_cg_iterations_equal_the_direct_solve(spec: dict, strength: float) -> None:
+    """direct_max=0: the support system goes through conjugate gradient, not a dense solve."""
+    X, y, Xv, yv = _data()
+    sol = _solve(mse, spec, _init(), {"t": strength}, X, y)
+    kw: dict[str, Any] = dict(outer_data=(Xv, yv))
+    cg = fr.hypergrad(mse, mse, spec, sol, {"t": strength}, X, y, method="cg", direct_max=0, **kw)
+    ref = fr.hypergrad(mse, mse, spec, sol, {"t": strength}, X, y, method="direct", **kw)
+    torch.testing.assert_close(cg.strengths["t"], ref.strengths["t"], rtol=1e-8, atol=1e-14)
