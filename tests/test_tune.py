@@ -149,3 +149,18 @@ def test_least_squares_loss_gives_the_generic_path_per_fold() -> None:
     )
     np.testing.assert_allclose(ls.history["value"], gen.history["value"], rtol=1e-7)
     torch.testing.assert_close(ls.params["weight"][0], gen.params["w"], atol=1e-7, rtol=0)
+
+
+def test_progress_bar_runs() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    r = fr.tune(
+        mse_half,
+        {"l1": fr.L1("w")},
+        {"w": torch.zeros(X.shape[1], dtype=D)},
+        {"l1": 0.5},
+        (X, y),
+        validation=(Xv, yv),
+        steps=2,
+        progress=True,
+    )
+    assert len(r.history["value"]) == 2
