@@ -288,3 +288,16 @@ def test_support_cg_iterations_equal_the_direct_solve(spec: dict, strength: floa
     cg = fr.hypergrad(mse, mse, spec, sol, {"t": strength}, X, y, method="cg", direct_max=0, **kw)
     ref = fr.hypergrad(mse, mse, spec, sol, {"t": strength}, X, y, method="direct", **kw)
     torch.testing.assert_close(cg.strengths["t"], ref.strengths["t"], rtol=1e-8, atol=1e-14)
+
+
+def test_a_path_is_differentiated_at_every_strength() -> None:
+    X, y, Xv, yv = _data()
+    spec = {"l1": fr.L1("w")}
+    grid = torch.tensor([0.1, 0.05, 0.03], dtype=D)
+    res = fr.path(_init(), mse, spec, data=(X, y), strengths=grid, tol=1e-12)
+    s = {"l1": res.grid["l1"]}
+    hg = fr.hypergrad(mse, mse, spec, res.stacked, s, X, y, outer_data=(Xv, yv), stacked=True)
+    for k in range(3):
+        w = {"w": res.stacked["w"][k]}
+        one = fr.hypergrad(mse, mse, spec, w, {"l1": s["l1"][k]}, X, y, outer_data=(Xv, yv))
+        torch.testing.assert_close(hg.strengths["l1"][k], one.strengths["l1"][0])
