@@ -202,6 +202,14 @@ def tune(
     opt = adam(lr=0.1) if optimizer is None else optimizer
     state = opt.init(theta)
     warm = [dict(params) for _ in splits]
+    # a least_squares fold's Lipschitz constant σ_max(X_f)²/n_f, once (solve would estimate
+    # it at every call); the general path only starts from it
+    lips: list[float | None] = [
+        float(torch.linalg.matrix_norm(fn.X, 2)) ** 2 / fn.n
+        if isinstance(fn, LeastSquares) and not fn.fit_intercept
+        else None
+        for fn, *_ in splits
+    ]
 
     def current(th: Mapping[str, Tensor]) -> tuple[dict[str, float], Spec]:
         s = {t: float(strengths[t]) for t in names}
@@ -231,7 +239,16 @@ def tune(
             grads = {k: torch.zeros_like(v) for k, v in theta.items()}
             inner = 0
             for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
-                sol = solve(inner_fn, sp, warm[f], s, *train, tol=solve_tol, max_iter=max_iter)
+                sol = solve(
+                    inner_fn,
+                    sp,
+                    warm[f],
+                    s,
+                    *train,
+                    tol=solve_tol,
+                    max_iter=max_iter,
+                    lipschitz=lips[f],
+                )
                 warm[f] = {k: v[0] for k, v in sol.params.items()}
                 inner += int(sol.iterations.sum())
                 hg = hypergrad(
