@@ -301,3 +301,25 @@ def test_a_path_is_differentiated_at_every_strength() -> None:
         w = {"w": res.stacked["w"][k]}
         one = fr.hypergrad(mse, mse, spec, w, {"l1": s["l1"][k]}, X, y, outer_data=(Xv, yv))
         torch.testing.assert_close(hg.strengths["l1"][k], one.strengths["l1"][0])
+
+
+def test_per_group_weight_hypergradients() -> None:
+    X, y, Xv, yv = _data()
+    c = torch.tensor([[0.5], [1.0], [1.5], [2.0], [1.0]], dtype=D)  # one factor per row group
+    s = {"gl": 0.05}
+    sol = _solve(mse, {"gl": fr.GroupLasso("w", dim=1, weight=c)}, _init((5, 3)), s, X, y)
+    spec = {"gl": fr.GroupLasso("w", dim=1, weight=c)}
+    hg = fr.hypergrad(mse, mse, spec, sol, s, X, y, outer_data=(Xv, yv), weights=["gl"])
+    g = hg.weights["gl"][0]
+    assert g.shape == (5, 1)
+    assert float(hg.strengths["gl"][0]) == pytest.approx(float(g.sum()), rel=1e-9)
+    for i in range(5):
+
+        def E(t: float, i: int = i) -> float:
+            ci = c.clone()
+            ci[i] = c[i] * math.exp(t)
+            sp = {"gl": fr.GroupLasso("w", dim=1, weight=ci)}
+            w = _solve(mse, sp, _init((5, 3)), s, X, y).params["w"][0]
+            return float(mse({"w": w}, Xv, yv))
+
+        assert float(g[i, 0]) == pytest.approx(_fd(E, 1e-3), rel=1e-6, abs=1e-12)
