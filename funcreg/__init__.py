@@ -21,6 +21,7 @@ from .eager import (
     prox_,
 )
 from .hooks import Attached, attach
+from .hypergrad import Hypergradient, hypergrad
 from .penalties import (
     L1,
     L2,
@@ -55,6 +56,7 @@ from .solvers import LeastSquares, Solution, least_squares, solve
 from .spec import Spec, as_spec, penalized
 from .stack import grid, load_, stack, stack_modules, unstack
 from .train import split_spec, train_step
+from .tune import TuneResult, tune
 
 try:
     __version__ = _metadata.version("funcreg")
@@ -80,6 +82,10 @@ __all__ = [
     "grid",
     "SweepResult",
     "Best",
+    "Hypergradient",
+    "hypergrad",
+    "tune",
+    "TuneResult",
     "strength_max",
     "solve",
     "plot",

@@ -1,0 +1,292 @@
+"""Gradient-based tuning of strengths: :func:`tune` and its :class:`TuneResult`.
+
+For a convex problem (a loss, a :class:`~funcreg.Spec`, strengths), :func:`tune` minimises
+an outer objective over the log-strengths ``θ = log s`` (and, optionally, the log of the
+``weight=`` factors of some terms: one strength per feature or per group)::
+
+    E(θ) = (1/F) Σ_f score(w_f(θ), held-out data of fold f)
+    w_f(θ) = argmin_w loss(w, training data of fold f) + Σ_j e^{θ_j} Ω_j(w)
+
+— one validation split (``F = 1``) or K-fold cross-validation. Each outer step solves every
+fold's inner problem exactly with :func:`funcreg.solve` (warm-started from the fold's
+previous solution), takes ``∇_θ E`` from :func:`funcreg.hypergrad` (implicit
+differentiation of the proximal-gradient fixed point) and moves ``θ`` with a functional
+optimizer from :mod:`funcreg.optim` (default ``adam(lr=0.1)``: steps of about 10% in each
+strength). It stops after ``steps`` outer steps, or when the best ``E`` has not improved by
+more than ``tol`` (relative) in ``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
+
+Folds come from :func:`funcreg.selection.fold_masks` (the same splits as
+:func:`funcreg.cross_validate` for the same ``folds`` and ``seed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hypergrad import hypergrad
+from .optim import Optimizer, adam
+from .penalties import Penalty
+from .progress import Progress
+from .result import Best
+from .selection import fold_masks
+from .solvers import LeastSquares, least_squares, solve
+from .spec import Spec, as_spec
+
+__all__ = ["TuneResult", "tune"]
+
+
+@dataclass(eq=False)
+class TuneResult:
+    """What :func:`tune` returns.
+
+    Attributes:
+        strengths: ``{term: float}`` the strengths at the best outer step.
+        weights: ``{term: tensor}`` the tuned ``weight=`` factors at the best step.
+        value: the best outer objective (validation or mean CV score).
+        params: ``{name: tensor}`` the solution at the best strengths: trained on ``data``
+            (a validation split) or refitted on all of ``data`` (cross-validation).
+        spec: the spec with the best ``weight=`` factors in place.
+        history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations"}``, one
+            entry per outer step (strengths as ``{term: float}``; the iterations summed over
+            folds).
+        stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``).
+    """
+
+    strengths: dict[str, float]
+    weights: dict[str, Tensor]
+    value: float
+    params: dict[str, Tensor]
+    spec: Spec
+    history: dict[str, list[Any]] = field(default_factory=dict)
+    stopped: str = "steps"
+
+    def best(self) -> Best:
+        """The best outer step as a :class:`~funcreg.Best` (``index`` is the step)."""
+        values = self.history["value"]
+        i = min(range(len(values)), key=lambda j: values[j])
+        return Best(i, dict(self.history["strengths"][i]), "outer objective", float(values[i]))
+
+
+def _split(data: tuple[Tensor, ...], mask: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t[mask] for t in data)
+
+
+def tune(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    params: Mapping[str, Tensor],
+    strengths: Mapping[str, Any],
+    data: tuple[Tensor, ...] = (),
+    *,
+    validation: tuple[Tensor, ...] | None = None,
+    folds: Any = None,
+    seed: int = 0,
+    score_fn: Callable[..., Tensor] | None = None,
+    terms: Iterable[str] | None = None,
+    weights: Iterable[str] = (),
+    optimizer: Optimizer | None = None,
+    steps: int = 50,
+    patience: int = 5,
+    tol: float = 1e-4,
+    gtol: float = 1e-8,
+    solve_tol: float = 1e-10,
+    max_iter: int = 10_000,
+    progress: bool = False,
+) -> TuneResult:
+    """Tune strengths (and ``weight=`` factors) by hypergradient descent in log space.
+
+    Args:
+        loss_fn: ``loss_fn(params, *data) -> 0-dim tensor`` (mean-reduced, convex).
+        spec: the penalty terms.
+        params: the starting point of the inner solves (one model).
+        strengths: the starting strengths ``{term: number}`` (> 0 for the tuned terms).
+        data: the training data, a tuple of tensors sharing the sample axis 0. With a
+            :func:`funcreg.least_squares` loss pass none: each fold gets its own
+            ``least_squares`` of its rows (the Gram fast path of :func:`funcreg.solve`), and
+            the default score is the same loss on the held-out rows.
+        validation: held-out data (same layout); else K-fold cross-validation of ``data``.
+        folds: an int, fold ids or ``(train, test)`` index pairs (as
+            :func:`funcreg.cross_validate`); default 5 when ``validation`` is not given.
+        seed: shuffles the folds of an int ``folds``.
+        score_fn: the outer objective ``score_fn(params, *held_out)`` (default ``loss_fn``).
+        terms: the strengths to tune (default every term with a strength); others stay fixed.
+        weights: terms whose ``weight=`` tensor is tuned too (one log-factor per entry).
+        optimizer: a functional optimizer over ``{term: log s}`` (default ``adam(lr=0.1)``).
+        steps: the most outer steps; patience, tol: stop when the best value has not
+            improved by more than ``tol`` (relative) for ``patience`` steps; gtol: stop when
+            ``‖∇_θ E‖ ≤ gtol``.
+        solve_tol, max_iter: for each inner :func:`funcreg.solve`.
+        progress: a progress bar (tqdm when installed).
+
+    Returns:
+        A :class:`TuneResult`.
+
+    Raises:
+        ValueError: both or neither-and-bad ``validation``/``folds``, a tuned term that is
+            not in the spec or has no strength, a tuned strength <= 0, a bad ``steps``.
+    """
+    who = "tune"
+    spec = as_spec(spec)
+    score = loss_fn if score_fn is None else score_fn
+    if validation is not None and folds is not None:
+        raise ValueError(f"{who}: give validation= or folds=, not both")
+    ls = loss_fn if isinstance(loss_fn, LeastSquares) else None
+    if ls is not None and data:
+        raise TypeError(f"{who}: a least_squares loss holds its data; pass no data")
+    if ls is None and (not isinstance(data, tuple) or not data):
+        raise TypeError(f"{who}: data must be a tuple of tensors, e.g. (X, y)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{who}: steps must be an integer >= 1, got {steps!r}")
+    names = spec.strength_names
+    tuned = tuple(names if terms is None else terms)
+    for t in tuned:
+        if t not in names:
+            raise ValueError(
+                f"{who}: cannot tune {t!r}: the spec's terms with a strength are {list(names)}"
+            )
+    for t in names:
+        if t not in strengths:
+            raise ValueError(f"{who}: no starting strength for term {t!r}")
+    for t in tuned:
+        if not float(strengths[t]) > 0:
+            raise ValueError(
+                f"{who}: the starting strength of {t!r} must be > 0 (it is tuned in log space), "
+                f"got {strengths[t]!r}"
+            )
+    wterms = tuple(weights)
+    for t in wterms:
+        if t not in spec:
+            raise ValueError(f"{who}: weights= names {t!r}, not a term of the spec {list(spec)}")
+        if not isinstance(spec[t].weight, Tensor):
+            raise ValueError(
+                f"{who}: term {t!r} needs a weight= tensor to tune (e.g. torch.ones(p))"
+            )
+    like = next(iter(params.values()))
+    rows = data if ls is None else (ls.X, ls.Y)
+    n = int(rows[0].shape[0])
+    # each split: (inner loss, its data, outer score, its data)
+    splits: list[tuple[Callable[..., Tensor], tuple[Any, ...], Callable[..., Tensor], tuple]] = []
+    if validation is None:
+        train_m, test_m = fold_masks(5 if folds is None else folds, n, seed)
+        pairs = [(_split(rows, a), _split(rows, b)) for a, b in zip(train_m, test_m, strict=True)]
+    else:
+        pairs = [(rows, tuple(validation))]
+    for train, held in pairs:
+        if ls is None:
+            splits.append((loss_fn, train, score, held))
+        else:
+            fit = least_squares(train[0], train[1], fit_intercept=ls.fit_intercept)
+            if score_fn is None:
+                outer = least_squares(held[0], held[1], fit_intercept=ls.fit_intercept)
+                splits.append((fit, (), outer, ()))
+            else:
+                splits.append((fit, (), score_fn, held))
+
+    theta: dict[str, Tensor] = {
+        t: torch.tensor(math.log(float(strengths[t])), dtype=like.dtype) for t in tuned
+    }
+    for t in wterms:
+        c = spec[t].weight
+        assert isinstance(c, Tensor)
+        if bool((c <= 0).any()):
+            raise ValueError(
+                f"{who}: weight= factors of {t!r} must be > 0 to be tuned in log space"
+            )
+        theta[f"{t}.weight"] = c.detach().to(like.dtype).log()
+    opt = adam(lr=0.1) if optimizer is None else optimizer
+    state = opt.init(theta)
+    warm = [dict(params) for _ in splits]
+    # a least_squares fold's Lipschitz constant σ_max(X_f)²/n_f, once (solve would estimate
+    # it at every call); the general path only starts from it
+    lips: list[float | None] = [
+        float(torch.linalg.matrix_norm(fn.X, 2)) ** 2 / fn.n
+        if isinstance(fn, LeastSquares) and not fn.fit_intercept
+        else None
+        for fn, *_ in splits
+    ]
+
+    def current(th: Mapping[str, Tensor]) -> tuple[dict[str, float], Spec]:
+        s = {t: float(strengths[t]) for t in names}
+        s.update({t: float(th[t].exp()) for t in tuned})
+        sp = spec
+        if wterms:
+            sp = Spec(
+                {
+                    t: replace(p, weight=th[f"{t}.weight"].exp()) if t in wterms else p
+                    for t, p in spec.items()
+                }
+            )
+        return s, sp
+
+    history: dict[str, list[Any]] = {
+        "step": [],
+        "strengths": [],
+        "value": [],
+        "grad_norm": [],
+        "inner_iterations": [],
+    }
+    best_val, best_theta, since, stopped = math.inf, dict(theta), 0, "steps"
+    with Progress(steps, enabled=progress, desc=who) as bar:
+        for step in range(steps):
+            s, sp = current(theta)
+            total = 0.0
+            grads = {k: torch.zeros_like(v) for k, v in theta.items()}
+            inner = 0
+            for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
+                sol = solve(
+                    inner_fn,
+                    sp,
+                    warm[f],
+                    s,
+                    *train,
+                    tol=solve_tol,
+                    max_iter=max_iter,
+                    lipschitz=lips[f],
+                )
+                warm[f] = {k: v[0] for k, v in sol.params.items()}
+                inner += int(sol.iterations.sum())
+                hg = hypergrad(
+                    outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
+                )
+                total += float(hg.value[0]) / len(splits)
+                for t in tuned:
+                    grads[t] = grads[t] + hg.strengths[t][0] / len(splits)
+                for t in wterms:
+                    grads[f"{t}.weight"] = grads[f"{t}.weight"] + hg.weights[t][0] / len(splits)
+            gnorm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+            history["step"].append(step)
+            history["strengths"].append(s)
+            history["value"].append(total)
+            history["grad_norm"].append(gnorm)
+            history["inner_iterations"].append(inner)
+            bar.update()
+            improved = not math.isfinite(best_val) or total < best_val - tol * abs(best_val)
+            since = 0 if improved else since + 1
+            if total < best_val:
+                best_val, best_theta = total, {k: v.clone() for k, v in theta.items()}
+            bar.status(best_val, 0, len(splits))
+            if gnorm <= gtol:
+                stopped = "gradient"
+                break
+            if since >= patience:
+                stopped = "patience"
+                break
+            theta, state = opt.step(grads, state, theta, {})
+
+    s, sp = current(best_theta)
+    full = solve(loss_fn, sp, warm[0], s, *data, tol=solve_tol, max_iter=max_iter)
+    return TuneResult(
+        strengths=s,
+        weights={t: best_theta[f"{t}.weight"].exp() for t in wterms},
+        value=best_val,
+        params={k: v[0] for k, v in full.params.items()},
+        spec=sp,
+        history=history,
+        stopped=stopped,
+    )
