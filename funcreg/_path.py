@@ -32,67 +32,13 @@ from torch.func import grad
 
 from ._sweep import sweep
 from .optim import Optimizer
-from .penalties import L1, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, _as_dims
-from .prox import _safe_ratio
+from .penalties import L1, ElasticNet, GroupLasso, Penalty
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec
 from .stack import as_data, split_model, strength_term, strength_values, with_buffers
 
 __all__ = ["geometric_grid", "path", "strength_max"]
-
-
-def _sgl_group_max(gg: Tensor, r: float, root: float, c: float) -> float:
-    """Smallest λ with ‖soft(g, λ r c)‖ ≤ λ (1 − r) root c, by bisection on λ."""
-    if r >= 1.0:
-        return float(gg.abs().max()) / c
-    if r <= 0.0:
-        return float(gg.norm()) / (root * c)
-    hi = float(gg.abs().max()) / (r * c) + float(gg.norm()) / ((1 - r) * root * c) + 1e-300
-    lo = 0.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lhs = float(torch.clamp(gg.abs() - mid * r * c, min=0).norm())
-        if lhs <= mid * (1 - r) * root * c:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _term_max(pen: Penalty, name: str, g: Tensor) -> float:
-    c = pen.factor(name)
-    if isinstance(pen, SparseGroupLasso):
-        dims = _as_dims(pen.dim, g.dim())
-        size = math.prod(g.shape[d] for d in dims)
-        cg = torch.ones(()) if c is None else c.to(g)
-        groups = g.movedim(dims, tuple(range(len(dims)))).reshape(size, -1)
-        cflat = torch.broadcast_to(cg, pen._factor_shape(g)).reshape(-1)
-        best = 0.0
-        for j in range(groups.shape[1]):
-            if float(cflat[j]) == 0.0:
-                continue
-            gmax = _sgl_group_max(groups[:, j], pen.l1_ratio, math.sqrt(size), float(cflat[j]))
-            best = max(best, gmax)
-        return best
-    if isinstance(pen, GroupLasso):
-        dims = _as_dims(pen.dim, g.dim())
-        size = math.prod(g.shape[d] for d in dims)
-        norms = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
-        scale = math.sqrt(size) * (1.0 if c is None else c.to(g))
-        return float(_safe_div(norms, scale).max())
-    if isinstance(pen, (L1, ElasticNet)):
-        r = pen.l1_ratio if isinstance(pen, ElasticNet) else 1.0
-        if r == 0:
-            raise ValueError("strength_max: ElasticNet with l1_ratio=0 is ridge: no sparsity")
-        scale = r * (1.0 if c is None else c.to(g))
-        return float(_safe_div(g.abs(), scale).max())
-    raise AssertionError(type(pen))  # unreachable: strength_max checks the type
-
-
-def _safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    """``num / den`` where ``den > 0``, else 0 (an unpenalised coordinate sets no bound)."""
-    return _safe_ratio(num, torch.as_tensor(den, dtype=num.dtype))
 
 
 def strength_max(
@@ -130,7 +76,7 @@ def strength_max(
             f"strength_max: the data loss's gradient at zero is not finite for {bad} (term "
             f"{term!r}): NaN or inf in the data or the loss"
         )
-    return max(_term_max(pen, n, g[n].detach()) for n in names)
+    return max(pen.zero_threshold(g[n].detach(), n) for n in names)
 
 
 def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tensor:

@@ -308,7 +308,8 @@ def hypergrad(
         fp = _FixedPoint(objective, nonsmooth, w0, sk, data, scaled=method != "cg")
         opt = fp.optimality()
         opts.append(opt)
-        if opt > check or (converged is not None and not bool(converged[k])):
+        if opt > check:  # measured at the point itself (a solve stopped at its round-off
+            # floor reports converged=False yet may be optimal to the last digits)
             warnings.warn(
                 f"{who}: inner solution {k} is not converged (relative optimality {opt:.2e} > "
                 f"{check:.0e}); solve to a tighter tol (or more max_iter) before trusting its "

@@ -39,13 +39,13 @@ from torch import Tensor, nn
 
 from . import activity as _activity
 from .declare import regularize
-from .penalties import L1, L2, Constraint, MaxNorm, NonNegative, Penalty, _as_dims, _penalty
+from .penalties import L1, L2, Constraint, MaxNorm, NonNegative, Penalty, as_dims, register_penalty
 
 __all__ = ["MinMaxNorm", "UnitNorm", "from_layer"]
 
 
 def _group_norm(d: Tensor, dim: Any) -> Tensor:
-    dims = tuple(range(1, d.dim())) if dim is None else _as_dims(dim, d.dim())
+    dims = tuple(range(1, d.dim())) if dim is None else as_dims(dim, d.dim())
     return torch.linalg.vector_norm(d, dim=dims or (0,), keepdim=True)
 
 
@@ -55,7 +55,7 @@ def _rescale(d: Tensor, norm: Tensor, target: Tensor) -> Tensor:
     return d * torch.where(positive, target / safe, torch.zeros_like(norm))
 
 
-@_penalty
+@register_penalty
 class UnitNorm(Constraint):
     """Keras ``UnitNorm``: each group (norm over ``dim``; ``None``: all axes but 0, each
     output unit's incoming weights, as :class:`~funcreg.MaxNorm`) rescaled to norm 1:
@@ -68,7 +68,7 @@ class UnitNorm(Constraint):
         return _rescale(d, norm, torch.ones_like(norm))
 
 
-@_penalty
+@register_penalty
 class MinMaxNorm(Constraint):
     """Keras ``MinMaxNorm``: each group's norm pulled toward ``[min_value, max_value]``,
     ``w_g · (rate·clip(‖w_g‖, lo, hi) + (1 − rate)·‖w_g‖) / ‖w_g‖``; ``rate=1`` is the

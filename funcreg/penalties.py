@@ -280,7 +280,7 @@ _P = TypeVar("_P", bound=type)
 
 
 @dataclass_transform(frozen_default=True)
-def _penalty(cls: _P) -> _P:
+def register_penalty(cls: _P) -> _P:
     """Make ``cls`` a frozen dataclass whose ``__init__`` gives helpful keyword errors."""
     cls = dataclass(frozen=True, eq=False, repr=False)(cls)  # type: ignore[assignment]
     init: Callable[..., None] = cls.__init__  # type: ignore[misc]
@@ -305,7 +305,7 @@ def _penalty(cls: _P) -> _P:
 # ---------------------------------------------------------------------------------------
 
 
-@_penalty
+@register_penalty
 class L1(Penalty):
     """Lasso: ``Ω(w) = Σ_i c_i |w_i|``; prox: soft-thresholding ``sign(w)·max(|w| − t c, 0)``.
 
@@ -340,7 +340,7 @@ def _l1_threshold(grad: Tensor, c: Tensor | None, r: float) -> float:
     return _max_ratio(grad.detach().abs(), r if c is None else r * c)
 
 
-@_penalty
+@register_penalty
 class L2(Penalty):
     """Ridge / weight decay: ``Ω(w) = ½ Σ_i c_i w_i²``, gradient ``c·w``; prox ``w/(1 + t c)``.
 
@@ -365,7 +365,7 @@ class L2(Penalty):
     elementwise: ClassVar[bool] = True
 
 
-@_penalty
+@register_penalty
 class ElasticNet(Penalty):
     """``Ω(w) = r Σ c|w| + (1 − r)/2 Σ c w²`` with ``r = l1_ratio``;
     prox ``soft(w, t r c) / (1 + t (1 − r) c)``.
@@ -412,7 +412,7 @@ def _scaled_step(t: Tensor | float, c: Tensor | None) -> Tensor | float:
 # ---------------------------------------------------------------------------------------
 
 
-def _as_dims(
+def as_dims(
     dim: Dim, ndim: int, owner: str = "a group penalty", shape: tuple[int, ...] | None = None
 ) -> tuple[int, ...]:
     """``dim`` as sorted non-negative axes of a tensor with ``ndim`` dims; an axis out of
@@ -440,7 +440,7 @@ def _group_size(w: Tensor, dims: tuple[int, ...]) -> int:
     return size
 
 
-@_penalty
+@register_penalty
 class GroupLasso(Penalty):
     """``Ω(w) = Σ_g c_g √|g| ‖w_g‖₂``; the norm is taken over ``dim``, so groups are indexed
     by the remaining axes. For an ``nn.Linear`` weight ``(out, in)``: ``dim=0`` (default)
@@ -459,7 +459,7 @@ class GroupLasso(Penalty):
 
     def _dims(self, w: Tensor) -> tuple[int, ...]:
         """The axes of ``w`` the group norm runs over (checked against ``w``'s shape)."""
-        return _as_dims(self.dim, w.dim(), type(self).__name__, tuple(w.shape))
+        return as_dims(self.dim, w.dim(), type(self).__name__, tuple(w.shape))
 
     def check(self, term: str, name: str, w: Tensor) -> None:
         super().check(term, name, w)
@@ -495,7 +495,7 @@ class GroupLasso(Penalty):
         return ((w != 0).sum(dim=self._dims(w)) > 0).sum()
 
 
-@_penalty
+@register_penalty
 class SparseGroupLasso(GroupLasso):
     """``Ω(w) = r Σ_i c|w_i| + (1 − r) Σ_g c_g √|g| ‖w_g‖₂`` (Simon et al. 2013), groups as
     in :class:`GroupLasso`. Prox: soft-threshold, then block-shrink (exact for this sum)."""
@@ -573,7 +573,7 @@ class _MatrixPenalty(Penalty):
         return ()
 
 
-@_penalty
+@register_penalty
 class Nuclear(_MatrixPenalty):
     """Nuclear (trace) norm ``Ω(W) = c Σ_i σ_i(W)``, a convex low-rank penalty; prox:
     singular value thresholding ``U diag(max(σ − t c, 0)) Vᵀ``. Costs an SVD (~40× an L1)."""
@@ -588,7 +588,7 @@ class Nuclear(_MatrixPenalty):
         return P.svd_threshold(d, _scaled_step(t, c))
 
 
-@_penalty
+@register_penalty
 class SpectralNorm(_MatrixPenalty):
     """``Ω(W) = c σ_max(W)²`` (squared spectral norm; smooth wherever the top singular value
     is simple). Goes through the gradient."""
@@ -599,7 +599,7 @@ class SpectralNorm(_MatrixPenalty):
         return _scaled(torch.linalg.matrix_norm(_matrix(d), ord=2).square().to(d.dtype), c)
 
 
-@_penalty
+@register_penalty
 class Orthogonal(_MatrixPenalty):
     """Keras ``OrthogonalRegularizer``: with ``Ŵ`` the rows (``mode="rows"``) or columns
     (``mode="columns"``) of ``W`` normalised to unit norm and ``G = Ŵ Ŵᵀ`` (``m×m``),
@@ -669,7 +669,7 @@ class _Nonconvex(Penalty):
         return out if ref is None else out + ref.to(w)
 
 
-@_penalty
+@register_penalty
 class MCP(_Nonconvex):
     """Minimax concave penalty (Zhang 2010), strength ``λ``, concavity ``γ > 1``:
 
@@ -712,7 +712,7 @@ class MCP(_Nonconvex):
             )
 
 
-@_penalty
+@register_penalty
 class SCAD(_Nonconvex):
     """Smoothly clipped absolute deviation (Fan & Li 2001), strength ``λ``, ``a > 2``:
 
@@ -787,7 +787,7 @@ class Constraint(Penalty):
         return self.prox(w, 0.0, name)
 
 
-@_penalty
+@register_penalty
 class NonNegative(Constraint):
     """``w ≥ 0`` (with ``toward=``: ``w ≥ w_ref``); projection ``max(w, 0)``. Like Keras
     ``NonNeg`` and scikit-learn's ``positive=True``."""
@@ -798,7 +798,7 @@ class NonNegative(Constraint):
         return P.project_nonnegative(d)
 
 
-@_penalty
+@register_penalty
 class Box(Constraint):
     """``lo ≤ w ≤ hi`` elementwise (with ``toward=``: ``lo ≤ w − w_ref ≤ hi``);
     projection ``clamp(w, lo, hi)``."""
@@ -817,7 +817,7 @@ class Box(Constraint):
         return P.project_box(d, self.lo, self.hi)
 
 
-@_penalty
+@register_penalty
 class MaxNorm(Constraint):
     """Keras ``MaxNorm``: ``‖w_g‖₂ ≤ max_value`` for every group, the norm over ``dim``.
     ``dim=None`` (default) means all axes but 0: each output unit's incoming weights for
@@ -836,7 +836,7 @@ class MaxNorm(Constraint):
         dims = (
             tuple(range(1, d.dim()))
             if self.dim is None
-            else _as_dims(self.dim, d.dim(), "MaxNorm", tuple(d.shape))
+            else as_dims(self.dim, d.dim(), "MaxNorm", tuple(d.shape))
         )
         if not dims:
             dims = (0,)

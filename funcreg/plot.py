@@ -35,7 +35,7 @@ def _axes(ax: Any) -> Any:
     return ax
 
 
-def _finish(ax: Any, save: str | os.PathLike[str] | None) -> Any:
+def finish(ax: Any, save: str | os.PathLike[str] | None) -> Any:
     if save is not None:
         ax.figure.tight_layout()
         ax.figure.savefig(save, dpi=110)
@@ -101,7 +101,7 @@ def path(
     _strength_axis(ax, s, strength_label)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{name}: {kind} path" if name else f"{kind} path")
-    return _finish(ax, save)
+    return finish(ax, save)
 
 
 def cv_curve(
@@ -150,7 +150,7 @@ def cv_curve(
         ticks = torch.linspace(0, s.numel() - 1, min(s.numel(), 8)).round().long().unique()
         top.set_xticks(s[ticks].tolist(), [str(int(counts[i])) for i in ticks.tolist()])
         top.set_xlabel("non-zero coefficients")
-    return _finish(ax, save)
+    return finish(ax, save)
 
 
 def training_curves(
@@ -177,4 +177,4 @@ def training_curves(
     ax.set_ylabel(ylabel)
     if labels is not None:
         ax.legend(fontsize="small")
-    return _finish(ax, save)
+    return finish(ax, save)

@@ -521,7 +521,7 @@ class SweepResult:
         )
         if note:
             out.set_title(f"{out.get_title()} ({note})")
-        return plot._finish(out, save)
+        return plot.finish(out, save)
 
     def plot_training(
         self,

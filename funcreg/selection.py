@@ -57,7 +57,7 @@ from ._folds import (
 )
 from ._sweep import sweep
 from .optim import Optimizer
-from .penalties import GroupLasso, Penalty, _as_dims
+from .penalties import Penalty
 from .result import Best, SweepResult, one_se_index
 from .solvers import solve
 from .spec import Spec, as_spec
@@ -155,7 +155,7 @@ class CVResult:
         strengths = {k: float(v[idx]) for k, v in self.grid.items()}
         return Best(idx, strengths, "cv_mean", float(mean[idx]), note)
 
-    def _strength(self, rule: str) -> float:
+    def strength_of(self, rule: str) -> float:
         if self.axis is None:
             raise ValueError(
                 "the grid varies along several strength axes; use cv.best(rule).strengths"
@@ -165,12 +165,12 @@ class CVResult:
     @property
     def strength_min(self) -> float:
         """The strength with the lowest mean score (cv.glmnet's ``lambda.min``)."""
-        return self._strength("min")
+        return self.strength_of("min")
 
     @property
     def strength_1se(self) -> float:
         """The largest strength within one SE of the best (cv.glmnet's ``lambda.1se``)."""
-        return self._strength("1se")
+        return self.strength_of("1se")
 
     @property
     def nonzero(self) -> Tensor:
@@ -236,9 +236,9 @@ class CVResult:
         if along is not None:
             out.axvline(float(self.grid[along][self.best("min").index]), ls="--", color="k")
             out.axvline(float(self.grid[along][self.best("1se", along).index]), ls=":", color="k")
-        from .plot import _finish
+        from .plot import finish
 
-        return _finish(out, kw.pop("save", None))
+        return finish(out, kw.pop("save", None))
 
     def table(self) -> str:
         """One row per grid point: strengths, mean ± se, non-zeros; ``min``/``1se`` marks."""
@@ -323,11 +323,9 @@ def _nonzeros(spec: Spec, stacked: Mapping[str, Tensor]) -> tuple[Tensor, Tensor
 def _nonzero_groups(pen: Penalty, stacked: Tensor) -> Tensor | None:
     """``(K,)`` non-zero groups of each model's ``stacked`` parameter under ``pen``;
     ``None`` when ``pen`` has no groups."""
-    if not isinstance(pen, GroupLasso):
+    if pen.nonzero_groups(stacked[0]) is None:
         return None
-    dims = tuple(d + 1 for d in _as_dims(pen.dim, stacked.dim() - 1))
-    norms = torch.linalg.vector_norm(stacked, dim=dims)
-    return (norms.reshape(stacked.shape[0], -1) != 0).sum(1)
+    return vmap(pen.nonzero_groups)(stacked)
 
 
 def _scores(

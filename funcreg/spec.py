@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .penalties import L1, L2, MCP, SCAD, ElasticNet, GroupLasso, Penalty, _as_dims
+from .penalties import L1, L2, MCP, SCAD, ElasticNet, GroupLasso, Penalty, as_dims
 
 Params = Mapping[str, Tensor]
 Strengths = Mapping[str, Any]
@@ -185,7 +185,7 @@ class Spec(Mapping[str, Penalty]):
         for term, names in sel.items():
             pen = self._terms[term]
             linear = type(pen).penalty is Penalty.penalty
-            s = 1.0 if pen.is_constraint else _strength(strengths, term)
+            s = 1.0 if pen.is_constraint else strength_of(strengths, term)
             total: Tensor | None = None
             for n in names:
                 v = pen.value(params[n], n) if linear else pen.penalty(params[n], s, n)
@@ -220,7 +220,7 @@ class Spec(Mapping[str, Penalty]):
             pen = self._terms[term]
             if not pen.has_prox:
                 raise _checks.no_prox_error(term, type(pen).__name__, pen.smooth)
-            s = 1.0 if pen.is_constraint else _strength(strengths, term)
+            s = 1.0 if pen.is_constraint else strength_of(strengths, term)
             for n in names:
                 step = metric_step(pen, lr[n], out[n]) if isinstance(lr, Mapping) else lr
                 out[n] = pen.prox_step(out[n], step, s, n)
@@ -312,14 +312,14 @@ def metric_step(pen: Penalty, step: Tensor, w: Tensor) -> Tensor:
     if step.dim() == 0 or pen.is_constraint:
         return step
     if isinstance(pen, GroupLasso):  # SparseGroupLasso too
-        dims = _as_dims(pen.dim, w.dim())
+        dims = as_dims(pen.dim, w.dim())
         return 1 / torch.mean(1 / step, dim=dims, keepdim=True)
     if type(pen) in (L1, L2, ElasticNet, MCP, SCAD):
         return step
     return 1 / torch.mean(1 / step)
 
 
-def _strength(strengths: Strengths, term: str) -> Any:
+def strength_of(strengths: Strengths, term: str) -> Any:
     try:
         return strengths[term]
     except KeyError:

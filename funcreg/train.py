@@ -40,7 +40,7 @@ from . import _checks
 from ._foreach import eager_update
 from .optim import Optimizer, prox_steps
 from .penalties import MCP, SCAD, Penalty
-from .spec import Spec, _strength, as_spec, penalized
+from .spec import Spec, as_spec, penalized, strength_of
 
 Step = Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]
 
@@ -121,7 +121,7 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
                     # out of place: autograd may hand the same tensor to several params
                     value, summed = form(
                         [params[n] for n in names],
-                        _strength(strengths, term),
+                        strength_of(strengths, term),
                         [grads[n] for n in names],
                     )
                     grads.update(zip(names, summed, strict=True))

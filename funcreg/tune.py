@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._folds import fold_masks
 from .hypergrad import hypergrad
 from .optim import Optimizer, adam
 from .penalties import Penalty
 from .progress import Progress
 from .result import Best
-from .selection import fold_masks
 from .solvers import LeastSquares, least_squares, solve
 from .spec import Spec, as_spec
 

@@ -177,7 +177,7 @@ def test_no_prox_advice_is_one_rule(net):
     """A term without a prox goes through the (sub)gradient: train_step, Spec.prox and
     fr.prox_ give the same advice (no 'mark it smooth', which no user can do)."""
 
-    @fr.penalties._penalty
+    @fr.penalties.register_penalty
     class Bumpy(fr.Penalty):
         smooth = False
 

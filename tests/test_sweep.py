@@ -660,8 +660,12 @@ def test_compiled_sweep_matches_eager() -> None:
     comp = sweep(net, loss, SPEC, g, compile=True, **kw)
     assert comp.diverged.tolist() == eager.diverged.tolist() == [False, True, False, True]
     assert comp.diverged_at.tolist() == eager.diverged_at.tolist()
+    alive = ~eager.diverged  # a diverged model's frozen weights are ~1e11: chaos amplified
     for n in eager.stacked:
-        torch.testing.assert_close(comp.stacked[n], eager.stacked[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            comp.stacked[n][alive], eager.stacked[n][alive], rtol=1e-5, atol=1e-6
+        )
+        assert bool(torch.isfinite(comp.stacked[n]).all())
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]

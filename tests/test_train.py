@@ -118,7 +118,7 @@ def test_constraints_projected_even_without_prox(problem):
 def test_prox_for_term_without_prox_is_refused(problem):
     net, loss, x, y = problem
 
-    @fr.penalties._penalty
+    @fr.penalties.register_penalty
     class Bumpy(fr.Penalty):
         smooth = False
 
