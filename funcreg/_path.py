@@ -36,7 +36,7 @@ from .penalties import L1, ElasticNet, GroupLasso, Penalty
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec
-from .stack import as_data, split_model, strength_term, strength_values, with_buffers
+from .stack import as_data, split_model, strength_values, with_buffers
 
 __all__ = ["geometric_grid", "path", "strength_max"]
 
@@ -255,7 +255,7 @@ def path(
         in run order) describe the run.
     """
     spec = as_spec(spec)
-    term = strength_term(spec, term, "path")
+    term = spec.strength_term(term, "path")
     fixed = dict(fixed or {})
     if term in fixed:
         raise ValueError(f"path: term {term!r} is the path's axis; remove it from fixed=")

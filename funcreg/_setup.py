@@ -66,14 +66,6 @@ class Setup:
     t_start: float
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
 def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
     strengths = set(spec.strength_names)
     hyper = set(optimizer.hyperparams)
@@ -221,7 +213,7 @@ def prepare(
         _check_prox_steps(spec, optimizer, g64)
     stacked_p, stacked_b = _initial(init, params0, fixed0, k, dev)
 
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = _checks.positive_int("batch_size", batch_size)
     train_data = make_data(train, "train", batch_size, seed, dev)
     val_data = None if val is None else make_data(val, "val", batch_size, seed, dev)
     if val_fn is not None and val_data is None:
@@ -229,8 +221,8 @@ def prepare(
     if (steps is None) == (epochs is None):
         raise ValueError("sweep: give exactly one of steps= or epochs=")
     if steps is None:
-        steps = int(_positive_int("epochs", epochs, allow_none=False) or 0) * len(train_data)
-    n_steps = int(_positive_int("steps", steps, allow_none=False) or 0)
+        steps = int(_checks.positive_int("epochs", epochs, allow_none=False) or 0) * len(train_data)
+    n_steps = int(_checks.positive_int("steps", steps, allow_none=False) or 0)
 
     selected = spec.selected_names(params0)
     identity = sweep_identity(
@@ -273,12 +265,12 @@ def prepare(
         train=train_data,
         val=val_data,
         steps=n_steps,
-        eval_every=_positive_int("eval_every", eval_every)
+        eval_every=_checks.positive_int("eval_every", eval_every)
         or (prev.meta.get("eval_every") if prev is not None else None)  # the run's cadence
         or max(1, n_steps // 20),
-        checkpoint_every=_positive_int("checkpoint_every", checkpoint_every)
+        checkpoint_every=_checks.positive_int("checkpoint_every", checkpoint_every)
         or max(1, n_steps // 10),
-        chunk_size=_positive_int("chunk_size", chunk_size),
+        chunk_size=_checks.positive_int("chunk_size", chunk_size),
         metric_names=("loss", "penalty", *spec),
         selected=selected,
         identity=identity,

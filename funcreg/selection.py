@@ -66,7 +66,6 @@ from .stack import (
     build_grid,
     eval_mode,
     split_model,
-    strength_term,
     strength_values,
     with_buffers,
 )
@@ -282,7 +281,7 @@ def _cv_grid(grid: Any, spec: Spec) -> dict[str, Tensor]:
                 "cross_validate: the grid is empty; give e.g. fr.grid(l1=torch.logspace(-4, 0, 20))"
             )
         return build_grid(grid, product=False, dtype=torch.float64)
-    term = strength_term(spec, None, "cross_validate (a grid given as a list of strengths)")
+    term = spec.strength_term(None, "cross_validate (a grid given as a list of strengths)")
     return {term: strength_values(grid, "cross_validate")}
 
 

@@ -21,16 +21,13 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import _checks
-
-if TYPE_CHECKING:
-    from .spec import Spec
 
 __all__ = [
     "as_data",
@@ -42,7 +39,6 @@ __all__ = [
     "split_model",
     "stack",
     "stack_modules",
-    "strength_term",
     "strength_values",
     "unstack",
     "with_buffers",
@@ -195,28 +191,6 @@ def strength_values(values: Any, what: str) -> Tensor:
     if bool(bad.any()):
         raise ValueError(f"{what}: strengths must be finite and >= 0, got {t[bad].tolist()[:5]}")
     return t
-
-
-def strength_term(spec: Spec, term: str | None, what: str) -> str:
-    """The term a path or CV varies: ``term``, or the spec's only term with a strength.
-
-    (To become ``Spec.strength_term(term, what)``, same behaviour.)"""
-    names = spec.strength_names
-    if term is None:
-        if len(names) != 1:
-            raise ValueError(
-                f"{what}: the spec has {len(names)} terms with a strength ({list(names)}); "
-                "say which one the grid varies with term=..."
-            )
-        return names[0]
-    if term not in names:
-        raise ValueError(
-            f"{what}: term {term!r} is not a spec term with a strength; the spec has {list(names)}"
-        )
-    return term
-
-
-# --------------------------------------------------------------------------- stacking
 
 
 def split_module(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
