@@ -32,7 +32,7 @@ from torch.func import grad
 
 from ._sweep import sweep
 from .optim import Optimizer
-from .penalties import L1, ElasticNet, GroupLasso, Penalty
+from .penalties import Penalty
 from .result import SweepResult
 from .solvers import solve
 from .spec import Spec, as_spec
@@ -58,7 +58,7 @@ def strength_max(
     if term not in spec:
         raise ValueError(f"strength_max: no term {term!r} in the spec; it has {list(spec)}")
     pen = spec[term]
-    if not isinstance(pen, (L1, ElasticNet, GroupLasso)):
+    if type(pen).zero_threshold is Penalty.zero_threshold:  # no exact zeros
         raise ValueError(
             f"strength_max: term {term!r} is {type(pen).__name__}, which induces no exact "
             "sparsity; it is defined for L1, ElasticNet (l1_ratio > 0), GroupLasso and "

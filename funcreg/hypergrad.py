@@ -68,14 +68,13 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp, vjp, vmap
 
-from .penalties import L1, MCP, SCAD, Box, ElasticNet, NonNegative, Penalty
+from .penalties import MCP, SCAD, Penalty
 from .solvers import Solution
 from .spec import Spec, as_spec, penalized
 
 __all__ = ["Hypergradient", "hypergrad"]
 
 Params = dict[str, Tensor]
-_ELEMENTWISE = (L1, ElasticNet, NonNegative, Box)
 
 
 class Hypergradient(NamedTuple):
@@ -283,11 +282,11 @@ def hypergrad(
     objective = penalized(loss_fn, smooth)
     single = {n: p[0] for n, p in P.items()}
     p_total = sum(t.numel() for t in single.values())
-    elementwise = all(type(pen) in _ELEMENTWISE for pen in nonsmooth.values())
+    elementwise = all(pen.elementwise for pen in nonsmooth.values())
     if method == "auto":
         method = "direct" if p_total <= direct_max else ("cg" if elementwise else "cgnr")
     if method == "cg" and not elementwise:
-        bad = [t for t, pen in nonsmooth.items() if type(pen) not in _ELEMENTWISE]
+        bad = [t for t, pen in nonsmooth.items() if not pen.elementwise]
         raise ValueError(
             f"{who}: method='cg' needs an elementwise prox, but term {bad[0]!r} "
             f"({type(nonsmooth[bad[0]]).__name__}) is not; use method='cgnr' or 'direct'"

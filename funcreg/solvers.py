@@ -87,7 +87,7 @@ from . import _checks, _tree
 from ._lasso import fista_lasso, lasso_thresholds
 from ._tree import Params
 from .losses import LeastSquares, least_squares
-from .penalties import L1, L2, Box, ElasticNet, NonNegative, Penalty
+from .penalties import Penalty
 from .spec import Spec, as_spec, penalized
 
 __all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
@@ -470,9 +470,6 @@ def _warn_floor(
     )
 
 
-_ELEMENTWISE = (L1, L2, ElasticNet, NonNegative, Box)
-
-
 def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Tensor], Params]:
     """The batched prox ``(stacked params, strengths (k,), steps (k,)) -> stacked params``.
 
@@ -482,7 +479,7 @@ def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Ten
     overhead); any other term goes through ``vmap(spec.prox)``."""
     if not len(nonsmooth):
         return lambda z, s, t: z
-    if any(type(pen) not in _ELEMENTWISE for pen in nonsmooth.values()):
+    if not all(pen.elementwise for pen in nonsmooth.values()):
         return vmap(nonsmooth.prox)
     selection = nonsmooth.selection(single)  # resolved on one model's shapes
 
