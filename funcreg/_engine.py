@@ -364,13 +364,6 @@ class _Run:
     def _snapshot(self, done: int) -> SweepResult:
         s, e, names = self.s, self.e_index, self.s.metric_names
         chunks = self.chunks
-        history: dict[str, Any] = {m: self.hist[:done, :, j].clone() for j, m in enumerate(names)}
-        history["eval_step"] = self.eval_steps[:e].clone()
-        if s.val is not None:
-            history["val_loss"] = self.val_hist[:e, :, 0].clone()
-            if s.val_fn is not None:
-                history["val_metric"] = self.val_hist[:e, :, 1].clone()
-        history["zeros"] = {n: z[:e].clone() for n, z in self.zeros.items()}
         before = 0.0 if s.prev is None else float(s.prev.meta.get("elapsed_s", 0.0))
         meta = {
             "identity": s.identity,
@@ -387,17 +380,24 @@ class _Run:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
         }
-        return SweepResult(
-            grid={n: v.clone() for n, v in s.grid.items()},
+        return SweepResult.from_run(
+            grid=s.grid,
             stacked=unsplit(chunks, lambda ch: ch.params),
             stacked_buffers=unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
-            history=history,
+            rows=self.hist[:done],
+            metric_names=names,
+            eval_step=self.eval_steps[:e],
+            val_rows=None
+            if s.val is None
+            else self.val_hist[:e, :, : (1 if s.val_fn is None else 2)],
+            zeros={n: z[:e] for n, z in self.zeros.items()},
             diverged=~torch.cat([ch.alive for ch in chunks]),
             diverged_at=torch.cat([ch.diverged_at for ch in chunks]),
             steps=done,
             meta=meta,
             resume=resume,
             model=s.model,
+            clone=False,
         )
 
     # -- the loop -------------------------------------------------------------------------
