@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
+from ._chunking import plan_chunks
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import Penalty
@@ -99,16 +100,6 @@ def geometric_grid(strength_max: float, eps: float = 1e-3, n: int = 100) -> Tens
 # ---------------------------------------------------------------------------------------
 # Warm-started paths
 # ---------------------------------------------------------------------------------------
-
-
-def plan_chunks(k: int, size: int | None) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` chunks of at most ``size`` models (the last may be
-    shorter: a path's chunks follow the grid)."""
-    if size is None:
-        return [(0, k)]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {size!r}")
-    return [(a, min(a + size, k)) for a in range(0, k, size)]
 
 
 def _fixed_axes(fixed: Mapping[str, Any], k: int) -> dict[str, Tensor]:
@@ -299,7 +290,7 @@ def path(
         descending = optimizer is None
     s = torch.sort(s, descending=bool(descending)).values
     k = s.numel()
-    chunks = plan_chunks(k, chunk_size)
+    chunks = plan_chunks(k, chunk_size, balanced=False)  # a path's chunks follow the grid
     info: dict[str, Any] = {"warm_start": bool(warm_start), "path_axis": term}
     info["run_order"] = "descending" if descending else "ascending"
     info["chunks"] = [list(c) for c in chunks]  # in run order
