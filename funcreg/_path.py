@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
+from . import _checks
 from ._chunking import plan_chunks
 from ._sweep import sweep
 from .optim import Optimizer
@@ -250,11 +251,7 @@ def path(
     fixed = dict(fixed or {})
     if term in fixed:
         raise ValueError(f"path: term {term!r} is the path's axis; remove it from fixed=")
-    if (optimizer is None) != (steps is None):
-        raise ValueError(
-            "path: give optimizer= and steps= together (the sweep engine, for networks), or "
-            "neither (exact solutions by fr.solve, for convex problems)"
-        )
+    _checks.check_engine_args("path", optimizer, steps)
     params0, bufs0, model = split_model(model_or_params)
     loss = with_buffers(loss_fn, bufs0)
     val_t = as_data(val, "val")

@@ -7,7 +7,6 @@ sweep and each shard of :func:`funcreg.distributed.sweep` start here; the run it
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -190,14 +189,8 @@ def prepare(
         raise TypeError(f"sweep: loss_fn must be callable, got {type(loss_fn).__name__}")
     if val_fn is not None and not callable(val_fn):
         raise TypeError(f"sweep: val_fn must be callable, got {type(val_fn).__name__}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            "sweep: optimizer must be a functional optimizer such as fr.optim.adam(1e-3), "
-            f"got {type(optimizer).__name__}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"sweep: seed must be an int >= 0, got {seed!r}")
-    seed = int(seed)
+    _checks.check_optimizer("sweep", optimizer)
+    seed = _checks.check_seed("sweep", seed)
     spec = as_spec(spec)
     if not isinstance(grid, Mapping):
         raise TypeError(

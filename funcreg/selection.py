@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -411,11 +410,7 @@ def cross_validate(
     """
     t0 = time.perf_counter()
     spec = as_spec(spec)
-    if (optimizer is None) != (steps is None):
-        raise ValueError(
-            "cross_validate: give optimizer= and steps= together (the sweep engine, for "
-            "networks), or neither (exact solutions by fr.solve, for convex problems)"
-        )
+    _checks.check_engine_args("cross_validate", optimizer, steps)
     if not callable(loss_fn):
         raise TypeError(f"cross_validate: loss_fn must be callable, got {type(loss_fn).__name__}")
     if type(loss_fn).__name__ == "LeastSquares":
@@ -423,8 +418,7 @@ def cross_validate(
             "cross_validate: a least_squares loss holds its data; write the loss as a function "
             "loss(params, X, y) (e.g. 0.5 * F.mse_loss(...)) and pass data=(X, y)"
         )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"cross_validate: seed must be an int >= 0, got {seed!r}")
+    _checks.check_seed("cross_validate", seed)
     g = _cv_grid(grid, spec)
     k = next(iter(g.values())).numel()
     along = _order_axis(g, spec, axis)
@@ -513,11 +507,7 @@ def cross_validate(
             raise TypeError(
                 "cross_validate(optimizer=...) trains with fr.sweep: pass the nn.Module itself"
             )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "cross_validate: optimizer must be a functional optimizer such as "
-                f"fr.optim.adam(1e-3), got {type(optimizer).__name__}"
-            )
+        _checks.check_optimizer("cross_validate", optimizer)
         carrier = copy.deepcopy(module)
         carrier.register_buffer(FOLD_KEY, torch.zeros(rows, dtype=dtype, device=device))
         raw_w = weights
