@@ -32,7 +32,6 @@ state, so ``fr.sweep(..., checkpoint=path)`` can continue it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -49,13 +48,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from . import _report
+from ._report import EVAL_METRICS as _EVAL_METRICS
 from .spec import Spec, penalized
 from .stack import eval_mode, load_, unstack
 
 __all__ = ["FORMAT", "Best", "SweepResult", "one_se_index"]
 
 FORMAT = "funcreg.SweepResult/1"
-_EVAL_METRICS = ("val_loss", "val_metric")
 _RUN_ONLY = ("identity", "chunks")  # meta of one run that a new result of its models drops
 
 
@@ -464,29 +464,7 @@ class SweepResult:
             idx = int(vals.argmin() if mode == "min" else vals.argmax())
         return Best(idx, self.strengths(idx), metric, float(vals[idx]), note)
 
-    # -- plots ----------------------------------------------------------------------------
-    def _selected(self) -> list[str]:
-        sel = self.meta.get("selected")
-        return list(sel) if isinstance(sel, list | tuple) else list(self.stacked)
-
-    def _path_models(self, axis: str | None, what: str) -> tuple[str, Tensor, str]:
-        """``(axis, model indices along it, note)``: with other axes varying too, the
-        models that share the other axes' values with :meth:`best`."""
-        along = self.path_axis(axis, what)
-        others = [a for a in self.varying_axes() if a != along]
-        idx = torch.arange(self.K)
-        note = ""
-        if others:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                b = self.best().index
-            keep = torch.ones(self.K, dtype=torch.bool)
-            for a in others:
-                keep &= self.grid[a].cpu() == self.grid[a][b].cpu()
-            idx = idx[keep]
-            note = ", ".join(f"{a}={float(self.grid[a][b]):.3g}" for a in others)
-        return along, idx, note
-
+    # -- plots and display (written in _report.py) ----------------------------------------
     def plot_path(
         self,
         param: str,
@@ -501,27 +479,7 @@ class SweepResult:
         (``"coef"``, ``"norm"``: per input feature, ``"nonzero"``). ``axis`` defaults to
         the only varying axis and is required when several vary; the other varying axes
         are held at the values of :meth:`best`. Returns the matplotlib ``Axes``."""
-        from . import plot
-
-        selected = self._selected()
-        if param not in selected:
-            raise ValueError(
-                f"plot_path: the spec does not touch {param!r}, so it has no regularization "
-                f"path; the spec selects {selected}"
-            )
-        along, idx, note = self._path_models(axis, "plot_path")
-        out = plot.path(
-            self.grid[along][idx],
-            self.stacked[param][idx.to(self.stacked[param].device)],
-            kind,
-            name=param,
-            strength_label=along,
-            ax=ax,
-            save=None,
-        )
-        if note:
-            out.set_title(f"{out.get_title()} ({note})")
-        return plot.finish(out, save)
+        return _report.plot_path(self, param, kind, axis, ax=ax, save=save)
 
     def plot_training(
         self,
@@ -534,85 +492,12 @@ class SweepResult:
     ) -> Any:
         """Training curves (``history[metric]``, one line per model; default: the best
         model and up to 4 others spread over the grid), labelled by their grid values."""
-        from . import plot
+        return _report.plot_training(self, metric, models, ax=ax, save=save, logy=logy)
 
-        if self.meta.get("solver") == "fista":
-            raise ValueError(
-                "plot_training: this result was solved exactly (fr.solve), it has no training "
-                "steps to plot; meta['iterations'] has the iteration counts"
-            )
-        h = self.history.get(metric)
-        if not isinstance(h, Tensor) or h.ndim != 2:
-            known = [k for k, v in self.history.items() if isinstance(v, Tensor) and v.ndim == 2]
-            raise ValueError(
-                f"plot_training: no per-step metric {metric!r}; this result has {known}"
-            )
-        if models is None:
-            picks = torch.linspace(0, self.K - 1, min(self.K, 4)).round().long().tolist()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with contextlib.suppress(ValueError):
-                    picks.append(self.best().index)
-            models = sorted(set(picks))
-        idx = [self._index(i) for i in (models if isinstance(models, list | tuple) else [models])]
-        varying = self.varying_axes() or list(self.grid)[:1]
-        labels = [", ".join(f"{a}={float(self.grid[a][i]):.3g}" for a in varying) for i in idx]
-        rows = h[: self.steps][:, idx]
-        return plot.training_curves(rows, labels=labels, ylabel=metric, logy=logy, ax=ax, save=save)
-
-    # -- display --------------------------------------------------------------------------
     def table(self, max_rows: int | None = None) -> str:
         """One row per model: grid values, final train/val losses, exact-zero fractions and
         divergence; ``*`` marks :meth:`best` (by validation loss when available)."""
-        h = self.history
-        cols: list[tuple[str, list[str]]] = [("#", [str(i) for i in range(self.K)])]
-        for name, v in self.grid.items():
-            cols.append((name, [f"{float(x):.4g}" for x in v]))
-        metrics = ["loss"] + [m for m in _EVAL_METRICS if m in h]
-        for m in metrics:
-            if self.steps == 0 and m == "loss":
-                continue
-            try:
-                vals = self.values(m)
-            except ValueError:
-                continue
-            cols.append(("train_loss" if m == "loss" else m, [f"{float(x):.4g}" for x in vals]))
-        for name in list(h.get("zeros", {}))[:4]:
-            rows = h["zeros"][name]
-            if rows.shape[0]:
-                cols.append((f"zeros[{name}]", [f"{float(x):.3f}" for x in rows[-1]]))
-        status = [
-            f"diverged@{int(t)}" if d else ""
-            for d, t in zip(self.diverged.tolist(), self.diverged_at.tolist(), strict=True)
-        ]
-        cols.append(("status", status))
-        best_idx = -1
-        if self.steps:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    best_idx = self.best().index
-                except ValueError:
-                    best_idx = -1
-        cols[0] = ("#", [f"{r}{'*' if i == best_idx else ''}" for i, r in enumerate(cols[0][1])])
-        order = list(range(self.K))
-        if max_rows is not None and max_rows < self.K:
-            half = max(1, max_rows // 2)
-            order = order[:half] + [-1] + order[-half:]
-        widths = [max(len(title), *(len(c) for c in vals)) for title, vals in cols]
-        lines = ["  ".join(t.rjust(w) for (t, _), w in zip(cols, widths, strict=True))]
-        lines.append("  ".join("-" * w for w in widths))
-        for i in order:
-            if i < 0:
-                lines.append("...")
-                continue
-            cells = [vals[i].rjust(w) for (_, vals), w in zip(cols, widths, strict=True)]
-            lines.append("  ".join(cells).rstrip())
-        n_div = int(self.diverged.sum())
-        foot = f"{self.K} models, {self.steps} steps"
-        if n_div:
-            foot += f", {n_div} diverged"
-        return "\n".join([*lines, foot])
+        return _report.table(self, max_rows)
 
     def __str__(self) -> str:
         return self.table(max_rows=40)

@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
     "stack": 5,
     "result": 6,
     "plot": 6,
+    "_report": 6,
     # one step, classic loops
     "train": 7,
     "eager": 7,
