@@ -465,39 +465,9 @@ class SweepResult:
         return Best(idx, self.strengths(idx), metric, float(vals[idx]), note)
 
     # -- plots and display (written in _report.py) ----------------------------------------
-    def plot_path(
-        self,
-        param: str,
-        kind: str = "coef",
-        axis: str | None = None,
-        *,
-        ax: Any = None,
-        save: str | os.PathLike[str] | None = None,
-    ) -> Any:
-        """Coefficient path of ``param`` against the grid ``axis`` on a log scale, largest
-        strength on the left (``plot.glmnet``); see :func:`funcreg.plot.path` for ``kind``
-        (``"coef"``, ``"norm"``: per input feature, ``"nonzero"``). ``axis`` defaults to
-        the only varying axis and is required when several vary; the other varying axes
-        are held at the values of :meth:`best`. Returns the matplotlib ``Axes``."""
-        return _report.plot_path(self, param, kind, axis, ax=ax, save=save)
-
-    def plot_training(
-        self,
-        metric: str = "loss",
-        models: Any = None,
-        *,
-        ax: Any = None,
-        save: str | os.PathLike[str] | None = None,
-        logy: bool = True,
-    ) -> Any:
-        """Training curves (``history[metric]``, one line per model; default: the best
-        model and up to 4 others spread over the grid), labelled by their grid values."""
-        return _report.plot_training(self, metric, models, ax=ax, save=save, logy=logy)
-
-    def table(self, max_rows: int | None = None) -> str:
-        """One row per model: grid values, final train/val losses, exact-zero fractions and
-        divergence; ``*`` marks :meth:`best` (by validation loss when available)."""
-        return _report.table(self, max_rows)
+    plot_path = _report.plot_path
+    plot_training = _report.plot_training
+    table = _report.table
 
     def __str__(self) -> str:
         return self.table(max_rows=40)
