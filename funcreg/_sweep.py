@@ -63,6 +63,7 @@ How it runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -72,7 +73,7 @@ from torch import Tensor, nn
 
 from . import distributed as _distributed
 from ._engine import run_local
-from ._setup import prepare
+from ._setup import SweepArgs, prepare
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import SweepResult
@@ -147,25 +148,9 @@ def sweep(
     Returns:
         A :class:`~funcreg.result.SweepResult`.
     """
-    args: dict[str, Any] = dict(
-        train=train,
-        val=val,
-        optimizer=optimizer,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        prox=prox,
-        eval_every=eval_every,
-        chunk_size=chunk_size,
-        compile=compile,
-        progress=progress,
-        seed=seed,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        device=device,
-        val_fn=val_fn,
-        init=init,
-    )
+    options = locals()  # the keyword arguments, by their names in SweepArgs (one list)
+    args = SweepArgs(**{name: options[name] for name in SweepArgs.names()})
     if distributed:
-        return _distributed.sweep(model, loss_fn, spec, grid, **args)
-    return run_local(prepare(model, loss_fn, spec, grid, **args))
+        return _distributed.sweep(model, loss_fn, spec, grid, **vars(args))
+    with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+        return run_local(setup)

@@ -83,6 +83,8 @@ sweep of the whole grid with the same seed:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -98,7 +100,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._engine import run_local
-from ._setup import prepare
+from ._setup import SweepArgs, prepare
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
@@ -451,6 +453,7 @@ def sweep(
             rank re-raises its own exception).
     """
     td = _timedelta(timeout)
+    args = SweepArgs.of("funcreg.distributed.sweep", sweep_kwargs)
     if gather_to != "all" and (isinstance(gather_to, bool) or not isinstance(gather_to, int)):
         raise ValueError(f"gather_to must be 'all' or a rank number, got {gather_to!r}")
     if init_process_group is True or (
@@ -465,16 +468,16 @@ def sweep(
     if not distributed or dist.get_world_size() == 1:
         if gather_to not in ("all", 0):
             raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
-        return run_local(prepare(model, loss_fn, spec, grid, **sweep_kwargs))
+        with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+            return run_local(setup)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if gather_to != "all" and not 0 <= int(gather_to) < world:
         raise ValueError(f"gather_to={gather_to} is not a rank of this {world}-process group")
-    if "device" not in sweep_kwargs or sweep_kwargs["device"] is None:
-        default = _default_device()
-        if default.type == "cuda":
-            sweep_kwargs["device"] = default
-    sweep_kwargs.setdefault("progress", rank == 0)
+    if args.device is None and _default_device().type == "cuda":
+        args = dataclasses.replace(args, device=_default_device())
+    if "progress" not in sweep_kwargs:
+        args = dataclasses.replace(args, progress=rank == 0)
 
     error: BaseException | None = None
     packed: _Packed | None = None
@@ -497,22 +500,23 @@ def sweep(
         # CPU grid of <= 4 models without compile, where the copy is idle work)
         pad = b - a == 1 and k > 1 and sweep_kwargs.get("chunk_size") != 1
         idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
-        kw = dict(sweep_kwargs)
-        if kw.get("init") is not None:
-            kw["init"] = _slice_init(kw["init"], k, idx)
-        if kw.get("checkpoint") is not None:
-            kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
+        shard = dataclasses.replace(
+            args,
+            init=None if args.init is None else _slice_init(args.init, k, idx),
+            checkpoint=None
+            if args.checkpoint is None
+            else checkpoint_path(args.checkpoint, rank, world),
+        )
         shard_grid = {n: v[idx] for n, v in g64.items()}
-        local = run_local(prepare(model, loss_fn, spec, shard_grid, **kw), whole_k=k)
+        with contextlib.closing(prepare(model, loss_fn, spec, shard_grid, shard)) as setup:
+            local = run_local(setup, whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang
         error = e
 
     t_done = time.perf_counter()
-    comm = _comm_device(
-        torch.device(sweep_kwargs["device"]) if sweep_kwargs.get("device") else torch.device("cpu")
-    )
+    comm = _comm_device(torch.device(args.device) if args.device else torch.device("cpu"))
     try:
         status = _exchange_status(
             error,
@@ -534,8 +538,8 @@ def sweep(
     if failed:
         shown = "; ".join(f"rank {r} (models {_span(bounds, r, k)}): {msg}" for r, msg in failed)
         kept = ""
-        if sweep_kwargs.get("checkpoint") is not None:
-            saved = checkpoint_path(sweep_kwargs["checkpoint"], rank, world)
+        if args.checkpoint is not None:
+            saved = checkpoint_path(args.checkpoint, rank, world)
             kept = f"; this rank's finished shard is saved in {os.fspath(saved)!r}"
         raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{kept}")
     assert packed is not None and local is not None
