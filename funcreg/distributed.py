@@ -107,6 +107,7 @@ from .spec import Spec
 from .stack import build_grid, check_stacked
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "DistributedSweepError",
     "checkpoint_path",
     "init_from_env",
@@ -155,8 +156,18 @@ def checkpoint_path(path: str | os.PathLike[str], rank: int, world_size: int) ->
     return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
 
 
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+"""How long a rank of :func:`sweep` waits at the result exchange for the others (the slowest
+shard to finish, or a rank that hangs) when no ``timeout=`` is given. Shards differ by at
+most one model, so healthy ranks arrive within about one model's training time of each
+other; a longer gap means a rank hangs. Give a larger ``timeout=`` for sweeps whose shards
+may end further apart."""
+
+
 def _timedelta(timeout: float | timedelta | None) -> timedelta | None:
     if timeout is None or isinstance(timeout, timedelta):
+        if isinstance(timeout, timedelta) and not timeout.total_seconds() > 0:
+            raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
@@ -348,13 +359,31 @@ def _shard_tree(res: SweepResult, k_local: int, k_max: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- collectives
 
 
-def _wait(work: Any, timeout: timedelta | None) -> None:
-    if work is None:
-        return
-    if timeout is None:
-        work.wait()
-    else:
-        work.wait(timeout)
+def _exchange_group(td: timedelta) -> Any:
+    """A process group over every rank whose collectives time out after ``td`` by
+    themselves, made while every rank is alive (before the shards train). A collective that
+    times out or finds a peer dead then fails and leaves nothing in flight, so the process
+    can destroy its groups and exit (an abandoned wait on a collective of the default group
+    kept it running, or aborting, at exit)."""
+    return dist.new_group(timeout=td)
+
+
+def _unfinished(rank: int, world: int) -> list[int] | None:
+    """The ranks that have not reached this call's result exchange, by counters in the
+    process group's rendezvous store (every rank adds 1 to its own as it arrives, see
+    :func:`_arrive`); ``None`` when the store cannot tell (e.g. the rank hosting it died)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        mine = store.add(f"funcreg/sweep/arrived/{rank}", 0)
+        return [r for r in range(world) if store.add(f"funcreg/sweep/arrived/{r}", 0) < mine]
+    except Exception:
+        return None
+
+
+def _arrive(rank: int) -> None:
+    """Count this rank's arrival at the result exchange in the rendezvous store."""
+    with contextlib.suppress(Exception):  # a store that cannot count only makes errors vaguer
+        dist.distributed_c10d._get_default_store().add(f"funcreg/sweep/arrived/{rank}", 1)
 
 
 def _comm_device(dev: torch.device) -> torch.device:
@@ -364,7 +393,7 @@ def _comm_device(dev: torch.device) -> torch.device:
 
 
 def _exchange_status(
-    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, td: Any
+    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, group: Any
 ) -> list[tuple[bool, int, int, str]]:
     """Every rank's ``(failed, signature, nbytes, message)``: fixed-size tensors only."""
     head = torch.tensor([int(error is not None), signature, nbytes], dtype=torch.int64)
@@ -376,7 +405,7 @@ def _exchange_status(
     mine = torch.cat([head.view(torch.uint8), msg]).to(comm)
     world = dist.get_world_size()
     got = [torch.empty_like(mine) for _ in range(world)]
-    _wait(dist.all_gather(got, mine, async_op=True), td)
+    dist.all_gather(got, mine, group=group)
     out = []
     for t in got:
         t = t.cpu()
@@ -439,9 +468,10 @@ def sweep(
             ``True``: initialise it (:func:`init_from_env`) or fail. ``False``: never
             initialise; without a process group, run in one process.
         timeout: seconds (or a ``timedelta``) a rank waits for the others when they
-            exchange results, and the process group's timeout when this call creates it.
-            It must exceed the difference between the shards' training times.
-            Default: the process group's (torch: 30 minutes for gloo, 10 for NCCL).
+            exchange results (a dead rank is noticed at once; a hung one after
+            ``timeout``), and the process group's timeout when this call creates it. It
+            must exceed the difference between the shards' training times. Default:
+            :data:`DEFAULT_TIMEOUT` (10 minutes).
 
     Returns:
         The :class:`~funcreg.result.SweepResult` of the whole grid, equal to the one
@@ -450,9 +480,10 @@ def sweep(
 
     Raises:
         DistributedSweepError: on the healthy ranks when another rank's shard raised (that
-            rank re-raises its own exception).
+            rank re-raises its own exception), or when a rank died or hung (the error names
+            it). The process can then exit normally: nothing is left in flight.
     """
-    td = _timedelta(timeout)
+    td = _timedelta(timeout) or DEFAULT_TIMEOUT
     args = SweepArgs.of("funcreg.distributed.sweep", sweep_kwargs)
     if gather_to != "all" and (isinstance(gather_to, bool) or not isinstance(gather_to, int)):
         raise ValueError(f"gather_to must be 'all' or a rank number, got {gather_to!r}")
@@ -479,6 +510,27 @@ def sweep(
     if "progress" not in sweep_kwargs:
         args = dataclasses.replace(args, progress=rank == 0)
 
+    group = _exchange_group(td)
+    try:
+        return _shard_and_gather(model, loss_fn, spec, grid, args, gather_to, td, group)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)
+
+
+def _shard_and_gather(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    args: SweepArgs,
+    gather_to: Literal["all"] | int,
+    td: timedelta,
+    group: Any,
+) -> SweepResult | None:
+    """This rank's shard of the grid, then the status exchange and the gather (see the
+    module docstring, "Failures")."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     error: BaseException | None = None
     packed: _Packed | None = None
     g64: dict[str, Tensor] = {}
@@ -498,7 +550,7 @@ def sweep(
         # a lone model trains beside a copy of itself so that it runs vmapped, as it does
         # in the one-process sweep (chunk_size=1 runs every model alone anyway; so does a
         # CPU grid of <= 4 models without compile, where the copy is idle work)
-        pad = b - a == 1 and k > 1 and sweep_kwargs.get("chunk_size") != 1
+        pad = b - a == 1 and k > 1 and args.chunk_size != 1
         idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
         shard = dataclasses.replace(
             args,
@@ -517,21 +569,19 @@ def sweep(
 
     t_done = time.perf_counter()
     comm = _comm_device(torch.device(args.device) if args.device else torch.device("cpu"))
+    _arrive(rank)
     try:
         status = _exchange_status(
             error,
             0 if packed is None else packed.signature(),
             0 if packed is None else packed.nbytes,
             comm,
-            td,
+            group,
         )
     except Exception as e:
         if error is not None:
             raise error from e
-        raise DistributedSweepError(
-            f"rank {rank} of {world}: could not exchange status with the other ranks "
-            f"(one died, or hung past the timeout{'' if td is None else f' of {td}'}): {e}"
-        ) from e
+        raise _lost(rank, world, bounds, k, td, e, args.checkpoint) from e
     if error is not None:
         raise error
     failed = [(r, msg) for r, (bad, _, _, msg) in enumerate(status) if bad]
@@ -552,15 +602,48 @@ def sweep(
     mine = packed.buffer(comm)
     if gather_to == "all":
         bufs = [torch.empty_like(mine) for _ in range(world)]
-        _wait(dist.all_gather(bufs, mine, async_op=True), td)
+        dist.all_gather(bufs, mine, group=group)
     else:
         dst = int(gather_to)
         bufs = [torch.empty_like(mine) for _ in range(world)] if rank == dst else []
-        _wait(dist.gather(mine, bufs if rank == dst else None, dst=dst, async_op=True), td)
+        dist.gather(mine, bufs if rank == dst else None, dst=dst, group=group)
         if rank != dst:
             return None
     merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
     return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
+
+
+def _lost(
+    rank: int,
+    world: int,
+    bounds: list[tuple[int, int]],
+    k: int,
+    td: timedelta,
+    e: Exception,
+    checkpoint: Any,
+) -> DistributedSweepError:
+    """The error of a rank whose status exchange failed: which ranks never arrived (dead:
+    their connections closed; or hung past ``td``), their models, and this rank's saved
+    shard."""
+    missing = _unfinished(rank, world)
+    text = str(e)
+    died = "closed" in text.lower() or "reset" in text.lower()
+    how = "died (its connection closed)" if died else f"hangs (waited {td}, the timeout)"
+    if missing:
+        who = ", ".join(f"rank {r} (models {_span(bounds, r, k)})" for r in missing)
+        what = f"{who} never reached the result exchange: it {how}; see its log"
+    else:
+        what = f"another rank {how}; the store cannot tell which"
+    kept = ""
+    if checkpoint is not None:
+        kept = (
+            f"; this rank's finished shard is saved in "
+            f"{os.fspath(checkpoint_path(checkpoint, rank, world))!r} and resumes when the "
+            "job is launched again"
+        )
+    return DistributedSweepError(
+        f"rank {rank} of {world}: {what}{kept} (the collective reported: {text:.300})"
+    )
 
 
 def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
