@@ -1,13 +1,23 @@
 """A sweep's checkpoint file: what identifies the sweep that wrote it, and the one place that
-reads (:func:`load_checkpoint`) and writes (:func:`save_checkpoint`) it.
+reads (:func:`read_checkpoint`, :func:`load_checkpoint`), writes (:func:`save_checkpoint`)
+and locks (:class:`CheckpointLock`) it.
 
 Identity (:func:`sweep_identity`) covers the model's parameter and buffer names, shapes and
-dtypes, the spec (its repr and a digest of the tensors it holds), the grid's values, the
-optimizer's settings, ``prox``, the data's shapes and dtypes (or kind and length for an
-iterable), whether there is a ``val_fn``, the batch size and the seed. A checkpoint whose
-identity differs from the run's is refused, naming the first difference
-(:func:`check_identity`). The payload itself is a :class:`~funcreg.result.SweepResult` with
-its resume state, written atomically by :meth:`SweepResult.save`.
+dtypes; every field of every spec term (:func:`spec_identity`: selectors with their patterns
+in sorted order, so that one built from a Python set is the same in every process; numbers,
+dicts and tensors of ``toward=``/``weight=``); the grid's values; the optimizer's settings;
+``prox``; the data (shapes, dtypes and a SHA-256 of the values of tensor data; an iterable by
+its type and length, as it is not read ahead of training); whether there is a ``val_fn``;
+the batch size and the seed. A checkpoint whose identity differs is refused, naming the first
+difference (:func:`check_identity`). The loss and validation functions are identified by
+qualified name and a hash of their bytecode (:func:`code_identity`): a difference is warned
+about, not refused, so that a loss fixed after a crash can resume.
+
+The file is a :meth:`SweepResult.to_dict <funcreg.result.SweepResult.to_dict>` with its
+resume state and a SHA-256 of that payload (:func:`payload_checksum`), loaded with
+``torch.load(weights_only=True)`` and verified: an empty, truncated, foreign or changed file
+is refused with a ``ValueError`` naming it and what is wrong. Writes are atomic (temporary
+file, ``fsync``, rename), and a full disk leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations

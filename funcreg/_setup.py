@@ -1,8 +1,10 @@
 """The arguments of :func:`fr.sweep <funcreg._sweep.sweep>`, checked and resolved into a
 :class:`Setup` (:func:`prepare`) before any training: the grid against the spec and the
 optimizer, the model's trained and carried tensors, every model's init, the data, the
-training length and, when a checkpoint exists, the run it resumes. Both the one-process
-sweep and each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
+training length and, when a checkpoint exists, the run it resumes (holding the checkpoint's
+lock until :meth:`Setup.close`); then the loss on the first batch (:func:`check_first_batch`).
+:class:`SweepArgs` is the one list of the sweep's options. Both the one-process sweep and
+each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
 :func:`funcreg._engine.run_local`."""
 
 from __future__ import annotations

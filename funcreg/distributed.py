@@ -41,8 +41,12 @@ How it runs
   ``timeout``) before raising, so that every finished shard is checkpointed and the error
   reaches every rank's log; a launcher that stops all workers when one exits (``torchrun``)
   then ends the job. A rank that dies outright (killed, segfault) closes its connections:
-  with gloo the others fail as soon as they reach the exchange; a rank that hangs is
-  waited for at most ``timeout``.
+  the others fail as soon as they reach the exchange; a rank that hangs is waited for at
+  most ``timeout`` (default :data:`DEFAULT_TIMEOUT`, 10 minutes: shards differ by at most
+  one model, so healthy ranks arrive close together). Either way the error names the rank
+  (each rank counts its arrivals in the rendezvous store), and the exchange runs on its own
+  process group whose collectives time out by themselves, so nothing is left in flight and
+  the healthy processes exit normally.
 
 Exactness
 ---------
@@ -156,22 +160,16 @@ def checkpoint_path(path: str | os.PathLike[str], rank: int, world_size: int) ->
     return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
 
 
-DEFAULT_TIMEOUT = timedelta(minutes=10)
-"""How long a rank of :func:`sweep` waits at the result exchange for the others (the slowest
-shard to finish, or a rank that hangs) when no ``timeout=`` is given. Shards differ by at
-most one model, so healthy ranks arrive within about one model's training time of each
-other; a longer gap means a rank hangs. Give a larger ``timeout=`` for sweeps whose shards
-may end further apart."""
+DEFAULT_TIMEOUT = timedelta(minutes=10)  # sweep's timeout= when none is given (module doc)
 
 
 def _timedelta(timeout: float | timedelta | None) -> timedelta | None:
-    if timeout is None or isinstance(timeout, timedelta):
-        if isinstance(timeout, timedelta) and not timeout.total_seconds() > 0:
-            raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+    if timeout is None:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
         raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
-    return timedelta(seconds=float(timeout))
+    return timedelta(seconds=float(seconds))
 
 
 # ------------------------------------------------------------------ process group
@@ -359,31 +357,16 @@ def _shard_tree(res: SweepResult, k_local: int, k_max: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- collectives
 
 
-def _exchange_group(td: timedelta) -> Any:
-    """A process group over every rank whose collectives time out after ``td`` by
-    themselves, made while every rank is alive (before the shards train). A collective that
-    times out or finds a peer dead then fails and leaves nothing in flight, so the process
-    can destroy its groups and exit (an abandoned wait on a collective of the default group
-    kept it running, or aborting, at exit)."""
-    return dist.new_group(timeout=td)
-
-
-def _unfinished(rank: int, world: int) -> list[int] | None:
-    """The ranks that have not reached this call's result exchange, by counters in the
-    process group's rendezvous store (every rank adds 1 to its own as it arrives, see
-    :func:`_arrive`); ``None`` when the store cannot tell (e.g. the rank hosting it died)."""
+def _arrivals(rank: int, world: int, arrive: bool) -> list[int] | None:
+    """Counters in the rendezvous store, one per rank, +1 as the rank reaches a sweep's
+    result exchange (``arrive=True``). Returns the ranks behind this one (not arrived in
+    this call), or ``None`` when the store cannot tell (e.g. the rank hosting it died)."""
     try:
         store = dist.distributed_c10d._get_default_store()
-        mine = store.add(f"funcreg/sweep/arrived/{rank}", 0)
+        mine = store.add(f"funcreg/sweep/arrived/{rank}", int(arrive))
         return [r for r in range(world) if store.add(f"funcreg/sweep/arrived/{r}", 0) < mine]
     except Exception:
         return None
-
-
-def _arrive(rank: int) -> None:
-    """Count this rank's arrival at the result exchange in the rendezvous store."""
-    with contextlib.suppress(Exception):  # a store that cannot count only makes errors vaguer
-        dist.distributed_c10d._get_default_store().add(f"funcreg/sweep/arrived/{rank}", 1)
 
 
 def _comm_device(dev: torch.device) -> torch.device:
@@ -510,7 +493,10 @@ def sweep(
     if "progress" not in sweep_kwargs:
         args = dataclasses.replace(args, progress=rank == 0)
 
-    group = _exchange_group(td)
+    # the exchange's own group, made while every rank is alive: its collectives time out by
+    # themselves, so a timed-out or dead peer leaves nothing in flight and the process can
+    # exit (an abandoned wait on the default group's collective blocked or aborted at exit)
+    group = dist.new_group(timeout=td)
     try:
         return _shard_and_gather(model, loss_fn, spec, grid, args, gather_to, td, group)
     finally:
@@ -569,7 +555,7 @@ def _shard_and_gather(
 
     t_done = time.perf_counter()
     comm = _comm_device(torch.device(args.device) if args.device else torch.device("cpu"))
-    _arrive(rank)
+    _arrivals(rank, world, arrive=True)
     try:
         status = _exchange_status(
             error,
@@ -587,11 +573,8 @@ def _shard_and_gather(
     failed = [(r, msg) for r, (bad, _, _, msg) in enumerate(status) if bad]
     if failed:
         shown = "; ".join(f"rank {r} (models {_span(bounds, r, k)}): {msg}" for r, msg in failed)
-        kept = ""
-        if args.checkpoint is not None:
-            saved = checkpoint_path(args.checkpoint, rank, world)
-            kept = f"; this rank's finished shard is saved in {os.fspath(saved)!r}"
-        raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{kept}")
+        saved = _saved(args.checkpoint, rank, world)
+        raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{saved}")
     assert packed is not None and local is not None
     if len({s for _, s, _, _ in status}) != 1 or len({n for _, _, n, _ in status}) != 1:
         raise DistributedSweepError(
@@ -614,43 +597,31 @@ def _shard_and_gather(
 
 
 def _lost(
-    rank: int,
-    world: int,
-    bounds: list[tuple[int, int]],
-    k: int,
-    td: timedelta,
-    e: Exception,
-    checkpoint: Any,
+    rank: int, world: int, bounds: Any, k: int, td: timedelta, e: Exception, ckpt: Any
 ) -> DistributedSweepError:
-    """The error of a rank whose status exchange failed: which ranks never arrived (dead:
-    their connections closed; or hung past ``td``), their models, and this rank's saved
-    shard."""
-    missing = _unfinished(rank, world)
-    text = str(e)
+    """The error of a rank whose status exchange failed: the ranks that never arrived
+    (dead: their connections closed; or hung past ``td``) and their models."""
+    missing, text = _arrivals(rank, world, arrive=False), str(e)
     died = "closed" in text.lower() or "reset" in text.lower()
     how = "died (its connection closed)" if died else f"hangs (waited {td}, the timeout)"
-    if missing:
-        who = ", ".join(f"rank {r} (models {_span(bounds, r, k)})" for r in missing)
-        what = f"{who} never reached the result exchange: it {how}; see its log"
-    else:
-        what = f"another rank {how}; the store cannot tell which"
-    kept = ""
-    if checkpoint is not None:
-        kept = (
-            f"; this rank's finished shard is saved in "
-            f"{os.fspath(checkpoint_path(checkpoint, rank, world))!r} and resumes when the "
-            "job is launched again"
-        )
+    who = ", ".join(f"rank {r} (models {_span(bounds, r, k)})" for r in missing or [])
+    what = f"{who} never reached the result exchange: it {how}; see its log" if missing else (
+        f"another rank {how}; the store cannot tell which")  # fmt: skip
     return DistributedSweepError(
-        f"rank {rank} of {world}: {what}{kept} (the collective reported: {text:.300})"
+        f"rank {rank} of {world}: {what}{_saved(ckpt, rank, world)} (the collective "
+        f"reported: {text:.300})"
     )
 
 
+def _saved(ckpt: Any, rank: int, world: int) -> str:
+    if ckpt is None:
+        return ""
+    path = os.fspath(checkpoint_path(ckpt, rank, world))
+    return f"; this rank's finished shard is saved in {path!r} and resumes when the job is rerun"
+
+
 def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
-    if not bounds:
-        return "?"
-    a, b = bounds[r]
-    return f"{a}..{b - 1} of K={k}"
+    return f"{bounds[r][0]}..{bounds[r][1] - 1} of K={k}" if bounds else "?"
 
 
 def _slice_init(init: Any, k: int, idx: Tensor) -> Any:

@@ -337,7 +337,7 @@ def test_a_rank_that_dies_does_not_hang_the_others(launched: Path) -> None:
     text = err(launched, "die.rank0")
     assert "DistributedSweepError: rank 0 of 2: rank 1 (models 2..3 of K=4) never reached" in text
     assert "it died (its connection closed); see its log" in text
-    assert "job2.rank0-of-2.pt' and resumes when the job is launched again" in text
+    assert "job2.rank0-of-2.pt' and resumes when the job is rerun" in text
     assert seconds(launched, "die.rank0") < 30  # the timeout; gloo notices the death at once
     assert SweepResult.load(launched / "job2.rank0-of-2.pt").steps == STEPS
 
