@@ -122,14 +122,19 @@ def code_identity(fn: Any) -> dict[str, str] | None:
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     h = hashlib.sha256()
 
-    def walk(c: types.CodeType) -> None:
-        h.update(c.co_code)
-        h.update(repr(c.co_names).encode())
-        for const in c.co_consts:
-            if isinstance(const, types.CodeType):
+    def walk(c: Any) -> None:
+        if isinstance(c, types.CodeType):
+            h.update(c.co_code)
+            h.update(repr(c.co_names).encode())
+            for const in c.co_consts:
                 walk(const)
-            else:
-                h.update(repr(const).encode())
+        elif isinstance(c, tuple):
+            for item in c:
+                walk(item)
+        elif isinstance(c, frozenset):  # `x in {"a", "b"}`: its order changes between processes
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
 
     if code is not None:
         walk(code)

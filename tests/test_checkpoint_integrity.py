@@ -266,3 +266,38 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: An
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
     monkeypatch.undo()
     assert run(path, steps=6).steps == 6
+
+
+def test_code_identity_is_the_same_in_every_process_and_follows_the_code() -> None:
+    """The loss's identity is its qualified name and a hash of its code: the same for a
+    re-created closure and in a new process (set literals hashed in sorted order), another
+    for an edited body."""
+    from funcreg._checkpoint import code_identity
+
+    def make(scale: float) -> Any:
+        def loss(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            return scale * x.sum()
+
+        return loss
+
+    def edited(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return 2 * x.sum()
+
+    assert code_identity(make(1.0)) == code_identity(make(2.0))  # closed-over values: not covered
+    assert code_identity(make(1.0))["code"] != code_identity(edited)["code"]
+    script = (
+        f"import sys; sys.path.insert(0, {os.getcwd()!r})\n"
+        "from funcreg._checkpoint import code_identity\n"
+        "def loss(p, x):\n"
+        "    return 1.0 if x in {'alpha', 'beta', 'gamma', 'delta', 'eps'} else 2.0\n"
+        "print(code_identity(loss)['code'])\n"
+    )
+    codes = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        codes.add(done.stdout.strip())
+    assert len(codes) == 1
