@@ -355,6 +355,7 @@ def _hang_worker(rank: int, world: int, port: int, out: str) -> None:
         return loss(p, x, y)
 
     kw = {**kw, "steps": 2, "checkpoint": None}
+    torch.distributed.init_process_group("gloo")  # the user's group, torch's default timeout
     try:
         _record(Path(out), "hang", rank, net, hang if rank == 1 else loss, spec, grid,
                 timeout=2, **kw)  # fmt: skip
@@ -365,8 +366,8 @@ def _hang_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_a_hung_rank_is_named_and_the_others_exit_cleanly(tmp_path: Path) -> None:
     """With timeout=, the healthy rank raises an error naming the hung rank, then its
-    process ends normally (before: it aborted at exit, or blocked on the abandoned
-    collective)."""
+    process ends normally (before: the abandoned collective of the user's process group,
+    whose own timeout is torch's 30 minutes, blocked the process at exit)."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_hang_worker, args=(r, 2, port, os.fspath(tmp_path)))
