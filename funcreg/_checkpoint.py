@@ -1,21 +1,41 @@
 """A sweep's checkpoint file: what identifies the sweep that wrote it, and the one place that
-reads (:func:`load_checkpoint`) and writes (:func:`save_checkpoint`) it.
+reads (:func:`read_checkpoint`, :func:`load_checkpoint`), writes (:func:`save_checkpoint`)
+and locks (:class:`CheckpointLock`) it.
 
 Identity (:func:`sweep_identity`) covers the model's parameter and buffer names, shapes and
-dtypes, the spec (its repr and a digest of the tensors it holds), the grid's values, the
-optimizer's settings, ``prox``, the data's shapes and dtypes (or kind and length for an
-iterable), whether there is a ``val_fn``, the batch size and the seed. A checkpoint whose
-identity differs from the run's is refused, naming the first difference
-(:func:`check_identity`). The payload itself is a :class:`~funcreg.result.SweepResult` with
-its resume state, written atomically by :meth:`SweepResult.save`.
+dtypes; every field of every spec term (:func:`spec_identity`: selectors with their patterns
+in sorted order, so that one built from a Python set is the same in every process; numbers,
+dicts and tensors of ``toward=``/``weight=``); the grid's values; the optimizer's settings;
+``prox``; the data (shapes, dtypes and a SHA-256 of the values of tensor data; an iterable by
+its type and length, as it is not read ahead of training); whether there is a ``val_fn``;
+the batch size and the seed. A checkpoint whose identity differs is refused, naming the first
+difference (:func:`check_identity`). The loss and validation functions are identified by
+qualified name and a hash of their bytecode (:func:`code_identity`): a difference is warned
+about, not refused, so that a loss fixed after a crash can resume.
+
+The file is a :meth:`SweepResult.to_dict <funcreg.result.SweepResult.to_dict>` with its
+resume state and a SHA-256 of that payload (:func:`payload_checksum`), loaded with
+``torch.load(weights_only=True)`` and verified: an empty, truncated, foreign or changed file
+is refused with a ``ValueError`` naming it and what is wrong. Writes are atomic (temporary
+file, ``fsync``, rename), and a full disk leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import glob
 import hashlib
+import inspect
+import io
 import os
+import re
+import secrets
+import types
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +44,24 @@ from torch import Tensor, nn
 
 from ._data import Data
 from .optim import Optimizer
-from .result import SweepResult
+from .result import FORMAT, SweepResult
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - platforms without fcntl (Windows)
+    fcntl = None  # type: ignore[assignment]
 from .spec import Spec
 
 __all__ = [
+    "CheckpointLock",
     "check_identity",
+    "code_identity",
+    "data_identity",
     "describe_optimizer",
     "digest",
     "load_checkpoint",
+    "payload_checksum",
+    "read_checkpoint",
     "save_checkpoint",
     "spec_identity",
     "sweep_identity",
@@ -76,24 +106,108 @@ def digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
+def code_identity(fn: Any) -> dict[str, str] | None:
+    """A function's qualified name and a SHA-256 of its code: the bytecode, constants and
+    names of its code object and of the code objects nested in it (through
+    ``functools.wraps``/``partial`` and a callable object's ``__call__``). The values it
+    closes over are not covered (the model, the data and the spec have their own entries).
+    Stable across processes for the same source and Python version; ``None`` for ``None``."""
+    if fn is None:
+        return None
+    with contextlib.suppress(ValueError):
+        fn = inspect.unwrap(fn)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    h = hashlib.sha256()
+
+    def walk(c: Any) -> None:
+        if isinstance(c, types.CodeType):
+            h.update(c.co_code)
+            h.update(repr(c.co_names).encode())
+            for const in c.co_consts:
+                walk(const)
+        elif isinstance(c, tuple):
+            for item in c:
+                walk(item)
+        elif isinstance(c, frozenset):  # `x in {"a", "b"}`: its order changes between processes
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
+
+    if code is not None:
+        walk(code)
+    return {"name": str(name), "code": h.hexdigest() if code is not None else "?"}
+
+
+def _canonical(obj: Any, tensors: list[tuple[str, Tensor]], label: str) -> str:
+    """A text that is the same for equal values in any process: dataclasses field by field
+    (all fields, also those their repr hides: float and dict-of-float ``weight=``), sets and
+    selector patterns sorted (a Python set's order of strings changes between processes),
+    floats exactly, callables by :func:`code_identity`; tensors are collected for a
+    digest."""
+    if isinstance(obj, Tensor):
+        tensors.append((label, obj))
+        return f"<tensor {label}>"
+    if is_dataclass(obj) and not isinstance(obj, type):
+        parts = []
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            text = _canonical(v, tensors, f"{label}.{f.name}")
+            if f.name == "patterns" and isinstance(v, tuple):  # by_name: any match, order-free
+                text = repr(sorted(_canonical(p, tensors, label) for p in v))
+            parts.append(f"{f.name}={text}")
+        return f"{type(obj).__qualname__}({', '.join(parts)})"
+    if isinstance(obj, Mapping):
+        keys = sorted(obj, key=repr)
+        return (
+            "{"
+            + ", ".join(f"{k!r}: {_canonical(obj[k], tensors, f'{label}[{k}]')}" for k in keys)
+            + "}"
+        )
+    if isinstance(obj, set | frozenset):
+        return "{" + ", ".join(sorted(_canonical(v, tensors, label) for v in obj)) + "}"
+    if isinstance(obj, list | tuple):
+        inner = ", ".join(_canonical(v, tensors, f"{label}[{i}]") for i, v in enumerate(obj))
+        return f"({inner})" if isinstance(obj, tuple) else f"[{inner}]"
+    if isinstance(obj, re.Pattern):
+        return f"re.compile({obj.pattern!r}, {int(obj.flags)})"
+    if isinstance(obj, float):
+        return float.hex(obj)
+    if isinstance(obj, bool | int | str | bytes | None | torch.dtype):
+        return repr(obj)
+    if callable(obj) and not is_dataclass(obj):
+        return repr(code_identity(obj))
+    return f"{type(obj).__qualname__}:{obj!r}"
+
+
 def spec_identity(spec: Spec) -> str:
-    """``repr(spec)``, plus a digest of the tensors it holds (``toward=``, ``weight=``), which
-    its repr only names."""
-    found: list[tuple[str, Tensor]] = []
-    for term, pen in spec.items():
-        for f in fields(pen):
-            v = getattr(pen, f.name)
-            if isinstance(v, Tensor):
-                found.append((f"{term}.{f.name}", v))
-            elif isinstance(v, Mapping):
-                found += [(f"{term}.{f.name}[{key}]", v[key]) for key in sorted(v)
-                          if isinstance(v[key], Tensor)]  # fmt: skip
-    return repr(spec) + (f" tensors={digest(found)}" if found else "")
+    """Every field of every term of the spec (:func:`_canonical`: selectors, ``toward=``,
+    ``weight=`` as a number, a dict of numbers or tensors, penalty settings), with a digest
+    of the tensors it holds."""
+    tensors: list[tuple[str, Tensor]] = []
+    text = _canonical(dict(spec.items()), tensors, "spec")
+    return text + (f" tensors={digest(tensors)}" if tensors else "")
+
+
+def data_identity(data: Data | None) -> dict[str, Any] | None:
+    """The data's kind and shapes, and for tensor data a SHA-256 of the values (an iterable is
+    not read ahead of training: it is identified by its type and length only)."""
+    if data is None:
+        return None
+    out = data.identity()
+    tensors = getattr(data, "tensors", None)
+    if out.get("kind") == "tensors" and tensors is not None:
+        out["sha256"] = digest((f"[{i}]", t) for i, t in enumerate(tensors))
+    return out
 
 
 def check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
     """Refuse (``ValueError`` naming ``path`` and the first difference) a checkpoint whose
-    identity ``old`` is not this run's ``new``."""
+    identity ``old`` is not this run's ``new``. A different loss or validation function
+    (``"functions"``: :func:`code_identity`) is warned about, not refused: after a crash in
+    the loss, the fixed loss must be able to resume."""
 
     def refuse(what: str, a: Any, b: Any) -> ValueError:
         return ValueError(
@@ -117,6 +231,20 @@ def check_identity(old: Any, new: dict[str, Any], path: Path) -> None:
                         f"K={va.numel()} {va.tolist()[:6]}",
                         f"K={vb.numel()} {vb.tolist()[:6]}",
                     )
+        elif key == "functions":
+            for role, fb in b.items():
+                fa = (a or {}).get(role)
+                if fa != fb:
+                    same = bool(fa and fb and fa["name"] == fb["name"])
+                    warnings.warn(
+                        f"checkpoint {os.fspath(path)!r} was written with {role} "
+                        f"{(fa or {}).get('name')!r}, this run has {(fb or {}).get('name')!r}"
+                        f"{' (same name, other code)' if same else ''}"
+                        f"; resuming with this run's. If the {role}'s meaning changed, the "
+                        "resumed models mix two objectives: delete the checkpoint to start over",
+                        UserWarning,
+                        stacklevel=4,
+                    )
         elif a != b:
             raise refuse(key, a, b)
 
@@ -130,7 +258,8 @@ def sweep_identity(
     prox: bool,
     train: Data,
     val: Data | None,
-    has_val_fn: bool,
+    loss_fn: Any,
+    val_fn: Any,
     batch_size: int | None,
     seed: int,
 ) -> dict[str, Any]:
@@ -141,26 +270,100 @@ def sweep_identity(
         "grid": {n: v.clone() for n, v in grid.items()},
         "optimizer": describe_optimizer(optimizer),
         "prox": bool(prox),
-        "train": train.identity(),
-        "val": None if val is None else val.identity(),
-        "val_fn": has_val_fn,
+        "train": data_identity(train),
+        "val": data_identity(val),
+        "val_fn": val_fn is not None,
+        "functions": {"loss_fn": code_identity(loss_fn), "val_fn": code_identity(val_fn)},
         "batch_size": batch_size,
         "seed": seed,
     }
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def payload_checksum(data: Mapping[str, Any]) -> str:
+    """A SHA-256 of a checkpoint's payload (every key but ``"checksum"``): its structure,
+    plain values and every tensor's dtype, shape and bytes, in order."""
+    tensors: list[tuple[str, Tensor]] = []
+    text = _canonical({k: v for k, v in data.items() if k != "checksum"}, tensors, "")
+    return hashlib.sha256((text + digest(tensors)).encode()).hexdigest()
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"checkpoint {os.fspath(path)!r} is damaged: {what}. Delete it to start over, or "
+        "restore a good copy"
+    )
+
+
+def read_checkpoint(path: Path, model: nn.Module | None = None) -> SweepResult:
+    """The :class:`SweepResult` stored in ``path`` (``torch.load(weights_only=True)``), its
+    checksum verified. A file that is empty, truncated, not a checkpoint, lacks a key, or
+    whose bytes changed raises a ``ValueError`` naming the file and what is wrong. A file
+    without a checksum (written by :meth:`SweepResult.save`, e.g. a merged distributed
+    result) is read unverified."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise _damaged(path, "it is empty (0 bytes; an interrupted copy?)")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except ValueError:
+        raise
+    except Exception as e:  # OSError, EOFError, pickle and zip errors, RuntimeError, ...
+        raise _damaged(path, f"it cannot be read ({type(e).__name__}: {e!s:.200})") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise _damaged(path, f"it is not a funcreg sweep checkpoint (format {found!r})")
+    missing = [k for k in _KEYS if k not in data]
+    if missing:
+        raise _damaged(path, f"it lacks {missing}")
+    if "checksum" in data and data["checksum"] != payload_checksum(data):
+        raise _damaged(path, "its checksum does not match its contents (changed bytes)")
+    k = int(data["diverged"].numel()) if isinstance(data["diverged"], Tensor) else -1
+    for part in ("stacked", "stacked_buffers"):
+        for n, v in data[part].items():
+            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != k:
+                raise _damaged(path, f"{part}[{n!r}] does not hold K={k} models")
+    return SweepResult(
+        **{key: data[key] for key in _KEYS if key != "format"},
+        model=model,
+    )
+
+
+_KEYS = (
+    "format",
+    "grid",
+    "stacked",
+    "stacked_buffers",
+    "history",
+    "diverged",
+    "diverged_at",
+    "steps",
+    "meta",
+    "resume",
+)  # fmt: skip  (SweepResult.to_dict's keys)
 
 
 def load_checkpoint(
     ckpt: Path, identity: dict[str, Any], steps: int, model: nn.Module
 ) -> SweepResult | None:
     """The run saved in ``ckpt`` (``None`` when there is no such file), refused with a
-    ``ValueError`` naming the file when it belongs to another sweep, holds no resume state,
-    or has more than ``steps`` steps done."""
+    ``ValueError`` naming the file when it is damaged (:func:`read_checkpoint`), belongs to
+    another sweep, holds no resume state, or has more than ``steps`` steps done."""
     if not ckpt.exists():
         return None
-    prev = SweepResult.load(ckpt, model=model)
+    prev = read_checkpoint(ckpt, model)
     check_identity(prev.meta.get("identity"), identity, ckpt)
     if prev.resume is None:
         raise ValueError(f"checkpoint {os.fspath(ckpt)!r} holds no resume state")
+    model_shapes = {n: tuple(shape) for n, shape, _ in identity["model"]}
+    for part in (prev.stacked, prev.stacked_buffers):
+        for n, v in part.items():
+            if n in model_shapes and tuple(v.shape[1:]) != model_shapes[n]:
+                raise _damaged(
+                    ckpt, f"{n!r} has shape {tuple(v.shape)}, not (K, *{model_shapes[n]})"
+                )
     if prev.steps > steps:
         raise ValueError(
             f"checkpoint {os.fspath(ckpt)!r} has {prev.steps} steps done, more than "
@@ -169,6 +372,131 @@ def load_checkpoint(
     return prev
 
 
+def _tmp_files(target: Path) -> list[Path]:
+    return list(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
+
+
 def save_checkpoint(result: SweepResult, ckpt: Path) -> None:
-    """Write ``result`` (with its resume state) to ``ckpt``, atomically."""
-    result.save(ckpt)
+    """Write ``result`` (with its resume state) and its checksum to ``ckpt`` atomically: the
+    bytes go to a temporary file in the same folder, are flushed to disk, then renamed over
+    ``ckpt``; a crash or a full disk leaves the previous checkpoint as it was (and the
+    temporary file is removed). Serialised in memory first, so that a full disk is an
+    ``OSError`` (``ENOSPC``), reported as such."""
+    data = result.to_dict()
+    data["checksum"] = payload_checksum(data)
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_name(f".{ckpt.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise OSError(
+                e.errno,
+                f"no space left while writing {os.fspath(ckpt)!r}; the previous checkpoint is "
+                "intact. Free disk space (or use a checkpoint path on another disk) and run "
+                "the same sweep again to resume",
+            ) from e
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class CheckpointLock:
+    """An advisory lock on a checkpoint path, held by one sweep while it runs, so that two
+    sweeps started on the same path refuse instead of overwriting each other's file.
+
+    The lock is ``fcntl.flock`` on a sidecar file ``PATH.lock`` holding the owner's process
+    id (released by the kernel when the process dies, so a crash leaves no stale lock; the
+    file itself is removed on release, and a taker checks that the file it locked is still
+    the one at the path). Where ``fcntl`` is missing, the sidecar is created exclusively and
+    a file whose process is gone is taken over. Taking the lock also removes the temporary
+    files of writes that were interrupted (``.PATH.*.tmp``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.fd: int | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is not None:
+            self._flock()
+        else:  # pragma: no cover - platforms without fcntl
+            self._exclusive()
+        for stale in _tmp_files(self.path):  # no writer can own them now: we hold the lock
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def _busy(self) -> RuntimeError:
+        try:
+            holder = self.lock_path.read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        return RuntimeError(
+            f"checkpoint {os.fspath(self.path)!r} is in use by another sweep: process "
+            f"{holder} holds {os.fspath(self.lock_path)!r}. Wait for it to finish, stop it, "
+            "or give this sweep another checkpoint path"
+        )
+
+    def _flock(self) -> None:
+        assert fcntl is not None
+        for _ in range(100):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise self._busy() from None
+                raise
+            try:  # the holder before us may have removed the file we opened: lock the new one
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            os.close(fd)
+        raise self._busy()
+
+    def _exclusive(self) -> None:  # pragma: no cover - platforms without fcntl
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock_path.read_text().strip())
+                    os.kill(pid, 0)
+                except (ValueError, OSError):  # unreadable, or its process is gone: stale
+                    with contextlib.suppress(OSError):
+                        self.lock_path.unlink()
+                    continue
+                raise self._busy() from None
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return
+        raise self._busy()
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        with contextlib.suppress(OSError):  # removed while held: a waiter re-checks the inode
+            self.lock_path.unlink()
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()

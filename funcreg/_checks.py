@@ -17,6 +17,7 @@ import difflib
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -58,10 +59,29 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_finite(where: str, what: str, t: Tensor) -> None:
-    """No NaN or inf in a floating (or complex) tensor of data or params."""
-    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{where}: {what} contains NaN or inf; clean it first")
+def first_nonfinite(t: Tensor) -> tuple[tuple[int, ...], float] | None:
+    """The index and value of the first NaN or inf of a floating (or complex) tensor, in
+    row-major order; ``None`` when it has none (or is not floating)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta":
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    flat = int(bad.reshape(-1).nonzero()[0, 0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), t.shape))
+    value = t.reshape(-1)[flat]
+    return index, complex(value).real if t.is_complex() else float(value)
+
+
+def check_finite(where: str, what: str, t: Tensor, fix: str = "clean it first") -> None:
+    """No NaN or inf in a floating (or complex) tensor of data or params; the message names
+    ``what`` and the first bad element's index."""
+    found = first_nonfinite(t)
+    if found is not None:
+        index, value = found
+        raise ValueError(
+            f"{where}: {what} contains NaN or inf (first at index {list(index)}: {value}); {fix}"
+        )
 
 
 def check_strength_value(term: str, value: Any) -> None:
@@ -331,3 +351,95 @@ def loss_ignores_params_error(loss_fn: Any) -> ValueError:
         "detached, or computed with the module's own weights, e.g. net(x) instead of "
         "functional_call(net, params, (x,))); compute it from params so gradients reach them"
     )
+
+
+# ------------------------------------------ a sweep's loss, on its first batch, before training
+
+
+def check_loss_signature(
+    where: str, role: str, fn: Any, batch: tuple[Tensor, ...], what: str
+) -> None:
+    """``fn(params, *batch)`` can be called: a loss takes the params dict, then the tensors of
+    a batch unpacked. Refuses (naming ``role``, its signature and the batch's shapes) a
+    ``(params, batch)`` signature, a dataset passed as a list ``[x, y]`` (read as batches of
+    one tensor) and a ``val=`` with fewer tensors than the loss needs."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables: nothing to check
+        return
+    try:
+        sig.bind({}, *batch)
+    except TypeError as e:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        positional = [p for p in sig.parameters.values() if p.kind in kinds]
+        needed = [p for p in positional if p.default is inspect.Parameter.empty]
+        n = len(batch)
+        if len(positional) == 2 and n > 1:
+            hint = (
+                f"it looks like {role}(params, batch): the batch is unpacked, so write "
+                f"{role}(params, x, y), one argument per tensor of the batch"
+            )
+        elif n < len(needed) - 1 and what == "train":
+            hint = (
+                "a list train=[x, y] is read as a list of batches of one tensor each: pass "
+                "one dataset as a tuple, train=(x, y)"
+            )
+        elif n < len(needed) - 1:
+            hint = f"give {what}= the same tensors as train=, e.g. {what}=(x_val, y_val)"
+        else:
+            hint = f"make {role} take the params dict and the {n} tensor(s) of a batch"
+        shapes = [tuple(t.shape) for t in batch]
+        raise ValueError(
+            f"{where}: {role} {_loss_name(fn)}{sig} cannot take a {what} batch: it is called "
+            f"as {role}(params, *batch) with the {n} tensor(s) of each {what} batch {shapes} "
+            f"({e}); {hint}"
+        ) from None
+
+
+def check_loss_on_batch(
+    where: str,
+    loss_fn: Any,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> None:
+    """One model's loss on the first training batch, computed once with autograd before a
+    sweep trains: it must be a 0-dim tensor (:func:`check_loss_value`: not ``.item()``, not
+    shape ``(1,)``), must not broadcast its target against the output (torch's "target
+    size" warning, turned into an error), and must *reach* the params it is given.
+
+    The last rule is structural, not numerical: the loss passes when autograd finds a path
+    from at least one parameter to it, even if every gradient is zero there (zero init,
+    dead ReLUs). It is refused when no parameter is in its graph: a detached loss, or one
+    computed with the module's own weights (``net(x)`` instead of
+    ``functional_call(net, params, (x,))``), which would train nothing, silently. It is the
+    rule the one-model eager step applies on its first call (``funcreg.train``). Nothing is
+    checked for a non-finite loss (divergence is reported per model). The RNG state and the
+    buffers are left as they were (dropout draws in a forked RNG; buffers are copies)."""
+    devices = sorted({t.device.index or 0 for t in params.values() if t.device.type == "cuda"})
+    with (
+        torch.random.fork_rng(devices=devices),
+        warnings.catch_warnings(record=True) as caught,
+        torch.enable_grad(),
+    ):
+        warnings.simplefilter("always")
+        leaves = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+        value = loss_fn({**leaves, **{n: b.clone() for n, b in buffers.items()}}, *batch)
+        check_loss_value(loss_fn, value)
+        broadcast = [w for w in caught if "target size" in str(w.message)]
+        used = value.requires_grad and any(
+            g is not None
+            for g in torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        )
+    for w in caught:
+        if w not in broadcast:  # pass the loss's other warnings on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if broadcast:
+        shapes = [tuple(t.shape) for t in batch]
+        raise ValueError(
+            f"{where}: loss_fn {_loss_name(loss_fn)} broadcasts its target on the first train "
+            f"batch {shapes}: {broadcast[0].message} Give the target the shape of the model's "
+            "output, e.g. train=(x, y.view(-1, 1)) or y.unsqueeze(1)"
+        )
+    if bool(torch.isfinite(value.detach()).all()) and not used:
+        raise loss_ignores_params_error(loss_fn)

@@ -10,9 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import check_finite
+
 __all__ = ["Batch", "Data", "batch_order", "make_data"]
 
 Batch = tuple[Tensor, ...]
+
+# data with NaN/inf would make every model diverge, and look like a learning-rate problem
+_FINITE_FIX = "every model would diverge at once; remove or impute those samples before the sweep"
 
 
 def batch_order(n: int, batch_size: int | None, seed: int, epoch: int) -> Tensor | None:
@@ -48,6 +53,8 @@ class _TensorData:
                 f"{what} tensors must share their first (sample) dimension, got shapes "
                 f"{[tuple(t.shape) for t in tensors]}"
             )
+        for i, t in enumerate(tensors):
+            check_finite("sweep", f"{what}[{i}]", t, _FINITE_FIX)
         self.n = int(sizes[0])  # type: ignore[arg-type]
         if self.n == 0:
             raise ValueError(f"{what} data is empty (0 samples)")
@@ -84,6 +91,9 @@ class _TensorData:
         out = tuple(t.index_select(0, idx) for t in self.tensors)
         self._cache = (step, out)
         return out
+
+    def check_batch(self, batch: Batch, step: int) -> None:
+        """Nothing to do: every tensor was checked for NaN/inf when the data was made."""
 
     def iter_batches(self) -> Iterator[Batch]:
         if self.bs is None:
@@ -141,6 +151,11 @@ class _IterData:
     def _move(self, b: Any) -> Batch:
         return tuple(t.to(self.device) for t in _as_batch(b, self.what))
 
+    def check_batch(self, batch: Batch, step: int) -> None:
+        """No NaN/inf in one batch (the iterable is not read through ahead of training)."""
+        for i, t in enumerate(batch):
+            check_finite("sweep", f"{self.what} batch {step}, tensor [{i}]", t, _FINITE_FIX)
+
     def batch(self, step: int) -> Batch:
         if self._cache is not None and self._cache[0] == step:
             return self._cache[1]
@@ -178,6 +193,15 @@ def make_data(obj: Any, what: str, batch_size: int | None, seed: int, device: to
         if not obj:
             raise ValueError(f"{what} data is empty (an empty tuple)")
         return _TensorData(obj, what, batch_size, seed, device)
+    if isinstance(obj, list) and len(obj) >= 2 and all(isinstance(t, Tensor) for t in obj):
+        kinds = {(tuple(t.shape[1:]), t.dtype) for t in obj}
+        if len({t.shape[0] if t.ndim else -1 for t in obj}) == 1 and len(kinds) > 1:
+            raise TypeError(
+                f"{what}= is a list of {len(obj)} tensors of shapes "
+                f"{[tuple(t.shape) for t in obj]}, which funcreg reads as {len(obj)} batches "
+                f"of one tensor each; pass one dataset as a tuple, {what}=(x, y), or a list "
+                f"of batches as [(x0, y0), (x1, y1), ...]"
+            )
     if isinstance(obj, str | bytes | Mapping) or not isinstance(obj, Iterable):
         raise TypeError(
             f"{what}= must be a tensor, a tuple of tensors (x, y) or an iterable of batches "

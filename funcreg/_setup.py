@@ -1,8 +1,10 @@
 """The arguments of :func:`fr.sweep <funcreg._sweep.sweep>`, checked and resolved into a
 :class:`Setup` (:func:`prepare`) before any training: the grid against the spec and the
 optimizer, the model's trained and carried tensors, every model's init, the data, the
-training length and, when a checkpoint exists, the run it resumes. Both the one-process
-sweep and each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
+training length and, when a checkpoint exists, the run it resumes (holding the checkpoint's
+lock until :meth:`Setup.close`); then the loss on the first batch (:func:`check_first_batch`).
+:class:`SweepArgs` is the one list of the sweep's options. Both the one-process sweep and
+each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
 :func:`funcreg._engine.run_local`."""
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from ._checkpoint import load_checkpoint, sweep_identity
-from ._data import Data, make_data
+from ._checkpoint import CheckpointLock, load_checkpoint, sweep_identity
+from ._data import Batch, Data, make_data
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec, as_spec
 from .stack import build_grid, check_stacked, split_module, stack
 
-__all__ = ["Setup", "prepare"]
+__all__ = ["Setup", "SweepArgs", "check_first_batch", "prepare"]
 
 
 @dataclass
@@ -63,6 +65,12 @@ class Setup:
     ckpt: Path | None
     prev: SweepResult | None
     t_start: float
+    lock: CheckpointLock | None = None  # the checkpoint's advisory lock, held while it runs
+
+    def close(self) -> None:
+        """Release what the run holds (the checkpoint's lock); the run has ended."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
@@ -156,32 +164,127 @@ def _initial(
     return stacked_p, stacked_b
 
 
+@dataclass(frozen=True)
+class SweepArgs:
+    """The keyword arguments of :func:`fr.sweep <funcreg._sweep.sweep>` (and of each shard of
+    :func:`funcreg.distributed.sweep`), with their defaults: the one list of them. The public
+    signature of ``fr.sweep`` spells them out for its readers; a test keeps the two equal.
+    Their meanings are documented at ``fr.sweep``."""
+
+    train: Any
+    optimizer: Optimizer
+    val: Any = None
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    prox: bool = True
+    eval_every: int | None = None
+    chunk_size: int | None = None
+    compile: bool = False
+    progress: bool = True
+    seed: int = 0
+    checkpoint: str | os.PathLike[str] | None = None
+    checkpoint_every: int | None = None
+    device: torch.device | str | None = None
+    val_fn: Callable[..., Tensor] | None = None
+    init: Any = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def of(cls, where: str, kwargs: Mapping[str, Any]) -> SweepArgs:
+        """``SweepArgs(**kwargs)``, refusing an unknown or missing name with the closest
+        one (a misspelled keyword must not pass unnoticed)."""
+        _checks.check_keyword(where, kwargs, cls.names())
+        for name in ("train", "optimizer"):
+            if name not in kwargs:
+                raise TypeError(f"{where}: missing the keyword argument {name}=")
+        return cls(**kwargs)
+
+
+def _check_init_finite(params: Mapping[str, Tensor], stacked: bool) -> None:
+    """No NaN/inf in the parameters every model starts from (``init=`` or the model's)."""
+    for n, v in params.items():
+        what = f"init[{n!r}] (model axis first)" if stacked else f"the model's parameter {n!r}"
+        fix = "every model would diverge at once; " + (
+            "fix init=" if stacked else "re-initialise the model (e.g. reset_parameters())"
+        )
+        _checks.check_finite("sweep", what, v, fix)
+
+
+def _seeded_batch(data: Data, step: int, seed: int, dev: torch.device) -> Batch:
+    """Batch ``step`` of ``data``, read as the run reads it: under the run's seed (a
+    shuffling ``DataLoader`` draws its order from the global RNG), in a forked RNG. The data
+    keeps it in its cache, so the run gets this very batch (a one-shot iterator is not read
+    twice)."""
+    devices = []
+    if dev.type == "cuda":
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        return data.batch(step)
+
+
+def check_first_batch(
+    loss_fn: Callable[..., Tensor],
+    val_fn: Callable[..., Tensor] | None,
+    train: Data,
+    val: Data | None,
+    stacked_p: Mapping[str, Tensor],
+    stacked_b: Mapping[str, Tensor],
+    step: int,
+    seed: int,
+    dev: torch.device,
+) -> None:
+    """Before any training, on the first batch the run will read (and the first validation
+    batch): no NaN/inf in it, ``loss_fn``/``val_fn`` accept ``(params, *batch)``, validation
+    batches hold tensors shaped like the training ones, and model 0's loss is a 0-dim tensor
+    that reaches its params (:func:`funcreg._checks.check_loss_on_batch`). One forward and
+    backward of one model: the misuses that would otherwise train nothing, or fail after
+    the whole training, fail here."""
+    batch = _seeded_batch(train, step, seed, dev)
+    train.check_batch(batch, step)
+    _checks.check_loss_signature("sweep", "loss_fn", loss_fn, batch, "train")
+    p0 = {n: v[0] for n, v in stacked_p.items()}
+    b0 = {n: v[0] for n, v in stacked_b.items()}
+    _checks.check_loss_on_batch("sweep", loss_fn, p0, b0, batch)
+    if val is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        vb = next(iter(val.iter_batches()))
+    val.check_batch(vb, 0)
+    _checks.check_loss_signature("sweep", "loss_fn", loss_fn, vb, "val")
+    if val_fn is not None:
+        _checks.check_loss_signature("sweep", "val_fn", val_fn, vb, "val")
+    for i, (tv, tt) in enumerate(zip(vb, batch, strict=False)):
+        if tuple(tv.shape[1:]) != tuple(tt.shape[1:]) or tv.dtype != tt.dtype:
+            raise ValueError(
+                f"sweep: val[{i}] holds samples of shape {tuple(tv.shape[1:])} ({tv.dtype}), "
+                f"train[{i}] of shape {tuple(tt.shape[1:])} ({tt.dtype}); give val= the same "
+                "kind of tensors as train=, in the same order, e.g. val=(x_val, y_val)"
+            )
+
+
 def prepare(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
     spec: Spec | Mapping[str, Penalty],
     grid: Mapping[str, Any],
-    *,
-    train: Any,
-    val: Any = None,
-    optimizer: Optimizer,
-    steps: int | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    prox: bool = True,
-    eval_every: int | None = None,
-    chunk_size: int | None = None,
-    compile: bool = False,
-    progress: bool = True,
-    seed: int = 0,
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    device: torch.device | str | None = None,
-    val_fn: Callable[..., Tensor] | None = None,
-    init: Any = None,
+    args: SweepArgs,
 ) -> Setup:
-    """Check ``fr.sweep``'s arguments (same names and meanings) and resolve them into the
-    :class:`Setup` of one run, loading the checkpoint it resumes, if any."""
+    """Check ``fr.sweep``'s arguments (``args``: same names and meanings) and resolve them
+    into the :class:`Setup` of one run, loading the checkpoint it resumes, if any; then try
+    the loss on the first batch (:func:`check_first_batch`), before any training."""
+    a = args
+    train, val, optimizer, steps, epochs = a.train, a.val, a.optimizer, a.steps, a.epochs
+    batch_size, prox, seed, checkpoint, val_fn, init = (
+        a.batch_size, a.prox, a.seed, a.checkpoint, a.val_fn, a.init
+    )  # fmt: skip
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"sweep: model must be an nn.Module, got {type(model).__name__}")
@@ -199,7 +302,7 @@ def prepare(
     g64 = build_grid(grid, product=False, dtype=torch.float64)
     k = next(iter(g64.values())).numel()
     _check_axes(g64, spec, optimizer)
-    dev = _resolve_device(model, device)
+    dev = _resolve_device(model, a.device)
     params0, fixed0 = _split_model(model, dev)
     spec.validate(params0, g64)
     if prox:
@@ -227,15 +330,28 @@ def prepare(
         prox,
         train=train_data,
         val=val_data,
-        has_val_fn=val_fn is not None,
+        loss_fn=loss_fn,
+        val_fn=val_fn,
         batch_size=batch_size,
         seed=seed,
     )
     ckpt = None if checkpoint is None else Path(checkpoint)
-    prev = None if ckpt is None else load_checkpoint(ckpt, identity, n_steps, model)
-    if prev is not None:
-        stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
-        stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
+    lock = None if ckpt is None else CheckpointLock(ckpt)  # held until Setup.close()
+    try:
+        prev = None if ckpt is None else load_checkpoint(ckpt, identity, n_steps, model)
+        if prev is not None:
+            stacked_p = {n: v.to(dev) for n, v in prev.stacked.items()}
+            stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
+        else:
+            _check_init_finite(stacked_p if init is not None else params0, init is not None)
+        check_first_batch(
+            loss_fn, val_fn, train_data, val_data, stacked_p, stacked_b,
+            0 if prev is None else prev.steps, seed, dev,
+        )  # fmt: skip
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
     return Setup(
         model=model,
@@ -244,8 +360,8 @@ def prepare(
         spec=spec,
         optimizer=optimizer,
         prox=bool(prox),
-        compile=bool(compile),
-        progress=bool(progress),
+        compile=bool(a.compile),
+        progress=bool(a.progress),
         seed=seed,
         grid=g64,
         k=k,
@@ -258,16 +374,17 @@ def prepare(
         train=train_data,
         val=val_data,
         steps=n_steps,
-        eval_every=_checks.positive_int("eval_every", eval_every)
+        eval_every=_checks.positive_int("eval_every", a.eval_every)
         or (prev.meta.get("eval_every") if prev is not None else None)  # the run's cadence
         or max(1, n_steps // 20),
-        checkpoint_every=_checks.positive_int("checkpoint_every", checkpoint_every)
+        checkpoint_every=_checks.positive_int("checkpoint_every", a.checkpoint_every)
         or max(1, n_steps // 10),
-        chunk_size=_checks.positive_int("chunk_size", chunk_size),
+        chunk_size=_checks.positive_int("chunk_size", a.chunk_size),
         metric_names=("loss", "penalty", *spec),
         selected=selected,
         identity=identity,
         ckpt=ckpt,
         prev=prev,
         t_start=t_start,
+        lock=lock,
     )

@@ -21,6 +21,9 @@ How it runs
   ``requires_grad=True`` are trained and penalised; frozen parameters travel with the
   buffers. Training uses the module's current train/eval mode; validation runs in
   ``eval()`` mode (the flags are restored afterwards).
+* **Checks**: before the first step, the data and init are checked for NaN/inf, and the
+  loss is tried once on the first batch (:func:`funcreg._setup.check_first_batch`): its
+  signature, its value (a 0-dim tensor), and that its graph reaches the params.
 * **Data**: a tensor or a tuple of tensors is one dataset, minibatched by funcreg with one
   seeded permutation per epoch (:func:`~funcreg._data.batch_order`; the same batches for
   every model and reproducible from ``(seed, step)``); ``batch_size=None`` means full
@@ -54,15 +57,18 @@ How it runs
   ``checkpoint_every`` steps and at the end (atomically). Calling ``sweep`` again with the
   same path resumes, also with a larger ``steps``/``epochs``, and ends with the same numbers
   as an uninterrupted run (given deterministic data: tensors, or an iterable that yields
-  the same batches each pass). A checkpoint written by a different sweep (model, spec
-  including its ``toward=``/``weight=`` tensors, grid, optimizer, prox, data shapes, batch
-  size or seed differ) is refused. A resumed run continues from the checkpoint's weights:
+  the same batches each pass). A checkpoint written by a different sweep (model, any spec
+  field, grid, optimizer, prox, data shapes or values, batch size or seed differ) is
+  refused; a different loss function is warned about (see :mod:`funcreg._checkpoint`); a
+  damaged file is refused naming it; two sweeps on one path at once are refused (a lock).
+  A resumed run continues from the checkpoint's weights:
   the model's current values and ``init=`` are not read then. It keeps the chunk plan and,
   unless given, the ``eval_every`` it started with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -72,7 +78,7 @@ from torch import Tensor, nn
 
 from . import distributed as _distributed
 from ._engine import run_local
-from ._setup import prepare
+from ._setup import SweepArgs, prepare
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import SweepResult
@@ -147,25 +153,9 @@ def sweep(
     Returns:
         A :class:`~funcreg.result.SweepResult`.
     """
-    args: dict[str, Any] = dict(
-        train=train,
-        val=val,
-        optimizer=optimizer,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        prox=prox,
-        eval_every=eval_every,
-        chunk_size=chunk_size,
-        compile=compile,
-        progress=progress,
-        seed=seed,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        device=device,
-        val_fn=val_fn,
-        init=init,
-    )
+    options = locals()  # the keyword arguments, by their names in SweepArgs (one list)
+    args = SweepArgs(**{name: options[name] for name in SweepArgs.names()})
     if distributed:
-        return _distributed.sweep(model, loss_fn, spec, grid, **args)
-    return run_local(prepare(model, loss_fn, spec, grid, **args))
+        return _distributed.sweep(model, loss_fn, spec, grid, **vars(args))
+    with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+        return run_local(setup)

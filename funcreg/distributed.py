@@ -41,8 +41,12 @@ How it runs
   ``timeout``) before raising, so that every finished shard is checkpointed and the error
   reaches every rank's log; a launcher that stops all workers when one exits (``torchrun``)
   then ends the job. A rank that dies outright (killed, segfault) closes its connections:
-  with gloo the others fail as soon as they reach the exchange; a rank that hangs is
-  waited for at most ``timeout``.
+  the others fail as soon as they reach the exchange; a rank that hangs is waited for at
+  most ``timeout`` (default :data:`DEFAULT_TIMEOUT`, 10 minutes: shards differ by at most
+  one model, so healthy ranks arrive close together). Either way the error names the rank
+  (each rank counts its arrivals in the rendezvous store), and the exchange runs on its own
+  process group whose collectives time out by themselves, so nothing is left in flight and
+  the healthy processes exit normally.
 
 Exactness
 ---------
@@ -83,6 +87,8 @@ sweep of the whole grid with the same seed:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -98,13 +104,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._engine import run_local
-from ._setup import prepare
+from ._setup import SweepArgs, prepare
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
 from .stack import build_grid, check_stacked
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "DistributedSweepError",
     "checkpoint_path",
     "init_from_env",
@@ -153,12 +160,16 @@ def checkpoint_path(path: str | os.PathLike[str], rank: int, world_size: int) ->
     return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
 
 
+DEFAULT_TIMEOUT = timedelta(minutes=10)  # sweep's timeout= when none is given (module doc)
+
+
 def _timedelta(timeout: float | timedelta | None) -> timedelta | None:
-    if timeout is None or isinstance(timeout, timedelta):
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+    if timeout is None:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
         raise ValueError(f"timeout must be seconds > 0 or a timedelta, got {timeout!r}")
-    return timedelta(seconds=float(timeout))
+    return timedelta(seconds=float(seconds))
 
 
 # ------------------------------------------------------------------ process group
@@ -346,13 +357,16 @@ def _shard_tree(res: SweepResult, k_local: int, k_max: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- collectives
 
 
-def _wait(work: Any, timeout: timedelta | None) -> None:
-    if work is None:
-        return
-    if timeout is None:
-        work.wait()
-    else:
-        work.wait(timeout)
+def _arrivals(rank: int, world: int, arrive: bool) -> list[int] | None:
+    """Counters in the rendezvous store, one per rank, +1 as the rank reaches a sweep's
+    result exchange (``arrive=True``). Returns the ranks behind this one (not arrived in
+    this call), or ``None`` when the store cannot tell (e.g. the rank hosting it died)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        mine = store.add(f"funcreg/sweep/arrived/{rank}", int(arrive))
+        return [r for r in range(world) if store.add(f"funcreg/sweep/arrived/{r}", 0) < mine]
+    except Exception:
+        return None
 
 
 def _comm_device(dev: torch.device) -> torch.device:
@@ -362,7 +376,7 @@ def _comm_device(dev: torch.device) -> torch.device:
 
 
 def _exchange_status(
-    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, td: Any
+    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, group: Any
 ) -> list[tuple[bool, int, int, str]]:
     """Every rank's ``(failed, signature, nbytes, message)``: fixed-size tensors only."""
     head = torch.tensor([int(error is not None), signature, nbytes], dtype=torch.int64)
@@ -374,7 +388,7 @@ def _exchange_status(
     mine = torch.cat([head.view(torch.uint8), msg]).to(comm)
     world = dist.get_world_size()
     got = [torch.empty_like(mine) for _ in range(world)]
-    _wait(dist.all_gather(got, mine, async_op=True), td)
+    dist.all_gather(got, mine, group=group)
     out = []
     for t in got:
         t = t.cpu()
@@ -437,9 +451,10 @@ def sweep(
             ``True``: initialise it (:func:`init_from_env`) or fail. ``False``: never
             initialise; without a process group, run in one process.
         timeout: seconds (or a ``timedelta``) a rank waits for the others when they
-            exchange results, and the process group's timeout when this call creates it.
-            It must exceed the difference between the shards' training times.
-            Default: the process group's (torch: 30 minutes for gloo, 10 for NCCL).
+            exchange results (a dead rank is noticed at once; a hung one after
+            ``timeout``), and the process group's timeout when this call creates it. It
+            must exceed the difference between the shards' training times. Default:
+            :data:`DEFAULT_TIMEOUT` (10 minutes).
 
     Returns:
         The :class:`~funcreg.result.SweepResult` of the whole grid, equal to the one
@@ -448,9 +463,11 @@ def sweep(
 
     Raises:
         DistributedSweepError: on the healthy ranks when another rank's shard raised (that
-            rank re-raises its own exception).
+            rank re-raises its own exception), or when a rank died or hung (the error names
+            it). The process can then exit normally: nothing is left in flight.
     """
-    td = _timedelta(timeout)
+    td = _timedelta(timeout) or DEFAULT_TIMEOUT
+    args = SweepArgs.of("funcreg.distributed.sweep", sweep_kwargs)
     if gather_to != "all" and (isinstance(gather_to, bool) or not isinstance(gather_to, int)):
         raise ValueError(f"gather_to must be 'all' or a rank number, got {gather_to!r}")
     if init_process_group is True or (
@@ -465,17 +482,41 @@ def sweep(
     if not distributed or dist.get_world_size() == 1:
         if gather_to not in ("all", 0):
             raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
-        return run_local(prepare(model, loss_fn, spec, grid, **sweep_kwargs))
+        with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+            return run_local(setup)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if gather_to != "all" and not 0 <= int(gather_to) < world:
         raise ValueError(f"gather_to={gather_to} is not a rank of this {world}-process group")
-    if "device" not in sweep_kwargs or sweep_kwargs["device"] is None:
-        default = _default_device()
-        if default.type == "cuda":
-            sweep_kwargs["device"] = default
-    sweep_kwargs.setdefault("progress", rank == 0)
+    if args.device is None and _default_device().type == "cuda":
+        args = dataclasses.replace(args, device=_default_device())
+    if "progress" not in sweep_kwargs:
+        args = dataclasses.replace(args, progress=rank == 0)
 
+    # the exchange's own group, made while every rank is alive: its collectives time out by
+    # themselves, so a timed-out or dead peer leaves nothing in flight and the process can
+    # exit (an abandoned wait on the default group's collective blocked or aborted at exit)
+    group = dist.new_group(timeout=td)
+    try:
+        return _shard_and_gather(model, loss_fn, spec, grid, args, gather_to, td, group)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)
+
+
+def _shard_and_gather(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    grid: Mapping[str, Any],
+    args: SweepArgs,
+    gather_to: Literal["all"] | int,
+    td: timedelta,
+    group: Any,
+) -> SweepResult | None:
+    """This rank's shard of the grid, then the status exchange and the gather (see the
+    module docstring, "Failures")."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     error: BaseException | None = None
     packed: _Packed | None = None
     g64: dict[str, Tensor] = {}
@@ -495,49 +536,45 @@ def sweep(
         # a lone model trains beside a copy of itself so that it runs vmapped, as it does
         # in the one-process sweep (chunk_size=1 runs every model alone anyway; so does a
         # CPU grid of <= 4 models without compile, where the copy is idle work)
-        pad = b - a == 1 and k > 1 and sweep_kwargs.get("chunk_size") != 1
+        pad = b - a == 1 and k > 1 and args.chunk_size != 1
         idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
-        kw = dict(sweep_kwargs)
-        if kw.get("init") is not None:
-            kw["init"] = _slice_init(kw["init"], k, idx)
-        if kw.get("checkpoint") is not None:
-            kw["checkpoint"] = checkpoint_path(kw["checkpoint"], rank, world)
+        shard = dataclasses.replace(
+            args,
+            init=None if args.init is None else _slice_init(args.init, k, idx),
+            checkpoint=None
+            if args.checkpoint is None
+            else checkpoint_path(args.checkpoint, rank, world),
+        )
         shard_grid = {n: v[idx] for n, v in g64.items()}
-        local = run_local(prepare(model, loss_fn, spec, shard_grid, **kw), whole_k=k)
+        with contextlib.closing(prepare(model, loss_fn, spec, shard_grid, shard)) as setup:
+            local = run_local(setup, whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang
         error = e
 
     t_done = time.perf_counter()
-    comm = _comm_device(
-        torch.device(sweep_kwargs["device"]) if sweep_kwargs.get("device") else torch.device("cpu")
-    )
+    comm = _comm_device(torch.device(args.device) if args.device else torch.device("cpu"))
+    _arrivals(rank, world, arrive=True)
     try:
         status = _exchange_status(
             error,
             0 if packed is None else packed.signature(),
             0 if packed is None else packed.nbytes,
             comm,
-            td,
+            group,
         )
     except Exception as e:
         if error is not None:
             raise error from e
-        raise DistributedSweepError(
-            f"rank {rank} of {world}: could not exchange status with the other ranks "
-            f"(one died, or hung past the timeout{'' if td is None else f' of {td}'}): {e}"
-        ) from e
+        raise _lost(rank, world, bounds, k, td, e, args.checkpoint) from e
     if error is not None:
         raise error
     failed = [(r, msg) for r, (bad, _, _, msg) in enumerate(status) if bad]
     if failed:
         shown = "; ".join(f"rank {r} (models {_span(bounds, r, k)}): {msg}" for r, msg in failed)
-        kept = ""
-        if sweep_kwargs.get("checkpoint") is not None:
-            saved = checkpoint_path(sweep_kwargs["checkpoint"], rank, world)
-            kept = f"; this rank's finished shard is saved in {os.fspath(saved)!r}"
-        raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{kept}")
+        saved = _saved(args.checkpoint, rank, world)
+        raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{saved}")
     assert packed is not None and local is not None
     if len({s for _, s, _, _ in status}) != 1 or len({n for _, _, n, _ in status}) != 1:
         raise DistributedSweepError(
@@ -548,22 +585,43 @@ def sweep(
     mine = packed.buffer(comm)
     if gather_to == "all":
         bufs = [torch.empty_like(mine) for _ in range(world)]
-        _wait(dist.all_gather(bufs, mine, async_op=True), td)
+        dist.all_gather(bufs, mine, group=group)
     else:
         dst = int(gather_to)
         bufs = [torch.empty_like(mine) for _ in range(world)] if rank == dst else []
-        _wait(dist.gather(mine, bufs if rank == dst else None, dst=dst, async_op=True), td)
+        dist.gather(mine, bufs if rank == dst else None, dst=dst, group=group)
         if rank != dst:
             return None
     merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
     return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
 
 
+def _lost(
+    rank: int, world: int, bounds: Any, k: int, td: timedelta, e: Exception, ckpt: Any
+) -> DistributedSweepError:
+    """The error of a rank whose status exchange failed: the ranks that never arrived
+    (dead: their connections closed; or hung past ``td``) and their models."""
+    missing, text = _arrivals(rank, world, arrive=False), str(e)
+    died = "closed" in text.lower() or "reset" in text.lower()
+    how = "died (its connection closed)" if died else f"hangs (waited {td}, the timeout)"
+    who = ", ".join(f"rank {r} (models {_span(bounds, r, k)})" for r in missing or [])
+    what = f"{who} never reached the result exchange: it {how}; see its log" if missing else (
+        f"another rank {how}; the store cannot tell which")  # fmt: skip
+    return DistributedSweepError(
+        f"rank {rank} of {world}: {what}{_saved(ckpt, rank, world)} (the collective "
+        f"reported: {text:.300})"
+    )
+
+
+def _saved(ckpt: Any, rank: int, world: int) -> str:
+    if ckpt is None:
+        return ""
+    path = os.fspath(checkpoint_path(ckpt, rank, world))
+    return f"; this rank's finished shard is saved in {path!r} and resumes when the job is rerun"
+
+
 def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
-    if not bounds:
-        return "?"
-    a, b = bounds[r]
-    return f"{a}..{b - 1} of K={k}"
+    return f"{bounds[r][0]}..{bounds[r][1] - 1} of K={k}" if bounds else "?"
 
 
 def _slice_init(init: Any, k: int, idx: Tensor) -> Any:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -334,9 +335,64 @@ def test_the_job_run_again_resumes_every_shard(launched: Path, one_thread: None)
 
 def test_a_rank_that_dies_does_not_hang_the_others(launched: Path) -> None:
     text = err(launched, "die.rank0")
-    assert "DistributedSweepError" in text and "could not exchange status" in text
+    assert "DistributedSweepError: rank 0 of 2: rank 1 (models 2..3 of K=4) never reached" in text
+    assert "it died (its connection closed); see its log" in text
+    assert "job2.rank0-of-2.pt' and resumes when the job is rerun" in text
     assert seconds(launched, "die.rank0") < 30  # the timeout; gloo notices the death at once
     assert SweepResult.load(launched / "job2.rank0-of-2.pt").steps == STEPS
+
+
+def _hang_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 hangs in its first training step; rank 0 sweeps with timeout=2 s."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    net, loss, spec, grid, kw = make_task(4)
+
+    def hang(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            time.sleep(LAUNCH_LIMIT_S)
+        return loss(p, x, y)
+
+    kw = {**kw, "steps": 2, "checkpoint": None}
+    torch.distributed.init_process_group("gloo")  # the user's group, torch's default timeout
+    try:
+        _record(Path(out), "hang", rank, net, hang if rank == 1 else loss, spec, grid,
+                timeout=2, **kw)  # fmt: skip
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_a_hung_rank_is_named_and_the_others_exit_cleanly(tmp_path: Path) -> None:
+    """With timeout=, the healthy rank raises an error naming the hung rank, then its
+    process ends normally (before: the abandoned collective of the user's process group,
+    whose own timeout is torch's 30 minutes, blocked the process at exit)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_hang_worker, args=(r, 2, port, os.fspath(tmp_path)))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    procs[0].join(LAUNCH_LIMIT_S / 2)
+    alive = procs[0].is_alive()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    assert not alive and procs[0].exitcode == 0, procs[0].exitcode
+    text = err(tmp_path, "hang.rank0")
+    assert "rank 1 (models 2..3 of K=4) never reached the result exchange: it hangs " in text
+    assert "waited 0:00:02, the timeout" in text
+    assert seconds(tmp_path, "hang.rank0") < LAUNCH_LIMIT_S / 2
+
+
+def test_the_default_timeout_is_ten_minutes() -> None:
+    """Not torch's 30 minutes: shards differ by at most one model, so healthy ranks reach
+    the exchange close together; README's distributed section states it."""
+    assert timedelta(minutes=10) == frd.DEFAULT_TIMEOUT
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "DEFAULT_TIMEOUT" in readme and "10 minutes" in readme
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_sweep.py"
