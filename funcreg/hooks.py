@@ -22,6 +22,15 @@ Per ``optimizer.step()``, with ``η`` each param group's *current* ``lr`` (an
 
 With ``torch.optim.SGD`` this is step for step ``fr.train_step(loss, spec,
 fr.optim.sgd(...), prox=True)``; with Adam the prox of :func:`funcreg.optim.prox_steps`.
+
+Implementation flags of the optimizer: ``foreach=True`` and ``fused=True`` change how
+``step()`` computes its update, not that it runs: the step hooks fire around it and the state
+(``exp_avg_sq``, ``step``) has the same keys, so the result equals the for-loop
+implementation's (to rounding). Under a ``torch.amp.GradScaler`` a fused optimizer receives
+still-scaled gradients and a ``found_inf`` flag (its kernel unscales, or skips the update):
+the smooth gradient added before the step is scaled by the same ``grad_scale``, and the prox
+is skipped (the handle's ``step`` not advanced) when the update is. ``capturable=True`` is
+refused for prox terms: a step replayed from a CUDA graph runs no Python hook.
 """
 
 from __future__ import annotations
@@ -110,7 +119,9 @@ class Attached:
     def add_smooth_gradient(self, part: Spec | None = None) -> None:
         """Add ``s_k ∇Ω_k`` of the smooth terms (``part``: default all of the spec's) to the
         parameters' ``.grad``, at this step's strengths: what the pre-step hook does, for
-        loops whose step computes the gradients itself (a closure, as Lightning's)."""
+        loops whose step computes the gradients itself (a closure, as Lightning's). Under a
+        ``GradScaler`` with a fused optimizer the gradients are still scaled when the step
+        starts (the fused kernel unscales them): the added gradient is scaled alike."""
         part = self.spec.smooth() if part is None else part
         self.strengths = self._strengths_at(self.step)
         names = part.selected_names(self._params)
@@ -120,9 +131,12 @@ class Attached:
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return
             grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
+        scale = getattr(self.optimizer, "grad_scale", None)
         for n, g in zip(names, grads, strict=True):
             if g is None:
                 continue
+            if isinstance(scale, Tensor):
+                g = g * scale.to(g)
             p = self._params[n]
             if p.grad is None:
                 p.grad = g.clone()
@@ -131,6 +145,9 @@ class Attached:
 
     @torch.no_grad()
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and bool(found_inf.any()):
+            return  # a GradScaler's fused step skipped the update: so does the prox
         if not len(self._smooth):  # else read by the pre-step hook
             self.strengths = self._strengths_at(self.step)
         if len(self._prox):
@@ -232,8 +249,18 @@ def attach(
         raise ValueError(f"fr.attach: smooth must be 'gradient' or 'loss', got {smooth!r}")
     if metric not in ("auto", "decoupled"):
         raise ValueError(f"fr.attach: metric must be 'auto' or 'decoupled', got {metric!r}")
+    declared = spec is None
     spec = spec_of(model) if spec is None else as_spec(spec)
     params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    if not declared:
+        try:
+            spec.selection(params)
+        except ValueError as e:
+            raise ValueError(
+                f"fr.attach: {e} If the spec came from fr.spec_of(a submodule) or from another "
+                "model, it names that module's parameters: pass spec=None (the terms declared "
+                "on model=) or fr.spec_of(model)"
+            ) from None
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not optimized & {id(p) for p in params.values()}:
         raise ValueError(
