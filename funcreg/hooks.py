@@ -14,11 +14,13 @@ Per ``optimizer.step()``, with ``η`` each param group's *current* ``lr`` (an
   ``s_k ∇Ω_k``, is added to ``p.grad`` (``smooth="loss"``: the user adds
   ``fr.penalty(net, spec.smooth(), s)`` to the loss instead);
 * after the step: every non-smooth term by its prox and every constraint by its projection,
-  ``p ← prox_{η s_k Ω_k}(p)``, in the optimizer's metric: SGD (and any optimizer without a
-  second-moment state) the Euclidean one, step ``η``; ``Adam``/``AdamW`` the diagonal
-  metric ``d = sqrt(v̂) + ε`` of their own ``exp_avg_sq`` (``max_exp_avg_sq`` with
-  ``amsgrad``), step ``η / d`` per coordinate (:func:`funcreg.spec.metric_step` for group
-  and matrix penalties). ``metric="decoupled"`` uses ``η`` for every optimizer.
+  ``p ← prox_{η s_k Ω_k}(p)``, in the optimizer's metric: SGD the Euclidean one, step
+  ``η``; ``Adam``/``AdamW`` the diagonal metric ``d = sqrt(v̂) + ε`` of their own
+  ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``), step ``η / d`` per coordinate
+  (:func:`funcreg.spec.metric_step` for group and matrix penalties).
+  ``metric="decoupled"`` uses ``η`` for every optimizer; other optimizers (RMSprop,
+  Adagrad, NAdam, ...: their own scalings) need it, as ``"auto"`` does not know their
+  metric.
 
 With ``torch.optim.SGD`` this is step for step ``fr.train_step(loss, spec,
 fr.optim.sgd(...), prox=True)``; with Adam the prox of :func:`funcreg.optim.prox_steps`.
@@ -232,8 +234,9 @@ def attach(
         smooth: ``"gradient"`` (add the smooth terms' gradient to ``p.grad`` before each
             step) or ``"loss"`` (the smooth terms are in the user's loss; only ``penalty()``
             reports them).
-        metric: ``"auto"`` (Adam/AdamW: their own diagonal metric; others: ``lr``) or
-            ``"decoupled"`` (prox step ``lr`` for every optimizer).
+        metric: ``"auto"`` (``SGD``: step ``lr``; ``Adam``/``AdamW``: their own diagonal
+            metric; any other optimizer with prox terms is refused, its steps being scaled
+            its own way) or ``"decoupled"`` (prox step ``lr`` for every optimizer).
 
     Returns:
         An :class:`Attached` handle.
@@ -284,6 +287,15 @@ def attach(
                     "step replays without Python hooks, so the prox terms "
                     f"{list(prox_part)} would be skipped; use capturable=False"
                 )
+    known = isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW)
+    if metric == "auto" and not known and any(not p.is_constraint for p in prox_part.values()):
+        raise ValueError(
+            f"fr.attach: metric='auto' knows the prox step of torch.optim.SGD (lr) and "
+            f"Adam/AdamW (lr/(sqrt(v̂)+eps)), not of {type(optimizer).__name__}, which scales "
+            f"its steps its own way: a prox of the terms {list(prox_part)} with step lr would "
+            "not minimize loss + Σ strength·Ω; pass metric='decoupled' to threshold at "
+            "lr·strength after each step anyway, or use SGD, Adam or AdamW"
+        )
     adaptive = metric == "auto" and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
     check_metric_prox(
         "fr.attach", prox_part, adaptive, "pass metric='decoupled' (prox step lr) or use SGD"

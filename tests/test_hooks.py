@@ -239,3 +239,19 @@ def test_spec_of_a_submodule_or_another_model_is_named():
     sgd = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"by_name\('weight'\) matches no.*fr.spec_of\(model\)"):
         fr.attach(sgd, fr.spec_of(net[0]), {"l1": 0.1, "l2": 0.1}, model=net)
+
+
+@pytest.mark.parametrize(
+    "cls", [torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam, torch.optim.Rprop]
+)
+def test_other_optimizers_need_an_explicit_prox_metric(cls):
+    """metric='auto' knows SGD's and Adam/AdamW's metric only: another optimizer with a prox
+    term is refused, naming metric='decoupled'; a constraint (a projection) needs no metric."""
+    net = _net()
+    with pytest.raises(ValueError, match=rf"not of {cls.__name__}.*metric='decoupled'"):
+        fr.attach(cls(net.parameters(), lr=0.01), None, {"l1": 0.1, "l2": 0.1}, model=net)
+    handle = fr.attach(
+        cls(net.parameters(), lr=0.01), None, {"l1": 0.1, "l2": 0.1}, model=net, metric="decoupled"
+    )
+    handle.remove()
+    fr.attach(cls(net.parameters(), lr=0.01), {"box": fr.Box()}, {}, model=net).remove()
