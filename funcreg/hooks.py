@@ -118,12 +118,16 @@ class Attached:
         self.add_smooth_gradient(self._smooth)
 
     @torch.no_grad()
-    def add_smooth_gradient(self, part: Spec | None = None) -> None:
+    def add_smooth_gradient(
+        self, part: Spec | None = None, scale: Tensor | float | None = None
+    ) -> None:
         """Add ``s_k ∇Ω_k`` of the smooth terms (``part``: default all of the spec's) to the
         parameters' ``.grad``, at this step's strengths: what the pre-step hook does, for
         loops whose step computes the gradients itself (a closure, as Lightning's). Under a
         ``GradScaler`` with a fused optimizer the gradients are still scaled when the step
-        starts (the fused kernel unscales them): the added gradient is scaled alike."""
+        starts (the fused kernel unscales them): the added gradient is scaled alike, by the
+        optimizer's ``grad_scale`` inside the step, or by ``scale`` when given (a caller
+        that runs before the scaler's step, as the Lightning callback does)."""
         part = self.spec.smooth() if part is None else part
         self.strengths = self._strengths_at(self.step)
         names = part.selected_names(self._params)
@@ -133,12 +137,13 @@ class Attached:
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return
             grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
-        scale = getattr(self.optimizer, "grad_scale", None)
+        if scale is None:
+            scale = getattr(self.optimizer, "grad_scale", None)
         for n, g in zip(names, grads, strict=True):
             if g is None:
                 continue
-            if isinstance(scale, Tensor):
-                g = g * scale.to(g)
+            if scale is not None:
+                g = g * (scale.to(g) if isinstance(scale, Tensor) else scale)
             p = self._params[n]
             if p.grad is None:
                 p.grad = g.clone()
