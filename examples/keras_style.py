@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for s, z in zip(result.grid["l1"].tolist(), zeros.tolist(), strict=True):
         print(f"  l1={s:.1e}  zeros={z:.2f}")
     out["sweep_max_zero_fraction"] = float(zeros.max())
+    out["sweep_models"] = float(weights.shape[0])
     return out
 
 

@@ -6,6 +6,10 @@ layer in PyTorch?" — answered for the classic training loop.
 2. With the non-smooth L1 term applied by its proximal operator (``fr.prox_``) instead of its
    subgradient, the L1-penalised weights reach exact zeros; the subgradient loop never does.
 
+The same network with its terms declared in ``__init__`` (``fr.regularize``), a stock
+``torch.optim`` loop plus one ``fr.attach`` line, and a 16-strength ``fr.sweep`` of the
+declared spec: ``examples/keras_style.py``.
+
 Run: ``python examples/seed_question.py``
 """
 

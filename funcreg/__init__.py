@@ -32,12 +32,14 @@ from .penalties import (
     ElasticNet,
     GroupLasso,
     MaxNorm,
+    MinMaxNorm,
     NonNegative,
     Nuclear,
     Orthogonal,
     Penalty,
     SparseGroupLasso,
     SpectralNorm,
+    UnitNorm,
 )
 from .result import Best, SweepResult
 from .selection import CVResult, cross_validate
@@ -102,6 +104,7 @@ __all__ = [
     "ElasticNet",
     "GroupLasso",
     "MaxNorm",
+    "MinMaxNorm",
     "NonNegative",
     "Nuclear",
     "Orthogonal",
@@ -110,6 +113,7 @@ __all__ = [
     "SparseGroupLasso",
     "Spec",
     "SpectralNorm",
+    "UnitNorm",
     "__version__",
     "as_selector",
     "as_spec",

@@ -31,7 +31,7 @@ from .penalties import Penalty
 from .selectors import by_name
 from .spec import Spec
 
-__all__ = ["declared", "regularize", "spec_of", "unregularize"]
+__all__ = ["check_registered", "declared", "regularize", "spec_of", "unregularize"]
 
 _ATTR = "_funcreg_terms"
 M = TypeVar("M", bound=nn.Module)
@@ -94,11 +94,13 @@ def spec_of(model: nn.Module) -> Spec:
 
     Raises:
         ValueError: a declared term selects no parameter of its module (deleted, or a wrong
-            glob), selects a frozen parameter (``requires_grad=False``), or one term name is
-            declared with different penalties on two modules.
+            glob), selects a frozen parameter (``requires_grad=False``), one term name is
+            declared with different penalties on two modules, or a module with declared
+            terms is held in a plain list/dict attribute (not a submodule of ``model``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fr.spec_of expects an nn.Module, got {type(model).__name__}")
+    check_registered("fr.spec_of", model, _ATTR)
     names_of: dict[str, list[str]] = {}
     first: dict[str, tuple[str, Penalty]] = {}
     refs: dict[str, dict[str, dict[str, Any]]] = {}
@@ -153,6 +155,34 @@ def spec_of(model: nn.Module) -> Spec:
                 changes[field] = refs[term][field]
         out[term] = dataclasses.replace(pen, **changes)
     return Spec(out)
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def check_registered(where: str, model: nn.Module, attr: str) -> None:
+    """Refuse a module with declarations (``module.__dict__[attr]``) that ``model`` holds in
+    a plain ``list``/``tuple``/``dict``/``set`` attribute instead of as a submodule: its
+    parameters are not ``model``'s, so its terms would silently apply to nothing."""
+    registered = {id(m) for m in model.modules()}
+    for path, module in model.named_modules():
+        for attr_name, value in vars(module).items():
+            if attr_name in _MODULE_INTERNALS or not isinstance(value, list | tuple | dict | set):
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if not isinstance(item, nn.Module) or id(item) in registered:
+                    continue
+                if any(attr in m.__dict__ for m in item.modules()):
+                    held = f"{path}.{attr_name}" if path else attr_name
+                    kind = "nn.ModuleDict" if isinstance(value, dict) else "nn.ModuleList"
+                    raise ValueError(
+                        f"{where}: a module with declared terms is held in the plain "
+                        f"{type(value).__name__} {held!r} (item {key!r}), so it is not a "
+                        f"submodule of the model: its parameters are not the model's and its "
+                        f"terms would apply to nothing; hold it in an {kind} (or assign it as "
+                        "an attribute) so the model registers it"
+                    )
 
 
 def _same_penalty(a: Penalty, b: Penalty) -> bool:

@@ -14,14 +14,25 @@ Per ``optimizer.step()``, with ``η`` each param group's *current* ``lr`` (an
   ``s_k ∇Ω_k``, is added to ``p.grad`` (``smooth="loss"``: the user adds
   ``fr.penalty(net, spec.smooth(), s)`` to the loss instead);
 * after the step: every non-smooth term by its prox and every constraint by its projection,
-  ``p ← prox_{η s_k Ω_k}(p)``, in the optimizer's metric: SGD (and any optimizer without a
-  second-moment state) the Euclidean one, step ``η``; ``Adam``/``AdamW`` the diagonal
-  metric ``d = sqrt(v̂) + ε`` of their own ``exp_avg_sq`` (``max_exp_avg_sq`` with
-  ``amsgrad``), step ``η / d`` per coordinate (:func:`funcreg.spec.metric_step` for group
-  and matrix penalties). ``metric="decoupled"`` uses ``η`` for every optimizer.
+  ``p ← prox_{η s_k Ω_k}(p)``, in the optimizer's metric: SGD the Euclidean one, step
+  ``η``; ``Adam``/``AdamW`` the diagonal metric ``d = sqrt(v̂) + ε`` of their own
+  ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``), step ``η / d`` per coordinate
+  (:func:`funcreg.spec.metric_step` for group and matrix penalties).
+  ``metric="decoupled"`` uses ``η`` for every optimizer; other optimizers (RMSprop,
+  Adagrad, NAdam, ...: their own scalings) need it, as ``"auto"`` does not know their
+  metric.
 
 With ``torch.optim.SGD`` this is step for step ``fr.train_step(loss, spec,
 fr.optim.sgd(...), prox=True)``; with Adam the prox of :func:`funcreg.optim.prox_steps`.
+
+Implementation flags of the optimizer: ``foreach=True`` and ``fused=True`` change how
+``step()`` computes its update, not that it runs: the step hooks fire around it and the state
+(``exp_avg_sq``, ``step``) has the same keys, so the result equals the for-loop
+implementation's (to rounding). Under a ``torch.amp.GradScaler`` a fused optimizer receives
+still-scaled gradients and a ``found_inf`` flag (its kernel unscales, or skips the update):
+the smooth gradient added before the step is scaled by the same ``grad_scale``, and the prox
+is skipped (the handle's ``step`` not advanced) when the update is. ``capturable=True`` is
+refused for prox terms: a step replayed from a CUDA graph runs no Python hook.
 """
 
 from __future__ import annotations
@@ -107,10 +118,16 @@ class Attached:
         self.add_smooth_gradient(self._smooth)
 
     @torch.no_grad()
-    def add_smooth_gradient(self, part: Spec | None = None) -> None:
+    def add_smooth_gradient(
+        self, part: Spec | None = None, scale: Tensor | float | None = None
+    ) -> None:
         """Add ``s_k ∇Ω_k`` of the smooth terms (``part``: default all of the spec's) to the
         parameters' ``.grad``, at this step's strengths: what the pre-step hook does, for
-        loops whose step computes the gradients itself (a closure, as Lightning's)."""
+        loops whose step computes the gradients itself (a closure, as Lightning's). Under a
+        ``GradScaler`` with a fused optimizer the gradients are still scaled when the step
+        starts (the fused kernel unscales them): the added gradient is scaled alike, by the
+        optimizer's ``grad_scale`` inside the step, or by ``scale`` when given (a caller
+        that runs before the scaler's step, as the Lightning callback does)."""
         part = self.spec.smooth() if part is None else part
         self.strengths = self._strengths_at(self.step)
         names = part.selected_names(self._params)
@@ -120,9 +137,13 @@ class Attached:
             if not isinstance(total, Tensor) or not total.requires_grad:
                 return
             grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
+        if scale is None:
+            scale = getattr(self.optimizer, "grad_scale", None)
         for n, g in zip(names, grads, strict=True):
             if g is None:
                 continue
+            if scale is not None:
+                g = g * (scale.to(g) if isinstance(scale, Tensor) else scale)
             p = self._params[n]
             if p.grad is None:
                 p.grad = g.clone()
@@ -131,6 +152,9 @@ class Attached:
 
     @torch.no_grad()
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and bool(found_inf.any()):
+            return  # a GradScaler's fused step skipped the update: so does the prox
         if not len(self._smooth):  # else read by the pre-step hook
             self.strengths = self._strengths_at(self.step)
         if len(self._prox):
@@ -215,8 +239,9 @@ def attach(
         smooth: ``"gradient"`` (add the smooth terms' gradient to ``p.grad`` before each
             step) or ``"loss"`` (the smooth terms are in the user's loss; only ``penalty()``
             reports them).
-        metric: ``"auto"`` (Adam/AdamW: their own diagonal metric; others: ``lr``) or
-            ``"decoupled"`` (prox step ``lr`` for every optimizer).
+        metric: ``"auto"`` (``SGD``: step ``lr``; ``Adam``/``AdamW``: their own diagonal
+            metric; any other optimizer with prox terms is refused, its steps being scaled
+            its own way) or ``"decoupled"`` (prox step ``lr`` for every optimizer).
 
     Returns:
         An :class:`Attached` handle.
@@ -232,8 +257,18 @@ def attach(
         raise ValueError(f"fr.attach: smooth must be 'gradient' or 'loss', got {smooth!r}")
     if metric not in ("auto", "decoupled"):
         raise ValueError(f"fr.attach: metric must be 'auto' or 'decoupled', got {metric!r}")
+    declared = spec is None
     spec = spec_of(model) if spec is None else as_spec(spec)
     params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    if not declared:
+        try:
+            spec.selection(params)
+        except ValueError as e:
+            raise ValueError(
+                f"fr.attach: {e} If the spec came from fr.spec_of(a submodule) or from another "
+                "model, it names that module's parameters: pass spec=None (the terms declared "
+                "on model=) or fr.spec_of(model)"
+            ) from None
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not optimized & {id(p) for p in params.values()}:
         raise ValueError(
@@ -257,6 +292,15 @@ def attach(
                     "step replays without Python hooks, so the prox terms "
                     f"{list(prox_part)} would be skipped; use capturable=False"
                 )
+    known = isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW)
+    if metric == "auto" and not known and any(not p.is_constraint for p in prox_part.values()):
+        raise ValueError(
+            f"fr.attach: metric='auto' knows the prox step of torch.optim.SGD (lr) and "
+            f"Adam/AdamW (lr/(sqrt(v̂)+eps)), not of {type(optimizer).__name__}, which scales "
+            f"its steps its own way: a prox of the terms {list(prox_part)} with step lr would "
+            "not minimize loss + Σ strength·Ω; pass metric='decoupled' to threshold at "
+            "lr·strength after each step anyway, or use SGD, Adam or AdamW"
+        )
     adaptive = metric == "auto" and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
     check_metric_prox(
         "fr.attach", prox_part, adaptive, "pass metric='decoupled' (prox step lr) or use SGD"

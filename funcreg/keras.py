@@ -20,8 +20,8 @@ Keras                      funcreg
 ``activity_regularizer``   :mod:`funcreg.activity` ``L1L2(l1, l2)`` (same formulas)
 ``NonNeg()``               ``NonNegative()``
 ``MaxNorm(m, axis)``       ``MaxNorm(max_value=m)`` (norm of each output unit's weights)
-``UnitNorm(axis)``         :class:`UnitNorm` (same groups)
-``MinMaxNorm(lo, hi, r)``  :class:`MinMaxNorm` ``(min_value=lo, max_value=hi, rate=r)``
+``UnitNorm(axis)``         :class:`~funcreg.UnitNorm` (same groups)
+``MinMaxNorm(lo, hi, r)``  :class:`~funcreg.MinMaxNorm` ``(min_value=lo, max_value=hi, rate=r)``
 =========================  ==========================================================
 
 Keras's norm constraints divide by ``ε + ‖w‖`` (``ε = 1e-7``); funcreg's divide by ``‖w‖``
@@ -34,65 +34,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import activity as _activity
 from .declare import regularize
-from .penalties import L1, L2, Constraint, MaxNorm, NonNegative, Penalty, as_dims, register_penalty
+from .penalties import L1, L2, Constraint, MaxNorm, MinMaxNorm, NonNegative, Penalty, UnitNorm
 
 __all__ = ["MinMaxNorm", "UnitNorm", "from_layer"]
-
-
-def _group_norm(d: Tensor, dim: Any) -> Tensor:
-    dims = tuple(range(1, d.dim())) if dim is None else as_dims(dim, d.dim())
-    return torch.linalg.vector_norm(d, dim=dims or (0,), keepdim=True)
-
-
-def _rescale(d: Tensor, norm: Tensor, target: Tensor) -> Tensor:
-    positive = norm > 0
-    safe = torch.where(positive, norm, torch.ones_like(norm))
-    return d * torch.where(positive, target / safe, torch.zeros_like(norm))
-
-
-@register_penalty
-class UnitNorm(Constraint):
-    """Keras ``UnitNorm``: each group (norm over ``dim``; ``None``: all axes but 0, each
-    output unit's incoming weights, as :class:`~funcreg.MaxNorm`) rescaled to norm 1:
-    ``w_g / ‖w_g‖`` (a zero group stays zero). The projection onto the unit sphere."""
-
-    dim: Any = None
-
-    def _project(self, d: Tensor) -> Tensor:
-        norm = _group_norm(d, self.dim)
-        return _rescale(d, norm, torch.ones_like(norm))
-
-
-@register_penalty
-class MinMaxNorm(Constraint):
-    """Keras ``MinMaxNorm``: each group's norm pulled toward ``[min_value, max_value]``,
-    ``w_g · (rate·clip(‖w_g‖, lo, hi) + (1 − rate)·‖w_g‖) / ‖w_g‖``; ``rate=1`` is the
-    projection onto the shell ``lo ≤ ‖w_g‖ ≤ hi``. Groups as :class:`UnitNorm`."""
-
-    min_value: float = 0.0
-    max_value: float = 1.0
-    rate: float = 1.0
-    dim: Any = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.min_value <= self.max_value:
-            raise ValueError(
-                f"MinMaxNorm: needs 0 <= min_value <= max_value, got {self.min_value}, "
-                f"{self.max_value}"
-            )
-        if not 0 <= self.rate <= 1:
-            raise ValueError(f"MinMaxNorm: rate must be in [0, 1], got {self.rate}")
-
-    def _project(self, d: Tensor) -> Tensor:
-        norm = _group_norm(d, self.dim)
-        clipped = torch.clamp(norm, self.min_value, self.max_value)
-        return _rescale(d, norm, self.rate * clipped + (1 - self.rate) * norm)
 
 
 def _config(what: str, value: Any) -> tuple[str, dict[str, Any]]:

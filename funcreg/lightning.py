@@ -7,8 +7,10 @@
 It is :func:`funcreg.attach` wired into ``Trainer.fit``: at fit start it attaches to every
 optimizer the ``LightningModule`` configured, the smooth terms' gradient is added in
 ``on_before_optimizer_step`` (after Lightning's closure has run the backward, before the
-update), the non-smooth terms are applied by their prox after each step (in Adam's metric
-for Adam/AdamW) and constraints by projection; after each training batch it logs
+update; with ``precision="16-mixed"`` and a fused optimizer, whose gradients are still
+scaled there, scaled alike), the non-smooth terms are applied by their prox after each step
+(in Adam's metric for Adam/AdamW; skipped with a step the scaler skips) and constraints by
+projection; after each training batch it logs
 ``penalty/<term>``, ``penalty/total`` and ``zeros/fraction`` (exact zeros over the
 coordinates the terms select). Importing this module needs ``pytorch-lightning``
 (``pip install funcreg[lightning]``); nothing else in funcreg does.
@@ -65,9 +67,13 @@ class Regularize(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = None
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scale = scaler.get_scale()  # a fused optimizer's gradients are still scaled here
         for handle in self.handles:
             if handle.optimizer is optimizer:
-                handle.add_smooth_gradient()
+                handle.add_smooth_gradient(scale=scale)
 
     def on_train_batch_end(
         self,

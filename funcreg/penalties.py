@@ -841,3 +841,59 @@ class MaxNorm(Constraint):
         if not dims:
             dims = (0,)
         return P.project_max_norm(d, self.max_value, dims)
+
+
+def _group_norm(d: Tensor, dim: Dim | None, owner: str) -> Tensor:
+    """``‖d_g‖₂`` per group, kept as a broadcastable tensor: the norm over ``dim`` (``None``:
+    all axes but 0, as :class:`MaxNorm`)."""
+    dims = tuple(range(1, d.dim())) if dim is None else as_dims(dim, d.dim(), owner, tuple(d.shape))
+    return torch.linalg.vector_norm(d, dim=dims or (0,), keepdim=True)
+
+
+def _rescale(d: Tensor, norm: Tensor, target: Tensor) -> Tensor:
+    """``d_g · target_g / ‖d_g‖`` where ``‖d_g‖ > 0``; a zero group stays zero."""
+    positive = norm > 0
+    safe = torch.where(positive, norm, torch.ones_like(norm))
+    return d * torch.where(positive, target / safe, torch.zeros_like(norm))
+
+
+@register_penalty
+class UnitNorm(Constraint):
+    """Keras ``UnitNorm``: each group (norm over ``dim``; ``None``: all axes but 0, each
+    output unit's incoming weights, as :class:`MaxNorm`) rescaled to norm 1:
+    ``w_g / ‖w_g‖`` (a zero group stays zero; Keras divides by ``ε + ‖w_g‖``, ``ε = 1e-7``).
+    The projection onto the unit sphere."""
+
+    dim: Dim | None = None
+
+    def _project(self, d: Tensor) -> Tensor:
+        norm = _group_norm(d, self.dim, "UnitNorm")
+        return _rescale(d, norm, torch.ones_like(norm))
+
+
+@register_penalty
+class MinMaxNorm(Constraint):
+    """Keras ``MinMaxNorm``: each group's norm pulled toward ``[min_value, max_value]``,
+    ``w_g · (rate·clip(‖w_g‖, lo, hi) + (1 − rate)·‖w_g‖) / ‖w_g‖`` (a zero group stays
+    zero; Keras divides by ``ε + ‖w_g‖``); ``rate=1`` is the projection onto the shell
+    ``lo ≤ ‖w_g‖ ≤ hi``. Groups as :class:`UnitNorm`."""
+
+    min_value: float = 0.0
+    max_value: float = 1.0
+    rate: float = 1.0
+    dim: Dim | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.min_value <= self.max_value:
+            raise ValueError(
+                f"MinMaxNorm: needs 0 <= min_value <= max_value, got {self.min_value}, "
+                f"{self.max_value}"
+            )
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"MinMaxNorm: rate must be in [0, 1], got {self.rate}")
+
+    def _project(self, d: Tensor) -> Tensor:
+        norm = _group_norm(d, self.dim, "MinMaxNorm")
+        clipped = torch.clamp(norm, self.min_value, self.max_value)
+        return _rescale(d, norm, self.rate * clipped + (1 - self.rate) * norm)

@@ -22,11 +22,11 @@ FLOORS: dict[str, int] = {
     "optim": 0,
     "_foreach": 0,
     "losses": 0,
-    "activity": 0,
     # penalties, specs and what declares them
     "penalties": 1,
     "spec": 2,
     "declare": 3,
+    "activity": 3,
     "keras": 4,
     # data layout and results
     "stack": 5,

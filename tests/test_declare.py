@@ -123,3 +123,45 @@ def test_errors_name_module_parameter_and_fix():
     b = fr.regularize(nn.Linear(2, 2), g=fr.GroupLasso(dim=1))
     with pytest.raises(ValueError, match=r"term 'g' is declared as .* different term names"):
         fr.spec_of(nn.Sequential(a, b))
+
+
+def test_declared_module_in_a_plain_list_is_named():
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = [fr.regularize(nn.Linear(3, 3), l1=fr.L1())]  # not registered
+            self.out = nn.Linear(3, 1)
+
+    with pytest.raises(
+        ValueError, match=r"held in the plain list 'layers' \(item 0\).*hold it in an nn.ModuleList"
+    ):
+        fr.spec_of(Hidden())
+    net = nn.Sequential(nn.Linear(2, 2))
+    net[0].extra = {"head": fr.regularize(nn.Linear(2, 2), l2=fr.L2())}
+    with pytest.raises(ValueError, match=r"plain dict '0.extra' \(item 'head'\).*nn.ModuleDict"):
+        fr.spec_of(net)
+    with pytest.raises(ValueError, match=r"plain dict '0.extra'"):
+        fr.attach(torch.optim.SGD(net.parameters(), lr=0.1), None, {"l2": 0.1}, model=net)
+
+
+def test_strengths_for_undeclared_terms_are_named_everywhere():
+    net = Net()
+    spec = fr.spec_of(net)
+    extra = {"l1": 0.1, "l2": 0.1, "l3": 0.1}
+    for call in (
+        lambda: fr.penalty(net, spec, extra),
+        lambda: fr.prox_(net, spec, extra, lr=0.1),
+        lambda: fr.attach(torch.optim.SGD(net.parameters(), lr=0.1), None, extra, model=net),
+    ):
+        with pytest.raises(ValueError, match=r"'l3', which names no term.*did you mean 'l2'"):
+            call()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    def loss(params, x, y):
+        return ((torch.func.functional_call(net, params, (x,)) - y) ** 2).mean()
+
+    with pytest.raises(ValueError, match=r"grid axis 'l3' names no spec term"):
+        fr.sweep(
+            net, loss, spec, {k: [v, v] for k, v in extra.items()}, train=(x, y),
+            optimizer=fr.optim.sgd(0.1), steps=1, progress=False,
+        )  # fmt: skip

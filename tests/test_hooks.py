@@ -164,3 +164,94 @@ def test_frozen_or_deleted_after_attach_is_named():
     net[0].weight = nn.Parameter(net[0].weight.detach().clone())
     with pytest.raises(ValueError, match=r"parameter '0.weight', which is no longer a parameter"):
         _stock_steps(net, sgd, x, y, 1)
+
+
+def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((net(x).squeeze(-1) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, **kw: torch.optim.Adam(ps, lr=0.05, **kw),
+        lambda ps, **kw: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01, **kw),
+        lambda ps, **kw: torch.optim.SGD(ps, lr=0.1, momentum=0.9, **kw),
+    ],
+    ids=["adam", "adamw", "sgd"],
+)
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_foreach_and_fused_steps_run_the_hooks_and_equal_the_default(make, flag):
+    """foreach/fused change how step() computes the update, not that it runs: the step hooks
+    fire, the state (Adam's exp_avg_sq, step) has the same keys, so the prox, in the same
+    metric, gives the for-loop implementation's result (to rounding: other op order)."""
+    x, y = _data()
+    nets = [_net(), _net()]
+    handles = []
+    for net, kw in zip(nets, ({"foreach": False}, {flag: True}), strict=True):
+        optimizer = make(net.parameters(), **kw)
+        handles.append(fr.attach(optimizer, None, {"l1": 0.3, "l2": 0.1}, model=net))
+        for t in range(10):
+            xb, yb = x[8 * t % 64 :][:8], y[8 * t % 64 :][:8]
+            optimizer.zero_grad()
+            _loss(net, xb, yb).backward()
+            optimizer.step()
+    assert handles[0].step == handles[1].step == 10
+    assert handles[1].zeros()["0.weight"] > 0
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.equal(a == 0, b == 0)
+
+
+def test_grad_scaler_with_fused_adam_scales_the_smooth_gradient_and_skips_with_the_step():
+    """A GradScaler hands a fused optimizer still-scaled gradients (its kernel unscales them)
+    and a ``found_inf`` flag (its kernel skips the update): the attached smooth gradient is
+    scaled alike, and the prox is skipped when the step is."""
+    x, y = _data()
+    nets = [_net().float(), _net().float()]
+    scale = 2.0**10  # a power of two: scaling and unscaling are exact
+    handles, optimizers, scalers = [], [], []
+    for net, fused in zip(nets, (False, True), strict=True):
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.05, fused=fused)
+        handles.append(fr.attach(optimizer, None, {"l1": 0.3, "l2": 0.5}, model=net))
+        optimizers.append(optimizer)
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6))
+
+    def step(i: int, factor: float = 1.0) -> None:
+        optimizers[i].zero_grad()
+        scalers[i].scale(factor * _loss(nets[i], x.float(), y.float())).backward()
+        scalers[i].step(optimizers[i])
+        scalers[i].update()
+
+    for _ in range(8):
+        for i in (0, 1):
+            step(i)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in nets[1].parameters()]
+    step(1, float("inf"))  # an overflow: the fused kernel skips the update, the prox too
+    assert handles[1].step == 8
+    for a, b in zip(before, nets[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_spec_of_a_submodule_or_another_model_is_named():
+    net = _net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"by_name\('weight'\) matches no.*fr.spec_of\(model\)"):
+        fr.attach(sgd, fr.spec_of(net[0]), {"l1": 0.1, "l2": 0.1}, model=net)
+
+
+@pytest.mark.parametrize(
+    "cls", [torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam, torch.optim.Rprop]
+)
+def test_other_optimizers_need_an_explicit_prox_metric(cls):
+    """metric='auto' knows SGD's and Adam/AdamW's metric only: another optimizer with a prox
+    term is refused, naming metric='decoupled'; a constraint (a projection) needs no metric."""
+    net = _net()
+    with pytest.raises(ValueError, match=rf"not of {cls.__name__}.*metric='decoupled'"):
+        fr.attach(cls(net.parameters(), lr=0.01), None, {"l1": 0.1, "l2": 0.1}, model=net)
+    handle = fr.attach(
+        cls(net.parameters(), lr=0.01), None, {"l1": 0.1, "l2": 0.1}, model=net, metric="decoupled"
+    )
+    handle.remove()
+    fr.attach(cls(net.parameters(), lr=0.01), {"box": fr.Box()}, {}, model=net).remove()

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import funcreg as fr
-from funcreg import activity
-from funcreg.keras import MinMaxNorm, UnitNorm, from_layer
+from funcreg import MinMaxNorm, UnitNorm, activity
+from funcreg.keras import from_layer
 
 EPS = 1e-7  # Keras's backend.epsilon()
 
@@ -63,3 +63,49 @@ def test_from_layer_bad_input():
         from_layer(layer, "h", bias_regularizer=0.1)
     with pytest.raises(ValueError, match=r"MinMaxNorm: rate"):
         MinMaxNorm(rate=2.0)
+
+
+def test_unit_and_min_max_norm_live_with_the_other_constraints():
+    import funcreg.keras
+    import funcreg.penalties
+
+    assert fr.UnitNorm is funcreg.penalties.UnitNorm is funcreg.keras.UnitNorm  # old name kept
+    assert fr.MinMaxNorm is funcreg.penalties.MinMaxNorm is funcreg.keras.MinMaxNorm
+    for con in (fr.UnitNorm(), fr.MinMaxNorm(min_value=0.5, max_value=2.0)):
+        assert isinstance(con, fr.Constraint) and con.is_constraint
+        assert "UnitNorm" in fr.__all__ and "MinMaxNorm" in fr.__all__
+
+
+@pytest.mark.parametrize(
+    "con",
+    [fr.UnitNorm(), fr.UnitNorm(dim=0), fr.MinMaxNorm(min_value=0.5, max_value=0.8)],
+    ids=["unit", "unit-dim0", "minmax"],
+)
+def test_norm_constraints_project(con):
+    """rate=1 is a projection: the result is in the set, and projecting again changes
+    nothing; an empty tensor stays empty; vmap equals a loop."""
+    w = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = con.prox(w, 0.1)
+    dims = (1,) if con.dim is None else (0,)
+    norms = torch.linalg.vector_norm(y, dim=dims)
+    lo, hi = (1.0, 1.0) if isinstance(con, fr.UnitNorm) else (con.min_value, con.max_value)
+    assert bool((norms >= lo - 1e-12).all() and (norms <= hi + 1e-12).all())
+    torch.testing.assert_close(con.prox(y, 0.1), y, rtol=1e-12, atol=1e-12)
+    assert con.prox(torch.zeros(0, 3), 1.0).shape == (0, 3)
+    ws = torch.randn(3, 4, 6, dtype=torch.float64)
+    batched = torch.vmap(lambda v: con.prox(v, 0.1))(ws)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], con.prox(ws[k], 0.1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=rf"{type(con).__name__}: dim=3 is out of range"):
+        type(con)(dim=3).prox(w, 0.1)
+
+
+def test_norm_constraint_declared_and_attached_projects_each_step():
+    net = nn.Sequential(fr.regularize(nn.Linear(3, 4), unit=fr.UnitNorm()), nn.Linear(4, 1))
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    fr.attach(sgd, None, {}, model=net)
+    sgd.zero_grad()
+    net(torch.randn(8, 3)).pow(2).mean().backward()
+    sgd.step()
+    norms = torch.linalg.vector_norm(net[0].weight.detach(), dim=1)
+    torch.testing.assert_close(norms, torch.ones(4))

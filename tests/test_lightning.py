@@ -85,3 +85,47 @@ def test_lightning_fit_equals_plain_loop_with_attach():
     expected = 0.3 * w.abs().sum() + 0.1 * 0.5 * w.square().sum()
     torch.testing.assert_close(metrics["penalty/total"].double(), expected, rtol=1e-6, atol=0)
     assert not callback.handles  # removed at fit end
+
+
+class FusedLitNet(LitNet):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05, fused=self.fused)
+
+
+def test_mixed_precision_with_a_fused_optimizer_equals_the_unfused_fit():
+    """Lightning unscales an unfused optimizer's gradients before on_before_optimizer_step,
+    a fused one's only inside its step: the callback's smooth gradient is scaled to match."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        lit = FusedLitNet(fused).float()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+        trainer = pl.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[Regularize({"l1": 0.01, "l2": 1.0})],
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(lit, _loader_float())
+        weights.append([p.detach().clone() for p in lit.parameters()])
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _loader_float() -> torch.utils.data.DataLoader:
+    x, y = _loader().dataset.tensors
+    data = torch.utils.data.TensorDataset(x.float(), y.float())
+    return torch.utils.data.DataLoader(data, batch_size=8)

@@ -53,10 +53,11 @@ def test_train_step_adam_prox_reaches_sklearn_lasso(make):
     _assert_lasso(params["w"], _lasso(x, y, strength))
 
 
+@pytest.mark.parametrize("make", [fr.optim.adam, fr.optim.adamw], ids=["adam", "adamw"])
 @pytest.mark.parametrize(
     "strengths", [[0.1, 0.3], [0.05, 0.1, 0.2, 0.3, 0.5]], ids=["eager", "vmap"]
 )
-def test_sweep_adam_prox_reaches_sklearn_lasso(strengths):
+def test_sweep_adam_prox_reaches_sklearn_lasso(strengths, make):
     """K <= 4 trains each model alone (eager route), K = 5 vmaps: both use the metric."""
     x, y = _problem()
     model = torch.nn.Linear(12, 1, bias=False).double()
@@ -73,7 +74,7 @@ def test_sweep_adam_prox_reaches_sklearn_lasso(strengths):
         fr.Spec(l1=fr.L1("weight")),
         {"l1": strengths, "lr": [0.01] * k},
         train=(x, y),
-        optimizer=fr.optim.adam(lr="lr"),
+        optimizer=make(lr="lr", weight_decay=0.0),
         steps=STEPS,
         progress=False,
     )
@@ -131,3 +132,36 @@ def test_mcp_prox_under_adam_asks_for_decoupled():
     with pytest.raises(ValueError, match=r"'mcp'.*fr\.optim\.decoupled"):
         fr.train_step(_half_mse, spec, fr.optim.adam(lr=0.01), prox=True)
     fr.train_step(_half_mse, spec, decoupled(fr.optim.adam(lr=0.01)), prox=True)  # accepted
+
+
+def _misses(w: torch.Tensor, ref: np.ndarray) -> bool:
+    w_np = w.detach().reshape(-1).numpy()
+    return bool(np.any((w_np != 0) != (ref != 0)) or np.abs(w_np - ref).max() > 1e-3)
+
+
+def test_the_former_decoupled_prox_misses_the_lasso():
+    """The Lasso tests above fail with the former rule (prox step lr under Adam): in
+    train_step (decoupled(adam)) and in attach (metric='decoupled'), same loops."""
+    x, y = _problem()
+    strength = 0.1
+    ref = _lasso(x, y, strength)
+    opt = decoupled(fr.optim.adam(lr="lr"))
+    step = fr.train_step(_half_mse, fr.Spec(l1=fr.L1("w")), opt, prox=True)
+    params = {"w": torch.zeros(12, dtype=torch.float64)}
+    state = opt.init(params)
+    for t in range(STEPS):
+        lr = torch.tensor(0.05 * 1e-4 ** (t / STEPS), dtype=torch.float64)
+        params, state, _ = step(params, state, {"l1": strength, "lr": lr}, x, y)
+    assert _misses(params["w"], ref)
+    model = torch.nn.Linear(12, 1, bias=False).double()
+    torch.nn.init.zeros_(model.weight)
+    adam = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(adam, gamma=1e-4 ** (1 / STEPS))
+    spec = fr.Spec(l1=fr.L1("weight"))
+    fr.attach(adam, spec, {"l1": strength}, model=model, metric="decoupled")
+    for _ in range(STEPS):
+        adam.zero_grad()
+        (0.5 * ((model(x).squeeze(-1) - y) ** 2).mean()).backward()
+        adam.step()
+        scheduler.step()
+    assert _misses(model.weight, ref)
