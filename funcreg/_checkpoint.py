@@ -24,18 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import glob
-import hashlib
-import inspect
-import io
 import os
-import re
-import secrets
-import types
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import fields, is_dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from ._data import Data
+from ._files import (
+    canonical,
+    code_identity,
+    damaged,
+    digest,
+    payload_checksum,
+    read_verified,
+    write_atomic,
+)
 from .optim import Optimizer
 from .result import FORMAT, SweepResult
 
@@ -93,101 +94,12 @@ def describe_optimizer(opt: Optimizer) -> str:
     return "; ".join(parts)
 
 
-def digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
-    """A SHA-256 of labelled tensors: each label, dtype, shape and the bytes."""
-    h = hashlib.sha256()
-    for label, t in tensors:
-        h.update(f"{label}:{t.dtype}{tuple(t.shape)}:".encode())
-        if t.layout != torch.strided or t.device.type == "meta":
-            h.update(repr(t).encode())  # no plain bytes to hash
-            continue
-        c = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
-        h.update(c.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def code_identity(fn: Any) -> dict[str, str] | None:
-    """A function's qualified name and a SHA-256 of its code: the bytecode, constants and
-    names of its code object and of the code objects nested in it (through
-    ``functools.wraps``/``partial`` and a callable object's ``__call__``). The values it
-    closes over are not covered (the model, the data and the spec have their own entries).
-    Stable across processes for the same source and Python version; ``None`` for ``None``."""
-    if fn is None:
-        return None
-    with contextlib.suppress(ValueError):
-        fn = inspect.unwrap(fn)
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    h = hashlib.sha256()
-
-    def walk(c: Any) -> None:
-        if isinstance(c, types.CodeType):
-            h.update(c.co_code)
-            h.update(repr(c.co_names).encode())
-            for const in c.co_consts:
-                walk(const)
-        elif isinstance(c, tuple):
-            for item in c:
-                walk(item)
-        elif isinstance(c, frozenset):  # `x in {"a", "b"}`: its order changes between processes
-            h.update(repr(sorted(map(repr, c))).encode())
-        else:
-            h.update(repr(c).encode())
-
-    if code is not None:
-        walk(code)
-    return {"name": str(name), "code": h.hexdigest() if code is not None else "?"}
-
-
-def _canonical(obj: Any, tensors: list[tuple[str, Tensor]], label: str) -> str:
-    """A text that is the same for equal values in any process: dataclasses field by field
-    (all fields, also those their repr hides: float and dict-of-float ``weight=``), sets and
-    selector patterns sorted (a Python set's order of strings changes between processes),
-    floats exactly, callables by :func:`code_identity`; tensors are collected for a
-    digest."""
-    if isinstance(obj, Tensor):
-        tensors.append((label, obj))
-        return f"<tensor {label}>"
-    if is_dataclass(obj) and not isinstance(obj, type):
-        parts = []
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            text = _canonical(v, tensors, f"{label}.{f.name}")
-            if f.name == "patterns" and isinstance(v, tuple):  # by_name: any match, order-free
-                text = repr(sorted(_canonical(p, tensors, label) for p in v))
-            parts.append(f"{f.name}={text}")
-        return f"{type(obj).__qualname__}({', '.join(parts)})"
-    if isinstance(obj, Mapping):
-        keys = sorted(obj, key=repr)
-        return (
-            "{"
-            + ", ".join(f"{k!r}: {_canonical(obj[k], tensors, f'{label}[{k}]')}" for k in keys)
-            + "}"
-        )
-    if isinstance(obj, set | frozenset):
-        return "{" + ", ".join(sorted(_canonical(v, tensors, label) for v in obj)) + "}"
-    if isinstance(obj, list | tuple):
-        inner = ", ".join(_canonical(v, tensors, f"{label}[{i}]") for i, v in enumerate(obj))
-        return f"({inner})" if isinstance(obj, tuple) else f"[{inner}]"
-    if isinstance(obj, re.Pattern):
-        return f"re.compile({obj.pattern!r}, {int(obj.flags)})"
-    if isinstance(obj, float):
-        return float.hex(obj)
-    if isinstance(obj, bool | int | str | bytes | None | torch.dtype):
-        return repr(obj)
-    if callable(obj) and not is_dataclass(obj):
-        return repr(code_identity(obj))
-    return f"{type(obj).__qualname__}:{obj!r}"
-
-
 def spec_identity(spec: Spec) -> str:
     """Every field of every term of the spec (:func:`_canonical`: selectors, ``toward=``,
     ``weight=`` as a number, a dict of numbers or tensors, penalty settings), with a digest
     of the tensors it holds."""
     tensors: list[tuple[str, Tensor]] = []
-    text = _canonical(dict(spec.items()), tensors, "spec")
+    text = canonical(dict(spec.items()), tensors, "spec")
     return text + (f" tensors={digest(tensors)}" if tensors else "")
 
 
@@ -282,53 +194,19 @@ def sweep_identity(
 # ----------------------------------------------------------------------------- the file
 
 
-def payload_checksum(data: Mapping[str, Any]) -> str:
-    """A SHA-256 of a checkpoint's payload (every key but ``"checksum"``): its structure,
-    plain values and every tensor's dtype, shape and bytes, in order."""
-    tensors: list[tuple[str, Tensor]] = []
-    text = _canonical({k: v for k, v in data.items() if k != "checksum"}, tensors, "")
-    return hashlib.sha256((text + digest(tensors)).encode()).hexdigest()
-
-
-def _damaged(path: Path, what: str) -> ValueError:
-    return ValueError(
-        f"checkpoint {os.fspath(path)!r} is damaged: {what}. Delete it to start over, or "
-        "restore a good copy"
-    )
-
-
 def read_checkpoint(path: Path, model: nn.Module | None = None) -> SweepResult:
-    """The :class:`SweepResult` stored in ``path`` (``torch.load(weights_only=True)``), its
-    checksum verified. A file that is empty, truncated, not a checkpoint, lacks a key, or
-    whose bytes changed raises a ``ValueError`` naming the file and what is wrong. A file
-    without a checksum (written by :meth:`SweepResult.save`, e.g. a merged distributed
-    result) is read unverified."""
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            raise _damaged(path, "it is empty (0 bytes; an interrupted copy?)")
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except ValueError:
-        raise
-    except Exception as e:  # OSError, EOFError, pickle and zip errors, RuntimeError, ...
-        raise _damaged(path, f"it cannot be read ({type(e).__name__}: {e!s:.200})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise _damaged(path, f"it is not a funcreg sweep checkpoint (format {found!r})")
-    missing = [k for k in _KEYS if k not in data]
-    if missing:
-        raise _damaged(path, f"it lacks {missing}")
-    if "checksum" in data and data["checksum"] != payload_checksum(data):
-        raise _damaged(path, "its checksum does not match its contents (changed bytes)")
+    """The :class:`SweepResult` stored in ``path``, read and verified by
+    :func:`funcreg._files.read_verified` (``weights_only=True``, checksum), and checked to
+    hold the same number of models in every stacked tensor. A file that is empty,
+    truncated, not a checkpoint, lacks a key, or whose bytes changed raises a ``ValueError``
+    naming the file and what is wrong."""
+    data = read_verified(path, FORMAT, _KEYS)
     k = int(data["diverged"].numel()) if isinstance(data["diverged"], Tensor) else -1
     for part in ("stacked", "stacked_buffers"):
         for n, v in data[part].items():
             if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != k:
-                raise _damaged(path, f"{part}[{n!r}] does not hold K={k} models")
-    return SweepResult(
-        **{key: data[key] for key in _KEYS if key != "format"},
-        model=model,
-    )
+                raise damaged(path, f"{part}[{n!r}] does not hold K={k} models")
+    return SweepResult.from_dict(data, model)
 
 
 _KEYS = (
@@ -361,7 +239,7 @@ def load_checkpoint(
     for part in (prev.stacked, prev.stacked_buffers):
         for n, v in part.items():
             if n in model_shapes and tuple(v.shape[1:]) != model_shapes[n]:
-                raise _damaged(
+                raise damaged(
                     ckpt, f"{n!r} has shape {tuple(v.shape)}, not (K, *{model_shapes[n]})"
                 )
     if prev.steps > steps:
@@ -377,35 +255,10 @@ def _tmp_files(target: Path) -> list[Path]:
 
 
 def save_checkpoint(result: SweepResult, ckpt: Path) -> None:
-    """Write ``result`` (with its resume state) and its checksum to ``ckpt`` atomically: the
-    bytes go to a temporary file in the same folder, are flushed to disk, then renamed over
-    ``ckpt``; a crash or a full disk leaves the previous checkpoint as it was (and the
-    temporary file is removed). Serialised in memory first, so that a full disk is an
-    ``OSError`` (``ENOSPC``), reported as such."""
-    data = result.to_dict()
-    data["checksum"] = payload_checksum(data)
-    buf = io.BytesIO()
-    torch.save(data, buf)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_name(f".{ckpt.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise OSError(
-                e.errno,
-                f"no space left while writing {os.fspath(ckpt)!r}; the previous checkpoint is "
-                "intact. Free disk space (or use a checkpoint path on another disk) and run "
-                "the same sweep again to resume",
-            ) from e
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Write ``result`` (with its resume state) and its checksum to ``ckpt`` atomically
+    (:func:`funcreg._files.write_atomic`): a crash or a full disk leaves the previous
+    checkpoint as it was, and a full disk is reported as such."""
+    write_atomic(ckpt, result.to_dict())
 
 
 # ----------------------------------------------------------------------------- the lock

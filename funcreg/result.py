@@ -37,7 +37,6 @@ import functools
 import math
 import operator
 import os
-import secrets
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import _report
+from ._files import read_verified, write_atomic
 from ._report import EVAL_METRICS as _EVAL_METRICS
 from .spec import Spec, penalized
 from .stack import eval_mode, load_, unstack
@@ -506,45 +506,27 @@ class SweepResult:
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result to ``path`` atomically (a temporary file in the same folder,
-        then ``os.replace``): a crash never leaves a half-written file."""
+        """Write the result and a SHA-256 of it to ``path`` atomically (a temporary file in
+        the same folder, ``fsync``, then ``os.replace``): a crash or a full disk never leaves
+        a half-written file."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # a new file by open(): it gets the umask's mode, as the target would (mkstemp: 0600)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
-        f = open(tmp, "xb")  # noqa: SIM115 - closed below; only a file we created is removed
-        try:
-            with f:
-                torch.save(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, self.to_dict(), kind="result")
         return target
+
+    _KEYS: tuple[str, ...] = ("grid", "stacked", "stacked_buffers", "history", "diverged")
+    _KEYS += ("diverged_at", "steps", "meta", "resume")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], model: nn.Module | None = None) -> SweepResult:
+        """The result of a stored form (:meth:`to_dict`)."""
+        return cls(**{k: data[k] for k in cls._KEYS}, model=model)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: nn.Module | None = None) -> SweepResult:
-        """Read a saved result (``torch.load(weights_only=True)``: no code is run). Pass
-        ``model`` (the swept architecture) to use :meth:`module`."""
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a saved funcreg SweepResult (format {found!r}, "
-                f"expected {FORMAT!r})"
-            )
-        return cls(
-            grid=data["grid"],
-            stacked=data["stacked"],
-            stacked_buffers=data["stacked_buffers"],
-            history=data["history"],
-            diverged=data["diverged"],
-            diverged_at=data["diverged_at"],
-            steps=int(data["steps"]),
-            meta=data["meta"],
-            resume=data["resume"],
-            model=model,
+        """Read a saved result (``torch.load(weights_only=True)``: no code is run; its
+        checksum verified: a damaged file is a ``ValueError`` naming it). Pass ``model`` (the
+        swept architecture) to use :meth:`module`."""
+        data = read_verified(
+            Path(path), FORMAT, cls._KEYS, kind="result", name="saved funcreg SweepResult"
         )
+        return cls.from_dict(data, model)

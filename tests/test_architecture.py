@@ -33,6 +33,7 @@ FLOORS: dict[str, int] = {
     "result": 6,
     "plot": 6,
     "_report": 6,
+    "_files": 0,
     # one step, classic loops
     "train": 7,
     "eager": 7,

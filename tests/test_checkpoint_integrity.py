@@ -108,14 +108,23 @@ def test_a_file_with_missing_keys_or_models_is_refused(tmp_path: Path) -> None:
         run(path, steps=6)
 
 
-def test_a_result_saved_without_checksum_still_resumes(tmp_path: Path) -> None:
-    """SweepResult.save (e.g. of a merged distributed result) writes no checksum; such a file
-    is read unverified."""
+def test_a_result_saved_by_save_is_checksummed_and_resumes(tmp_path: Path) -> None:
+    """SweepResult.save (e.g. of a merged distributed result) writes the same checksummed
+    file as a checkpoint: it resumes, and a changed byte is refused by SweepResult.load too;
+    a file without a checksum (an earlier version) is read unverified."""
     path = tmp_path / "ck.pt"
     first = run(path)
     first.save(path)
-    assert "checksum" not in torch.load(path, weights_only=True)
+    data = torch.load(path, weights_only=True)
+    assert "checksum" in data
     assert run(path, steps=6).steps == 6
+    data["stacked"]["weight"][0, 0] += 1.0
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=rf"result '{path}' is damaged: its checksum"):
+        SweepResult.load(path)
+    del data["checksum"]
+    torch.save(data, path)
+    assert SweepResult.load(path).K == first.K
 
 
 # ------------------------------------------------------------------------- identity
