@@ -81,21 +81,23 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
 
 from . import _checks, _tree
-from ._lasso import fista_lasso, lasso_thresholds
+from ._fista import Generic, GramOracle, Smooth, fista, make_prox, zero_loss
+from ._quadratic import (
+    DETECT_MAX,
+    Quadratic,
+    extract,
+    from_least_squares,
+    lasso_route,
+    lasso_thresholds,
+)
 from ._tree import Params
 from .losses import LeastSquares, least_squares
 from .penalties import Penalty
 from .spec import Spec, as_spec, penalized
 
 __all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
-_GROW = 2.0  # backtracking: L ← 2L
-_SHRINK = 0.8  # each iteration first tries L ← max(_SHRINK·L, _MARGIN·curvature met last step)
-_MARGIN = 1.3
-_COOLDOWN = 3  # ... unless the model backtracked in the last _COOLDOWN iterations
-_LANCZOS_STEPS = 16
 
 
 class Solution(NamedTuple):
@@ -115,141 +117,8 @@ class Solution(NamedTuple):
     params: Params
     iterations: Tensor
     converged: Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# The smooth part f, batched over models
-# ---------------------------------------------------------------------------------------
-
-
-class _Smooth:
-    """``f`` on stacked params. ``feats(x)`` are linear features carried along with the
-    iterates (``A x`` for least squares, nothing otherwise): iterates are combined linearly,
-    so combining their features the same way keeps the features exact."""
-
-    def feats(self, x: Params) -> Params:
-        return {}
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        """``∇f(y)`` and what :meth:`excess` needs from ``y`` (e.g. ``f(y)``)."""
-        raise NotImplementedError
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        """``f(x) − f(y) − ⟨∇f(y), d⟩`` with ``d = x − y``, and a round-off allowance."""
-        raise NotImplementedError
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        """A first estimate of the largest curvature of ``f`` near ``x`` (``g = ∇f(x)``)."""
-        raise NotImplementedError
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        """``‖∇f(0)‖`` per model (0 where it is not finite): a start-independent scale."""
-        raise NotImplementedError
-
-
-class _Generic(_Smooth):
-    """Any differentiable single-model objective ``fn(params, strengths, *data)``."""
-
-    def __init__(self, fn: Callable[..., Tensor], data: tuple[Any, ...]) -> None:
-        dims = (0, 0) + (None,) * len(data)
-        self.data = data
-        self._value = vmap(fn, in_dims=dims)
-        self._vg = vmap(grad_and_value(fn), in_dims=dims)
-        self._grad = vmap(grad(fn), in_dims=dims)
-
-    def value(self, x: Params, s: Params) -> Tensor:
-        return self._value(x, s, *self.data)
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        g, v = self._vg(y, s, *self.data)
-        return g, v
-
-    def gradient(self, x: Params, s: Params) -> Params:
-        return self._grad(x, s, *self.data)
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        g = self.gradient({k: torch.zeros_like(v) for k, v in x.items()}, s)
-        n = _tree.sqnorm(g).sqrt()
-        return torch.where(torch.isfinite(n), n, 0.0)
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        vx = self.value(x, s)
-        lin = _tree.dot(gy, d)
-        return vx - vy - lin, _tree.roundoff(vx, vy, lin)
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        # secant along the gradient: ‖∇f(x + δ) − ∇f(x)‖ / ‖δ‖, ‖δ‖ = √eps · max(1, ‖x‖)
-        ref = next(iter(x.values()))
-        gn = _tree.sqnorm(g).sqrt()
-        size = torch.finfo(ref.dtype).eps ** 0.5 * _tree.sqnorm(x).sqrt().clamp(min=1)
-        ok = gn > 0
-        step = torch.where(ok, size / torch.where(ok, gn, torch.ones_like(gn)), 0.0)
-        g2 = self.gradient(_tree.axpy(-step, g, x), s)
-        est = _tree.sqnorm(_tree.sub(g2, g)).sqrt() / size
-        return torch.where(ok & torch.isfinite(est) & (est > 0), est, torch.ones_like(est))
-
-
-class _Quadratic(_Smooth):
-    """Least squares (gradient ``A θ − B``), plus the smooth penalty terms if any."""
-
-    def __init__(self, ls: LeastSquares, penalty: _Generic | None) -> None:
-        self.ls = ls
-        self.B = ls.linear_term()
-        self.penalty = penalty
-
-    def feats(self, x: Params) -> Params:
-        return self.ls.hessian_apply(x)
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        g = {k: fy[k] - self.B[k] for k in fy}
-        if self.penalty is None:
-            return g, None
-        pg, pv = self.penalty.grad(y, {}, s)
-        return {k: g[k] + pg[k] for k in g}, (pv, pg)
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        # exact for a quadratic, ½⟨d, A d⟩, but from features that round like A x⁺ and A y
-        dfx, dfy = _tree.dot(d, fx), _tree.dot(d, fy)
-        exc = 0.5 * (dfx - dfy)
-        slack = 0.5 * _tree.roundoff(dfx, dfy)
-        if self.penalty is None:
-            return exc, slack
-        pvy, pgy = vy  # the penalty part's value and gradient at y
-        pvx = self.penalty.value(x, s)
-        lin = _tree.dot(pgy, d)
-        return exc + pvx - pvy - lin, slack + _tree.roundoff(pvx, pvy, lin)
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        k = next(iter(x.values())).shape[0]
-        B = {n: b.expand_as(x[n]) for n, b in self.B.items()}
-        if self.penalty is None:
-            return _tree.sqnorm(B).sqrt()
-        pg = self.penalty.gradient({n: torch.zeros_like(v) for n, v in x.items()}, s)
-        n = _tree.sqnorm(_tree.sub(pg, B)).sqrt()
-        return torch.where(torch.isfinite(n), n, 0.0).expand(k)
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        # one Hessian for all models: Lanczos on a single (seeded, random) start vector
-        k = next(iter(x.values())).shape[0]
-        gen = torch.Generator().manual_seed(0)
-        v0 = {
-            n: torch.randn(v[:1].shape, generator=gen, dtype=v.dtype).to(v.device)
-            for n, v in x.items()
-        }
-        est = _tree.lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
-        if self.penalty is not None:
-            est = est + self.penalty.curvature(x, self.penalty.gradient(x, s), s)
-        return est
-
-
-def _zero_loss(params: Params) -> Tensor:
-    return next(iter(params.values())).sum() * 0
+    optimality: Tensor | None = None
+    dtype: torch.dtype | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +160,8 @@ def solve(
     lipschitz: float | Tensor | None = None,
     backtrack: bool = True,
     restart: bool = True,
+    quadratic: bool | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Solution:
     """Minimise ``loss_fn(params, *data) + Σ_j s_j Ω_j(params)`` for every strength of a grid.
 
@@ -422,32 +293,201 @@ def solve(
     elif not backtrack:
         raise ValueError("solve: backtrack=False needs lipschitz= (the fixed step is 1/lipschitz)")
 
-    # -- the smooth part and the prox -----------------------------------------------------
-    oracle: _Smooth
-    if isinstance(loss_fn, LeastSquares):
-        penalty = _Generic(penalized(_zero_loss, smooth), ()) if len(smooth) else None
-        oracle = _Quadratic(loss_fn, penalty)
-    else:
-        oracle = _Generic(penalized(loss_fn, smooth), data)
-    prox = _make_prox(nonsmooth, single)
-
-    with torch.no_grad():
-        lasso = None
+    # -- the dtype the solver accumulates in ---------------------------------------------
+    work = _work_dtype(dtype, compute_dtype)
+    if work != dtype:
+        cast, data0 = _caster(work), data
+        x0, S, data = cast(x0), cast(S), tuple(cast(d) for d in data)
+        L0 = None if L0 is None else L0.to(work)
         if isinstance(loss_fn, LeastSquares):
-            lasso = lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
-        if lasso is not None:
-            assert isinstance(loss_fn, LeastSquares)
-            ((name, w0),) = x0.items()  # (K, 1, p)
-            w, iterations, converged, floors = fista_lasso(
-                loss_fn, lasso, w0, max_iter, tol, L0, restart
+            loss_fn = LeastSquares(loss_fn.X.to(work), loss_fn.Y, loss_fn.fit_intercept)
+        elif not _runs_in(loss_fn, {n: v[0] for n, v in x0.items()}, data):
+            warnings.warn(
+                f"solve: the loss does not run with {work} params and data, so the solver "
+                f"accumulates in {dtype}; pass compute_dtype={dtype} to silence this",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            out = {name: w[:, None]}
-        else:
-            out, iterations, converged, floors = _fista(
-                oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart
+            work, x0, S, data = dtype, _cast_back(x0, dtype), _cast_back(S, dtype), data0
+            L0 = None if L0 is None else L0.to(dtype)
+    single = {n: p[0] for n, p in x0.items()}
+
+    # -- the route: a quadratic (given or found) or the general loop ----------------------
+    q: Quadratic | None = None
+    found = False
+    if isinstance(loss_fn, LeastSquares):
+        q = from_least_squares(loss_fn)
+    elif quadratic is True or (quadratic is None and _size(single) <= DETECT_MAX):
+        with torch.enable_grad():
+            q, why = extract(loss_fn, single, data)
+        if q is None and quadratic is True:
+            raise ValueError(
+                f"solve: quadratic=True, but the loss is not a quadratic in the params: {why}; "
+                "drop quadratic=True (the general route handles any differentiable loss)"
             )
-    _warn_floor(iterations, converged, floors, tol, max_iter, dtype)
-    return Solution(out, iterations, converged)
+        q = None if q is None else q.to(work)
+        found = q is not None
+    with torch.no_grad():
+        out, iterations, converged, floors, optimality = _route(
+            loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0, backtrack,
+            restart,
+        )  # fmt: skip
+        if found:
+            assert q is not None
+            out, iterations, converged, floors, optimality = _recheck(
+                loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0,
+                backtrack, restart, (out, iterations, converged, floors, optimality),
+            )  # fmt: skip
+    _warn_floor(iterations, converged, floors, tol, max_iter, work)
+    out = {n: v.to(dtype) for n, v in out.items()}
+    return Solution(out, iterations, converged, optimality.to(torch.float64), work)
+
+
+def _size(single: Params) -> int:
+    return sum(int(v.numel()) for v in single.values())
+
+
+def _work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+            raise ValueError(
+                f"solve: compute_dtype must be a floating torch.dtype, got {compute_dtype!r}"
+            )
+        return compute_dtype
+    return torch.float64 if dtype in _LOW else dtype
+
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _caster(work: torch.dtype) -> Callable[[Any], Any]:
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.is_floating_point():
+            return v.to(work)
+        if isinstance(v, Mapping):
+            return {k: cast(t) for k, t in v.items()}
+        return v
+
+    return cast
+
+
+def _cast_back(tree: Params, dtype: torch.dtype) -> Params:
+    return {k: v.to(dtype) for k, v in tree.items()}
+
+
+def _runs_in(loss_fn: Callable[..., Tensor], single: Params, data: tuple[Any, ...]) -> bool:
+    """Whether ``loss_fn`` evaluates to a finite-or-not 0-dim tensor at ``single``."""
+    try:
+        with torch.no_grad():
+            out = loss_fn(single, *data)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return isinstance(out, Tensor) and out.dim() == 0
+
+
+Outcome = tuple[Params, Tensor, Tensor, Tensor, Tensor]
+
+
+def _route(
+    loss_fn: Callable[..., Tensor],
+    q: Quadratic | None,
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+    L0: Tensor | None,
+    backtrack: bool,
+    restart: bool,
+) -> Outcome:
+    """Solve on the fastest route that applies: the Lasso on the Gram matrix (free
+    coordinates eliminated; :mod:`funcreg._quadratic`), the general loop on the quadratic's
+    Hessian product, or the general loop on ``loss_fn``'s gradient."""
+    prox = make_prox(nonsmooth, single)
+    if q is not None:
+        lean = lasso_thresholds(q, smooth, nonsmooth, single, S)
+        if lean is not None:
+            routed = lasso_route(q, *lean, q.layout.flatten(x0), max_iter, tol, L0, restart)
+            if routed is not None:
+                x, iterations, converged, floors, optimality, L = routed
+                out = q.layout.unflatten(x)
+                ok, opt = _certify_gram(q, prox, out, S, L, x0, tol)
+                return out, iterations, converged & ok, floors, opt
+    oracle: Smooth
+    if q is not None or isinstance(loss_fn, LeastSquares):
+        penalty = Generic(penalized(zero_loss, smooth), ()) if len(smooth) else None
+        oracle = GramOracle(loss_fn if q is None else q, penalty)  # type: ignore[arg-type]
+    else:
+        oracle = Generic(penalized(loss_fn, smooth), data)
+    return fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+
+
+def _certify_gram(
+    q: Quadratic,
+    prox: Callable[[Params, Params, Tensor], Params],
+    x: Params,
+    S: Params,
+    L: float,
+    x0: Params,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """The stopping rule of :func:`solve` at ``x`` in all coordinates (the reduced problem
+    certified the penalised ones): ``(converged, ‖G(x)‖ / ref)``."""
+    flat, x0f = q.layout.flatten(x), q.layout.flatten(x0)
+    g = flat @ q.H - q.b
+    t = torch.full((flat.shape[0],), 1.0 / L, dtype=flat.dtype, device=flat.device)
+    moved = q.layout.flatten(prox(q.layout.unflatten(flat - g / L), S, t))
+    mapping = L * torch.linalg.vector_norm(moved - flat, dim=1)
+    gnorm = torch.linalg.vector_norm(g, dim=1)
+    scale = torch.maximum(q.b.norm(), torch.linalg.vector_norm(x0f @ q.H - q.b, dim=1))
+    xnorm = torch.linalg.vector_norm(flat, dim=1)
+    _, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
+    return ok, mapping / torch.maximum(scale, gnorm)
+
+
+def _recheck(
+    loss_fn: Callable[..., Tensor],
+    q: Quadratic,
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+    L0: Tensor | None,
+    backtrack: bool,
+    restart: bool,
+    got: Outcome,
+) -> Outcome:
+    """Certify a solution found on a quadratic *extracted* from ``loss_fn`` with
+    ``loss_fn`` itself: the gap ``δ = ‖∇f(x) − (Hx − b)‖ / ref`` bounds how much the
+    prox-gradient mapping of the true loss can differ (the prox is 1-Lipschitz), so a model
+    stays converged when ``optimality + δ ≤ tol``; models with ``δ > max(tol, 1e-9)`` (the
+    probes missed a non-quadratic region) are solved again on the general route, from
+    where they are."""
+    out, iterations, converged, floors, optimality = got
+    gen = Generic(penalized(loss_fn, Spec({})), data)
+    g_true = q.layout.flatten(gen.gradient(out, S))
+    flat = q.layout.flatten(out)
+    g_model = flat @ q.H - q.b
+    scale = torch.maximum(q.b.norm(), torch.linalg.vector_norm(g_true, dim=1))
+    delta = torch.linalg.vector_norm(g_true - g_model, dim=1) / scale
+    optimality = optimality + delta
+    converged = converged & (optimality <= tol)
+    redo = ~(delta <= max(tol, 1e-9))
+    if bool(redo.any()):
+        sel = redo.nonzero().squeeze(1)
+        part = _route(
+            loss_fn, None, smooth, nonsmooth, single, _tree.take(out, sel), _tree.take(S, sel),
+            data, max_iter, tol, None if L0 is None else L0[sel], backtrack, restart,
+        )  # fmt: skip
+        _tree.put((out, iterations, converged, floors, optimality), sel, part)
+    return out, iterations, converged, floors, optimality
 
 
 def _warn_floor(
@@ -468,166 +508,3 @@ def _warn_floor(
         RuntimeWarning,
         stacklevel=3,
     )
-
-
-def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Tensor], Params]:
-    """The batched prox ``(stacked params, strengths (k,), steps (k,)) -> stacked params``.
-
-    Elementwise penalties (exact types ``L1``, ``L2``, ``ElasticNet``, ``NonNegative``,
-    ``Box``) are applied to the stacked tensors directly with per-model steps broadcast
-    along the leading axis (same arithmetic as ``vmap(spec.prox)``, without its per-call
-    overhead); any other term goes through ``vmap(spec.prox)``."""
-    if not len(nonsmooth):
-        return lambda z, s, t: z
-    if not all(pen.elementwise for pen in nonsmooth.values()):
-        return vmap(nonsmooth.prox)
-    selection = nonsmooth.selection(single)  # resolved on one model's shapes
-
-    def prox(z: Params, s: Params, t: Tensor) -> Params:
-        out = dict(z)
-        for term, names in selection.items():
-            pen = nonsmooth[term]
-            for n in names:
-                v = out[n]
-                st = _tree.rows(v, t)
-                sk = 1.0 if pen.is_constraint else _tree.rows(v, s[term])
-                out[n] = pen.prox_step(v, st, sk, n)
-        return out
-
-    return prox
-
-
-def _fista(
-    oracle: _Smooth,
-    prox: Callable[[Params, Params, Tensor], Params],
-    x0: Params,
-    S: Params,
-    max_iter: int,
-    tol: float,
-    L0: Tensor | None,
-    backtrack: bool,
-    restart: bool,
-) -> tuple[Params, Tensor, Tensor, Tensor]:
-    """The general loop (module docstring); returns the solutions, ``iterations``,
-    ``converged`` and the round-off floor of the stopping rule where each model stopped
-    (:func:`~funcreg._tree.floor_ratio`)."""
-    ref = next(iter(x0.values()))
-    K = ref.shape[0]
-    out = {k: v.clone() for k, v in x0.items()}
-    iterations = torch.full((K,), max_iter, dtype=torch.int64, device=ref.device)
-    converged = torch.zeros(K, dtype=torch.bool, device=ref.device)
-    floors = torch.zeros(K, dtype=ref.dtype, device=ref.device)
-
-    idx = torch.arange(K, device=ref.device)  # global index of each model still running
-    x = x0
-    fx = oracle.feats(x)
-    y, fy = x, fx
-    theta = torch.ones(K, dtype=ref.dtype, device=ref.device)
-    curv = torch.zeros(K, dtype=ref.dtype, device=ref.device)
-    L = curv if L0 is None else L0  # set from the first gradient when L0 is None
-    # iterations since the model last backtracked
-    calm = torch.full((K,), float(_COOLDOWN), dtype=ref.dtype, device=ref.device)
-    scale = curv
-    L_top = curv  # the largest L each model has used: the stopping rule's step
-
-    def trial(
-        y: Params, fy: Params, vy: Any, gy: Params, S: Params, L: Tensor
-    ) -> tuple[Params, Params, Params, Tensor, Tensor]:
-        """Candidate ``x⁺`` at step ``1/L``: ``(x⁺, feats(x⁺), x⁺ − y, ‖x⁺ − y‖², test)``,
-        where ``test > 0`` means the sufficient-decrease test failed."""
-        t = 1.0 / L
-        xn = prox(_tree.axpy(-t, gy, y), S, t)
-        fxn = oracle.feats(xn)
-        d = _tree.sub(xn, y)
-        dd = _tree.sqnorm(d)
-        if not backtrack:
-            return xn, fxn, d, dd, dd
-        exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
-        return xn, fxn, d, dd, torch.stack([exc, slack])
-
-    def measured(test: Tensor, dd: Tensor, curv: Tensor) -> Tensor:
-        """The curvature along ``d``, ``2 test[0]/‖d‖²``, where the excess ``test[0]`` is
-        beyond its round-off allowance ``test[1]``; else the last one measured (near a
-        minimiser the excess is rounding noise, and noise over a tiny ``‖d‖²`` would send
-        ``L`` towards infinity and the step to nothing)."""
-        seen = test[0].abs() > test[1]  # never where d = 0: the excess is exactly 0 there
-        return torch.where(seen, 2 * test[0] / dd, curv)
-
-    def certify(x: Params, fx: Params, S: Params, L: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
-        """The stopping rule at the point returned, ``x``: ``(stop, converged, floor)``."""
-        g, _ = oracle.grad(x, fx, S)
-        t = 1.0 / L
-        mapping = L * _tree.sqnorm(_tree.sub(prox(_tree.axpy(-t, g, x), S, t), x)).sqrt()
-        gnorm, xnorm = _tree.sqnorm(g).sqrt(), _tree.sqnorm(x).sqrt()
-        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
-        return stop, ok, _tree.floor_ratio(gnorm, scale, L, xnorm)
-
-    for it in range(1, max_iter + 1):
-        gy, vy = oracle.grad(y, fy, S)
-        gnorm = _tree.sqnorm(gy).sqrt()
-        if it == 1:
-            scale = torch.maximum(gnorm, oracle.grad_norm_at_zero(y, S))
-            if L0 is None:
-                tiny = torch.finfo(ref.dtype).tiny ** 0.5
-                L = oracle.curvature(y, gy, S).clamp(min=tiny)
-        elif backtrack:
-            shrunk = torch.maximum(_SHRINK * L, _MARGIN * curv)
-            L = torch.where(calm >= _COOLDOWN, shrunk, L)
-        xn, fxn, d, dd, test = trial(y, fy, vy, gy, S, L)
-        L_top = torch.maximum(L_top, L)
-        rejected: Tensor | None = None
-        if backtrack:
-            # test[0] = f(x⁺) − f(y) − ⟨∇f(y), d⟩, test[1] = round-off allowance; the
-            # curvature along d, 2 test[0]/‖d‖², is where a failed model's L goes next
-            bad = test[0] > 0.5 * L * dd + test[1]
-            curv = measured(test, dd, curv)
-            calm = torch.where(bad, 0.0, calm + 1)
-            while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
-                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-                sel = bad.nonzero().squeeze(1)
-                part = trial(*_tree.take((y, fy, vy, gy, S, L), sel))
-                _tree.put((xn, fxn, d, dd), sel, part[:4])
-                test.index_copy_(1, sel, part[4])
-                bad = test[0] > 0.5 * L * dd + test[1]
-                curv = measured(test, dd, curv)
-            if bool(bad.any()):
-                # later steps: a failed model keeps its point and retries at the next
-                # iteration with a larger L (a second batched round costs more than that)
-                rejected = bad
-                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-        # a cheap first test at y (its gradient is at hand); the models that pass it are
-        # then tested at the point they would return, x⁺
-        passed, _ = _tree.stopping_rule(L * dd.sqrt(), gnorm, scale, L, _tree.sqnorm(y).sqrt(), tol)
-        # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
-        step = _tree.sub(xn, x)
-        theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
-        beta = (theta - 1) / theta_next
-        if restart:
-            reset = _tree.dot(d, step) < 0
-            theta_next = torch.where(reset, 1.0, theta_next)
-            beta = torch.where(reset, 0.0, beta)
-        y_next = _tree.axpy(beta, step, xn)
-        # linear features: A y = A x⁺ + β A(x⁺ − x)
-        fy_next = _tree.axpy(beta, _tree.sub(fxn, fx), fxn)
-        if rejected is not None:  # usually a few models: copy their old state back in
-            passed = passed & ~rejected
-            sel = rejected.nonzero().squeeze(1)
-            old = _tree.take((x, fx, y, fy, theta), sel)
-            _tree.put((xn, fxn, y_next, fy_next, theta_next), sel, old)
-        x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
-        last = it == max_iter
-        if last or bool(passed.any()):
-            sel = torch.arange(len(passed), device=ref.device) if last else passed.nonzero()[:, 0]
-            stop, ok, floor = certify(*_tree.take((x, fx, S, L_top, scale), sel))
-            done = torch.zeros_like(passed).index_copy_(0, sel, stop | last)
-            if bool(done.any()):
-                oks = torch.zeros_like(passed).index_copy_(0, sel, ok)
-                fls = torch.zeros_like(scale).index_copy_(0, sel, floor)
-                state = (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale)
-                going = _tree.retire(
-                    done, oks, it, idx, (x, fls), (out, floors), iterations, converged, state
-                )
-                if going is None:
-                    break
-                idx, (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale) = going
-    return out, iterations, converged, floors

@@ -47,6 +47,8 @@ FLOORS: dict[str, int] = {
     "_sweep": 12,
     # exact solvers
     "_lasso": 8,
+    "_fista": 8,
+    "_quadratic": 8,
     "solvers": 9,
     # applications
     "_folds": 13,
