@@ -246,10 +246,8 @@ def lasso_route(
         r = bu - Hvu.T @ A[:, -1]
     else:
         G, r = Huu, bu
-    if L0 is None:
-        L = max(gram_lipschitz(G), torch.finfo(G.dtype).tiny ** 0.5)
-    else:
-        L = float(L0.max())
+    tiny = torch.finfo(G.dtype).tiny ** 0.5
+    L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
     w, iterations, converged, floors, optimality = fista_lasso(
         G, r[None], tau[:, u], x0[:, u], max_iter, tol, G.new_tensor([L]), restart
     )
