@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd
+from torch.func import grad, jacfwd, vmap
 
 from ._lasso import fista_lasso, gram_lipschitz
 from ._tree import Params
@@ -98,7 +98,7 @@ class Quadratic:
         return dict(self.layout.shapes)
 
     def __call__(self, params: Mapping[str, Tensor]) -> Tensor:
-        theta = self.layout.flatten({n: v[None] for n, v in params.items()})[0]
+        theta = self.layout.flatten({n: v[None] for n, v in params.items()})[0].to(self.H.dtype)
         return self.c - self.b @ theta + 0.5 * theta @ (self.H @ theta)
 
     def hessian_apply(self, theta: Params) -> Params:
@@ -186,6 +186,21 @@ def extract(
             f"{worst:.1e} relative (the Hessian is not constant)"
         )
     return Quadratic(H, -g0, c, layout), ""
+
+
+def gradient_gap(
+    loss_fn: Callable[..., Tensor], q: Quadratic, x: Params, data: tuple[Any, ...]
+) -> Tensor:
+    """``δ_k = ‖∇f(x_k) − (H x_k − b)‖ / max(‖b‖, ‖∇f(x_k)‖)`` for stacked ``x``: how far
+    the loss ``f`` is from its quadratic model ``q`` at each solution, relative to the
+    stopping rule's scale. The prox is 1-Lipschitz, so the prox-gradient mapping of ``f``
+    and of ``q`` differ by at most ``δ`` (relative) there."""
+    dims = (0,) + (None,) * len(data)
+    g_true = q.layout.flatten(vmap(grad(loss_fn), in_dims=dims)(x, *data))
+    flat = q.layout.flatten(x).to(q.H.dtype)
+    g_true = g_true.to(q.H.dtype)
+    scale = torch.maximum(q.b.norm(), torch.linalg.vector_norm(g_true, dim=1))
+    return torch.linalg.vector_norm(g_true - (flat @ q.H - q.b), dim=1) / scale
 
 
 def lasso_thresholds(

@@ -89,6 +89,7 @@ from ._quadratic import (
     Quadratic,
     extract,
     from_least_squares,
+    gradient_gap,
     lasso_route,
     lasso_thresholds,
 )
@@ -228,7 +229,7 @@ def solve(
     for i, d in enumerate(data):
         if isinstance(d, Tensor):
             _checks.check_finite("solve", f"data[{i}]", d)
-    if isinstance(loss_fn, LeastSquares) and data:
+    if isinstance(loss_fn, (LeastSquares, Quadratic)) and data:
         raise TypeError("solve: a least_squares loss holds its data; pass no *data")
     smooth, nonsmooth = spec.smooth(), spec.nonsmooth()
     for term, pen in nonsmooth.items():
@@ -267,6 +268,10 @@ def solve(
         K = 1 if K is None else K
         x0 = {n: p.detach().expand(K, *p.shape).clone() for n, p in params.items()}
     single = {n: p[0] for n, p in x0.items()}
+    if isinstance(loss_fn, Quadratic) and loss_fn.shapes != {
+        n: tuple(p.shape) for n, p in single.items()
+    }:
+        raise ValueError(f"solve: the quadratic loss needs params of shapes {loss_fn.shapes}")
     if isinstance(loss_fn, LeastSquares):
         shapes = {n: tuple(p.shape) for n, p in single.items()}
         if shapes != loss_fn.shapes:
@@ -317,6 +322,8 @@ def solve(
     found = False
     if isinstance(loss_fn, LeastSquares):
         q = from_least_squares(loss_fn)
+    elif isinstance(loss_fn, Quadratic):
+        q = loss_fn.to(work)
     elif quadratic is True or (quadratic is None and _size(single) <= DETECT_MAX):
         with torch.enable_grad():
             q, why = extract(loss_fn, single, data)
@@ -471,12 +478,7 @@ def _recheck(
     probes missed a non-quadratic region) are solved again on the general route, from
     where they are."""
     out, iterations, converged, floors, optimality = got
-    gen = Generic(penalized(loss_fn, Spec({})), data)
-    g_true = q.layout.flatten(gen.gradient(out, S))
-    flat = q.layout.flatten(out)
-    g_model = flat @ q.H - q.b
-    scale = torch.maximum(q.b.norm(), torch.linalg.vector_norm(g_true, dim=1))
-    delta = torch.linalg.vector_norm(g_true - g_model, dim=1) / scale
+    delta = gradient_gap(loss_fn, q, out, data)
     optimality = optimality + delta
     converged = converged & (optimality <= tol)
     redo = ~(delta <= max(tol, 1e-9))
