@@ -237,6 +237,7 @@ def path(
     tol: float = 1e-8,
     max_iter: int = 10_000,
     progress: bool = False,
+    compute_dtype: torch.dtype | None = None,
     **sweep_kwargs: Any,
 ) -> SweepResult:
     """A warm-started regularization path: the grid of ``term``'s strengths, largest first,
@@ -281,6 +282,9 @@ def path(
             objective than cold starts in the same steps, sparse-to-dense ones a higher.
         val: validation data; recorded as ``history["val_loss"]`` so ``result.best()``
             picks by it.
+        compute_dtype: without ``optimizer``, the dtype :func:`~funcreg.solvers.solve`
+            accumulates in (default float64 for float32/16 params; their dtype is kept in
+            the result). ``meta["optimality"]`` holds each model's ``‖G(x)‖/ref`` reached.
 
     Returns:
         A :class:`~funcreg.result.SweepResult` ordered by strength, largest first (also
@@ -343,6 +347,7 @@ def path(
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)
+        opt = torch.zeros(k, dtype=torch.float64)  # 0 where the solution is set, not solved
         # at and above the KKT strength of the settled point the solution is known: that
         # point, with term's parameters exactly zero; it is set, not solved for
         is_set = torch.zeros(k, dtype=torch.bool) if known is None else s >= known[1]
@@ -362,17 +367,20 @@ def path(
                 exact, exact_data = (loss, data_t) if q is None else (q, ())
                 sol = solve(
                     exact, spec, x0, strengths_ab, *exact_data, stacked=True, tol=tol,
-                    max_iter=max_iter,
+                    max_iter=max_iter, compute_dtype=compute_dtype,
                 )  # fmt: skip
                 for nm, v in sol.params.items():
                     out[nm][a + todo] = v
                 iters[a + todo] = sol.iterations.cpu()
                 conv[a + todo] = sol.converged.cpu()
+                if sol.optimality is not None:
+                    opt[a + todo] = sol.optimality.cpu()
             if warm_start:
                 start = {nm: v[b - 1] for nm, v in out.items()}
         if q is not None:  # certify with the loss itself; re-solve where it disagrees
             _recheck_path(loss, q, spec, out, iters, conv, s, fixed, term, data_t, tol, max_iter)
         grid = {term: s, **_fixed_axes(fixed, k)}
+        info["optimality"] = opt
         info["elapsed_s"] = time.perf_counter() - t0
         res = SweepResult.from_solution(
             model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info

@@ -62,7 +62,9 @@ def lsq_loss(params, X, y):
 
 
 def fit(path: str, spec: fr.Spec, X: np.ndarray, y: np.ndarray, strengths, **kw) -> np.ndarray:
-    """Solve on either path; returns (K, p) coefficients."""
+    """Solve on a route: ``gram`` (a least_squares loss), ``generic`` (a plain function,
+    ``quadratic=False``) or ``found`` (the plain function, its quadratic found by
+    structure); returns (K, p) coefficients."""
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     kw.setdefault("tol", 1e-10)
     kw.setdefault("max_iter", 20_000)
@@ -71,6 +73,8 @@ def fit(path: str, spec: fr.Spec, X: np.ndarray, y: np.ndarray, strengths, **kw)
         sol = solve(ls, spec, ls.init(), strengths, **kw)
         assert bool(sol.converged.all()), sol.iterations
         return sol.params["weight"][:, 0].numpy()
+    if path == "generic":
+        kw.setdefault("quadratic", False)
     sol = solve(lsq_loss, spec, {"w": Xt.new_zeros(X.shape[1])}, strengths, Xt, yt, **kw)
     assert bool(sol.converged.all()), sol.iterations
     return sol.params["w"].numpy()
@@ -79,7 +83,7 @@ def fit(path: str, spec: fr.Spec, X: np.ndarray, y: np.ndarray, strengths, **kw)
 # -- references: scikit-learn ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["gram", "generic"])
+@pytest.mark.parametrize("path", ["gram", "generic", "found"])
 def test_lasso_grid_matches_sklearn(path):
     X, y = regression(seed=1)
     alphas = lasso_grid(X, y)
@@ -570,7 +574,7 @@ def _mapping(X, y, w, strength, l1_ratio):
 
 
 @pytest.mark.parametrize("tol", [1e-8, 1e-12])
-@pytest.mark.parametrize("route", ["generic", "gram", "lean"])
+@pytest.mark.parametrize("route", ["generic", "gram", "lean", "found"])
 def test_tol_is_honoured_at_the_point_returned(route, tol):
     """With ``converged``, the point returned satisfies the documented rule ``‖G(w)‖ ≤ tol ·
     max(‖∇f(0)‖, ‖∇f(w)‖)``, checked here in numpy at ``L = λ_max`` (``‖G_L‖`` grows with
@@ -581,16 +585,18 @@ def test_tol_is_honoured_at_the_point_returned(route, tol):
     stopped after 173 iterations at ``‖G‖ = 2.7e-7`` (relative 3e-9) whatever ``tol``."""
     X, y = _diabetes()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    strength, r = 0.03, 0.7 if route != "lean" else 1.0
-    if route == "generic":
+    strength, r = 0.03, 0.7 if route not in ("lean", "found") else 1.0
+    if route in ("generic", "found"):
         L = float(np.linalg.eigvalsh(X.T @ X / len(y))[-1])
-        spec = fr.Spec(en=fr.ElasticNet("w", l1_ratio=r))
+        spec = fr.Spec(en=fr.ElasticNet("w", l1_ratio=r) if route == "generic" else fr.L1("w"))
         w0 = {"w": Xt.new_zeros(X.shape[1])}
 
         def loss(params, X, y):
             return 0.5 * ((X @ params["w"] - y) ** 2).mean()
 
-        sol = solve(loss, spec, w0, {"en": strength}, Xt, yt, tol=tol, lipschitz=L)
+        kw = {"lipschitz": L, "quadratic": False} if route == "generic" else {}
+        sol = solve(loss, spec, w0, {"en": strength}, Xt, yt, tol=tol, **kw)
+        assert bool(sol.optimality <= tol)
         w = sol.params["w"][0].numpy()
     else:
         ls = least_squares(Xt, yt)
@@ -624,9 +630,7 @@ def test_tol_below_the_float32_floor_warns_and_never_claims_convergence():
     spec = fr.Spec(l1=fr.L1())
     f32 = torch.float32
     for quadratic in (None, False):  # the Gram route found by structure, the general loop
-        default = solve(
-            loss, spec, p0, {"l1": strengths}, Xt, yt, quadratic=quadratic, tol=1e-12
-        )
+        default = solve(loss, spec, p0, {"l1": strengths}, Xt, yt, quadratic=quadratic, tol=1e-12)
         assert default.dtype == torch.float64 and bool(default.converged.all())
         assert default.params["weight"].dtype == f32
         assert bool((default.optimality <= 1e-12).all())
