@@ -98,7 +98,7 @@ from .losses import LeastSquares, least_squares
 from .penalties import Penalty
 from .spec import Spec, as_spec, penalized
 
-__all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
+__all__ = ["LeastSquares", "Solution", "from_sklearn_logistic", "least_squares", "solve"]
 
 
 class Solution(NamedTuple):
@@ -348,6 +348,36 @@ def solve(
     _warn_floor(iterations, converged, floors, tol, max_iter, work)
     out = {n: v.to(dtype) for n, v in out.items()}
     return Solution(out, iterations, converged, optimality.to(torch.float64), work)
+
+
+def from_sklearn_logistic(
+    C: float | Tensor, n: int, penalty: str = "l1", select: Any = None
+) -> tuple[Spec, dict[str, Any]]:
+    """scikit-learn ``LogisticRegression(C=C, penalty=...)`` on ``n`` samples as a spec and
+    its strengths: scikit-learn minimises ``Ω(w) + C Σ_i ℓ_i``, which is ``n·C`` times
+    ``mean_i ℓ_i + Ω(w)/(n·C)``; so with the mean log-loss as the data term
+    (``F.binary_cross_entropy_with_logits``, mean-reduced) the strength is ``1/(n·C)``:
+    ``penalty="l1"`` is ``L1`` (``Σ|w|``), ``"l2"`` is ``L2`` (``½Σw²``, scikit-learn's
+    ``½‖w‖²``). ``C`` may be a tensor of values (a grid). scikit-learn's ``liblinear``
+    penalises the intercept too (``intercept_scaling``): compare with ``fit_intercept=False``
+    or an unpenalised bias and ``solver="saga"``.
+
+    >>> spec, s = from_sklearn_logistic(torch.tensor([0.1, 1.0]), n=len(y))
+    >>> fr.solve(bce_loss, spec, params, s, X, y)      # LogisticRegression(penalty="l1", C)
+    """
+    from .penalties import L1, L2
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"from_sklearn_logistic: n must be the number of samples >= 1, got {n!r}")
+    c = torch.as_tensor(C, dtype=torch.float64)
+    if not bool((torch.isfinite(c) & (c > 0)).all()):
+        raise ValueError(f"from_sklearn_logistic: C must be finite and > 0, got {C!r}")
+    kind = {"l1": L1, "l2": L2}.get(penalty)
+    if kind is None:
+        raise ValueError(f"from_sklearn_logistic: penalty must be 'l1' or 'l2', got {penalty!r}")
+    strength = 1.0 / (n * c)
+    value: Any = float(strength) if strength.dim() == 0 else strength
+    return Spec({penalty: kind(select)}), {penalty: value}
 
 
 def _size(single: Params) -> int:

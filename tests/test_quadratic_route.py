@@ -190,3 +190,44 @@ def test_bad_designs_have_documented_results(case):
         assert w[2] == 0
     if case != "duplicate_column":
         assert np.abs(w - ref.coef_).max() <= 1e-6 * np.abs(ref.coef_).max()
+
+
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+def test_from_sklearn_logistic_matches_liblinear(penalty):
+    """``strength = 1/(n·C)`` with the mean log-loss: the solution of
+    ``LogisticRegression(C, penalty, solver="liblinear", fit_intercept=False)``."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    from funcreg.solvers import from_sklearn_logistic
+
+    X, yb = load_breast_cancer(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(yb).to(DT)
+    Cs = torch.tensor([0.05, 0.5], dtype=DT)
+
+    def bce(p, X, y):
+        return torch.nn.functional.binary_cross_entropy_with_logits(X @ p["w"], y)
+
+    spec, s = from_sklearn_logistic(Cs, len(yb), penalty, select="w")
+    assert torch.allclose(s[penalty], 1 / (len(yb) * Cs))
+    sol = solve(bce, spec, {"w": torch.zeros(X.shape[1], dtype=DT)}, s, Xt, yt, tol=1e-10)
+    assert bool(sol.converged.all())
+    for k, C in enumerate(Cs.tolist()):
+        ref = LogisticRegression(
+            C=C, solver="liblinear", fit_intercept=False, tol=1e-12, max_iter=10**5,
+            **({"l1_ratio": 1.0} if penalty == "l1" else {}),
+        ).fit(X, yb).coef_[0]  # fmt: skip
+        w = sol.params["w"][k].numpy()
+        assert np.abs(w - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_from_sklearn_logistic_bad_arguments():
+    from funcreg.solvers import from_sklearn_logistic
+
+    with pytest.raises(ValueError, match="C must be finite and > 0"):
+        from_sklearn_logistic(0.0, 10)
+    with pytest.raises(ValueError, match="n must be the number of samples"):
+        from_sklearn_logistic(1.0, 0)
+    with pytest.raises(ValueError, match="penalty must be 'l1' or 'l2'"):
+        from_sklearn_logistic(1.0, 10, penalty="elasticnet")
