@@ -64,11 +64,24 @@ Least squares has a fast path, :func:`least_squares`: the loss keeps ``XᵀX/n``
 iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X``), and the
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
-A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop with one fixed step
-``1/λ_max(XᵀX/n)`` (:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule
-runs only at iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or
-``max_iter``).
+**Route by structure.** Any loss that is a quadratic in the params (up to
+``_quadratic.DETECT_MAX`` entries; ``quadratic=`` to force or skip) is found by its
+Hessian at 0 and two random probes (:mod:`funcreg._quadratic`) and takes the same Gram route
+with ``H θ − b`` as its gradient. A plain (weighted) Lasso there — no smooth terms, only exact
+``L1`` terms without ``toward=`` — has its unpenalised coordinates (an intercept) eliminated
+in closed form (the Schur complement: centring, for least squares) and goes through a leaner
+loop with one fixed step ``1/λ_max`` and a Newton polish on the support
+(:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule runs only at
+iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``);
+the rule is then checked again in all coordinates. A solution found on an *extracted*
+quadratic is certified with the loss itself: where ``‖∇f(x) − (Hx − b)‖`` exceeds
+``max(tol, 1e-9)`` of the scale, the model is solved again on the general loop from there.
+
+**Precision.** The solver accumulates in float64 for float32/float16/bfloat16 params by
+default (params, strengths and floating data cast up; the answer cast back), so
+``converged`` and :attr:`Solution.optimality` are measured in float64; ``compute_dtype=``
+chooses otherwise (then the round-off floor of that dtype applies). A loss that cannot run
+in float64 (e.g. a buffer it mixes in stays float32) runs in its own dtype, with a warning.
 
 For a non-convex ``f`` the iteration finds a stationary point at best.
 """
@@ -113,6 +126,10 @@ class Solution(NamedTuple):
             ``tol`` of :func:`solve`) within ``max_iter``. False with ``iterations <
             max_iter``: the model stopped at the round-off floor of its dtype, above
             ``tol`` (:func:`solve` warns).
+        optimality: ``(K,)`` float64, ``‖G(x)‖ / max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)`` at the
+            point returned, measured in ``dtype`` (on an extracted quadratic, plus the gap
+            between the loss's gradient and the quadratic's there).
+        dtype: the dtype the solver accumulated in (float64 for float32 params by default).
     """
 
     params: Params
@@ -202,8 +219,16 @@ def solve(
             step is fixed at ``1/λ_max(XᵀX/n)`` (or ``1/max(lipschitz)``).
         restart: gradient-based adaptive restart of the momentum.
 
+        quadratic: ``None`` (default): look for a quadratic loss (the Gram route) when the
+            params have at most 1024 entries; ``True``: the loss is declared quadratic (it
+            is still checked, and refused with a ``ValueError`` if it is not); ``False``:
+            the general loop on ``loss_fn``'s gradient.
+        compute_dtype: the dtype the solver accumulates in; default float64 for
+            lower-precision floating params, else the params' dtype.
+
     Returns:
-        :class:`Solution` ``(params, iterations, converged)``, each with K first.
+        :class:`Solution` ``(params, iterations, converged, optimality, dtype)``, each
+        with K first (``params`` in the params' dtype).
 
     Warns:
         RuntimeWarning: models that stopped at the round-off floor, above ``tol``.
