@@ -203,20 +203,17 @@ def gradient_gap(
     return torch.linalg.vector_norm(g_true - (flat @ q.H - q.b), dim=1) / scale
 
 
-def lasso_thresholds(
-    q: Quadratic, smooth: Spec, nonsmooth: Spec, single: Params, S: Params
+def l1_thresholds(
+    layout: Layout, like: Tensor, nonsmooth: Spec, single: Params, S: Params
 ) -> tuple[Tensor, Tensor] | None:
-    """``(τ (K, P), penalised (P,) bool)`` when the problem on ``q`` is a plain (weighted)
-    Lasso — no smooth terms, every non-smooth term an exact ``L1`` without ``toward=`` —
-    else ``None``."""
-    if len(smooth) or not len(nonsmooth):
-        return None
+    """``(τ (K, P), penalised (P,) bool)`` when every non-smooth term is an exact ``L1``
+    without ``toward=``: the per-coordinate thresholds at unit step (``Σ_terms s_k c``),
+    and which coordinates some term selects; else ``None``."""
     if any(type(pen) is not L1 or pen.toward is not None for pen in nonsmooth.values()):
         return None
-    layout = q.layout
     K = next(iter(S.values())).shape[0] if S else 1
-    tau = q.H.new_zeros(K, layout.P)
-    penalised = torch.zeros(layout.P, dtype=torch.bool, device=q.H.device)
+    tau = like.new_zeros(K, layout.P)
+    penalised = torch.zeros(layout.P, dtype=torch.bool, device=like.device)
     for term, names in nonsmooth.selection(single).items():
         pen = nonsmooth[term]
         for n in names:
@@ -229,6 +226,16 @@ def lasso_thresholds(
             tau[:, part] += level
             penalised[part] = True
     return tau, penalised
+
+
+def lasso_thresholds(
+    q: Quadratic, smooth: Spec, nonsmooth: Spec, single: Params, S: Params
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`l1_thresholds` when the problem on ``q`` is a plain (weighted) Lasso — no
+    smooth terms, at least one non-smooth term, all exact ``L1`` — else ``None``."""
+    if len(smooth) or not len(nonsmooth):
+        return None
+    return l1_thresholds(q.layout, q.H, nonsmooth, single, S)
 
 
 def lasso_route(

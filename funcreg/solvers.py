@@ -97,12 +97,15 @@ from torch import Tensor
 
 from . import _checks, _tree
 from ._fista import Generic, GramOracle, Smooth, fista, make_prox, zero_loss
+from ._newton import NEWTON_MAX, prox_newton
 from ._quadratic import (
     DETECT_MAX,
+    Layout,
     Quadratic,
     extract,
     from_least_squares,
     gradient_gap,
+    l1_thresholds,
     lasso_route,
     lasso_thresholds,
 )
@@ -362,7 +365,7 @@ def solve(
     with torch.no_grad():
         out, iterations, converged, floors, optimality = _route(
             loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0, backtrack,
-            restart,
+            restart, newton=quadratic is None and L0 is None,
         )  # fmt: skip
         if found:
             assert q is not None
@@ -464,11 +467,18 @@ def _route(
     L0: Tensor | None,
     backtrack: bool,
     restart: bool,
+    newton: bool = False,
 ) -> Outcome:
     """Solve on the fastest route that applies: the Lasso on the Gram matrix (free
     coordinates eliminated; :mod:`funcreg._quadratic`), the general loop on the quadratic's
-    Hessian product, or the general loop on ``loss_fn``'s gradient."""
+    Hessian product, proximal Newton (``newton``: a loss found not quadratic, only ``L1``
+    terms, at most ``NEWTON_MAX`` entries; :mod:`funcreg._newton`), or the general loop on
+    ``loss_fn``'s gradient."""
     prox = make_prox(nonsmooth, single)
+    if newton and q is None and not isinstance(loss_fn, LeastSquares):
+        got = _newton_route(loss_fn, smooth, nonsmooth, single, x0, S, data, max_iter, tol)
+        if got is not None:
+            return got
     if q is not None:
         lean = lasso_thresholds(q, smooth, nonsmooth, single, S)
         if lean is not None:
@@ -485,6 +495,48 @@ def _route(
     else:
         oracle = Generic(penalized(loss_fn, smooth), data)
     return fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+
+
+def _newton_route(
+    loss_fn: Callable[..., Tensor],
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+) -> Outcome | None:
+    """:func:`funcreg._newton.prox_newton` on flat params, or ``None`` where it does not
+    apply (too many entries, a non-smooth term other than a plain ``L1``) or a Hessian is
+    not positive semidefinite (then with a warning)."""
+    layout = Layout(single)
+    ref = next(iter(x0.values()))
+    if layout.P > NEWTON_MAX:
+        return None
+    found = l1_thresholds(layout, ref, nonsmooth, single, S)
+    if found is None:
+        return None
+    objective = penalized(loss_fn, smooth)
+    gen = Generic(objective, data)
+    scale = torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
+
+    def value(theta: Tensor, k: int) -> Tensor:
+        return objective(layout.single(theta), {n: v[k] for n, v in S.items()}, *data)
+
+    with torch.enable_grad():
+        got = prox_newton(value, found[0], layout.flatten(x0), tol, max_iter, scale)
+    if got is None:
+        warnings.warn(
+            "solve: the loss's Hessian is not positive semidefinite at a point of the "
+            "proximal Newton route (the problem is not convex there); falling back to FISTA",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    x, iterations, converged, floors, optimality = got
+    return layout.unflatten(x), iterations, converged, floors, optimality
 
 
 def _certify_gram(

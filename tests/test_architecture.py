@@ -49,6 +49,7 @@ FLOORS: dict[str, int] = {
     "_lasso": 8,
     "_fista": 8,
     "_quadratic": 8,
+    "_newton": 8,
     "solvers": 9,
     # applications
     "_folds": 13,
