@@ -77,6 +77,12 @@ the rule is then checked again in all coordinates. A solution found on an *extra
 quadratic is certified with the loss itself: where ``‖∇f(x) − (Hx − b)‖`` exceeds
 ``max(tol, 1e-9)`` of the scale, the model is solved again on the general loop from there.
 
+**Proximal Newton.** A loss found *not* quadratic (``quadratic=None``), with only exact
+``L1`` non-smooth terms and at most ``_newton.NEWTON_MAX`` entries, takes proximal Newton
+(:mod:`funcreg._newton`): exact Hessian, each step a Lasso on the Gram route, Armijo line
+search, the same stopping rule at ``L = λ_max(∇²f(x))``; ``iterations`` counts Newton steps.
+A Hessian that is not positive semidefinite falls back to FISTA with a warning.
+
 **Precision.** The solver accumulates in float64 for float32/float16/bfloat16 params by
 default (params, strengths and floating data cast up; the answer cast back), so
 ``converged`` and :attr:`Solution.optimality` are measured in float64; ``compute_dtype=``
