@@ -32,6 +32,7 @@ from . import _tree, prox
 
 _CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
 _EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
+_ALWAYS_POLISH = 64  # up to this p, polish at every test (else when the signs held)
 
 
 def gram_lipschitz(gram: Tensor) -> float:
@@ -166,7 +167,7 @@ def fista_lasso(
                 done = stop | last
             sign_now = torch.sign(xn)
             if newton:
-                steady = (sign_now == signs).all(1) & ~ok
+                steady = ((sign_now == signs).all(1) | (G.shape[0] <= _ALWAYS_POLISH)) & ~ok
                 if bool(steady.any()):
                     sel = steady.nonzero().squeeze(1)
                     cand = polish(G, b, tau.index_select(0, sel), xn.index_select(0, sel))
