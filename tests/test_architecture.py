@@ -50,6 +50,7 @@ FLOORS: dict[str, int] = {
     "_fista": 8,
     "_quadratic": 8,
     "_newton": 8,
+    "_routes": 8,
     "solvers": 9,
     # applications
     "_folds": 13,
