@@ -13,7 +13,9 @@ iteration 1 and every 10th iteration, so ``iterations`` is 1 or a multiple of 10
 ``max_iter``).
 
 **Newton polish.** At each test, a model whose sign pattern has not changed since the last
-test gets a candidate: the exact minimiser on that support with those signs,
+test, and was not tried on that pattern yet (for ``p ≤ 64``: every model), with a support
+small enough that the solve costs about 10 iterations or less (``s³ ≤ 10 p²``), gets a
+candidate: the exact minimiser on that support with those signs,
 ``w_S = G_SS⁻¹ (b_S − τ_S sign(w_S))``, ``0`` elsewhere (one batched solve on the
 supports, padded to the largest). The candidate is returned only when it passes the same
 stopping rule (a wrong support or sign fails it, as does a singular ``G_SS``), so the
@@ -33,6 +35,7 @@ from . import _tree, prox
 _CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
 _EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
 _ALWAYS_POLISH = 64  # up to this p, polish at every test (else when the signs held)
+_POLISH_COST = 10  # polish supports of size s with s³ <= 10 p² (about 10 iterations' work)
 
 
 def gram_lipschitz(gram: Tensor) -> float:
@@ -135,6 +138,7 @@ def fista_lasso(
     y = x
     since = torch.zeros(K, 1, dtype=torch.int64, device=w0.device)  # steps since restart
     signs = torch.zeros_like(x)  # the sign pattern at the last test
+    tried = torch.zeros(K, dtype=torch.bool, device=w0.device)  # polished on this pattern
 
     def certify(w: Tensor, thr: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(stop, converged, [floor, optimality])`` of the stopping rule at ``w``."""
@@ -167,12 +171,18 @@ def fista_lasso(
                 done = stop | last
             sign_now = torch.sign(xn)
             if newton:
-                steady = ((sign_now == signs).all(1) | (G.shape[0] <= _ALWAYS_POLISH)) & ~ok
+                same = (sign_now == signs).all(1)
+                tried = tried & same  # a new pattern may be tried again
+                steady = (same & ~tried) | (G.shape[0] <= _ALWAYS_POLISH)
+                # a solve on s coordinates costs ~s³/p² iterations: only where that is small
+                small = (sign_now != 0).sum(1) ** 3 <= _POLISH_COST * G.shape[0] ** 2
+                steady = steady & ~ok & small
                 if bool(steady.any()):
                     sel = steady.nonzero().squeeze(1)
                     cand = polish(G, b, tau.index_select(0, sel), xn.index_select(0, sel))
                     c_stop, c_ok, c_rep = certify(cand, thr.index_select(0, sel), scale[sel])
                     c_good = c_ok & torch.isfinite(c_rep[:, 1])
+                    tried[sel] = True
                     if bool(c_good.any()):
                         good = sel[c_good]
                         ret = xn.clone()
@@ -181,13 +191,13 @@ def fista_lasso(
                         rep[good] = c_rep[c_good]
             signs = sign_now
             if bool(done.any()):
-                state = (xn, step, y, since, thr, tau, scale, signs)
+                state = (xn, step, y, since, thr, tau, scale, signs, tried)
                 going = _tree.retire(
                     done, ok, it, idx, (ret, rep), (out, report), iterations, converged, state
                 )
                 if going is None:
                     break
-                idx, (xn, step, y, since, thr, tau, scale, signs) = going
+                idx, (xn, step, y, since, thr, tau, scale, signs, tried) = going
         beta = momentum.covering(it)  # since <= it: grown on the host, no read of since
         since = since + 1
         if restart:

@@ -247,10 +247,11 @@ def lasso_route(
     tol: float,
     L0: Tensor | None,
     restart: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float] | None:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float, bool] | None:
     """The Lasso on ``q`` with the free coordinates eliminated (module docstring), from
-    ``x0 (K, P)``: ``(x (K, P), iterations, converged, floors, optimality, L)`` from
-    :func:`~funcreg._lasso.fista_lasso` on the reduced problem (``L`` its step's inverse),
+    ``x0 (K, P)``: ``(x (K, P), iterations, converged, floors, optimality, L,
+    eliminated)`` from :func:`~funcreg._lasso.fista_lasso` on the reduced problem (``L`` its
+    step's inverse; ``eliminated``: whether free coordinates were eliminated),
     or ``None`` when ``H_vv`` is not positive definite."""
     u = penalised.nonzero().squeeze(1)
     v = (~penalised).nonzero().squeeze(1)
@@ -277,4 +278,4 @@ def lasso_route(
     x[:, u] = w
     if A is not None:
         x[:, v] = A[:, -1] - w @ A[:, :-1].T
-    return x, iterations, converged, floors, optimality, L
+    return x, iterations, converged, floors, optimality, L, A is not None

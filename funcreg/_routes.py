@@ -62,8 +62,10 @@ def route(
         if lean is not None:
             routed = lasso_route(q, *lean, q.layout.flatten(x0), max_iter, tol, L0, restart)
             if routed is not None:
-                x, iterations, converged, floors, optimality, L = routed
+                x, iterations, converged, floors, optimality, L, eliminated = routed
                 out = q.layout.unflatten(x)
+                if not eliminated:  # the reduced problem was the whole one: certified
+                    return out, iterations, converged, floors, optimality
                 ok, opt = _certify_gram(q, prox, out, S, L, x0, tol)
                 return out, iterations, converged & ok, floors, opt
     oracle: Smooth
