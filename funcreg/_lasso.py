@@ -15,7 +15,9 @@ iteration 1 and every 10th iteration, so ``iterations`` is 1 or a multiple of 10
 **Newton polish.** At each test, a model whose sign pattern has not changed since the last
 test, and was not tried on that pattern yet (for ``p ≤ 64``: every model), with a support
 small enough that the solve costs about 10 iterations or less (``s³ ≤ 10 p²``), gets a
-candidate: the exact minimiser on that support with those signs,
+candidate (for ``p ≤ 64`` up to 3 more, each on the sign pattern of a prox-gradient step
+from the previous candidate — an active-set iteration): the exact minimiser on that
+support with those signs,
 ``w_S = G_SS⁻¹ (b_S − τ_S sign(w_S))``, ``0`` elsewhere (one batched solve on the
 supports, padded to the largest). The candidate is returned only when it passes the same
 stopping rule (a wrong support or sign fails it, as does a singular ``G_SS``), so the
@@ -35,6 +37,7 @@ from . import _tree, prox
 _CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
 _EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
 _ALWAYS_POLISH = 64  # up to this p, polish at every test (else when the signs held)
+_ACTIVE_SET_ROUNDS = 3  # for p <= _ALWAYS_POLISH: more candidates after a failed one
 _POLISH_COST = 10  # polish supports of size s with s³ <= 10 p² (about 10 iterations' work)
 
 
@@ -179,10 +182,25 @@ def fista_lasso(
                 steady = steady & ~ok & small
                 if bool(steady.any()):
                     sel = steady.nonzero().squeeze(1)
-                    cand = polish(G, b, tau.index_select(0, sel), xn.index_select(0, sel))
-                    c_stop, c_ok, c_rep = certify(cand, thr.index_select(0, sel), scale[sel])
+                    t_sel, thr_sel = tau.index_select(0, sel), thr.index_select(0, sel)
+                    cand = polish(G, b, t_sel, xn.index_select(0, sel))
+                    c_stop, c_ok, c_rep = certify(cand, thr_sel, scale[sel])
                     c_good = c_ok & torch.isfinite(c_rep[:, 1])
                     tried[sel] = True
+                    # small p: up to _ACTIVE_SET_ROUNDS more candidates, each on the pattern
+                    # of a prox-gradient step from the last (signs corrected, violators in)
+                    rounds = _ACTIVE_SET_ROUNDS if G.shape[0] <= _ALWAYS_POLISH else 0
+                    for _ in range(rounds):
+                        bad_rows = ~c_good & torch.isfinite(cand).all(1)
+                        if not bool(bad_rows.any()):
+                            break
+                        z2 = torch.addmm(cand, cand, G, alpha=-1.0 / L).add_(bL)
+                        nxt = polish(G, b, t_sel, prox.soft_threshold(z2, thr_sel))
+                        n_stop, n_ok, n_rep = certify(nxt, thr_sel, scale[sel])
+                        use = bad_rows[:, None]
+                        cand = torch.where(use, nxt, cand)
+                        c_rep = torch.where(use, n_rep, c_rep)
+                        c_good = torch.where(bad_rows, n_ok & torch.isfinite(n_rep[:, 1]), c_good)
                     if bool(c_good.any()):
                         good = sel[c_good]
                         ret = xn.clone()
