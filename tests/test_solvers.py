@@ -604,7 +604,8 @@ def test_tol_is_honoured_at_the_point_returned(route, tol):
         sol = solve(ls, spec, ls.init(), {"en": strength}, tol=tol)
         w = sol.params["weight"][0, 0].numpy()
         if route == "lean":
-            assert int(sol.iterations[0]) % 10 == 0  # the lean loop's test schedule
+            it = int(sol.iterations[0])
+            assert it == 1 or it % 10 == 0  # the lean loop's test schedule
     assert bool(sol.converged.all())
     mapping, scale, roundoff = _mapping(X, y, w, strength, r)
     assert mapping <= tol * scale + roundoff, (mapping, tol * scale)
