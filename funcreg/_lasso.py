@@ -1,17 +1,28 @@
-"""The lean loop of :func:`funcreg.solvers.solve` for a plain (weighted) Lasso on the Gram
-path.
+"""The lean loop of :func:`funcreg.solvers.solve` for a plain (weighted) Lasso on a Gram
+matrix: ``min_w ½ wᵀGw − bᵀw + Σ_j τ_kj |w_j|`` for K threshold rows at once.
 
-A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop
-(:func:`funcreg._lasso.fista_lasso`): a fixed step ``1/L`` shared by every model, with
-``L = λ_max(XᵀX/n)`` (``eigvalsh`` for ``p ≤ 512``, else Lanczos with a 2% margin; or the
-largest ``lipschitz=``), so no backtracking and ``backtrack`` is ignored; the gradient step
-as one ``addmm``; soft-thresholding as ``z − clamp(z, −τ, τ)``; momentum from a table
-indexed by the steps since each model's last restart; the same restart and stopping test,
-but the test (one host synchronisation) runs only at iteration 1 and every 10th iteration,
-so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``). About 10 tensor operations
-(one ``(K, p) × (p, p)`` product) per iteration, against ~40 on the general path; the fixed
-step needs up to ~2× more iterations than the adaptive one on correlated designs.
+:mod:`funcreg._quadratic` brings every quadratic loss with exact ``L1`` terms (no smooth
+terms, no ``toward=``) to this form, unpenalised coordinates eliminated. The loop
+(:func:`fista_lasso`): a fixed step ``1/L`` shared by every model, with ``L = λ_max(G)``
+(``eigvalsh`` for ``p ≤ 512``, else Lanczos with a 2% margin; or the largest
+``lipschitz=``), so no backtracking and ``backtrack`` is ignored; the gradient step as one
+``addmm``; the L1 prox by :func:`funcreg.prox.soft_threshold` (the one implementation of
+the threshold); momentum from a table indexed by the steps since each model's last restart;
+the same restart and stopping test, but the test (one host synchronisation) runs only at
+iteration 1 and every 10th iteration, so ``iterations`` is 1 or a multiple of 10 (or
+``max_iter``).
+
+**Newton polish.** At each test, a model whose sign pattern has not changed since the last
+test, and was not tried on that pattern yet (for ``p ≤ 64``: every model), with a support
+small enough that the solve costs about 10 iterations or less (``s³ ≤ 10 p²``), gets a
+candidate (for ``p ≤ 64`` up to 3 more, each on the sign pattern of a prox-gradient step
+from the previous candidate — an active-set iteration): the exact minimiser on that
+support with those signs,
+``w_S = G_SS⁻¹ (b_S − τ_S sign(w_S))``, ``0`` elsewhere (one batched solve on the
+supports, padded to the largest). The candidate is returned only when it passes the same
+stopping rule (a wrong support or sign fails it, as does a singular ``G_SS``), so the
+polish changes when a model stops, never what the rule certifies; once FISTA has found the
+support, the answer is exact to round-off instead of FISTA's linear rate.
 """
 
 from __future__ import annotations
@@ -21,40 +32,13 @@ import math
 import torch
 from torch import Tensor
 
-from . import _tree
-from ._tree import Params
-from .losses import LeastSquares
-from .penalties import L1
-from .spec import Spec
+from . import _tree, prox
 
 _CHECK_EVERY = 10  # the lean path tests for convergence at iteration 1 and every 10th
 _EIGVALSH_MAX = 512  # exact λ_max by eigvalsh up to this p; Lanczos (×1.02) above
-
-
-def lasso_thresholds(
-    ls: LeastSquares, smooth: Spec, nonsmooth: Spec, single: Params, S: Params
-) -> Tensor | None:
-    """``(K, p)`` soft-threshold levels at unit step (``Σ_terms s_k c``) when the problem is
-    a plain (weighted) Lasso on the Gram path — one output, no intercept, no smooth terms,
-    every non-smooth term an exact ``L1`` without ``toward=`` — else ``None``."""
-    if ls.fit_intercept or ls.Y.shape[1] != 1 or len(smooth) or not len(nonsmooth):
-        return None
-    (name,) = single  # no intercept: the weight (1, p) is the only parameter
-    if any(type(pen) is not L1 or pen.toward is not None for pen in nonsmooth.values()):
-        return None
-    p = ls.X.shape[1]
-    K = next(iter(S.values())).shape[0] if S else 1
-    tau = ls.X.new_zeros(K, p)
-    for term, names in nonsmooth.selection(single).items():
-        if name not in names:
-            continue
-        pen = nonsmooth[term]
-        c = pen.factor(name)
-        level = S[term][:, None]
-        if c is not None:
-            level = level * c.to(tau.dtype).expand(1, p).reshape(1, p)
-        tau = tau + level
-    return tau
+_ALWAYS_POLISH = 64  # up to this p, polish at every test (else when the signs held)
+_ACTIVE_SET_ROUNDS = 3  # for p <= _ALWAYS_POLISH: more candidates after a failed one
+_POLISH_COST = 10  # polish supports of size s with s³ <= 10 p² (about 10 iterations' work)
 
 
 def gram_lipschitz(gram: Tensor) -> float:
@@ -94,50 +78,84 @@ class Momentum:
         return self.table
 
 
+def polish(G: Tensor, b: Tensor, tau: Tensor, x: Tensor) -> Tensor:
+    """The Newton candidate of each row of ``x`` ``(k, p)``: on its support ``S`` with its
+    signs ``σ``, ``w_S = G_SS⁻¹ (b_S − τ_S σ_S)``, zero elsewhere. The supports are packed
+    first (``(k, s, s)`` systems, ``s`` the largest support, padded with the identity);
+    rows whose system is singular come back non-finite and fail any stopping test."""
+    m = x != 0
+    k = x.shape[0]
+    s = int(m.sum(1).max())
+    if s == 0:
+        return torch.zeros_like(x)
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)[:, :s]  # support first
+    valid = m.gather(1, order)
+    both = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(s, dtype=x.dtype, device=x.device).expand(k, s, s)
+    sys = torch.where(both, G[order[:, :, None], order[:, None, :]], eye * ~valid[:, None, :])
+    rhs = torch.where(valid, (b - tau * torch.sign(x)).gather(1, order), 0.0)
+    w, _ = torch.linalg.solve_ex(sys, rhs)
+    return torch.zeros_like(x).scatter(1, order, torch.where(valid, w, 0.0))
+
+
 def fista_lasso(
-    ls: LeastSquares,
+    G: Tensor,
+    b: Tensor,
     tau: Tensor,
     w0: Tensor,
     max_iter: int,
     tol: float,
     L0: Tensor | None,
     restart: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """FISTA for ``1/(2n)‖y − Xw‖² + Σ_j τ_kj |w_j|`` on the Gram matrix with one fixed step
-    ``1/L`` (no backtracking; the largest ``lipschitz=`` when given) and no host
-    synchronisation between tests. Per iteration, on ``(K, p)`` tensors::
+    newton: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """FISTA for ``½ wᵀGw − bᵀw + Σ_j τ_kj |w_j|`` (``G (p, p)``, ``b (1, p)``, ``τ (K, p)``)
+    with one fixed step ``1/L`` (no backtracking; the largest ``lipschitz=`` when given) and
+    no host synchronisation between tests. Per iteration, on ``(K, p)`` tensors::
 
-        z = y − (y G)/L + b/L  (= y − ∇f(y)/L, one addmm);  x⁺ = z − clamp(z, −τ/L, τ/L)
+        z = y − (y G)/L + b/L  (= y − ∇f(y)/L, one addmm);  x⁺ = soft_threshold(z, τ/L)
         c ← 0 where ⟨y − x⁺, x⁺ − x⟩ > 0 (restart) else c + 1;  y ← x⁺ + β[c] (x⁺ − x)
 
-    with ``β`` from :class:`Momentum`, starting from ``w0`` ``(K, 1, p)``. The stopping
-    rule of :func:`~funcreg.solvers.solve` (:func:`~funcreg._tree.stopping_rule`) is
-    evaluated at iteration 1, every ``_CHECK_EVERY``-th iteration and at ``max_iter``: first
-    at ``y`` (``‖G(y)‖ = L ‖x⁺ − y‖``, ``∇f(y) = L (y − z)``, at hand), then, when a model
-    passes, at the point it returns, ``x⁺`` (one more ``addmm``); models that stop are
-    written out and dropped from the batch. Returns the solutions ``(K, p)``,
-    ``iterations``, ``converged`` and the round-off floor where each model stopped
-    (``(K,)`` each)."""
+    with ``β`` from :class:`Momentum`, starting from ``w0`` ``(K, p)``. The stopping rule
+    of :func:`~funcreg.solvers.solve` (:func:`~funcreg._tree.stopping_rule`) is evaluated
+    at iteration 1, every ``_CHECK_EVERY``-th iteration and at ``max_iter``: first at ``y``
+    (``‖G(y)‖ = L ‖x⁺ − y‖``, ``∇f(y) = L (y − z)``, at hand), then, when a model passes,
+    at the point it returns, ``x⁺`` (one more ``addmm``); with ``newton``, models whose sign
+    pattern held since the last test also try their :func:`polish` candidate. Models that
+    stop are written out and dropped from the batch. Returns the solutions ``(K, p)``,
+    ``iterations``, ``converged``, the round-off floor and the optimality ``‖G(x)‖/ref``
+    where each model stopped (``(K,)`` each)."""
     K = w0.shape[0]
-    G = ls.gram
     floor = torch.finfo(G.dtype).tiny ** 0.5
     L = max(gram_lipschitz(G), floor) if L0 is None else float(L0.max())
-    bL = ls.xty / L  # (1, p)
-    hi = tau / L
-    lo = -hi
+    bL = b / L  # (1, p)
+    thr = tau / L
     momentum = Momentum(w0)
-    out = w0[:, 0].clone()
+    out = w0.clone()
     iterations = torch.full((K,), max_iter, dtype=torch.int64, device=w0.device)
     converged = torch.zeros(K, dtype=torch.bool, device=w0.device)
-    floors = torch.zeros(K, dtype=w0.dtype, device=w0.device)
+    report = torch.full((K, 2), torch.nan, dtype=w0.dtype, device=w0.device)
     idx = torch.arange(K, device=w0.device)
-    scale = torch.linalg.vector_norm(ls.xty, dim=1).expand(K)  # ‖∇f(0)‖ = ‖b‖
-    x = w0[:, 0].clone()
+    scale = torch.linalg.vector_norm(b, dim=1).expand(K)  # ‖∇f(0)‖ = ‖b‖
+    x = w0.clone()
     y = x
     since = torch.zeros(K, 1, dtype=torch.int64, device=w0.device)  # steps since restart
+    signs = torch.zeros_like(x)  # the sign pattern at the last test
+    tried = torch.zeros(K, dtype=torch.bool, device=w0.device)  # polished on this pattern
+
+    def certify(w: Tensor, thr: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(stop, converged, [floor, optimality])`` of the stopping rule at ``w``."""
+        z = torch.addmm(w, w, G, alpha=-1.0 / L).add_(bL)
+        gnorm = L * torch.linalg.vector_norm(w - z, dim=1)
+        mapping = L * torch.linalg.vector_norm(prox.soft_threshold(z, thr) - w, dim=1)
+        wnorm = torch.linalg.vector_norm(w, dim=1)
+        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, L, wnorm, tol)
+        ratio = mapping / torch.maximum(scale, gnorm)
+        return stop, ok, torch.stack([_tree.floor_ratio(gnorm, scale, L, wnorm), ratio], 1)
+
     for it in range(1, max_iter + 1):
         z = torch.addmm(y, y, G, alpha=-1.0 / L).add_(bL)
-        xn = z - torch.clamp(z, lo, hi)
+        xn = prox.soft_threshold(z, thr)
         step = xn - x
         if it == 1 or it % _CHECK_EVERY == 0 or it == max_iter:
             gnorm = L * torch.linalg.vector_norm(y - z, dim=1)
@@ -147,26 +165,61 @@ def fista_lasso(
             mapping = L * torch.linalg.vector_norm(xn - y, dim=1)
             passed, _ = _tree.stopping_rule(mapping, gnorm, scale, L, ynorm, tol)
             last = it == max_iter
+            done = torch.zeros_like(passed)
+            ok = torch.zeros_like(passed)
+            rep = report.new_zeros(len(passed), 2)
+            ret = xn
             if last or bool(passed.any()):  # test the point returned, x⁺, as well
-                z2 = torch.addmm(xn, xn, G, alpha=-1.0 / L).add_(bL)
-                gnorm2 = L * torch.linalg.vector_norm(xn - z2, dim=1)
-                mapping2 = L * torch.linalg.vector_norm(torch.clamp(z2, lo, hi) - (z2 - xn), dim=1)
-                xnorm = torch.linalg.vector_norm(xn, dim=1)
-                stop, ok = _tree.stopping_rule(mapping2, gnorm2, scale, L, xnorm, tol)
+                stop, ok, rep = certify(xn, thr, scale)
                 done = stop | last
-                if bool(done.any()):
-                    floor = _tree.floor_ratio(gnorm2, scale, L, xnorm)
-                    state = (xn, step, y, since, lo, hi, scale)
-                    going = _tree.retire(
-                        done, ok, it, idx, (xn, floor), (out, floors), iterations, converged, state
-                    )
-                    if going is None:
-                        break
-                    idx, (xn, step, y, since, lo, hi, scale) = going
+            sign_now = torch.sign(xn)
+            if newton:
+                same = (sign_now == signs).all(1)
+                tried = tried & same  # a new pattern may be tried again
+                steady = (same & ~tried) | (G.shape[0] <= _ALWAYS_POLISH)
+                # a solve on s coordinates costs ~s³/p² iterations: only where that is small
+                small = (sign_now != 0).sum(1) ** 3 <= _POLISH_COST * G.shape[0] ** 2
+                steady = steady & ~ok & small
+                if bool(steady.any()):
+                    sel = steady.nonzero().squeeze(1)
+                    t_sel, thr_sel = tau.index_select(0, sel), thr.index_select(0, sel)
+                    cand = polish(G, b, t_sel, xn.index_select(0, sel))
+                    c_stop, c_ok, c_rep = certify(cand, thr_sel, scale[sel])
+                    c_good = c_ok & torch.isfinite(c_rep[:, 1])
+                    tried[sel] = True
+                    # small p: up to _ACTIVE_SET_ROUNDS more candidates, each on the pattern
+                    # of a prox-gradient step from the last (signs corrected, violators in)
+                    rounds = _ACTIVE_SET_ROUNDS if G.shape[0] <= _ALWAYS_POLISH else 0
+                    for _ in range(rounds):
+                        bad_rows = ~c_good & torch.isfinite(cand).all(1)
+                        if not bool(bad_rows.any()):
+                            break
+                        z2 = torch.addmm(cand, cand, G, alpha=-1.0 / L).add_(bL)
+                        nxt = polish(G, b, t_sel, prox.soft_threshold(z2, thr_sel))
+                        n_stop, n_ok, n_rep = certify(nxt, thr_sel, scale[sel])
+                        use = bad_rows[:, None]
+                        cand = torch.where(use, nxt, cand)
+                        c_rep = torch.where(use, n_rep, c_rep)
+                        c_good = torch.where(bad_rows, n_ok & torch.isfinite(n_rep[:, 1]), c_good)
+                    if bool(c_good.any()):
+                        good = sel[c_good]
+                        ret = xn.clone()
+                        ret[good] = cand[c_good]
+                        done[good], ok[good] = True, True
+                        rep[good] = c_rep[c_good]
+            signs = sign_now
+            if bool(done.any()):
+                state = (xn, step, y, since, thr, tau, scale, signs, tried)
+                going = _tree.retire(
+                    done, ok, it, idx, (ret, rep), (out, report), iterations, converged, state
+                )
+                if going is None:
+                    break
+                idx, (xn, step, y, since, thr, tau, scale, signs, tried) = going
         beta = momentum.covering(it)  # since <= it: grown on the host, no read of since
         since = since + 1
         if restart:
             since = torch.where(torch.linalg.vecdot(y - xn, step).unsqueeze(1) > 0, 0, since)
         y = torch.addcmul(xn, beta[since], step)
         x = xn
-    return out, iterations, converged, floors
+    return out, iterations, converged, report[:, 0], report[:, 1]

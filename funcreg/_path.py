@@ -32,6 +32,7 @@ from torch.func import grad
 
 from . import _checks
 from ._chunking import plan_chunks
+from ._quadratic import DETECT_MAX, Quadratic, extract, gradient_gap
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import Penalty
@@ -120,6 +121,7 @@ def _settle(
     data: tuple[Tensor, ...],
     tol: float,
     max_iter: int,
+    quadratic: Quadratic | None = None,
 ) -> dict[str, Tensor]:
     """The other parameters at their optimum with ``term``'s parameters at zero (or at
     their ``toward=`` reference): a solve at a strength above ``strength_max``."""
@@ -128,8 +130,11 @@ def _settle(
         return params0
     big = 1e3 * max(strength_max(loss, spec, term, params0, *data), 1.0)
     start = params0
+    exact, exact_data = (loss, data) if quadratic is None else (quadratic, ())
     for _ in range(4):
-        sol = solve(loss, spec, params0, {**fixed, term: big}, *data, tol=tol, max_iter=max_iter)
+        sol = solve(
+            exact, spec, params0, {**fixed, term: big}, *exact_data, tol=tol, max_iter=max_iter
+        )
         start = {n: v[0] for n, v in sol.params.items()}
         top = strength_max(loss, spec, term, start, *data)
         if top < big:
@@ -175,6 +180,43 @@ def _top_point(
     return point, strength_max(with_others, spec, term, point, *data)
 
 
+def _recheck_path(
+    loss: Callable[..., Tensor],
+    q: Quadratic,
+    spec: Spec,
+    out: dict[str, Tensor],
+    iters: Tensor,
+    conv: Tensor,
+    s: Tensor,
+    fixed: Mapping[str, Any],
+    term: str,
+    data: tuple[Tensor, ...],
+    tol: float,
+    max_iter: int,
+) -> None:
+    """The path's solutions were found on ``q``, the quadratic extracted from ``loss``;
+    where ``loss``'s own gradient differs from ``q``'s by more than ``max(tol, 1e-9)``
+    (relative), the model is solved again on the general route from where it is (in
+    place)."""
+    with torch.no_grad():
+        delta = gradient_gap(loss, q, out, data).cpu()
+    redo = ~(delta <= max(tol, 1e-9))
+    if not bool(redo.any()):
+        return
+    sel = redo.nonzero().squeeze(1)
+    dtype = next(iter(out.values())).dtype
+    x0 = {nm: v[sel].clone() for nm, v in out.items()}
+    strengths = {**{t: v for t, v in fixed.items()}, term: s[sel].to(dtype)}
+    sol = solve(
+        loss, spec, x0, strengths, *data, stacked=True, tol=tol, max_iter=max_iter,
+        quadratic=False,
+    )  # fmt: skip
+    for nm, v in sol.params.items():
+        out[nm][sel] = v
+    iters[sel] = sol.iterations.cpu()
+    conv[sel] = sol.converged.cpu()
+
+
 def path(
     model_or_params: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -195,6 +237,7 @@ def path(
     tol: float = 1e-8,
     max_iter: int = 10_000,
     progress: bool = False,
+    compute_dtype: torch.dtype | None = None,
     **sweep_kwargs: Any,
 ) -> SweepResult:
     """A warm-started regularization path: the grid of ``term``'s strengths, largest first,
@@ -239,6 +282,9 @@ def path(
             objective than cold starts in the same steps, sparse-to-dense ones a higher.
         val: validation data; recorded as ``history["val_loss"]`` so ``result.best()``
             picks by it.
+        compute_dtype: without ``optimizer``, the dtype :func:`~funcreg.solvers.solve`
+            accumulates in (default float64 for float32/16 params; their dtype is kept in
+            the result). ``meta["optimality"]`` holds each model's ``‖G(x)‖/ref`` reached.
 
     Returns:
         A :class:`~funcreg.result.SweepResult` ordered by strength, largest first (also
@@ -268,11 +314,15 @@ def path(
             "chunk starts from model_or_params or the previous chunk); remove them"
         )
     t0 = time.perf_counter()
+    q: Quadratic | None = None  # the loss's quadratic, found once for every chunk
+    if optimizer is None and sum(v.numel() for v in params0.values()) <= DETECT_MAX:
+        with torch.enable_grad():
+            q, _ = extract(loss, params0, data_t)
     settled = params0
     known: tuple[dict[str, Tensor], float] | None = None  # (the top's solution, from where)
     if strengths is None:
         if optimizer is None:
-            settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter)
+            settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter, q)
             known = _top_point(loss, spec, term, settled, fixed, data_t)
         top = strength_max(loss, spec, term, settled, *data_t)
         if not top > 0:
@@ -297,6 +347,7 @@ def path(
         out = {nm: v.new_empty(k, *v.shape) for nm, v in params0.items()}
         iters = torch.zeros(k, dtype=torch.int64)
         conv = torch.zeros(k, dtype=torch.bool)
+        opt = torch.zeros(k, dtype=torch.float64)  # 0 where the solution is set, not solved
         # at and above the KKT strength of the settled point the solution is known: that
         # point, with term's parameters exactly zero; it is set, not solved for
         is_set = torch.zeros(k, dtype=torch.bool) if known is None else s >= known[1]
@@ -313,16 +364,23 @@ def path(
             if todo.numel():
                 x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
                 strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
+                exact, exact_data = (loss, data_t) if q is None else (q, ())
                 sol = solve(
-                    loss, spec, x0, strengths_ab, *data_t, stacked=True, tol=tol, max_iter=max_iter
-                )
+                    exact, spec, x0, strengths_ab, *exact_data, stacked=True, tol=tol,
+                    max_iter=max_iter, compute_dtype=compute_dtype,
+                )  # fmt: skip
                 for nm, v in sol.params.items():
                     out[nm][a + todo] = v
                 iters[a + todo] = sol.iterations.cpu()
                 conv[a + todo] = sol.converged.cpu()
+                if sol.optimality is not None:
+                    opt[a + todo] = sol.optimality.cpu()
             if warm_start:
                 start = {nm: v[b - 1] for nm, v in out.items()}
+        if q is not None:  # certify with the loss itself; re-solve where it disagrees
+            _recheck_path(loss, q, spec, out, iters, conv, s, fixed, term, data_t, tol, max_iter)
         grid = {term: s, **_fixed_axes(fixed, k)}
+        info["optimality"] = opt
         info["elapsed_s"] = time.perf_counter() - t0
         res = SweepResult.from_solution(
             model, loss, spec, grid, out, bufs0, data_t, val_t, iters, conv, info

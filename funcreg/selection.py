@@ -54,11 +54,12 @@ from ._folds import (
     weighted_mean,
     without_fold,
 )
+from ._quadratic import DETECT_MAX, extract
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import Best, SweepResult, one_se_index
-from .solvers import solve
+from .solvers import Solution, solve
 from .spec import Spec, as_spec
 from .stack import (
     as_data,
@@ -355,6 +356,43 @@ def _scores(
     return torch.stack(rows).double().cpu()
 
 
+def _solve_by_fold(
+    fit_loss: Callable[..., Tensor],
+    spec: Spec,
+    params0: Mapping[str, Tensor],
+    bufs0: Mapping[str, Tensor],
+    norm_w: Tensor,
+    grid: Mapping[str, Tensor],
+    data: tuple[Tensor, ...],
+    tol: float,
+    max_iter: int,
+) -> Solution | None:
+    """The fits fold by fold (each row of ``norm_w`` with every grid point) when the
+    weighted loss is a quadratic in the params (:mod:`funcreg._quadratic`): each fold then
+    has its own Gram matrix and :func:`~funcreg.solvers.solve` takes the Gram route. ``None``
+    when the first fold's loss is not quadratic (or too large to look at), so that one
+    solve of every fit runs instead."""
+    single = dict(params0)
+    if sum(v.numel() for v in single.values()) > DETECT_MAX:
+        return None
+
+    def fold_loss(row: Tensor) -> Callable[..., Tensor]:
+        return lambda p, *d: fit_loss({**p, **bufs0}, row, *d)
+
+    with torch.enable_grad():
+        q, _ = extract(fold_loss(norm_w[0]), single, data)
+    if q is None:
+        return None
+    parts = [
+        solve(fold_loss(row), spec, single, dict(grid), *data, tol=tol, max_iter=max_iter)
+        for row in norm_w
+    ]
+    params = {n: torch.cat([s.params[n] for s in parts]) for n in single}
+    cat = [torch.cat([getattr(s, f) for s in parts]) for f in ("iterations", "converged")]
+    optimality = torch.cat([s.optimality for s in parts if s.optimality is not None])
+    return Solution(params, cat[0], cat[1], optimality, parts[0].dtype)
+
+
 def cross_validate(
     model: nn.Module | Mapping[str, Tensor],
     loss_fn: Callable[..., Tensor],
@@ -467,13 +505,15 @@ def cross_validate(
             w = p[FOLD_KEY].detach() @ w_rows
             return fit_loss({**without_fold(p), **bufs0}, w, *d)
 
-        x0 = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
-        x0[FOLD_KEY] = onehot
         strengths = {nm: v.to(dtype) for nm, v in big.items()}
-        sol = solve(
-            cv_loss, exclude_fold(spec), x0, strengths, norm_w, *data_t,
-            stacked=True, tol=tol, max_iter=max_iter,
-        )  # fmt: skip
+        sol = _solve_by_fold(fit_loss, spec, params0, bufs0, norm_w, g, data_t, tol, max_iter)
+        if sol is None:  # one solve of every fit, each reading its fold's weights
+            x0 = {nm: v.expand(rows * k, *v.shape).clone() for nm, v in params0.items()}
+            x0[FOLD_KEY] = onehot
+            sol = solve(
+                cv_loss, exclude_fold(spec), x0, strengths, norm_w, *data_t,
+                stacked=True, tol=tol, max_iter=max_iter,
+            )  # fmt: skip
         fitted = without_fold(sol.params)
         info.update(
             solver="fista",

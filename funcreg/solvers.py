@@ -64,11 +64,30 @@ Least squares has a fast path, :func:`least_squares`: the loss keeps ``XᵀX/n``
 iterates (one ``(K·m, p) × (p, p)`` product per iteration, never touching ``X``), and the
 backtracking test uses the exact curvature ``⟨d, XᵀX d⟩/n``.
 
-A plain (weighted) Lasso on that path — one output, no intercept, no smooth terms, only
-exact ``L1`` terms without ``toward=`` — goes through a leaner loop with one fixed step
-``1/λ_max(XᵀX/n)`` (:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule
-runs only at iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or
-``max_iter``).
+**Route by structure.** Any loss that is a quadratic in the params (up to
+``_quadratic.DETECT_MAX`` entries; ``quadratic=`` to force or skip) is found by its
+Hessian at 0 and two random probes (:mod:`funcreg._quadratic`) and takes the same Gram route
+with ``H θ − b`` as its gradient. A plain (weighted) Lasso there — no smooth terms, only exact
+``L1`` terms without ``toward=`` — has its unpenalised coordinates (an intercept) eliminated
+in closed form (the Schur complement: centring, for least squares) and goes through a leaner
+loop with one fixed step ``1/λ_max`` and a Newton polish on the support
+(:mod:`funcreg._lasso`): ``backtrack`` is ignored, and the stopping rule runs only at
+iteration 1 and every 10th, so ``iterations`` is 1 or a multiple of 10 (or ``max_iter``);
+the rule is then checked again in all coordinates. A solution found on an *extracted*
+quadratic is certified with the loss itself: where ``‖∇f(x) − (Hx − b)‖`` exceeds
+``max(tol, 1e-9)`` of the scale, the model is solved again on the general loop from there.
+
+**Proximal Newton.** A loss found *not* quadratic (``quadratic=None``), with only exact
+``L1`` non-smooth terms and at most ``_newton.NEWTON_MAX`` entries, takes proximal Newton
+(:mod:`funcreg._newton`): exact Hessian, each step a Lasso on the Gram route, Armijo line
+search, the same stopping rule at ``L = λ_max(∇²f(x))``; ``iterations`` counts Newton steps.
+A Hessian that is not positive semidefinite falls back to FISTA with a warning.
+
+**Precision.** The solver accumulates in float64 for float32/float16/bfloat16 params by
+default (params, strengths and floating data cast up; the answer cast back), so
+``converged`` and :attr:`Solution.optimality` are measured in float64; ``compute_dtype=``
+chooses otherwise (then the round-off floor of that dtype applies). A loss that cannot run
+in float64 (e.g. a buffer it mixes in stays float32) runs in its own dtype, with a warning.
 
 For a non-convex ``f`` the iteration finds a stationary point at best.
 """
@@ -81,21 +100,21 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
 
-from . import _checks, _tree
-from ._lasso import fista_lasso, lasso_thresholds
+from . import _checks
+from ._quadratic import (
+    DETECT_MAX,
+    Quadratic,
+    extract,
+    from_least_squares,
+)
+from ._routes import recheck, route
 from ._tree import Params
 from .losses import LeastSquares, least_squares
 from .penalties import Penalty
-from .spec import Spec, as_spec, penalized
+from .spec import Spec, as_spec
 
-__all__ = ["LeastSquares", "Solution", "least_squares", "solve"]
-_GROW = 2.0  # backtracking: L ← 2L
-_SHRINK = 0.8  # each iteration first tries L ← max(_SHRINK·L, _MARGIN·curvature met last step)
-_MARGIN = 1.3
-_COOLDOWN = 3  # ... unless the model backtracked in the last _COOLDOWN iterations
-_LANCZOS_STEPS = 16
+__all__ = ["LeastSquares", "Solution", "from_sklearn_logistic", "least_squares", "solve"]
 
 
 class Solution(NamedTuple):
@@ -110,146 +129,17 @@ class Solution(NamedTuple):
             ``tol`` of :func:`solve`) within ``max_iter``. False with ``iterations <
             max_iter``: the model stopped at the round-off floor of its dtype, above
             ``tol`` (:func:`solve` warns).
+        optimality: ``(K,)`` float64, ``‖G(x)‖ / max(‖∇f(0)‖, ‖∇f(x_0)‖, ‖∇f(x)‖)`` at the
+            point returned, measured in ``dtype`` (on an extracted quadratic, plus the gap
+            between the loss's gradient and the quadratic's there).
+        dtype: the dtype the solver accumulated in (float64 for float32 params by default).
     """
 
     params: Params
     iterations: Tensor
     converged: Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# The smooth part f, batched over models
-# ---------------------------------------------------------------------------------------
-
-
-class _Smooth:
-    """``f`` on stacked params. ``feats(x)`` are linear features carried along with the
-    iterates (``A x`` for least squares, nothing otherwise): iterates are combined linearly,
-    so combining their features the same way keeps the features exact."""
-
-    def feats(self, x: Params) -> Params:
-        return {}
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        """``∇f(y)`` and what :meth:`excess` needs from ``y`` (e.g. ``f(y)``)."""
-        raise NotImplementedError
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        """``f(x) − f(y) − ⟨∇f(y), d⟩`` with ``d = x − y``, and a round-off allowance."""
-        raise NotImplementedError
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        """A first estimate of the largest curvature of ``f`` near ``x`` (``g = ∇f(x)``)."""
-        raise NotImplementedError
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        """``‖∇f(0)‖`` per model (0 where it is not finite): a start-independent scale."""
-        raise NotImplementedError
-
-
-class _Generic(_Smooth):
-    """Any differentiable single-model objective ``fn(params, strengths, *data)``."""
-
-    def __init__(self, fn: Callable[..., Tensor], data: tuple[Any, ...]) -> None:
-        dims = (0, 0) + (None,) * len(data)
-        self.data = data
-        self._value = vmap(fn, in_dims=dims)
-        self._vg = vmap(grad_and_value(fn), in_dims=dims)
-        self._grad = vmap(grad(fn), in_dims=dims)
-
-    def value(self, x: Params, s: Params) -> Tensor:
-        return self._value(x, s, *self.data)
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        g, v = self._vg(y, s, *self.data)
-        return g, v
-
-    def gradient(self, x: Params, s: Params) -> Params:
-        return self._grad(x, s, *self.data)
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        g = self.gradient({k: torch.zeros_like(v) for k, v in x.items()}, s)
-        n = _tree.sqnorm(g).sqrt()
-        return torch.where(torch.isfinite(n), n, 0.0)
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        vx = self.value(x, s)
-        lin = _tree.dot(gy, d)
-        return vx - vy - lin, _tree.roundoff(vx, vy, lin)
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        # secant along the gradient: ‖∇f(x + δ) − ∇f(x)‖ / ‖δ‖, ‖δ‖ = √eps · max(1, ‖x‖)
-        ref = next(iter(x.values()))
-        gn = _tree.sqnorm(g).sqrt()
-        size = torch.finfo(ref.dtype).eps ** 0.5 * _tree.sqnorm(x).sqrt().clamp(min=1)
-        ok = gn > 0
-        step = torch.where(ok, size / torch.where(ok, gn, torch.ones_like(gn)), 0.0)
-        g2 = self.gradient(_tree.axpy(-step, g, x), s)
-        est = _tree.sqnorm(_tree.sub(g2, g)).sqrt() / size
-        return torch.where(ok & torch.isfinite(est) & (est > 0), est, torch.ones_like(est))
-
-
-class _Quadratic(_Smooth):
-    """Least squares (gradient ``A θ − B``), plus the smooth penalty terms if any."""
-
-    def __init__(self, ls: LeastSquares, penalty: _Generic | None) -> None:
-        self.ls = ls
-        self.B = ls.linear_term()
-        self.penalty = penalty
-
-    def feats(self, x: Params) -> Params:
-        return self.ls.hessian_apply(x)
-
-    def grad(self, y: Params, fy: Params, s: Params) -> tuple[Params, Any]:
-        g = {k: fy[k] - self.B[k] for k in fy}
-        if self.penalty is None:
-            return g, None
-        pg, pv = self.penalty.grad(y, {}, s)
-        return {k: g[k] + pg[k] for k in g}, (pv, pg)
-
-    def excess(
-        self, x: Params, fx: Params, d: Params, fy: Params, vy: Any, gy: Params, s: Params
-    ) -> tuple[Tensor, Tensor]:
-        # exact for a quadratic, ½⟨d, A d⟩, but from features that round like A x⁺ and A y
-        dfx, dfy = _tree.dot(d, fx), _tree.dot(d, fy)
-        exc = 0.5 * (dfx - dfy)
-        slack = 0.5 * _tree.roundoff(dfx, dfy)
-        if self.penalty is None:
-            return exc, slack
-        pvy, pgy = vy  # the penalty part's value and gradient at y
-        pvx = self.penalty.value(x, s)
-        lin = _tree.dot(pgy, d)
-        return exc + pvx - pvy - lin, slack + _tree.roundoff(pvx, pvy, lin)
-
-    def grad_norm_at_zero(self, x: Params, s: Params) -> Tensor:
-        k = next(iter(x.values())).shape[0]
-        B = {n: b.expand_as(x[n]) for n, b in self.B.items()}
-        if self.penalty is None:
-            return _tree.sqnorm(B).sqrt()
-        pg = self.penalty.gradient({n: torch.zeros_like(v) for n, v in x.items()}, s)
-        n = _tree.sqnorm(_tree.sub(pg, B)).sqrt()
-        return torch.where(torch.isfinite(n), n, 0.0).expand(k)
-
-    def curvature(self, x: Params, g: Params, s: Params) -> Tensor:
-        # one Hessian for all models: Lanczos on a single (seeded, random) start vector
-        k = next(iter(x.values())).shape[0]
-        gen = torch.Generator().manual_seed(0)
-        v0 = {
-            n: torch.randn(v[:1].shape, generator=gen, dtype=v.dtype).to(v.device)
-            for n, v in x.items()
-        }
-        est = _tree.lanczos_max(self.ls.hessian_apply, v0, _LANCZOS_STEPS).expand(k)
-        if self.penalty is not None:
-            est = est + self.penalty.curvature(x, self.penalty.gradient(x, s), s)
-        return est
-
-
-def _zero_loss(params: Params) -> Tensor:
-    return next(iter(params.values())).sum() * 0
+    optimality: Tensor | None = None
+    dtype: torch.dtype | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +181,8 @@ def solve(
     lipschitz: float | Tensor | None = None,
     backtrack: bool = True,
     restart: bool = True,
+    quadratic: bool | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Solution:
     """Minimise ``loss_fn(params, *data) + Σ_j s_j Ω_j(params)`` for every strength of a grid.
 
@@ -330,8 +222,16 @@ def solve(
             step is fixed at ``1/λ_max(XᵀX/n)`` (or ``1/max(lipschitz)``).
         restart: gradient-based adaptive restart of the momentum.
 
+        quadratic: ``None`` (default): look for a quadratic loss (the Gram route) when the
+            params have at most 1024 entries; ``True``: the loss is declared quadratic (it
+            is still checked, and refused with a ``ValueError`` if it is not); ``False``:
+            the general loop on ``loss_fn``'s gradient.
+        compute_dtype: the dtype the solver accumulates in; default float64 for
+            lower-precision floating params, else the params' dtype.
+
     Returns:
-        :class:`Solution` ``(params, iterations, converged)``, each with K first.
+        :class:`Solution` ``(params, iterations, converged, optimality, dtype)``, each
+        with K first (``params`` in the params' dtype).
 
     Warns:
         RuntimeWarning: models that stopped at the round-off floor, above ``tol``.
@@ -357,7 +257,7 @@ def solve(
     for i, d in enumerate(data):
         if isinstance(d, Tensor):
             _checks.check_finite("solve", f"data[{i}]", d)
-    if isinstance(loss_fn, LeastSquares) and data:
+    if isinstance(loss_fn, (LeastSquares, Quadratic)) and data:
         raise TypeError("solve: a least_squares loss holds its data; pass no *data")
     smooth, nonsmooth = spec.smooth(), spec.nonsmooth()
     for term, pen in nonsmooth.items():
@@ -396,6 +296,10 @@ def solve(
         K = 1 if K is None else K
         x0 = {n: p.detach().expand(K, *p.shape).clone() for n, p in params.items()}
     single = {n: p[0] for n, p in x0.items()}
+    if isinstance(loss_fn, Quadratic) and loss_fn.shapes != {
+        n: tuple(p.shape) for n, p in single.items()
+    }:
+        raise ValueError(f"solve: the quadratic loss needs params of shapes {loss_fn.shapes}")
     if isinstance(loss_fn, LeastSquares):
         shapes = {n: tuple(p.shape) for n, p in single.items()}
         if shapes != loss_fn.shapes:
@@ -422,32 +326,128 @@ def solve(
     elif not backtrack:
         raise ValueError("solve: backtrack=False needs lipschitz= (the fixed step is 1/lipschitz)")
 
-    # -- the smooth part and the prox -----------------------------------------------------
-    oracle: _Smooth
-    if isinstance(loss_fn, LeastSquares):
-        penalty = _Generic(penalized(_zero_loss, smooth), ()) if len(smooth) else None
-        oracle = _Quadratic(loss_fn, penalty)
-    else:
-        oracle = _Generic(penalized(loss_fn, smooth), data)
-    prox = _make_prox(nonsmooth, single)
-
-    with torch.no_grad():
-        lasso = None
+    # -- the dtype the solver accumulates in ---------------------------------------------
+    work = _work_dtype(dtype, compute_dtype)
+    if work != dtype:
+        cast, data0 = _caster(work), data
+        x0, S, data = cast(x0), cast(S), tuple(cast(d) for d in data)
+        L0 = None if L0 is None else L0.to(work)
         if isinstance(loss_fn, LeastSquares):
-            lasso = lasso_thresholds(loss_fn, smooth, nonsmooth, single, S)
-        if lasso is not None:
-            assert isinstance(loss_fn, LeastSquares)
-            ((name, w0),) = x0.items()  # (K, 1, p)
-            w, iterations, converged, floors = fista_lasso(
-                loss_fn, lasso, w0, max_iter, tol, L0, restart
+            loss_fn = LeastSquares(loss_fn.X.to(work), loss_fn.Y, loss_fn.fit_intercept)
+        elif not _runs_in(loss_fn, {n: v[0] for n, v in x0.items()}, data):
+            warnings.warn(
+                f"solve: the loss does not run with {work} params and data, so the solver "
+                f"accumulates in {dtype}; pass compute_dtype={dtype} to silence this",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            out = {name: w[:, None]}
-        else:
-            out, iterations, converged, floors = _fista(
-                oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart
+            work, x0, S, data = dtype, _cast_back(x0, dtype), _cast_back(S, dtype), data0
+            L0 = None if L0 is None else L0.to(dtype)
+    single = {n: p[0] for n, p in x0.items()}
+
+    # -- the route: a quadratic (given or found) or the general loop ----------------------
+    q: Quadratic | None = None
+    found = False
+    if isinstance(loss_fn, LeastSquares):
+        q = from_least_squares(loss_fn)
+    elif isinstance(loss_fn, Quadratic):
+        q = loss_fn.to(work)
+    elif quadratic is True or (quadratic is None and _size(single) <= DETECT_MAX):
+        with torch.enable_grad():
+            q, why = extract(loss_fn, single, data)
+        if q is None and quadratic is True:
+            raise ValueError(
+                f"solve: quadratic=True, but the loss is not a quadratic in the params: {why}; "
+                "drop quadratic=True (the general route handles any differentiable loss)"
             )
-    _warn_floor(iterations, converged, floors, tol, max_iter, dtype)
-    return Solution(out, iterations, converged)
+        q = None if q is None else q.to(work)
+        found = q is not None
+    with torch.no_grad():
+        out, iterations, converged, floors, optimality = route(
+            loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0, backtrack,
+            restart, newton=quadratic is None and L0 is None,
+        )  # fmt: skip
+        if found:
+            assert q is not None
+            out, iterations, converged, floors, optimality = recheck(
+                loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0,
+                backtrack, restart, (out, iterations, converged, floors, optimality),
+            )  # fmt: skip
+    _warn_floor(iterations, converged, floors, tol, max_iter, work)
+    out = {n: v.to(dtype) for n, v in out.items()}
+    return Solution(out, iterations, converged, optimality.to(torch.float64), work)
+
+
+def from_sklearn_logistic(
+    C: float | Tensor, n: int, penalty: str = "l1", select: Any = None
+) -> tuple[Spec, dict[str, Any]]:
+    """scikit-learn ``LogisticRegression(C=C, penalty=...)`` on ``n`` samples as a spec and
+    its strengths: scikit-learn minimises ``Ω(w) + C Σ_i ℓ_i``, which is ``n·C`` times
+    ``mean_i ℓ_i + Ω(w)/(n·C)``; so with the mean log-loss as the data term
+    (``F.binary_cross_entropy_with_logits``, mean-reduced) the strength is ``1/(n·C)``:
+    ``penalty="l1"`` is ``L1`` (``Σ|w|``), ``"l2"`` is ``L2`` (``½Σw²``, scikit-learn's
+    ``½‖w‖²``). ``C`` may be a tensor of values (a grid). scikit-learn's ``liblinear``
+    penalises the intercept too (``intercept_scaling``): compare with ``fit_intercept=False``
+    or an unpenalised bias and ``solver="saga"``.
+
+    >>> spec, s = from_sklearn_logistic(torch.tensor([0.1, 1.0]), n=len(y))
+    >>> fr.solve(bce_loss, spec, params, s, X, y)      # LogisticRegression(penalty="l1", C)
+    """
+    from .penalties import L1, L2
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"from_sklearn_logistic: n must be the number of samples >= 1, got {n!r}")
+    c = torch.as_tensor(C, dtype=torch.float64)
+    if not bool((torch.isfinite(c) & (c > 0)).all()):
+        raise ValueError(f"from_sklearn_logistic: C must be finite and > 0, got {C!r}")
+    kind = {"l1": L1, "l2": L2}.get(penalty)
+    if kind is None:
+        raise ValueError(f"from_sklearn_logistic: penalty must be 'l1' or 'l2', got {penalty!r}")
+    strength = 1.0 / (n * c)
+    value: Any = float(strength) if strength.dim() == 0 else strength
+    return Spec({penalty: kind(select)}), {penalty: value}
+
+
+def _size(single: Params) -> int:
+    return sum(int(v.numel()) for v in single.values())
+
+
+def _work_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    if compute_dtype is not None:
+        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+            raise ValueError(
+                f"solve: compute_dtype must be a floating torch.dtype, got {compute_dtype!r}"
+            )
+        return compute_dtype
+    return torch.float64 if dtype in _LOW else dtype
+
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _caster(work: torch.dtype) -> Callable[[Any], Any]:
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.is_floating_point():
+            return v.to(work)
+        if isinstance(v, Mapping):
+            return {k: cast(t) for k, t in v.items()}
+        return v
+
+    return cast
+
+
+def _cast_back(tree: Params, dtype: torch.dtype) -> Params:
+    return {k: v.to(dtype) for k, v in tree.items()}
+
+
+def _runs_in(loss_fn: Callable[..., Tensor], single: Params, data: tuple[Any, ...]) -> bool:
+    """Whether ``loss_fn`` evaluates to a finite-or-not 0-dim tensor at ``single``."""
+    try:
+        with torch.no_grad():
+            out = loss_fn(single, *data)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return isinstance(out, Tensor) and out.dim() == 0
 
 
 def _warn_floor(
@@ -463,171 +463,12 @@ def _warn_floor(
     warnings.warn(
         f"solve: tol={tol:g} is below the round-off floor of {dtype} for {n} of {k} models: "
         f"they stopped where their prox-gradient mapping is rounding noise (floor up to "
-        f"{worst:.1e} relative to the gradient scale) and report converged=False; use "
-        f"float64 params and data, or tol >= {worst:.1e}",
+        f"{worst:.1e} relative to the gradient scale) and report converged=False; "
+        + (
+            f"use tol >= {worst:.1e}"
+            if dtype == torch.float64
+            else f"compute in float64 (compute_dtype=None, the default), or tol >= {worst:.1e}"
+        ),
         RuntimeWarning,
         stacklevel=3,
     )
-
-
-def _make_prox(nonsmooth: Spec, single: Params) -> Callable[[Params, Params, Tensor], Params]:
-    """The batched prox ``(stacked params, strengths (k,), steps (k,)) -> stacked params``.
-
-    Elementwise penalties (exact types ``L1``, ``L2``, ``ElasticNet``, ``NonNegative``,
-    ``Box``) are applied to the stacked tensors directly with per-model steps broadcast
-    along the leading axis (same arithmetic as ``vmap(spec.prox)``, without its per-call
-    overhead); any other term goes through ``vmap(spec.prox)``."""
-    if not len(nonsmooth):
-        return lambda z, s, t: z
-    if not all(pen.elementwise for pen in nonsmooth.values()):
-        return vmap(nonsmooth.prox)
-    selection = nonsmooth.selection(single)  # resolved on one model's shapes
-
-    def prox(z: Params, s: Params, t: Tensor) -> Params:
-        out = dict(z)
-        for term, names in selection.items():
-            pen = nonsmooth[term]
-            for n in names:
-                v = out[n]
-                st = _tree.rows(v, t)
-                sk = 1.0 if pen.is_constraint else _tree.rows(v, s[term])
-                out[n] = pen.prox_step(v, st, sk, n)
-        return out
-
-    return prox
-
-
-def _fista(
-    oracle: _Smooth,
-    prox: Callable[[Params, Params, Tensor], Params],
-    x0: Params,
-    S: Params,
-    max_iter: int,
-    tol: float,
-    L0: Tensor | None,
-    backtrack: bool,
-    restart: bool,
-) -> tuple[Params, Tensor, Tensor, Tensor]:
-    """The general loop (module docstring); returns the solutions, ``iterations``,
-    ``converged`` and the round-off floor of the stopping rule where each model stopped
-    (:func:`~funcreg._tree.floor_ratio`)."""
-    ref = next(iter(x0.values()))
-    K = ref.shape[0]
-    out = {k: v.clone() for k, v in x0.items()}
-    iterations = torch.full((K,), max_iter, dtype=torch.int64, device=ref.device)
-    converged = torch.zeros(K, dtype=torch.bool, device=ref.device)
-    floors = torch.zeros(K, dtype=ref.dtype, device=ref.device)
-
-    idx = torch.arange(K, device=ref.device)  # global index of each model still running
-    x = x0
-    fx = oracle.feats(x)
-    y, fy = x, fx
-    theta = torch.ones(K, dtype=ref.dtype, device=ref.device)
-    curv = torch.zeros(K, dtype=ref.dtype, device=ref.device)
-    L = curv if L0 is None else L0  # set from the first gradient when L0 is None
-    # iterations since the model last backtracked
-    calm = torch.full((K,), float(_COOLDOWN), dtype=ref.dtype, device=ref.device)
-    scale = curv
-    L_top = curv  # the largest L each model has used: the stopping rule's step
-
-    def trial(
-        y: Params, fy: Params, vy: Any, gy: Params, S: Params, L: Tensor
-    ) -> tuple[Params, Params, Params, Tensor, Tensor]:
-        """Candidate ``x⁺`` at step ``1/L``: ``(x⁺, feats(x⁺), x⁺ − y, ‖x⁺ − y‖², test)``,
-        where ``test > 0`` means the sufficient-decrease test failed."""
-        t = 1.0 / L
-        xn = prox(_tree.axpy(-t, gy, y), S, t)
-        fxn = oracle.feats(xn)
-        d = _tree.sub(xn, y)
-        dd = _tree.sqnorm(d)
-        if not backtrack:
-            return xn, fxn, d, dd, dd
-        exc, slack = oracle.excess(xn, fxn, d, fy, vy, gy, S)
-        return xn, fxn, d, dd, torch.stack([exc, slack])
-
-    def measured(test: Tensor, dd: Tensor, curv: Tensor) -> Tensor:
-        """The curvature along ``d``, ``2 test[0]/‖d‖²``, where the excess ``test[0]`` is
-        beyond its round-off allowance ``test[1]``; else the last one measured (near a
-        minimiser the excess is rounding noise, and noise over a tiny ``‖d‖²`` would send
-        ``L`` towards infinity and the step to nothing)."""
-        seen = test[0].abs() > test[1]  # never where d = 0: the excess is exactly 0 there
-        return torch.where(seen, 2 * test[0] / dd, curv)
-
-    def certify(x: Params, fx: Params, S: Params, L: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
-        """The stopping rule at the point returned, ``x``: ``(stop, converged, floor)``."""
-        g, _ = oracle.grad(x, fx, S)
-        t = 1.0 / L
-        mapping = L * _tree.sqnorm(_tree.sub(prox(_tree.axpy(-t, g, x), S, t), x)).sqrt()
-        gnorm, xnorm = _tree.sqnorm(g).sqrt(), _tree.sqnorm(x).sqrt()
-        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
-        return stop, ok, _tree.floor_ratio(gnorm, scale, L, xnorm)
-
-    for it in range(1, max_iter + 1):
-        gy, vy = oracle.grad(y, fy, S)
-        gnorm = _tree.sqnorm(gy).sqrt()
-        if it == 1:
-            scale = torch.maximum(gnorm, oracle.grad_norm_at_zero(y, S))
-            if L0 is None:
-                tiny = torch.finfo(ref.dtype).tiny ** 0.5
-                L = oracle.curvature(y, gy, S).clamp(min=tiny)
-        elif backtrack:
-            shrunk = torch.maximum(_SHRINK * L, _MARGIN * curv)
-            L = torch.where(calm >= _COOLDOWN, shrunk, L)
-        xn, fxn, d, dd, test = trial(y, fy, vy, gy, S, L)
-        L_top = torch.maximum(L_top, L)
-        rejected: Tensor | None = None
-        if backtrack:
-            # test[0] = f(x⁺) − f(y) − ⟨∇f(y), d⟩, test[1] = round-off allowance; the
-            # curvature along d, 2 test[0]/‖d‖², is where a failed model's L goes next
-            bad = test[0] > 0.5 * L * dd + test[1]
-            curv = measured(test, dd, curv)
-            calm = torch.where(bad, 0.0, calm + 1)
-            while it == 1 and bool(bad.any()):  # first step: retry at once until it holds
-                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-                sel = bad.nonzero().squeeze(1)
-                part = trial(*_tree.take((y, fy, vy, gy, S, L), sel))
-                _tree.put((xn, fxn, d, dd), sel, part[:4])
-                test.index_copy_(1, sel, part[4])
-                bad = test[0] > 0.5 * L * dd + test[1]
-                curv = measured(test, dd, curv)
-            if bool(bad.any()):
-                # later steps: a failed model keeps its point and retries at the next
-                # iteration with a larger L (a second batched round costs more than that)
-                rejected = bad
-                L = torch.where(bad, torch.maximum(_GROW * L, _MARGIN * curv), L)
-        # a cheap first test at y (its gradient is at hand); the models that pass it are
-        # then tested at the point they would return, x⁺
-        passed, _ = _tree.stopping_rule(L * dd.sqrt(), gnorm, scale, L, _tree.sqnorm(y).sqrt(), tol)
-        # momentum, restarted after an uphill step: ⟨G(y), x⁺ − x⟩ > 0, i.e. ⟨d, x⁺ − x⟩ < 0
-        step = _tree.sub(xn, x)
-        theta_next = 0.5 * (1 + torch.sqrt(1 + 4 * theta * theta))
-        beta = (theta - 1) / theta_next
-        if restart:
-            reset = _tree.dot(d, step) < 0
-            theta_next = torch.where(reset, 1.0, theta_next)
-            beta = torch.where(reset, 0.0, beta)
-        y_next = _tree.axpy(beta, step, xn)
-        # linear features: A y = A x⁺ + β A(x⁺ − x)
-        fy_next = _tree.axpy(beta, _tree.sub(fxn, fx), fxn)
-        if rejected is not None:  # usually a few models: copy their old state back in
-            passed = passed & ~rejected
-            sel = rejected.nonzero().squeeze(1)
-            old = _tree.take((x, fx, y, fy, theta), sel)
-            _tree.put((xn, fxn, y_next, fy_next, theta_next), sel, old)
-        x, fx, y, fy, theta = xn, fxn, y_next, fy_next, theta_next
-        last = it == max_iter
-        if last or bool(passed.any()):
-            sel = torch.arange(len(passed), device=ref.device) if last else passed.nonzero()[:, 0]
-            stop, ok, floor = certify(*_tree.take((x, fx, S, L_top, scale), sel))
-            done = torch.zeros_like(passed).index_copy_(0, sel, stop | last)
-            if bool(done.any()):
-                oks = torch.zeros_like(passed).index_copy_(0, sel, ok)
-                fls = torch.zeros_like(scale).index_copy_(0, sel, floor)
-                state = (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale)
-                going = _tree.retire(
-                    done, oks, it, idx, (x, fls), (out, floors), iterations, converged, state
-                )
-                if going is None:
-                    break
-                idx, (x, fx, y, fy, S, theta, L, L_top, curv, calm, scale) = going
-    return out, iterations, converged, floors

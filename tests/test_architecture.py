@@ -49,6 +49,10 @@ FLOORS: dict[str, int] = {
     "_sweep": 12,
     # exact solvers
     "_lasso": 8,
+    "_fista": 8,
+    "_quadratic": 8,
+    "_newton": 8,
+    "_routes": 8,
     "solvers": 9,
     # applications
     "_folds": 13,

@@ -1,0 +1,179 @@
+"""The routes of :func:`funcreg.solvers.solve` (which one applies is in its module
+docstring): the Lasso on a Gram matrix with free coordinates eliminated
+(:mod:`funcreg._quadratic`), the general loop on a quadratic's Hessian product or on a
+loss's gradient (:mod:`funcreg._fista`), proximal Newton (:mod:`funcreg._newton`), and
+the certificates that check a solution in all coordinates and with the original loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _tree
+from ._fista import Generic, GramOracle, Smooth, fista, make_prox, zero_loss
+from ._newton import NEWTON_MAX, prox_newton
+from ._quadratic import (
+    Layout,
+    Quadratic,
+    gradient_gap,
+    l1_thresholds,
+    lasso_route,
+    lasso_thresholds,
+)
+from ._tree import Params
+from .losses import LeastSquares
+from .spec import Spec, penalized
+
+Outcome = tuple[Params, Tensor, Tensor, Tensor, Tensor]
+
+
+def route(
+    loss_fn: Callable[..., Tensor],
+    q: Quadratic | None,
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+    L0: Tensor | None,
+    backtrack: bool,
+    restart: bool,
+    newton: bool = False,
+) -> Outcome:
+    """Solve on the fastest route that applies: the Lasso on the Gram matrix (free
+    coordinates eliminated; :mod:`funcreg._quadratic`), the general loop on the quadratic's
+    Hessian product, proximal Newton (``newton``: a loss found not quadratic, only ``L1``
+    terms, at most ``NEWTON_MAX`` entries; :mod:`funcreg._newton`), or the general loop on
+    ``loss_fn``'s gradient."""
+    prox = make_prox(nonsmooth, single)
+    if newton and q is None and not isinstance(loss_fn, LeastSquares):
+        got = _newton_route(loss_fn, smooth, nonsmooth, single, x0, S, data, max_iter, tol)
+        if got is not None:
+            return got
+    if q is not None:
+        lean = lasso_thresholds(q, smooth, nonsmooth, single, S)
+        if lean is not None:
+            routed = lasso_route(q, *lean, q.layout.flatten(x0), max_iter, tol, L0, restart)
+            if routed is not None:
+                x, iterations, converged, floors, optimality, L, eliminated = routed
+                out = q.layout.unflatten(x)
+                if not eliminated:  # the reduced problem was the whole one: certified
+                    return out, iterations, converged, floors, optimality
+                ok, opt = _certify_gram(q, prox, out, S, L, x0, tol)
+                return out, iterations, converged & ok, floors, opt
+    oracle: Smooth
+    if q is not None or isinstance(loss_fn, LeastSquares):
+        penalty = Generic(penalized(zero_loss, smooth), ()) if len(smooth) else None
+        oracle = GramOracle(loss_fn if q is None else q, penalty)  # type: ignore[arg-type]
+    else:
+        oracle = Generic(penalized(loss_fn, smooth), data)
+    return fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+
+
+def _newton_route(
+    loss_fn: Callable[..., Tensor],
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+) -> Outcome | None:
+    """:func:`funcreg._newton.prox_newton` on flat params, or ``None`` where it does not
+    apply (too many entries, a non-smooth term other than a plain ``L1``) or a Hessian is
+    not positive semidefinite (then with a warning)."""
+    layout = Layout(single)
+    ref = next(iter(x0.values()))
+    if layout.P > NEWTON_MAX:
+        return None
+    found = l1_thresholds(layout, ref, nonsmooth, single, S)
+    if found is None:
+        return None
+    objective = penalized(loss_fn, smooth)
+    gen = Generic(objective, data)
+    scale = torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
+
+    def value(theta: Tensor, k: int) -> Tensor:
+        return objective(layout.single(theta), {n: v[k] for n, v in S.items()}, *data)
+
+    with torch.enable_grad():
+        got = prox_newton(value, found[0], layout.flatten(x0), tol, max_iter, scale)
+    if got is None:
+        warnings.warn(
+            "solve: the loss's Hessian is not positive semidefinite at a point of the "
+            "proximal Newton route (the problem is not convex there); falling back to FISTA",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    x, iterations, converged, floors, optimality = got
+    return layout.unflatten(x), iterations, converged, floors, optimality
+
+
+def _certify_gram(
+    q: Quadratic,
+    prox: Callable[[Params, Params, Tensor], Params],
+    x: Params,
+    S: Params,
+    L: float,
+    x0: Params,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """The stopping rule of :func:`solve` at ``x`` in all coordinates (the reduced problem
+    certified the penalised ones): ``(converged, ‖G(x)‖ / ref)``."""
+    flat, x0f = q.layout.flatten(x), q.layout.flatten(x0)
+    g = flat @ q.H - q.b
+    t = torch.full((flat.shape[0],), 1.0 / L, dtype=flat.dtype, device=flat.device)
+    moved = q.layout.flatten(prox(q.layout.unflatten(flat - g / L), S, t))
+    mapping = L * torch.linalg.vector_norm(moved - flat, dim=1)
+    gnorm = torch.linalg.vector_norm(g, dim=1)
+    scale = torch.maximum(q.b.norm(), torch.linalg.vector_norm(x0f @ q.H - q.b, dim=1))
+    xnorm = torch.linalg.vector_norm(flat, dim=1)
+    _, ok = _tree.stopping_rule(mapping, gnorm, scale, L, xnorm, tol)
+    return ok, mapping / torch.maximum(scale, gnorm)
+
+
+def recheck(
+    loss_fn: Callable[..., Tensor],
+    q: Quadratic,
+    smooth: Spec,
+    nonsmooth: Spec,
+    single: Params,
+    x0: Params,
+    S: Params,
+    data: tuple[Any, ...],
+    max_iter: int,
+    tol: float,
+    L0: Tensor | None,
+    backtrack: bool,
+    restart: bool,
+    got: Outcome,
+) -> Outcome:
+    """Certify a solution found on a quadratic *extracted* from ``loss_fn`` with
+    ``loss_fn`` itself: the gap ``δ = ‖∇f(x) − (Hx − b)‖ / ref`` bounds how much the
+    prox-gradient mapping of the true loss can differ (the prox is 1-Lipschitz), so a model
+    stays converged when ``optimality + δ ≤ tol``; models with ``δ > max(tol, 1e-9)`` (the
+    probes missed a non-quadratic region) are solved again on the general route, from
+    where they are."""
+    out, iterations, converged, floors, optimality = got
+    delta = gradient_gap(loss_fn, q, out, data)
+    optimality = optimality + delta
+    converged = converged & (optimality <= tol)
+    redo = ~(delta <= max(tol, 1e-9))
+    if bool(redo.any()):
+        sel = redo.nonzero().squeeze(1)
+        part = route(
+            loss_fn, None, smooth, nonsmooth, single, _tree.take(out, sel), _tree.take(S, sel),
+            data, max_iter, tol, None if L0 is None else L0[sel], backtrack, restart,
+        )  # fmt: skip
+        _tree.put((out, iterations, converged, floors, optimality), sel, part)
+    return out, iterations, converged, floors, optimality
