@@ -54,7 +54,7 @@ from .selectors import (
     norm_layers,
     weights,
 )
-from .solvers import LeastSquares, Solution, least_squares, solve
+from .solvers import LeastSquares, Solution, from_sklearn_logistic, least_squares, solve
 from .spec import Spec, as_spec, penalized
 from .stack import grid, load_, stack, stack_modules, unstack
 from .train import split_spec, train_step
@@ -90,6 +90,7 @@ __all__ = [
     "TuneResult",
     "strength_max",
     "solve",
+    "from_sklearn_logistic",
     "plot",
     "least_squares",
     "geometric_grid",
