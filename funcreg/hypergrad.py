@@ -42,7 +42,8 @@ Solving the adjoint system:
 * ``method="cgnr"`` (any prox, e.g. group lasso): conjugate gradient on the normal
   equations ``M Mᵀ v = M ∇E`` with ``Mᵀ = I − (I − η H) J``, matrix-free.
 * ``method="direct"``: ``∂_w T`` as a dense ``p × p`` Jacobian (``jacfwd``) and one LU solve;
-  the default (``"auto"``) when the problem has at most ``direct_max`` coordinates.
+  the default (``"auto"``) for a non-elementwise prox on at most ``direct_max`` coordinates
+  (an elementwise one takes ``"cg"``, which is direct on a small support anyway).
 
 ``η`` does not change the answer (every ``η > 0`` has the same fixed point and the same
 derivative); it is set to about ``1/‖H‖`` (a few power iterations) for conditioning.
@@ -68,6 +69,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacfwd, jvp, vjp, vmap
 
+from .losses import LeastSquares
 from .penalties import MCP, SCAD, Penalty
 from .solvers import Solution
 from .spec import Spec, as_spec, penalized
@@ -237,8 +239,9 @@ def hypergrad(
         weights: terms whose ``weight=`` factors are hyperparameters too (the term must
             have explicit factors, a tensor or a ``{name: tensor}`` dict).
         log: gradients with respect to ``log s`` and ``log c`` (default) instead of ``s``, ``c``.
-        method: ``"auto"`` (``"direct"`` up to ``direct_max`` coordinates, else ``"cg"`` for
-            elementwise proxes and ``"cgnr"`` otherwise), ``"direct"``, ``"cg"``, ``"cgnr"``.
+        method: ``"auto"`` (``"cg"`` for elementwise proxes, which solves directly on a
+            support of at most ``direct_max`` coordinates; otherwise ``"direct"`` up to
+            ``direct_max`` coordinates, else ``"cgnr"``), ``"direct"``, ``"cg"``, ``"cgnr"``.
         tol: relative residual at which conjugate gradient stops.
         max_iter: the most conjugate-gradient iterations (default ``10 · p``).
         check: warn when an inner solution's relative optimality exceeds this.
@@ -279,12 +282,15 @@ def hypergrad(
     W = {t: _weight_tree(spec, t, log, first, who) for t in weights}
 
     smooth, nonsmooth = spec.smooth(), spec.nonsmooth()
-    objective = penalized(loss_fn, smooth)
+    # a least_squares loss has its gradient in closed form (A w − B, on its Gram matrix):
+    # only the smooth penalty terms (if any) go through autograd
+    gram = loss_fn if isinstance(loss_fn, LeastSquares) and not data else None
+    objective = penalized(_zero_loss if gram is not None else loss_fn, smooth)
     single = {n: p[0] for n, p in P.items()}
     p_total = sum(t.numel() for t in single.values())
     elementwise = all(pen.elementwise for pen in nonsmooth.values())
     if method == "auto":
-        method = "direct" if p_total <= direct_max else ("cg" if elementwise else "cgnr")
+        method = "cg" if elementwise else ("direct" if p_total <= direct_max else "cgnr")
     if method == "cg" and not elementwise:
         bad = [t for t, pen in nonsmooth.items() if not pen.elementwise]
         raise ValueError(
@@ -304,7 +310,16 @@ def hypergrad(
     for k in range(K):
         sk = {t: v[k] for t, v in S.items()}
         w0 = {n: p[k] for n, p in P.items()}
-        fp = _FixedPoint(objective, nonsmooth, w0, sk, data, scaled=method != "cg")
+        fp = _FixedPoint(
+            objective,
+            nonsmooth,
+            w0,
+            sk,
+            data,
+            scaled=method != "cg",
+            gram=gram,
+            smooth_terms=bool(len(smooth)),
+        )
         opt = fp.optimality()
         opts.append(opt)
         if opt > check:  # measured at the point itself (a solve stopped at its round-off
@@ -354,8 +369,11 @@ class _FixedPoint:
         strengths: Mapping[str, Tensor],
         data: tuple[Any, ...],
         scaled: bool = True,
+        gram: LeastSquares | None = None,
+        smooth_terms: bool = True,
     ) -> None:
         self.objective, self.nonsmooth, self.w0 = objective, nonsmooth, w0
+        self.gram, self.penalized = gram, gram is None or smooth_terms
         self.s, self.data = dict(strengths), data
         self.x = _flat(w0)
         self.eta = 1.0
@@ -367,7 +385,12 @@ class _FixedPoint:
         def f(y: Tensor) -> Tensor:
             return self.objective(_unflat(y, self.w0), s, *self.data)
 
-        return grad(f)(xf)
+        if self.gram is None:
+            return grad(f)(xf)
+        w = {n: t.unsqueeze(0) for n, t in _unflat(xf, self.w0).items()}
+        Aw, B = self.gram.hessian_apply(w), self.gram.linear_term()
+        g = torch.cat([(Aw[n][0] - B[n]).reshape(-1) for n in self.w0])
+        return g + grad(f)(xf) if self.penalized else g
 
     def hvp(self, u: Tensor) -> Tensor:
         return jvp(lambda y: self.grad_f(y, self.s), (self.x,), (u,))[1]
@@ -422,6 +445,11 @@ class _FixedPoint:
         back = vjp(Ts, dict(self.s), dict(factors))[1]
         ds, dc = back(v.detach())
         return ds, dc
+
+
+def _zero_loss(params: Mapping[str, Tensor]) -> Tensor:
+    """The data term left to autograd when a least_squares loss's gradient is exact."""
+    return next(iter(params.values())).sum() * 0.0
 
 
 def _outer_grad(

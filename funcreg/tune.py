@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._folds import fold_masks
+from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
 from .optim import Optimizer, adam
 from .penalties import Penalty
@@ -177,9 +178,14 @@ def tune(
         pairs = [(_split(rows, a), _split(rows, b)) for a, b in zip(train_m, test_m, strict=True)]
     else:
         pairs = [(rows, tuple(validation))]
+    # least squares with elementwise penalties: each fold on a working set of features
+    ws = ls is not None and eligible(ls, spec)
     for train, held in pairs:
         if ls is None:
             splits.append((loss_fn, train, score, held))
+        elif ws:
+            fold = WorkingSet(train[0], train[1].reshape(-1), ls.fit_intercept)
+            splits.append((fold, (), score_fn, held))
         else:
             fit = least_squares(train[0], train[1], fit_intercept=ls.fit_intercept)
             if score_fn is None:
@@ -239,26 +245,33 @@ def tune(
             grads = {k: torch.zeros_like(v) for k, v in theta.items()}
             inner = 0
             for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
-                sol = solve(
-                    inner_fn,
-                    sp,
-                    warm[f],
-                    s,
-                    *train,
-                    tol=solve_tol,
-                    max_iter=max_iter,
-                    lipschitz=lips[f],
-                )
-                warm[f] = {k: v[0] for k, v in sol.params.items()}
-                inner += int(sol.iterations.sum())
-                hg = hypergrad(
-                    outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
-                )
-                total += float(hg.value[0]) / len(splits)
-                for t in tuned:
-                    grads[t] = grads[t] + hg.strengths[t][0] / len(splits)
-                for t in wterms:
-                    grads[f"{t}.weight"] = grads[f"{t}.weight"] + hg.weights[t][0] / len(splits)
+                if isinstance(inner_fn, WorkingSet):
+                    val, g, its = _working_set_step(
+                        inner_fn, sp, s, outer_fn, held, wterms, solve_tol, max_iter
+                    )
+                else:
+                    sol = solve(
+                        inner_fn,
+                        sp,
+                        warm[f],
+                        s,
+                        *train,
+                        tol=solve_tol,
+                        max_iter=max_iter,
+                        lipschitz=lips[f],
+                    )
+                    warm[f] = {k: v[0] for k, v in sol.params.items()}
+                    its = int(sol.iterations.sum())
+                    hg = hypergrad(
+                        outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
+                    )
+                    val = float(hg.value[0])
+                    g = {t: hg.strengths[t][0] for t in hg.strengths}
+                    g.update({f"{t}.weight": hg.weights[t][0] for t in wterms})
+                inner += its
+                total += val / len(splits)
+                for k in grads:
+                    grads[k] = grads[k] + g[k] / len(splits)
             gnorm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
             history["step"].append(step)
             history["strengths"].append(s)
@@ -280,13 +293,57 @@ def tune(
             theta, state = opt.step(grads, state, theta, {})
 
     s, sp = current(best_theta)
-    full = solve(loss_fn, sp, warm[0], s, *data, tol=solve_tol, max_iter=max_iter)
+    if ws:
+        assert ls is not None
+        whole = WorkingSet(ls.X, ls.Y[:, 0], ls.fit_intercept)
+        _, _, sol, cols = whole.solve(sp, s, solve_tol, max_iter)
+        best_params = whole.expand(sol, cols)
+    else:
+        full = solve(loss_fn, sp, warm[0], s, *data, tol=solve_tol, max_iter=max_iter)
+        best_params = {k: v[0] for k, v in full.params.items()}
     return TuneResult(
         strengths=s,
         weights={t: best_theta[f"{t}.weight"].exp() for t in wterms},
         value=best_val,
-        params={k: v[0] for k, v in full.params.items()},
+        params=best_params,
         spec=sp,
         history=history,
         stopped=stopped,
     )
+
+
+def _working_set_step(
+    fold: WorkingSet,
+    spec: Spec,
+    s: Mapping[str, float],
+    score_fn: Callable[..., Tensor] | None,
+    held: tuple[Tensor, ...],
+    wterms: tuple[str, ...],
+    tol: float,
+    max_iter: int,
+) -> tuple[float, dict[str, Tensor], int]:
+    """One fold of a least-squares problem: solve on its working set, differentiate the
+    restricted problem (the same hypergradient, see :mod:`funcreg._working_set`) and put the
+    ``weight=`` gradients back on all features (zero off the working set)."""
+    loss, sub, sol, cols = fold.solve(spec, s, tol, max_iter)
+    Xh, yh = held[0], held[1]
+    outer: Callable[..., Tensor]
+    if score_fn is None:
+        outer = least_squares(Xh[:, cols], yh, fit_intercept=fold.fit_intercept)
+        data: tuple[Tensor, ...] = ()
+    else:
+
+        def outer(q: Mapping[str, Tensor], *h: Tensor) -> Tensor:
+            w = Xh.new_zeros(1, fold.p).index_copy(1, cols, q["weight"])
+            return score_fn({**q, "weight": w}, *h)
+
+        data = held
+    hg = hypergrad(outer, loss, sub, sol, s, outer_data=data, weights=wterms)
+    g = {t: hg.strengths[t][0] for t in hg.strengths}
+    for t in wterms:
+        c = spec[t].weight
+        assert isinstance(c, Tensor)
+        full = c.new_zeros(fold.p)
+        full[cols] = hg.weights[t][0].reshape(-1)
+        g[f"{t}.weight"] = full.reshape(c.shape)
+    return float(hg.value[0]), g, int(sol.iterations.sum())
