@@ -393,7 +393,22 @@ class _FixedPoint:
         return g + grad(f)(xf) if self.penalized else g
 
     def hvp(self, u: Tensor) -> Tensor:
+        if not self.penalized:  # least squares alone: H u = A u, no differentiation
+            return self.hvp_rows(u.unsqueeze(0))[0]
         return jvp(lambda y: self.grad_f(y, self.s), (self.x,), (u,))[1]
+
+    def hvp_rows(self, U: Tensor) -> Tensor:
+        """``H`` times each row of ``U`` ``(k, p)``."""
+        if self.penalized:
+            return vmap(self.hvp)(U)
+        assert self.gram is not None
+        rows: Params = {}
+        i = 0
+        for n, t in self.w0.items():
+            rows[n] = U[:, i : i + t.numel()].reshape(U.shape[0], *t.shape)
+            i += t.numel()
+        HU = self.gram.hessian_apply(rows)
+        return torch.cat([HU[n].reshape(U.shape[0], -1) for n in self.w0], dim=1)
 
     def _curvature(self) -> float:
         """``‖H‖`` roughly, by 6 power iterations (1 when H = 0); only conditioning needs it."""
@@ -427,6 +442,16 @@ class _FixedPoint:
     def J(self, u: Tensor) -> Tensor:
         """The prox Jacobian at ``z`` times ``u`` (symmetric: the prox is a gradient)."""
         return jvp(lambda zz: self.prox(zz, self.s), (self.z,), (u,))[1]
+
+    def diagonal(self) -> Tensor:
+        """The diagonal of an elementwise prox's (diagonal) Jacobian at ``z``, by one
+        reverse pass (``1ᵀ J`` is the diagonal when ``J`` is diagonal)."""
+        z = self.z.detach().requires_grad_()
+        with torch.enable_grad():
+            out = self.prox(z, self.s)
+            if not out.requires_grad:  # a prox that is constant near z
+                return torch.zeros_like(z)
+            return torch.autograd.grad(out.sum(), z)[0]
 
     def strength_vjp(self, v: Tensor, factors: Mapping[str, Any]) -> tuple[Any, Any]:
         """``(∂_s T)ᵀ v`` and ``(∂_c T)ᵀ v`` for the ``weight=`` factors ``c`` given."""
@@ -488,7 +513,7 @@ def _adjoint(
         M = torch.eye(fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device) - Jw
         return torch.linalg.solve(M.T, gE)
     if method == "cg":
-        d = fp.J(torch.ones_like(fp.z))  # the diagonal of an elementwise prox's Jacobian
+        d = fp.diagonal()
         act = d > 0
         extra = torch.where(act, (1.0 / torch.where(act, d, 1.0) - 1.0) / eta, 0.0)
         mask = act.to(fp.x.dtype)
@@ -498,7 +523,7 @@ def _adjoint(
                 return gE
             E = torch.zeros(idx.numel(), fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device)
             E[torch.arange(idx.numel()), idx] = 1.0
-            A = vmap(fp.hvp)(E)[:, idx] + torch.diag(extra[idx])
+            A = fp.hvp_rows(E)[:, idx] + torch.diag(extra[idx])
             q = torch.zeros_like(gE)
             q[idx] = torch.linalg.solve(A, gE[idx] / eta)
             return gE + q - eta * fp.hvp(q)

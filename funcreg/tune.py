@@ -9,11 +9,14 @@ an outer objective over the log-strengths ``θ = log s`` (and, optionally, the l
 
 — one validation split (``F = 1``) or K-fold cross-validation. Each outer step solves every
 fold's inner problem exactly with :func:`funcreg.solve` (warm-started from the fold's
-previous solution), takes ``∇_θ E`` from :func:`funcreg.hypergrad` (implicit
-differentiation of the proximal-gradient fixed point) and moves ``θ`` with a functional
-optimizer from :mod:`funcreg.optim` (default ``adam(lr=0.1)``: steps of about 10% in each
-strength). It stops after ``steps`` outer steps, or when the best ``E`` has not improved by
-more than ``tol`` (relative) in ``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
+previous solution; a :func:`funcreg.least_squares` loss with elementwise penalties is
+solved on a working set of features, :mod:`funcreg._working_set`, which gives the same
+solution and hypergradient at a fraction of the cost when the solution is sparse), takes
+``∇_θ E`` from :func:`funcreg.hypergrad` (implicit differentiation of the proximal-gradient
+fixed point) and moves ``θ`` with a functional optimizer from :mod:`funcreg.optim` (default
+``adam(lr=0.1)``: steps of about 10% in each strength). It stops after ``steps`` outer
+steps, or when the best ``E`` has not improved by more than ``tol`` (relative) in
+``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
 
 Folds come from :func:`funcreg.selection.fold_masks` (the same splits as
 :func:`funcreg.cross_validate` for the same ``folds`` and ``seed``).
@@ -53,9 +56,9 @@ class TuneResult:
         params: ``{name: tensor}`` the solution at the best strengths: trained on ``data``
             (a validation split) or refitted on all of ``data`` (cross-validation).
         spec: the spec with the best ``weight=`` factors in place.
-        history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations"}``, one
-            entry per outer step (strengths as ``{term: float}``; the iterations summed over
-            folds).
+        history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations",
+            "solve_tol"}``, one entry per outer step (strengths as ``{term: float}``; the
+            iterations summed over folds; the inner tolerance used).
         stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``).
     """
 
@@ -97,6 +100,7 @@ def tune(
     tol: float = 1e-4,
     gtol: float = 1e-8,
     solve_tol: float = 1e-10,
+    solve_tol_start: float | None = None,
     max_iter: int = 10_000,
     progress: bool = False,
 ) -> TuneResult:
@@ -123,6 +127,9 @@ def tune(
             improved by more than ``tol`` (relative) for ``patience`` steps; gtol: stop when
             ``‖∇_θ E‖ ≤ gtol``.
         solve_tol, max_iter: for each inner :func:`funcreg.solve`.
+        solve_tol_start: a looser inner tolerance for the first outer step, tightened tenfold
+            per step down to ``solve_tol`` (early steps only need the direction; the history
+            records each step's ``solve_tol``). Default: ``solve_tol`` throughout.
         progress: a progress bar (tqdm when installed).
 
     Returns:
@@ -236,18 +243,21 @@ def tune(
         "value": [],
         "grad_norm": [],
         "inner_iterations": [],
+        "solve_tol": [],
     }
     best_val, best_theta, since, stopped = math.inf, dict(theta), 0, "steps"
     with Progress(steps, enabled=progress, desc=who) as bar:
         for step in range(steps):
             s, sp = current(theta)
+            # inexact early steps: the inner tolerance tightens tenfold per outer step
+            step_tol = max(solve_tol, (solve_tol_start or solve_tol) * 0.1**step)
             total = 0.0
             grads = {k: torch.zeros_like(v) for k, v in theta.items()}
             inner = 0
             for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
                 if isinstance(inner_fn, WorkingSet):
                     val, g, its = _working_set_step(
-                        inner_fn, sp, s, outer_fn, held, wterms, solve_tol, max_iter
+                        inner_fn, sp, s, outer_fn, held, wterms, step_tol, max_iter
                     )
                 else:
                     sol = solve(
@@ -256,14 +266,22 @@ def tune(
                         warm[f],
                         s,
                         *train,
-                        tol=solve_tol,
+                        tol=step_tol,
                         max_iter=max_iter,
                         lipschitz=lips[f],
                     )
                     warm[f] = {k: v[0] for k, v in sol.params.items()}
                     its = int(sol.iterations.sum())
                     hg = hypergrad(
-                        outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
+                        outer_fn,
+                        inner_fn,
+                        sp,
+                        sol,
+                        s,
+                        *train,
+                        outer_data=held,
+                        weights=wterms,
+                        check=max(1e-5, 10 * step_tol),
                     )
                     val = float(hg.value[0])
                     g = {t: hg.strengths[t][0] for t in hg.strengths}
@@ -278,6 +296,7 @@ def tune(
             history["value"].append(total)
             history["grad_norm"].append(gnorm)
             history["inner_iterations"].append(inner)
+            history["solve_tol"].append(step_tol)
             bar.update()
             improved = not math.isfinite(best_val) or total < best_val - tol * abs(best_val)
             since = 0 if improved else since + 1
@@ -338,7 +357,9 @@ def _working_set_step(
             return score_fn({**q, "weight": w}, *h)
 
         data = held
-    hg = hypergrad(outer, loss, sub, sol, s, outer_data=data, weights=wterms)
+    hg = hypergrad(
+        outer, loss, sub, sol, s, outer_data=data, weights=wterms, check=max(1e-5, 10 * tol)
+    )
     g = {t: hg.strengths[t][0] for t in hg.strengths}
     for t in wterms:
         c = spec[t].weight

@@ -84,7 +84,7 @@ def test_validation_split_history_and_stopping() -> None:
         patience=3,
     )
     h = r.history
-    assert set(h) == {"step", "strengths", "value", "grad_norm", "inner_iterations"}
+    assert set(h) == {"step", "strengths", "value", "grad_norm", "inner_iterations", "solve_tol"}
     assert len(h["value"]) <= 40 and h["step"] == list(range(len(h["value"])))
     assert r.value == min(h["value"]) and r.value < h["value"][0]
     assert r.stopped in ("steps", "patience", "gradient")
@@ -164,3 +164,42 @@ def test_progress_bar_runs() -> None:
         progress=True,
     )
     assert len(r.history["value"]) == 2
+
+
+def test_working_set_path_equals_the_generic_path_with_intercept_and_factors() -> None:
+    # least_squares + elementwise penalties go through the working set of features; a plain
+    # loss function of the same model goes through full solves: same values and gradients
+    X, y, _, _ = _scaled_problem(1)
+    p = X.shape[1]
+
+    def linear(q: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((X @ q["weight"][0] + q["bias"][0] - y) ** 2).mean()
+
+    init = {"weight": torch.zeros(1, p, dtype=D), "bias": torch.zeros(1, dtype=D)}
+    spec = {"en": fr.ElasticNet(l1_ratio=0.7, weight=torch.ones(p, dtype=D)), "l2": fr.L2()}
+    kw: dict = dict(folds=3, steps=4, patience=4, solve_tol=1e-12, weights=["en"])
+    st = {"en": 0.3, "l2": 0.05}
+    ws = fr.tune(fr.least_squares(X, y + 3.0, fit_intercept=True), spec, init, st, **kw)
+    gen = fr.tune(linear, spec, init, st, (X, y + 3.0), **kw)
+    np.testing.assert_allclose(ws.history["value"], gen.history["value"], rtol=1e-7)
+    np.testing.assert_allclose(ws.history["grad_norm"], gen.history["grad_norm"], rtol=1e-6)
+    torch.testing.assert_close(ws.weights["en"], gen.weights["en"], atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(ws.params["weight"], gen.params["weight"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(ws.params["bias"], gen.params["bias"], atol=1e-7, rtol=0)
+
+
+def test_inexact_early_steps_tighten_to_solve_tol() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    r = fr.tune(
+        mse_half,
+        {"l1": fr.L1("w")},
+        {"w": torch.zeros(X.shape[1], dtype=D)},
+        {"l1": 0.5},
+        (X, y),
+        validation=(Xv, yv),
+        steps=6,
+        patience=6,
+        solve_tol=1e-10,
+        solve_tol_start=1e-4,
+    )
+    assert r.history["solve_tol"] == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9])
