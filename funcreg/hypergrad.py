@@ -60,15 +60,14 @@ result has the model axis K first.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jvp, vjp, vmap
 
+from ._implicit import FixedPoint, adjoint, outer_grad, zero_loss
 from .losses import LeastSquares
 from .penalties import MCP, SCAD, Penalty
 from .solvers import Solution
@@ -95,43 +94,6 @@ class Hypergradient(NamedTuple):
     strengths: dict[str, Tensor]
     weights: dict[str, Any]
     optimality: Tensor
-
-
-def _flat(tree: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tree.values()])
-
-
-def _unflat(x: Tensor, like: Mapping[str, Tensor]) -> Params:
-    out: Params = {}
-    i = 0
-    for n, t in like.items():
-        out[n] = x[i : i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def _cg(op: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Conjugate gradient for a symmetric positive (semi)definite ``op``; stops at
-    ``‖r‖ ≤ tol ‖b‖``."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = r @ r
-    stop = (tol * torch.linalg.vector_norm(b)) ** 2
-    for _ in range(max_iter):
-        if rr <= stop:
-            break
-        Ap = op(p)
-        pAp = p @ Ap
-        if pAp <= 0:
-            break
-        a = rr / pAp
-        x = x + a * p
-        r = r - a * Ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
 
 
 def _check_spec(spec: Spec, who: str) -> None:
@@ -285,7 +247,7 @@ def hypergrad(
     # a least_squares loss has its gradient in closed form (A w − B, on its Gram matrix):
     # only the smooth penalty terms (if any) go through autograd
     gram = loss_fn if isinstance(loss_fn, LeastSquares) and not data else None
-    objective = penalized(_zero_loss if gram is not None else loss_fn, smooth)
+    objective = penalized(zero_loss if gram is not None else loss_fn, smooth)
     single = {n: p[0] for n, p in P.items()}
     p_total = sum(t.numel() for t in single.values())
     elementwise = all(pen.elementwise for pen in nonsmooth.values())
@@ -310,7 +272,7 @@ def hypergrad(
     for k in range(K):
         sk = {t: v[k] for t, v in S.items()}
         w0 = {n: p[k] for n, p in P.items()}
-        fp = _FixedPoint(
+        fp = FixedPoint(
             objective,
             nonsmooth,
             w0,
@@ -331,9 +293,9 @@ def hypergrad(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        val, gE = _outer_grad(outer_fn, fp.w0, outer_data, who)
+        val, gE = outer_grad(outer_fn, fp.w0, outer_data, who)
         values.append(val)
-        v = _adjoint(fp, gE, method, tol, iters, direct_max)
+        v = adjoint(fp, gE, method, tol, iters, direct_max)
         ds, dw = fp.strength_vjp(v, W)
         for t in S:
             gs[t].append(ds[t] * sk[t] if log else ds[t])
@@ -355,190 +317,3 @@ def hypergrad(
         weights=out_w,
         optimality=torch.tensor(opts, dtype=first.dtype),
     )
-
-
-class _FixedPoint:
-    """One model's proximal-gradient map ``T(w, s) = prox_{η h_s}(w − η ∇f(w, s))`` on the
-    flattened params, at a solution ``w0`` and strengths ``s``."""
-
-    def __init__(
-        self,
-        objective: Callable[..., Tensor],
-        nonsmooth: Spec,
-        w0: Params,
-        strengths: Mapping[str, Tensor],
-        data: tuple[Any, ...],
-        scaled: bool = True,
-        gram: LeastSquares | None = None,
-        smooth_terms: bool = True,
-    ) -> None:
-        self.objective, self.nonsmooth, self.w0 = objective, nonsmooth, w0
-        self.gram, self.penalized = gram, gram is None or smooth_terms
-        self.s, self.data = dict(strengths), data
-        self.x = _flat(w0)
-        self.eta = 1.0
-        if scaled:  # the elementwise system does not depend on η: skip the estimate
-            self.eta = 1.0 / self._curvature()
-        self.z = self.x - self.eta * self.grad_f(self.x, self.s)
-
-    def grad_f(self, xf: Tensor, s: Mapping[str, Tensor]) -> Tensor:
-        def f(y: Tensor) -> Tensor:
-            return self.objective(_unflat(y, self.w0), s, *self.data)
-
-        if self.gram is None:
-            return grad(f)(xf)
-        w = {n: t.unsqueeze(0) for n, t in _unflat(xf, self.w0).items()}
-        Aw, B = self.gram.hessian_apply(w), self.gram.linear_term()
-        g = torch.cat([(Aw[n][0] - B[n]).reshape(-1) for n in self.w0])
-        return g + grad(f)(xf) if self.penalized else g
-
-    def hvp(self, u: Tensor) -> Tensor:
-        if not self.penalized:  # least squares alone: H u = A u, no differentiation
-            return self.hvp_rows(u.unsqueeze(0))[0]
-        return jvp(lambda y: self.grad_f(y, self.s), (self.x,), (u,))[1]
-
-    def hvp_rows(self, U: Tensor) -> Tensor:
-        """``H`` times each row of ``U`` ``(k, p)``."""
-        if self.penalized:
-            return vmap(self.hvp)(U)
-        assert self.gram is not None
-        rows: Params = {}
-        i = 0
-        for n, t in self.w0.items():
-            rows[n] = U[:, i : i + t.numel()].reshape(U.shape[0], *t.shape)
-            i += t.numel()
-        HU = self.gram.hessian_apply(rows)
-        return torch.cat([HU[n].reshape(U.shape[0], -1) for n in self.w0], dim=1)
-
-    def _curvature(self) -> float:
-        """``‖H‖`` roughly, by 6 power iterations (1 when H = 0); only conditioning needs it."""
-        g = torch.Generator().manual_seed(0)
-        u = torch.randn(self.x.shape, dtype=self.x.dtype, generator=g).to(self.x.device)
-        lam = 0.0
-        for _ in range(6):
-            hu = self.hvp(u / torch.linalg.vector_norm(u))
-            lam = float(torch.linalg.vector_norm(hu))
-            if lam == 0:
-                return 1.0
-            u = hu
-        return lam
-
-    def prox(self, zf: Tensor, s: Mapping[str, Tensor], spec: Spec | None = None) -> Tensor:
-        spec = self.nonsmooth if spec is None else spec
-        return _flat(spec.prox(_unflat(zf, self.w0), s, self.eta)) if len(spec) else zf
-
-    def T(self, xf: Tensor, s: Mapping[str, Tensor], spec: Spec | None = None) -> Tensor:
-        return self.prox(xf - self.eta * self.grad_f(xf, s), s, spec)
-
-    def optimality(self) -> float:
-        """``‖w − T(w)‖/η`` over ``max(‖∇f(0)‖, ‖∇f(w)‖)`` (solve's relative test)."""
-        with torch.no_grad():
-            g0 = self.grad_f(torch.zeros_like(self.x), self.s)
-            gx = (self.x - self.z) / self.eta
-            scale = max(float(torch.linalg.vector_norm(g0)), float(torch.linalg.vector_norm(gx)))
-            res = float(torch.linalg.vector_norm(self.x - self.prox(self.z, self.s)))
-        return res / self.eta / max(scale, 1e-300)
-
-    def J(self, u: Tensor) -> Tensor:
-        """The prox Jacobian at ``z`` times ``u`` (symmetric: the prox is a gradient)."""
-        return jvp(lambda zz: self.prox(zz, self.s), (self.z,), (u,))[1]
-
-    def diagonal(self) -> Tensor:
-        """The diagonal of an elementwise prox's (diagonal) Jacobian at ``z``, by one
-        reverse pass (``1ᵀ J`` is the diagonal when ``J`` is diagonal)."""
-        z = self.z.detach().requires_grad_()
-        with torch.enable_grad():
-            out = self.prox(z, self.s)
-            if not out.requires_grad:  # a prox that is constant near z
-                return torch.zeros_like(z)
-            return torch.autograd.grad(out.sum(), z)[0]
-
-    def strength_vjp(self, v: Tensor, factors: Mapping[str, Any]) -> tuple[Any, Any]:
-        """``(∂_s T)ᵀ v`` and ``(∂_c T)ᵀ v`` for the ``weight=`` factors ``c`` given."""
-
-        def Ts(s: Mapping[str, Tensor], c: Mapping[str, Any]) -> Tensor:
-            spec = self.nonsmooth
-            if c:
-                spec = Spec(
-                    {
-                        t: dataclasses.replace(pen, weight=c[t]) if t in c else pen
-                        for t, pen in spec.items()
-                    }
-                )
-            return self.T(self.x, s, spec)
-
-        back = vjp(Ts, dict(self.s), dict(factors))[1]
-        ds, dc = back(v.detach())
-        return ds, dc
-
-
-def _zero_loss(params: Mapping[str, Tensor]) -> Tensor:
-    """The data term left to autograd when a least_squares loss's gradient is exact."""
-    return next(iter(params.values())).sum() * 0.0
-
-
-def _outer_grad(
-    outer_fn: Callable[..., Tensor], w0: Params, outer_data: tuple[Any, ...], who: str
-) -> tuple[Tensor, Tensor]:
-    """``E(w0)`` and ``∇E(w0)`` (flattened); an error when ``E`` ignores the params."""
-    probe = {n: t.detach().clone().requires_grad_() for n, t in w0.items()}
-    with torch.enable_grad():
-        val = outer_fn(probe, *outer_data)
-    if not isinstance(val, Tensor) or val.dim() != 0:
-        raise ValueError(f"{who}: outer_fn must return a 0-dim tensor, got {val!r}")
-    if not val.requires_grad:
-        raise ValueError(
-            f"{who}: outer_fn does not depend on the params (its value has no gradient); it "
-            "must be computed from the params it is given"
-        )
-    grads = torch.autograd.grad(val, list(probe.values()), allow_unused=True)
-    gE = torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).reshape(-1)
-            for p, g in zip(probe.values(), grads, strict=True)
-        ]
-    )
-    return val.detach(), gE
-
-
-def _adjoint(
-    fp: _FixedPoint, gE: Tensor, method: str, tol: float, iters: int, direct_max: int
-) -> Tensor:
-    """Solve ``(I − (I − ηH) J) v = ∇E`` (see the module docstring for the three methods;
-    ``"cg"`` with a support of at most ``direct_max`` coordinates forms ``H_DD`` by one
-    batched Hessian-vector product and solves it directly)."""
-    eta = fp.eta
-    if method == "direct":
-        Jw = jacfwd(lambda y: fp.T(y, fp.s))(fp.x)
-        M = torch.eye(fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device) - Jw
-        return torch.linalg.solve(M.T, gE)
-    if method == "cg":
-        d = fp.diagonal()
-        act = d > 0
-        extra = torch.where(act, (1.0 / torch.where(act, d, 1.0) - 1.0) / eta, 0.0)
-        mask = act.to(fp.x.dtype)
-        idx = act.nonzero().squeeze(1)
-        if idx.numel() <= direct_max:
-            if idx.numel() == 0:
-                return gE
-            E = torch.zeros(idx.numel(), fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device)
-            E[torch.arange(idx.numel()), idx] = 1.0
-            A = fp.hvp_rows(E)[:, idx] + torch.diag(extra[idx])
-            q = torch.zeros_like(gE)
-            q[idx] = torch.linalg.solve(A, gE[idx] / eta)
-            return gE + q - eta * fp.hvp(q)
-
-        def op(q: Tensor) -> Tensor:
-            return mask * (fp.hvp(mask * q) + extra * q)
-
-        q = _cg(op, mask * gE / eta, tol, iters)
-        return gE + q - eta * fp.hvp(q)
-
-    def Mt(y: Tensor) -> Tensor:  # (I − (I − ηH) J) y
-        jy = fp.J(y)
-        return y - jy + eta * fp.hvp(jy)
-
-    def Mv(y: Tensor) -> Tensor:  # (I − J (I − ηH)) y
-        return y - fp.J(y - eta * fp.hvp(y))
-
-    return _cg(lambda y: Mv(Mt(y)), Mv(gE), tol, iters)

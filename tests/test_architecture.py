@@ -51,6 +51,7 @@ FLOORS: dict[str, int] = {
     # applications
     "_folds": 13,
     "_path": 13,
+    "_implicit": 12,
     "hypergrad": 13,
     "selection": 14,
     "_working_set": 13,
