@@ -242,3 +242,126 @@ def adjoint(
         return y - fp.J(y - eta * fp.hvp(y))
 
     return cg(lambda y: Mv(Mt(y)), Mv(gE), tol, iters)
+
+
+def batched_cg(
+    op: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int
+) -> tuple[Tensor, int]:
+    """Conjugate gradient on K independent systems at once (rows of ``b`` ``(K, p)``; ``op``
+    maps ``(K, p) → (K, p)`` row by row). A row stops updating once ``‖r‖ ≤ tol ‖b‖``; the
+    loop stops when every row has. Returns the solutions and the iterations run."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(1)
+    stop = (tol * torch.linalg.vector_norm(b, dim=1)) ** 2
+    it = 0
+    while it < max_iter:
+        going = rr > stop
+        if not bool(going.any()):
+            break
+        it += 1
+        Ap = op(p)
+        pAp = (p * Ap).sum(1)
+        going = going & (pAp > 0)
+        a = torch.where(going, rr / torch.where(going, pAp, 1.0), 0.0)
+        x = x + a[:, None] * p
+        r = r - a[:, None] * Ap
+        rr_new = (r * r).sum(1)
+        beta = torch.where(going, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
+        p = torch.where(going[:, None], r + beta[:, None] * p, p)
+        rr = torch.where(going, rr_new, torch.zeros_like(rr))
+    return x, it
+
+
+def batched_elementwise(
+    fp: FixedPoint,
+    X: Tensor,
+    S: Mapping[str, Tensor],
+    gE: Tensor,
+    tol: float,
+    iters: int,
+    direct_max: int,
+) -> tuple[Tensor, Tensor]:
+    """The support-restricted system of ``method="cg"`` for K models at once: ``fp`` gives
+    the map (one model's shapes, data and spec; ``η = 1``), ``X`` ``(K, p)`` the solutions,
+    ``S`` ``{term: (K,)}`` their strengths and ``gE`` ``(K, p)`` the outer gradients. Every
+    step is vmapped over K (gradients, prox Jacobian diagonals, Hessian-vector products) and
+    the K systems are solved by one batched conjugate gradient (one batched LU solve of
+    each model's support system, padded to the largest, when no support has more than
+    ``direct_max`` coordinates). Returns the adjoint vectors
+    ``v`` ``(K, p)`` and the relative optimality of each solution ``(K,)``."""
+
+    def point(x: Tensor, s: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        g = fp.grad_f(x, s)
+        z = x - g
+        d = jvp(lambda zz: fp.prox(zz, s), (z,), (torch.ones_like(z),))[1]
+        res = torch.linalg.vector_norm(x - fp.prox(z, s))
+        g0 = torch.linalg.vector_norm(fp.grad_f(torch.zeros_like(x), s))
+        scale = torch.maximum(g0, torch.linalg.vector_norm(g)).clamp(min=1e-300)
+        return z, d, res / scale
+
+    _, d, opt = vmap(point)(X, dict(S))
+    if fp.penalized:
+
+        def hvp(U: Tensor) -> Tensor:
+            return vmap(lambda x, s, u: jvp(lambda y: fp.grad_f(y, s), (x,), (u,))[1])(
+                X, dict(S), U
+            )
+    else:
+        hvp = fp.hvp_rows  # least squares: one Hessian for all K
+    act = d > 0
+    extra = torch.where(act, 1.0 / torch.where(act, d, 1.0) - 1.0, 0.0)
+    mask = act.to(X.dtype)
+    K, p = X.shape
+    m = int(act.sum(1).max())  # the largest support
+    if m <= direct_max:  # each model's support, padded to m: one batched m × m LU solve
+        idx = torch.argsort((~act).to(torch.int8), dim=1, stable=True)[:, :m]  # (K, m)
+        keep = torch.gather(mask, 1, idx)  # 1 on the support, 0 on the padding
+        rows = torch.arange(K, device=X.device)
+
+        def column(j: Tensor) -> Tensor:  # H_k e_{idx[k, j]} for every k: (K, p)
+            return hvp(torch.zeros_like(X).index_put((rows, j), torch.ones_like(X[:, 0])))
+
+        if fp.penalized:
+            HE = vmap(column)(idx.T)  # (m, K, p)
+            H = torch.gather(HE.permute(1, 2, 0), 1, idx[:, :, None].expand(K, m, m))
+        else:  # one Hessian for all K: its rows on the union of the supports, once
+            union = act.any(0).nonzero().squeeze(1)
+            E = torch.zeros(union.numel(), p, dtype=X.dtype, device=X.device)
+            E[torch.arange(union.numel()), union] = 1.0
+            pos = torch.zeros(p, dtype=torch.long, device=X.device)
+            pos[union] = torch.arange(union.numel(), device=X.device)
+            Hu = fp.hvp_rows(E)[:, union]
+            at = pos[idx]
+            H = Hu[at[:, :, None], at[:, None, :]]
+        ex = torch.gather(extra, 1, idx)
+        A = keep[:, :, None] * H * keep[:, None, :] + torch.diag_embed(ex + (1.0 - keep))
+        b = keep * torch.gather(gE, 1, idx)
+        q = torch.zeros_like(gE).scatter(1, idx, torch.linalg.solve(A, b.unsqueeze(2))[..., 0])
+    else:
+        q, _ = batched_cg(lambda Q: mask * (hvp(mask * Q) + extra * Q), mask * gE, tol, iters)
+    return gE + q - hvp(q), opt
+
+
+def batched_strength_vjp(
+    fp: FixedPoint, X: Tensor, S: Mapping[str, Tensor], V: Tensor, factors: Mapping[str, Any]
+) -> tuple[Any, Any]:
+    """``(∂_s T)ᵀ v`` and ``(∂_c T)ᵀ v`` for K models at once (vmapped; the factors ``c``
+    are shared, their gradients come back per model)."""
+
+    def one(x: Tensor, s: Mapping[str, Tensor], v: Tensor) -> tuple[Any, Any]:
+        def Ts(s: Mapping[str, Tensor], c: Mapping[str, Any]) -> Tensor:
+            spec = fp.nonsmooth
+            if c:
+                spec = Spec(
+                    {
+                        t: dataclasses.replace(pen, weight=c[t]) if t in c else pen
+                        for t, pen in spec.items()
+                    }
+                )
+            return fp.T(x, s, spec)
+
+        return vjp(Ts, s, dict(factors))[1](v)
+
+    return vmap(one)(X, dict(S), V)
