@@ -15,9 +15,27 @@ from torch import Tensor
 from torch.func import grad, jacfwd, jvp, vjp, vmap
 
 from .losses import LeastSquares
+from .penalties import MCP, SCAD
 from .spec import Spec
 
 Params = dict[str, Tensor]
+
+
+def check_spec(spec: Spec, who: str) -> None:
+    """Refuse what implicit differentiation cannot handle, naming the term: non-convex
+    terms (MCP, SCAD) and non-smooth terms without a proximal operator."""
+    for term, pen in spec.items():
+        if isinstance(pen, (MCP, SCAD)):
+            raise ValueError(
+                f"{who}: term {term!r} ({type(pen).__name__}) is non-convex; implicit "
+                "hypergradients need a convex problem (its solution need not be unique or "
+                "differentiable in the strength): use L1, ElasticNet or a group lasso"
+            )
+        if not pen.smooth and not pen.has_prox:
+            raise ValueError(
+                f"{who}: term {term!r} ({type(pen).__name__}) is non-smooth and has no "
+                "proximal operator; implicit differentiation needs one"
+            )
 
 
 def flat(tree: Mapping[str, Tensor]) -> Tensor:

@@ -75,12 +75,13 @@ from ._implicit import (
     adjoint,
     batched_elementwise,
     batched_strength_vjp,
+    check_spec,
     flat,
     outer_grad,
     zero_loss,
 )
 from .losses import LeastSquares
-from .penalties import MCP, SCAD, Penalty
+from .penalties import Penalty
 from .solvers import Solution
 from .spec import Spec, as_spec, penalized
 
@@ -105,21 +106,6 @@ class Hypergradient(NamedTuple):
     strengths: dict[str, Tensor]
     weights: dict[str, Any]
     optimality: Tensor
-
-
-def _check_spec(spec: Spec, who: str) -> None:
-    for term, pen in spec.items():
-        if isinstance(pen, (MCP, SCAD)):
-            raise ValueError(
-                f"{who}: term {term!r} ({type(pen).__name__}) is non-convex; implicit "
-                "hypergradients need a convex problem (its solution need not be unique or "
-                "differentiable in the strength): use L1, ElasticNet or a group lasso"
-            )
-        if not pen.smooth and not pen.has_prox:
-            raise ValueError(
-                f"{who}: term {term!r} ({type(pen).__name__}) is non-smooth and has no "
-                "proximal operator; implicit differentiation needs one"
-            )
 
 
 def _as_stacked(params: Any, stacked: bool, who: str) -> tuple[Params, Tensor | None]:
@@ -264,7 +250,7 @@ def hypergrad(
     """
     who = "hypergrad"
     spec = as_spec(spec)
-    _check_spec(spec, who)
+    check_spec(spec, who)
     if method not in ("auto", "direct", "cg", "cgnr"):
         raise ValueError(f"{who}: method must be 'auto', 'direct', 'cg' or 'cgnr', got {method!r}")
     if not isinstance(strengths, Mapping):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._folds import fold_masks
+from ._implicit import check_spec
 from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
 from .optim import Optimizer, adam
@@ -137,10 +138,14 @@ def tune(
 
     Raises:
         ValueError: both or neither-and-bad ``validation``/``folds``, a tuned term that is
-            not in the spec or has no strength, a tuned strength <= 0, a bad ``steps``.
+            not in the spec or has no strength, a tuned strength <= 0, a bad ``steps``, a
+            non-convex term (MCP, SCAD: no implicit derivative) or a non-smooth term without
+            a prox, a ``score_fn`` that does not depend on the params (from
+            :func:`funcreg.hypergrad`).
     """
     who = "tune"
     spec = as_spec(spec)
+    check_spec(spec, who)
     score = loss_fn if score_fn is None else score_fn
     if validation is not None and folds is not None:
         raise ValueError(f"{who}: give validation= or folds=, not both")

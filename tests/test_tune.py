@@ -203,3 +203,27 @@ def test_inexact_early_steps_tighten_to_solve_tol() -> None:
         solve_tol_start=1e-4,
     )
     assert r.history["solve_tol"] == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9])
+
+
+def test_tune_refuses_nonconvex_terms_and_blind_scores_by_name() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    init = {"w": torch.zeros(X.shape[1], dtype=D)}
+    for pen in (fr.MCP("w"), fr.SCAD("w")):
+        with pytest.raises(ValueError, match=f"tune: term 'nc' \\({type(pen).__name__}\\)"):
+            fr.tune(mse_half, {"nc": pen}, init, {"nc": 0.1}, (X, y), validation=(Xv, yv))
+
+    def blind(p: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (y**2).mean()
+
+    with pytest.raises(ValueError, match="outer_fn does not depend on the params"):
+        fr.tune(
+            mse_half,
+            {"l1": fr.L1("w")},
+            init,
+            {"l1": 0.1},
+            (X, y),
+            validation=(Xv, yv),
+            score_fn=blind,
+        )
+    with pytest.raises(ValueError, match="no starting strength for term 'l2'"):
+        fr.tune(mse_half, {"l1": fr.L1("w"), "l2": fr.L2("w")}, init, {"l1": 0.1}, (X, y), folds=3)
