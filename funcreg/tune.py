@@ -61,6 +61,9 @@ class TuneResult:
             "solve_tol"}``, one entry per outer step (strengths as ``{term: float}``; the
             iterations summed over folds; the inner tolerance used).
         stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``).
+        starts: with several starting points, each start's own result (in order); the
+            fields above are those of the best start, except ``history``, which holds every
+            start's steps one after the other with a ``"start"`` entry (its index).
     """
 
     strengths: dict[str, float]
@@ -70,9 +73,11 @@ class TuneResult:
     spec: Spec
     history: dict[str, list[Any]] = field(default_factory=dict)
     stopped: str = "steps"
+    starts: list[TuneResult] = field(default_factory=list)
 
     def best(self) -> Best:
-        """The best outer step as a :class:`~funcreg.Best` (``index`` is the step)."""
+        """The best outer step as a :class:`~funcreg.Best` (``index``: its position in
+        ``history``, the step itself for one start)."""
         values = self.history["value"]
         i = min(range(len(values)), key=lambda j: values[j])
         return Best(i, dict(self.history["strengths"][i]), "outer objective", float(values[i]))
@@ -112,6 +117,9 @@ def tune(
         spec: the penalty terms.
         params: the starting point of the inner solves (one model).
         strengths: the starting strengths ``{term: number}`` (> 0 for the tuned terms).
+            Several starting points: give tuned terms a list or ``(S,)`` tensor of values
+            (all of length S; the others a number): each start descends on its own (one
+            after the other; each with its own warm starts) and the best final value wins.
         data: the training data, a tuple of tensors sharing the sample axis 0. With a
             :func:`funcreg.least_squares` loss pass none: each fold gets its own
             ``least_squares`` of its rows (the Gram fast path of :func:`funcreg.solve`), and
@@ -146,6 +154,34 @@ def tune(
     who = "tune"
     spec = as_spec(spec)
     check_spec(spec, who)
+    starts = _starts(strengths, who)
+    if starts is not None:  # several starting points: one descent each, the best kept
+        runs = [
+            tune(
+                loss_fn,
+                spec,
+                params,
+                start,
+                data,
+                validation=validation,
+                folds=folds,
+                seed=seed,
+                score_fn=score_fn,
+                terms=terms,
+                weights=weights,
+                optimizer=optimizer,
+                steps=steps,
+                patience=patience,
+                tol=tol,
+                gtol=gtol,
+                solve_tol=solve_tol,
+                solve_tol_start=solve_tol_start,
+                max_iter=max_iter,
+                progress=progress,
+            )
+            for start in starts
+        ]
+        return _best_of(runs)
     score = loss_fn if score_fn is None else score_fn
     if validation is not None and folds is not None:
         raise ValueError(f"{who}: give validation= or folds=, not both")
@@ -373,3 +409,33 @@ def _working_set_step(
         full[cols] = hg.weights[t][0].reshape(-1)
         g[f"{t}.weight"] = full.reshape(c.shape)
     return float(hg.value[0]), g, int(sol.iterations.sum())
+
+
+def _starts(strengths: Mapping[str, Any], who: str) -> list[dict[str, Any]] | None:
+    """The starting points when some strengths are lists or 1-D tensors, else ``None``."""
+    many = {
+        t: [float(x) for x in (v.tolist() if isinstance(v, Tensor) else v)]
+        for t, v in strengths.items()
+        if isinstance(v, (list, tuple)) or (isinstance(v, Tensor) and v.dim() == 1)
+    }
+    if not many:
+        return None
+    sizes = {len(v) for v in many.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(
+            f"{who}: several starting points need strength lists of one length S >= 1, got "
+            f"{ {t: len(v) for t, v in many.items()} }"
+        )
+    return [{**strengths, **{t: v[i] for t, v in many.items()}} for i in range(sizes.pop())]
+
+
+def _best_of(runs: list[TuneResult]) -> TuneResult:
+    """The best run, carrying every run and their histories one after the other."""
+    best = min(runs, key=lambda r: r.value)
+    history: dict[str, list[Any]] = {k: [] for k in runs[0].history}
+    history["start"] = []
+    for i, r in enumerate(runs):
+        for k, v in r.history.items():
+            history[k].extend(v)
+        history["start"].extend([i] * len(r.history["value"]))
+    return replace(best, history=history, starts=runs)

@@ -227,3 +227,20 @@ def test_tune_refuses_nonconvex_terms_and_blind_scores_by_name() -> None:
         )
     with pytest.raises(ValueError, match="no starting strength for term 'l2'"):
         fr.tune(mse_half, {"l1": fr.L1("w"), "l2": fr.L2("w")}, init, {"l1": 0.1}, (X, y), folds=3)
+
+
+def test_several_starting_points_keep_the_best_and_record_each() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    init = {"w": torch.zeros(X.shape[1], dtype=D)}
+    spec = {"l1": fr.L1("w"), "l2": fr.L2("w")}
+    kw: dict = dict(validation=(Xv, yv), steps=6, patience=6)
+    r = fr.tune(mse_half, spec, init, {"l1": [0.01, 1.0, 0.1], "l2": 0.05}, (X, y), **kw)
+    assert len(r.starts) == 3
+    one = fr.tune(mse_half, spec, init, {"l1": 1.0, "l2": 0.05}, (X, y), **kw)
+    assert r.starts[1].history["value"] == one.history["value"]
+    assert r.value == min(s.value for s in r.starts)
+    assert r.history["start"] == [i for i, s in enumerate(r.starts) for _ in s.history["value"]]
+    assert r.best().value == r.value
+    assert r.history["strengths"][0] == pytest.approx({"l1": 0.01, "l2": 0.05})
+    with pytest.raises(ValueError, match="strength lists of one length"):
+        fr.tune(mse_half, spec, init, {"l1": [0.1, 0.2], "l2": [0.1]}, (X, y), **kw)
