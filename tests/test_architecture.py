@@ -53,6 +53,7 @@ FLOORS: dict[str, int] = {
     "_path": 13,
     "_implicit": 12,
     "hypergrad": 13,
+    "unrolled": 13,
     "selection": 14,
     "_working_set": 13,
     "tune": 15,
