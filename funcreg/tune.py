@@ -219,8 +219,8 @@ def tune(
     like = next(iter(params.values()))
     rows = data if ls is None else (ls.X, ls.Y)
     n = int(rows[0].shape[0])
-    # each split: (inner loss, its data, outer score, its data)
-    splits: list[tuple[Callable[..., Tensor], tuple[Any, ...], Callable[..., Tensor], tuple]] = []
+    # each split: (inner loss or a WorkingSet, its data, outer score or None, its data)
+    splits: list[tuple[Any, tuple[Any, ...], Any, tuple[Any, ...]]] = []
     if validation is None:
         train_m, test_m = fold_masks(5 if folds is None else folds, n, seed)
         pairs = [(_split(rows, a), _split(rows, b)) for a, b in zip(train_m, test_m, strict=True)]
