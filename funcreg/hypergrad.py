@@ -42,7 +42,8 @@ Solving the adjoint system:
 * ``method="cgnr"`` (any prox, e.g. group lasso): conjugate gradient on the normal
   equations ``M Mᵀ v = M ∇E`` with ``Mᵀ = I − (I − η H) J``, matrix-free.
 * ``method="direct"``: ``∂_w T`` as a dense ``p × p`` Jacobian (``jacfwd``) and one LU solve;
-  the default (``"auto"``) when the problem has at most ``direct_max`` coordinates.
+  the default (``"auto"``) for a non-elementwise prox on at most ``direct_max`` coordinates
+  (an elementwise one takes ``"cg"``, which is direct on a small support anyway).
 
 ``η`` does not change the answer (every ``η > 0`` has the same fixed point and the same
 derivative); it is set to about ``1/‖H‖`` (a few power iterations) for conditioning.
@@ -53,22 +54,34 @@ gradient is with respect to ``log s``: ``dE/d log s = s · dE/ds`` (likewise for
 (``log=False`` differentiates ``s`` itself).
 
 The K settings of a stacked solution (``fr.solve(..., stacked=True)``, a
-:class:`~funcreg.Solution`, a path) are differentiated one after the other in one call; the
-result has the model axis K first.
+:class:`~funcreg.Solution`, a path) are differentiated in one call, the result with the
+model axis K first. With an elementwise prox (``method="cg"``) the K settings go through
+one vmapped pass: the map, its prox-Jacobian diagonals and Hessian-vector products are
+``vmap``-ped over K and the K support-restricted systems are solved by one batched
+conjugate gradient (``vectorize=False``: one after the other, as for the other methods).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jvp, vjp, vmap
 
-from .penalties import MCP, SCAD, Penalty
+from ._implicit import (
+    FixedPoint,
+    adjoint,
+    batched_elementwise,
+    batched_strength_vjp,
+    check_spec,
+    flat,
+    outer_grad,
+    zero_loss,
+)
+from .losses import LeastSquares
+from .penalties import Penalty
 from .solvers import Solution
 from .spec import Spec, as_spec, penalized
 
@@ -93,58 +106,6 @@ class Hypergradient(NamedTuple):
     strengths: dict[str, Tensor]
     weights: dict[str, Any]
     optimality: Tensor
-
-
-def _flat(tree: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tree.values()])
-
-
-def _unflat(x: Tensor, like: Mapping[str, Tensor]) -> Params:
-    out: Params = {}
-    i = 0
-    for n, t in like.items():
-        out[n] = x[i : i + t.numel()].reshape(t.shape)
-        i += t.numel()
-    return out
-
-
-def _cg(op: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Conjugate gradient for a symmetric positive (semi)definite ``op``; stops at
-    ``‖r‖ ≤ tol ‖b‖``."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = r @ r
-    stop = (tol * torch.linalg.vector_norm(b)) ** 2
-    for _ in range(max_iter):
-        if rr <= stop:
-            break
-        Ap = op(p)
-        pAp = p @ Ap
-        if pAp <= 0:
-            break
-        a = rr / pAp
-        x = x + a * p
-        r = r - a * Ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
-
-
-def _check_spec(spec: Spec, who: str) -> None:
-    for term, pen in spec.items():
-        if isinstance(pen, (MCP, SCAD)):
-            raise ValueError(
-                f"{who}: term {term!r} ({type(pen).__name__}) is non-convex; implicit "
-                "hypergradients need a convex problem (its solution need not be unique or "
-                "differentiable in the strength): use L1, ElasticNet or a group lasso"
-            )
-        if not pen.smooth and not pen.has_prox:
-            raise ValueError(
-                f"{who}: term {term!r} ({type(pen).__name__}) is non-smooth and has no "
-                "proximal operator; implicit differentiation needs one"
-            )
 
 
 def _as_stacked(params: Any, stacked: bool, who: str) -> tuple[Params, Tensor | None]:
@@ -204,6 +165,32 @@ def _weight_tree(spec: Spec, term: str, log: bool, like: Tensor, who: str) -> An
     return tree
 
 
+def _row(tree: Any, k: int) -> Any:
+    if isinstance(tree, Mapping):
+        return {n: _row(v, k) for n, v in tree.items()}
+    return tree[k]
+
+
+def _collect(
+    gs: dict[str, list[Tensor]],
+    gw: dict[str, list[Any]],
+    ds: Mapping[str, Tensor],
+    dw: Mapping[str, Any],
+    S: Mapping[str, Tensor],
+    W: Mapping[str, Any],
+    k: int,
+    log: bool,
+) -> None:
+    """Append model k's gradients, times the strength (factor) in log space."""
+    for t in S:
+        gs[t].append(ds[t] * S[t][k] if log else ds[t])
+    for t, f in W.items():
+        if isinstance(f, Mapping):
+            gw[t].append({n: dw[t][n] * f[n] if log else dw[t][n] for n in f})
+        else:
+            gw[t].append(dw[t] * f if log else dw[t])
+
+
 def hypergrad(
     outer_fn: Callable[..., Tensor],
     loss_fn: Callable[..., Tensor],
@@ -220,6 +207,7 @@ def hypergrad(
     tol: float = 1e-10,
     max_iter: int | None = None,
     check: float = 1e-5,
+    vectorize: bool = True,
 ) -> Hypergradient:
     """Gradient of ``outer_fn(w(s), *outer_data)`` with respect to the strengths ``s``, where
     ``w(s)`` minimises ``loss_fn(w, *data) + Σ_j s_j Ω_j(w)`` (implicit differentiation of
@@ -237,11 +225,15 @@ def hypergrad(
         weights: terms whose ``weight=`` factors are hyperparameters too (the term must
             have explicit factors, a tensor or a ``{name: tensor}`` dict).
         log: gradients with respect to ``log s`` and ``log c`` (default) instead of ``s``, ``c``.
-        method: ``"auto"`` (``"direct"`` up to ``direct_max`` coordinates, else ``"cg"`` for
-            elementwise proxes and ``"cgnr"`` otherwise), ``"direct"``, ``"cg"``, ``"cgnr"``.
+        method: ``"auto"`` (``"cg"`` for elementwise proxes, which solves directly on a
+            support of at most ``direct_max`` coordinates; otherwise ``"direct"`` up to
+            ``direct_max`` coordinates, else ``"cgnr"``), ``"direct"``, ``"cg"``, ``"cgnr"``.
         tol: relative residual at which conjugate gradient stops.
         max_iter: the most conjugate-gradient iterations (default ``10 · p``).
         check: warn when an inner solution's relative optimality exceeds this.
+        vectorize: with K > 1 settings and ``method="cg"``, differentiate all K in one
+            vmapped pass (one batched conjugate gradient on the K support-restricted
+            systems) instead of one after the other; the results agree to the CG tolerance.
 
     Returns:
         :class:`Hypergradient` ``(value, strengths, weights, optimality)``, K first.
@@ -258,7 +250,7 @@ def hypergrad(
     """
     who = "hypergrad"
     spec = as_spec(spec)
-    _check_spec(spec, who)
+    check_spec(spec, who)
     if method not in ("auto", "direct", "cg", "cgnr"):
         raise ValueError(f"{who}: method must be 'auto', 'direct', 'cg' or 'cgnr', got {method!r}")
     if not isinstance(strengths, Mapping):
@@ -279,12 +271,15 @@ def hypergrad(
     W = {t: _weight_tree(spec, t, log, first, who) for t in weights}
 
     smooth, nonsmooth = spec.smooth(), spec.nonsmooth()
-    objective = penalized(loss_fn, smooth)
+    # a least_squares loss has its gradient in closed form (A w − B, on its Gram matrix):
+    # only the smooth penalty terms (if any) go through autograd
+    gram = loss_fn if isinstance(loss_fn, LeastSquares) and not data else None
+    objective = penalized(zero_loss if gram is not None else loss_fn, smooth)
     single = {n: p[0] for n, p in P.items()}
     p_total = sum(t.numel() for t in single.values())
     elementwise = all(pen.elementwise for pen in nonsmooth.values())
     if method == "auto":
-        method = "direct" if p_total <= direct_max else ("cg" if elementwise else "cgnr")
+        method = "cg" if elementwise else ("direct" if p_total <= direct_max else "cgnr")
     if method == "cg" and not elementwise:
         bad = [t for t, pen in nonsmooth.items() if not pen.elementwise]
         raise ValueError(
@@ -298,15 +293,21 @@ def hypergrad(
         )
     iters = 10 * p_total if max_iter is None else max_iter
 
-    values, opts = [], []
-    gs: dict[str, list[Tensor]] = {t: [] for t in S}
-    gw: dict[str, list[Any]] = {t: [] for t in W}
-    for k in range(K):
-        sk = {t: v[k] for t, v in S.items()}
+    def fixed_point(k: int) -> FixedPoint:
         w0 = {n: p[k] for n, p in P.items()}
-        fp = _FixedPoint(objective, nonsmooth, w0, sk, data, scaled=method != "cg")
-        opt = fp.optimality()
-        opts.append(opt)
+        sk = {t: v[k] for t, v in S.items()}
+        return FixedPoint(
+            objective,
+            nonsmooth,
+            w0,
+            sk,
+            data,
+            scaled=method != "cg",
+            gram=gram,
+            smooth_terms=bool(len(smooth)),
+        )
+
+    def warn(k: int, opt: float) -> None:
         if opt > check:  # measured at the point itself (a solve stopped at its round-off
             # floor reports converged=False yet may be optimal to the last digits)
             warnings.warn(
@@ -314,19 +315,38 @@ def hypergrad(
                 f"{check:.0e}); solve to a tighter tol (or more max_iter) before trusting its "
                 "hypergradient",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        val, gE = _outer_grad(outer_fn, fp.w0, outer_data, who)
-        values.append(val)
-        v = _adjoint(fp, gE, method, tol, iters, direct_max)
-        ds, dw = fp.strength_vjp(v, W)
-        for t in S:
-            gs[t].append(ds[t] * sk[t] if log else ds[t])
-        for t, f in W.items():
-            if isinstance(f, Mapping):
-                gw[t].append({n: dw[t][n] * f[n] if log else dw[t][n] for n in f})
-            else:
-                gw[t].append(dw[t] * f if log else dw[t])
+
+    values, opts = [], []
+    gs: dict[str, list[Tensor]] = {t: [] for t in S}
+    gw: dict[str, list[Any]] = {t: [] for t in W}
+    if vectorize and method == "cg" and K > 1:
+        # all K at once: vmapped map and Jacobians, one batched conjugate gradient
+        fp = fixed_point(0)
+        X = torch.stack([flat({n: p[k] for n, p in P.items()}) for k in range(K)])
+        gE = []
+        for k in range(K):
+            val, g = outer_grad(outer_fn, {n: p[k] for n, p in P.items()}, outer_data, who)
+            values.append(val)
+            gE.append(g)
+        V, opt_k = batched_elementwise(fp, X, S, torch.stack(gE), tol, iters, direct_max)
+        for k in range(K):
+            opts.append(float(opt_k[k]))
+            warn(k, opts[-1])
+        ds_all, dw_all = batched_strength_vjp(fp, X, S, V, W)
+        for k in range(K):
+            _collect(gs, gw, {t: d[k] for t, d in ds_all.items()}, _row(dw_all, k), S, W, k, log)
+    else:
+        for k in range(K):
+            fp = fixed_point(k)
+            opts.append(fp.optimality())
+            warn(k, opts[-1])
+            val, gE_k = outer_grad(outer_fn, fp.w0, outer_data, who)
+            values.append(val)
+            v = adjoint(fp, gE_k, method, tol, iters, direct_max)
+            ds, dw = fp.strength_vjp(v, W)
+            _collect(gs, gw, ds, dw, S, W, k, log)
 
     out_w: dict[str, Any] = {}
     for t, rows in gw.items():
@@ -340,152 +360,3 @@ def hypergrad(
         weights=out_w,
         optimality=torch.tensor(opts, dtype=first.dtype),
     )
-
-
-class _FixedPoint:
-    """One model's proximal-gradient map ``T(w, s) = prox_{η h_s}(w − η ∇f(w, s))`` on the
-    flattened params, at a solution ``w0`` and strengths ``s``."""
-
-    def __init__(
-        self,
-        objective: Callable[..., Tensor],
-        nonsmooth: Spec,
-        w0: Params,
-        strengths: Mapping[str, Tensor],
-        data: tuple[Any, ...],
-        scaled: bool = True,
-    ) -> None:
-        self.objective, self.nonsmooth, self.w0 = objective, nonsmooth, w0
-        self.s, self.data = dict(strengths), data
-        self.x = _flat(w0)
-        self.eta = 1.0
-        if scaled:  # the elementwise system does not depend on η: skip the estimate
-            self.eta = 1.0 / self._curvature()
-        self.z = self.x - self.eta * self.grad_f(self.x, self.s)
-
-    def grad_f(self, xf: Tensor, s: Mapping[str, Tensor]) -> Tensor:
-        def f(y: Tensor) -> Tensor:
-            return self.objective(_unflat(y, self.w0), s, *self.data)
-
-        return grad(f)(xf)
-
-    def hvp(self, u: Tensor) -> Tensor:
-        return jvp(lambda y: self.grad_f(y, self.s), (self.x,), (u,))[1]
-
-    def _curvature(self) -> float:
-        """``‖H‖`` roughly, by 6 power iterations (1 when H = 0); only conditioning needs it."""
-        g = torch.Generator().manual_seed(0)
-        u = torch.randn(self.x.shape, dtype=self.x.dtype, generator=g).to(self.x.device)
-        lam = 0.0
-        for _ in range(6):
-            hu = self.hvp(u / torch.linalg.vector_norm(u))
-            lam = float(torch.linalg.vector_norm(hu))
-            if lam == 0:
-                return 1.0
-            u = hu
-        return lam
-
-    def prox(self, zf: Tensor, s: Mapping[str, Tensor], spec: Spec | None = None) -> Tensor:
-        spec = self.nonsmooth if spec is None else spec
-        return _flat(spec.prox(_unflat(zf, self.w0), s, self.eta)) if len(spec) else zf
-
-    def T(self, xf: Tensor, s: Mapping[str, Tensor], spec: Spec | None = None) -> Tensor:
-        return self.prox(xf - self.eta * self.grad_f(xf, s), s, spec)
-
-    def optimality(self) -> float:
-        """``‖w − T(w)‖/η`` over ``max(‖∇f(0)‖, ‖∇f(w)‖)`` (solve's relative test)."""
-        with torch.no_grad():
-            g0 = self.grad_f(torch.zeros_like(self.x), self.s)
-            gx = (self.x - self.z) / self.eta
-            scale = max(float(torch.linalg.vector_norm(g0)), float(torch.linalg.vector_norm(gx)))
-            res = float(torch.linalg.vector_norm(self.x - self.prox(self.z, self.s)))
-        return res / self.eta / max(scale, 1e-300)
-
-    def J(self, u: Tensor) -> Tensor:
-        """The prox Jacobian at ``z`` times ``u`` (symmetric: the prox is a gradient)."""
-        return jvp(lambda zz: self.prox(zz, self.s), (self.z,), (u,))[1]
-
-    def strength_vjp(self, v: Tensor, factors: Mapping[str, Any]) -> tuple[Any, Any]:
-        """``(∂_s T)ᵀ v`` and ``(∂_c T)ᵀ v`` for the ``weight=`` factors ``c`` given."""
-
-        def Ts(s: Mapping[str, Tensor], c: Mapping[str, Any]) -> Tensor:
-            spec = self.nonsmooth
-            if c:
-                spec = Spec(
-                    {
-                        t: dataclasses.replace(pen, weight=c[t]) if t in c else pen
-                        for t, pen in spec.items()
-                    }
-                )
-            return self.T(self.x, s, spec)
-
-        back = vjp(Ts, dict(self.s), dict(factors))[1]
-        ds, dc = back(v.detach())
-        return ds, dc
-
-
-def _outer_grad(
-    outer_fn: Callable[..., Tensor], w0: Params, outer_data: tuple[Any, ...], who: str
-) -> tuple[Tensor, Tensor]:
-    """``E(w0)`` and ``∇E(w0)`` (flattened); an error when ``E`` ignores the params."""
-    probe = {n: t.detach().clone().requires_grad_() for n, t in w0.items()}
-    with torch.enable_grad():
-        val = outer_fn(probe, *outer_data)
-    if not isinstance(val, Tensor) or val.dim() != 0:
-        raise ValueError(f"{who}: outer_fn must return a 0-dim tensor, got {val!r}")
-    if not val.requires_grad:
-        raise ValueError(
-            f"{who}: outer_fn does not depend on the params (its value has no gradient); it "
-            "must be computed from the params it is given"
-        )
-    grads = torch.autograd.grad(val, list(probe.values()), allow_unused=True)
-    gE = torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).reshape(-1)
-            for p, g in zip(probe.values(), grads, strict=True)
-        ]
-    )
-    return val.detach(), gE
-
-
-def _adjoint(
-    fp: _FixedPoint, gE: Tensor, method: str, tol: float, iters: int, direct_max: int
-) -> Tensor:
-    """Solve ``(I − (I − ηH) J) v = ∇E`` (see the module docstring for the three methods;
-    ``"cg"`` with a support of at most ``direct_max`` coordinates forms ``H_DD`` by one
-    batched Hessian-vector product and solves it directly)."""
-    eta = fp.eta
-    if method == "direct":
-        Jw = jacfwd(lambda y: fp.T(y, fp.s))(fp.x)
-        M = torch.eye(fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device) - Jw
-        return torch.linalg.solve(M.T, gE)
-    if method == "cg":
-        d = fp.J(torch.ones_like(fp.z))  # the diagonal of an elementwise prox's Jacobian
-        act = d > 0
-        extra = torch.where(act, (1.0 / torch.where(act, d, 1.0) - 1.0) / eta, 0.0)
-        mask = act.to(fp.x.dtype)
-        idx = act.nonzero().squeeze(1)
-        if idx.numel() <= direct_max:
-            if idx.numel() == 0:
-                return gE
-            E = torch.zeros(idx.numel(), fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device)
-            E[torch.arange(idx.numel()), idx] = 1.0
-            A = vmap(fp.hvp)(E)[:, idx] + torch.diag(extra[idx])
-            q = torch.zeros_like(gE)
-            q[idx] = torch.linalg.solve(A, gE[idx] / eta)
-            return gE + q - eta * fp.hvp(q)
-
-        def op(q: Tensor) -> Tensor:
-            return mask * (fp.hvp(mask * q) + extra * q)
-
-        q = _cg(op, mask * gE / eta, tol, iters)
-        return gE + q - eta * fp.hvp(q)
-
-    def Mt(y: Tensor) -> Tensor:  # (I − (I − ηH) J) y
-        jy = fp.J(y)
-        return y - jy + eta * fp.hvp(jy)
-
-    def Mv(y: Tensor) -> Tensor:  # (I − J (I − ηH)) y
-        return y - fp.J(y - eta * fp.hvp(y))
-
-    return _cg(lambda y: Mv(Mt(y)), Mv(gE), tol, iters)

@@ -9,11 +9,14 @@ an outer objective over the log-strengths ``θ = log s`` (and, optionally, the l
 
 — one validation split (``F = 1``) or K-fold cross-validation. Each outer step solves every
 fold's inner problem exactly with :func:`funcreg.solve` (warm-started from the fold's
-previous solution), takes ``∇_θ E`` from :func:`funcreg.hypergrad` (implicit
-differentiation of the proximal-gradient fixed point) and moves ``θ`` with a functional
-optimizer from :mod:`funcreg.optim` (default ``adam(lr=0.1)``: steps of about 10% in each
-strength). It stops after ``steps`` outer steps, or when the best ``E`` has not improved by
-more than ``tol`` (relative) in ``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
+previous solution; a :func:`funcreg.least_squares` loss with elementwise penalties is
+solved on a working set of features, :mod:`funcreg._working_set`, which gives the same
+solution and hypergradient at a fraction of the cost when the solution is sparse), takes
+``∇_θ E`` from :func:`funcreg.hypergrad` (implicit differentiation of the proximal-gradient
+fixed point) and moves ``θ`` with a functional optimizer from :mod:`funcreg.optim` (default
+``adam(lr=0.1)``: steps of about 10% in each strength). It stops after ``steps`` outer
+steps, or when the best ``E`` has not improved by more than ``tol`` (relative) in
+``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
 
 Folds come from :func:`funcreg.selection.fold_masks` (the same splits as
 :func:`funcreg.cross_validate` for the same ``folds`` and ``seed``).
@@ -30,6 +33,8 @@ import torch
 from torch import Tensor
 
 from ._folds import fold_masks
+from ._implicit import check_spec
+from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
 from .optim import Optimizer, adam
 from .penalties import Penalty
@@ -52,10 +57,13 @@ class TuneResult:
         params: ``{name: tensor}`` the solution at the best strengths: trained on ``data``
             (a validation split) or refitted on all of ``data`` (cross-validation).
         spec: the spec with the best ``weight=`` factors in place.
-        history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations"}``, one
-            entry per outer step (strengths as ``{term: float}``; the iterations summed over
-            folds).
+        history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations",
+            "solve_tol"}``, one entry per outer step (strengths as ``{term: float}``; the
+            iterations summed over folds; the inner tolerance used).
         stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``).
+        starts: with several starting points, each start's own result (in order); the
+            fields above are those of the best start, except ``history``, which holds every
+            start's steps one after the other with a ``"start"`` entry (its index).
     """
 
     strengths: dict[str, float]
@@ -65,9 +73,11 @@ class TuneResult:
     spec: Spec
     history: dict[str, list[Any]] = field(default_factory=dict)
     stopped: str = "steps"
+    starts: list[TuneResult] = field(default_factory=list)
 
     def best(self) -> Best:
-        """The best outer step as a :class:`~funcreg.Best` (``index`` is the step)."""
+        """The best outer step as a :class:`~funcreg.Best` (``index``: its position in
+        ``history``, the step itself for one start)."""
         values = self.history["value"]
         i = min(range(len(values)), key=lambda j: values[j])
         return Best(i, dict(self.history["strengths"][i]), "outer objective", float(values[i]))
@@ -96,6 +106,7 @@ def tune(
     tol: float = 1e-4,
     gtol: float = 1e-8,
     solve_tol: float = 1e-10,
+    solve_tol_start: float | None = None,
     max_iter: int = 10_000,
     progress: bool = False,
 ) -> TuneResult:
@@ -106,6 +117,9 @@ def tune(
         spec: the penalty terms.
         params: the starting point of the inner solves (one model).
         strengths: the starting strengths ``{term: number}`` (> 0 for the tuned terms).
+            Several starting points: give tuned terms a list or ``(S,)`` tensor of values
+            (all of length S; the others a number): each start descends on its own (one
+            after the other; each with its own warm starts) and the best final value wins.
         data: the training data, a tuple of tensors sharing the sample axis 0. With a
             :func:`funcreg.least_squares` loss pass none: each fold gets its own
             ``least_squares`` of its rows (the Gram fast path of :func:`funcreg.solve`), and
@@ -122,6 +136,9 @@ def tune(
             improved by more than ``tol`` (relative) for ``patience`` steps; gtol: stop when
             ``‖∇_θ E‖ ≤ gtol``.
         solve_tol, max_iter: for each inner :func:`funcreg.solve`.
+        solve_tol_start: a looser inner tolerance for the first outer step, tightened tenfold
+            per step down to ``solve_tol`` (early steps only need the direction; the history
+            records each step's ``solve_tol``). Default: ``solve_tol`` throughout.
         progress: a progress bar (tqdm when installed).
 
     Returns:
@@ -129,10 +146,42 @@ def tune(
 
     Raises:
         ValueError: both or neither-and-bad ``validation``/``folds``, a tuned term that is
-            not in the spec or has no strength, a tuned strength <= 0, a bad ``steps``.
+            not in the spec or has no strength, a tuned strength <= 0, a bad ``steps``, a
+            non-convex term (MCP, SCAD: no implicit derivative) or a non-smooth term without
+            a prox, a ``score_fn`` that does not depend on the params (from
+            :func:`funcreg.hypergrad`).
     """
     who = "tune"
     spec = as_spec(spec)
+    check_spec(spec, who)
+    starts = _starts(strengths, who)
+    if starts is not None:  # several starting points: one descent each, the best kept
+        runs = [
+            tune(
+                loss_fn,
+                spec,
+                params,
+                start,
+                data,
+                validation=validation,
+                folds=folds,
+                seed=seed,
+                score_fn=score_fn,
+                terms=terms,
+                weights=weights,
+                optimizer=optimizer,
+                steps=steps,
+                patience=patience,
+                tol=tol,
+                gtol=gtol,
+                solve_tol=solve_tol,
+                solve_tol_start=solve_tol_start,
+                max_iter=max_iter,
+                progress=progress,
+            )
+            for start in starts
+        ]
+        return _best_of(runs)
     score = loss_fn if score_fn is None else score_fn
     if validation is not None and folds is not None:
         raise ValueError(f"{who}: give validation= or folds=, not both")
@@ -170,16 +219,21 @@ def tune(
     like = next(iter(params.values()))
     rows = data if ls is None else (ls.X, ls.Y)
     n = int(rows[0].shape[0])
-    # each split: (inner loss, its data, outer score, its data)
-    splits: list[tuple[Callable[..., Tensor], tuple[Any, ...], Callable[..., Tensor], tuple]] = []
+    # each split: (inner loss or a WorkingSet, its data, outer score or None, its data)
+    splits: list[tuple[Any, tuple[Any, ...], Any, tuple[Any, ...]]] = []
     if validation is None:
         train_m, test_m = fold_masks(5 if folds is None else folds, n, seed)
         pairs = [(_split(rows, a), _split(rows, b)) for a, b in zip(train_m, test_m, strict=True)]
     else:
         pairs = [(rows, tuple(validation))]
+    # least squares with elementwise penalties: each fold on a working set of features
+    ws = ls is not None and eligible(ls, spec)
     for train, held in pairs:
         if ls is None:
             splits.append((loss_fn, train, score, held))
+        elif ws:
+            fold = WorkingSet(train[0], train[1].reshape(-1), ls.fit_intercept)
+            splits.append((fold, (), score_fn, held))
         else:
             fit = least_squares(train[0], train[1], fit_intercept=ls.fit_intercept)
             if score_fn is None:
@@ -230,41 +284,60 @@ def tune(
         "value": [],
         "grad_norm": [],
         "inner_iterations": [],
+        "solve_tol": [],
     }
     best_val, best_theta, since, stopped = math.inf, dict(theta), 0, "steps"
     with Progress(steps, enabled=progress, desc=who) as bar:
         for step in range(steps):
             s, sp = current(theta)
+            # inexact early steps: the inner tolerance tightens tenfold per outer step
+            step_tol = max(solve_tol, (solve_tol_start or solve_tol) * 0.1**step)
             total = 0.0
             grads = {k: torch.zeros_like(v) for k, v in theta.items()}
             inner = 0
             for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
-                sol = solve(
-                    inner_fn,
-                    sp,
-                    warm[f],
-                    s,
-                    *train,
-                    tol=solve_tol,
-                    max_iter=max_iter,
-                    lipschitz=lips[f],
-                )
-                warm[f] = {k: v[0] for k, v in sol.params.items()}
-                inner += int(sol.iterations.sum())
-                hg = hypergrad(
-                    outer_fn, inner_fn, sp, sol, s, *train, outer_data=held, weights=wterms
-                )
-                total += float(hg.value[0]) / len(splits)
-                for t in tuned:
-                    grads[t] = grads[t] + hg.strengths[t][0] / len(splits)
-                for t in wterms:
-                    grads[f"{t}.weight"] = grads[f"{t}.weight"] + hg.weights[t][0] / len(splits)
+                if isinstance(inner_fn, WorkingSet):
+                    val, g, its = _working_set_step(
+                        inner_fn, sp, s, outer_fn, held, wterms, step_tol, max_iter
+                    )
+                else:
+                    sol = solve(
+                        inner_fn,
+                        sp,
+                        warm[f],
+                        s,
+                        *train,
+                        tol=step_tol,
+                        max_iter=max_iter,
+                        lipschitz=lips[f],
+                    )
+                    warm[f] = {k: v[0] for k, v in sol.params.items()}
+                    its = int(sol.iterations.sum())
+                    hg = hypergrad(
+                        outer_fn,
+                        inner_fn,
+                        sp,
+                        sol,
+                        s,
+                        *train,
+                        outer_data=held,
+                        weights=wterms,
+                        check=max(1e-5, 10 * step_tol),
+                    )
+                    val = float(hg.value[0])
+                    g = {t: hg.strengths[t][0] for t in hg.strengths}
+                    g.update({f"{t}.weight": hg.weights[t][0] for t in wterms})
+                inner += its
+                total += val / len(splits)
+                for k in grads:
+                    grads[k] = grads[k] + g[k] / len(splits)
             gnorm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
             history["step"].append(step)
             history["strengths"].append(s)
             history["value"].append(total)
             history["grad_norm"].append(gnorm)
             history["inner_iterations"].append(inner)
+            history["solve_tol"].append(step_tol)
             bar.update()
             improved = not math.isfinite(best_val) or total < best_val - tol * abs(best_val)
             since = 0 if improved else since + 1
@@ -280,13 +353,89 @@ def tune(
             theta, state = opt.step(grads, state, theta, {})
 
     s, sp = current(best_theta)
-    full = solve(loss_fn, sp, warm[0], s, *data, tol=solve_tol, max_iter=max_iter)
+    if ws:
+        assert ls is not None
+        whole = WorkingSet(ls.X, ls.Y[:, 0], ls.fit_intercept)
+        _, _, sol, cols = whole.solve(sp, s, solve_tol, max_iter)
+        best_params = whole.expand(sol, cols)
+    else:
+        full = solve(loss_fn, sp, warm[0], s, *data, tol=solve_tol, max_iter=max_iter)
+        best_params = {k: v[0] for k, v in full.params.items()}
     return TuneResult(
         strengths=s,
         weights={t: best_theta[f"{t}.weight"].exp() for t in wterms},
         value=best_val,
-        params={k: v[0] for k, v in full.params.items()},
+        params=best_params,
         spec=sp,
         history=history,
         stopped=stopped,
     )
+
+
+def _working_set_step(
+    fold: WorkingSet,
+    spec: Spec,
+    s: Mapping[str, float],
+    score_fn: Callable[..., Tensor] | None,
+    held: tuple[Tensor, ...],
+    wterms: tuple[str, ...],
+    tol: float,
+    max_iter: int,
+) -> tuple[float, dict[str, Tensor], int]:
+    """One fold of a least-squares problem: solve on its working set, differentiate the
+    restricted problem (the same hypergradient, see :mod:`funcreg._working_set`) and put the
+    ``weight=`` gradients back on all features (zero off the working set)."""
+    loss, sub, sol, cols = fold.solve(spec, s, tol, max_iter)
+    Xh, yh = held[0], held[1]
+    outer: Callable[..., Tensor]
+    if score_fn is None:
+        outer = least_squares(Xh[:, cols], yh, fit_intercept=fold.fit_intercept)
+        data: tuple[Tensor, ...] = ()
+    else:
+
+        def outer(q: Mapping[str, Tensor], *h: Tensor) -> Tensor:
+            w = Xh.new_zeros(1, fold.p).index_copy(1, cols, q["weight"])
+            return score_fn({**q, "weight": w}, *h)
+
+        data = held
+    hg = hypergrad(
+        outer, loss, sub, sol, s, outer_data=data, weights=wterms, check=max(1e-5, 10 * tol)
+    )
+    g = {t: hg.strengths[t][0] for t in hg.strengths}
+    for t in wterms:
+        c = spec[t].weight
+        assert isinstance(c, Tensor)
+        full = c.new_zeros(fold.p)
+        full[cols] = hg.weights[t][0].reshape(-1)
+        g[f"{t}.weight"] = full.reshape(c.shape)
+    return float(hg.value[0]), g, int(sol.iterations.sum())
+
+
+def _starts(strengths: Mapping[str, Any], who: str) -> list[dict[str, Any]] | None:
+    """The starting points when some strengths are lists or 1-D tensors, else ``None``."""
+    many = {
+        t: [float(x) for x in (v.tolist() if isinstance(v, Tensor) else v)]
+        for t, v in strengths.items()
+        if isinstance(v, (list, tuple)) or (isinstance(v, Tensor) and v.dim() == 1)
+    }
+    if not many:
+        return None
+    sizes = {len(v) for v in many.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(
+            f"{who}: several starting points need strength lists of one length S >= 1, got "
+            f"{ {t: len(v) for t, v in many.items()} }"
+        )
+    return [{**strengths, **{t: v[i] for t, v in many.items()}} for i in range(sizes.pop())]
+
+
+def _best_of(runs: list[TuneResult]) -> TuneResult:
+    """The best run, carrying every run and their histories one after the other."""
+    best = min(runs, key=lambda r: r.value)
+    history: dict[str, list[Any]] = {k: [] for k in runs[0].history}
+    history["start"] = []
+    for i, r in enumerate(runs):
+        for k, v in r.history.items():
+            history[k].extend(v)
+        history["start"].extend([i] * len(r.history["value"]))
+    return replace(best, history=history, starts=runs)

@@ -57,8 +57,11 @@ FLOORS: dict[str, int] = {
     # applications
     "_folds": 13,
     "_path": 13,
+    "_implicit": 12,
     "hypergrad": 13,
+    "unrolled": 13,
     "selection": 14,
+    "_working_set": 13,
     "tune": 15,
     "__init__": 16,
 }

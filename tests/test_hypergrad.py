@@ -323,3 +323,55 @@ def test_per_group_weight_hypergradients() -> None:
             return float(mse({"w": w}, Xv, yv))
 
         assert float(g[i, 0]) == pytest.approx(_fd(E, 1e-3), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("direct_max", [200, 0])  # batched LU solve / batched CG
+@pytest.mark.parametrize(
+    "case", ["lasso+ridge", "elastic-net factors", "logistic", "least_squares", "nonneg"]
+)
+def test_vmapped_settings_equal_the_loop(case: str, direct_max: int) -> None:
+    X, y, Xv, yv = _data(classify=case == "logistic")
+    K = 4
+    s: dict[str, torch.Tensor]
+    loss: Any = mse
+    outer: Any = mse
+    init = _init()
+    weights: list[str] = []
+    data: tuple = (X, y)
+    if case == "lasso+ridge":
+        spec: dict = {"l1": fr.L1("w"), "l2": fr.L2("w")}
+        s = {"l1": torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=D), "l2": torch.full((K,), 0.1)}
+    elif case == "elastic-net factors":
+        c = torch.linspace(0.5, 2.0, P, dtype=D)
+        spec = {"en": fr.ElasticNet("w", l1_ratio=0.6, weight=c)}
+        s = {"en": torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=D)}
+        weights = ["en"]
+    elif case == "logistic":
+        loss = outer = logistic
+        spec = {"l1": fr.L1("w")}
+        s = {"l1": torch.tensor([0.005, 0.01, 0.02, 0.04], dtype=D)}
+    elif case == "least_squares":
+        loss = fr.least_squares(X, y)
+        outer = fr.least_squares(Xv, yv)
+        init = loss.init()
+        spec = {"l1": fr.L1()}
+        s = {"l1": torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=D)}
+        data = ()
+    else:
+        spec = {"l1": fr.L1("w"), "nn": fr.NonNegative("w")}
+        s = {"l1": torch.tensor([0.02, 0.05, 0.1, 0.2], dtype=D)}
+    if data:
+        sol = _solve(loss, spec, init, s, *data)
+    else:
+        sol = fr.solve(loss, spec, init, s, tol=1e-13, max_iter=50000)
+    outer_data = () if isinstance(outer, fr.LeastSquares) else (Xv, yv)
+    kw = dict(outer_data=outer_data, weights=weights, direct_max=direct_max, tol=1e-13)
+    vec = fr.hypergrad(outer, loss, spec, sol, s, *data, **kw)
+    loop = fr.hypergrad(outer, loss, spec, sol, s, *data, vectorize=False, **kw)
+    assert vec.strengths[next(iter(s))].shape == (K,)
+    for t in s:
+        torch.testing.assert_close(vec.strengths[t], loop.strengths[t], rtol=1e-8, atol=1e-13)
+    for t in weights:
+        torch.testing.assert_close(vec.weights[t], loop.weights[t], rtol=1e-8, atol=1e-13)
+    torch.testing.assert_close(vec.value, loop.value)
+    torch.testing.assert_close(vec.optimality, loop.optimality, rtol=1e-6, atol=1e-14)

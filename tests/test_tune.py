@@ -84,7 +84,7 @@ def test_validation_split_history_and_stopping() -> None:
         patience=3,
     )
     h = r.history
-    assert set(h) == {"step", "strengths", "value", "grad_norm", "inner_iterations"}
+    assert set(h) == {"step", "strengths", "value", "grad_norm", "inner_iterations", "solve_tol"}
     assert len(h["value"]) <= 40 and h["step"] == list(range(len(h["value"])))
     assert r.value == min(h["value"]) and r.value < h["value"][0]
     assert r.stopped in ("steps", "patience", "gradient")
@@ -164,3 +164,83 @@ def test_progress_bar_runs() -> None:
         progress=True,
     )
     assert len(r.history["value"]) == 2
+
+
+def test_working_set_path_equals_the_generic_path_with_intercept_and_factors() -> None:
+    # least_squares + elementwise penalties go through the working set of features; a plain
+    # loss function of the same model goes through full solves: same values and gradients
+    X, y, _, _ = _scaled_problem(1)
+    p = X.shape[1]
+
+    def linear(q: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((X @ q["weight"][0] + q["bias"][0] - y) ** 2).mean()
+
+    init = {"weight": torch.zeros(1, p, dtype=D), "bias": torch.zeros(1, dtype=D)}
+    spec = {"en": fr.ElasticNet(l1_ratio=0.7, weight=torch.ones(p, dtype=D)), "l2": fr.L2()}
+    kw: dict = dict(folds=3, steps=4, patience=4, solve_tol=1e-12, weights=["en"])
+    st = {"en": 0.3, "l2": 0.05}
+    ws = fr.tune(fr.least_squares(X, y + 3.0, fit_intercept=True), spec, init, st, **kw)
+    gen = fr.tune(linear, spec, init, st, (X, y + 3.0), **kw)
+    np.testing.assert_allclose(ws.history["value"], gen.history["value"], rtol=1e-7)
+    np.testing.assert_allclose(ws.history["grad_norm"], gen.history["grad_norm"], rtol=1e-6)
+    torch.testing.assert_close(ws.weights["en"], gen.weights["en"], atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(ws.params["weight"], gen.params["weight"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(ws.params["bias"], gen.params["bias"], atol=1e-7, rtol=0)
+
+
+def test_inexact_early_steps_tighten_to_solve_tol() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    r = fr.tune(
+        mse_half,
+        {"l1": fr.L1("w")},
+        {"w": torch.zeros(X.shape[1], dtype=D)},
+        {"l1": 0.5},
+        (X, y),
+        validation=(Xv, yv),
+        steps=6,
+        patience=6,
+        solve_tol=1e-10,
+        solve_tol_start=1e-4,
+    )
+    assert r.history["solve_tol"] == pytest.approx([1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9])
+
+
+def test_tune_refuses_nonconvex_terms_and_blind_scores_by_name() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    init = {"w": torch.zeros(X.shape[1], dtype=D)}
+    for pen in (fr.MCP("w"), fr.SCAD("w")):
+        with pytest.raises(ValueError, match=f"tune: term 'nc' \\({type(pen).__name__}\\)"):
+            fr.tune(mse_half, {"nc": pen}, init, {"nc": 0.1}, (X, y), validation=(Xv, yv))
+
+    def blind(p: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (y**2).mean()
+
+    with pytest.raises(ValueError, match="outer_fn does not depend on the params"):
+        fr.tune(
+            mse_half,
+            {"l1": fr.L1("w")},
+            init,
+            {"l1": 0.1},
+            (X, y),
+            validation=(Xv, yv),
+            score_fn=blind,
+        )
+    with pytest.raises(ValueError, match="no starting strength for term 'l2'"):
+        fr.tune(mse_half, {"l1": fr.L1("w"), "l2": fr.L2("w")}, init, {"l1": 0.1}, (X, y), folds=3)
+
+
+def test_several_starting_points_keep_the_best_and_record_each() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    init = {"w": torch.zeros(X.shape[1], dtype=D)}
+    spec = {"l1": fr.L1("w"), "l2": fr.L2("w")}
+    kw: dict = dict(validation=(Xv, yv), steps=6, patience=6)
+    r = fr.tune(mse_half, spec, init, {"l1": [0.01, 1.0, 0.1], "l2": 0.05}, (X, y), **kw)
+    assert len(r.starts) == 3
+    one = fr.tune(mse_half, spec, init, {"l1": 1.0, "l2": 0.05}, (X, y), **kw)
+    assert r.starts[1].history["value"] == one.history["value"]
+    assert r.value == min(s.value for s in r.starts)
+    assert r.history["start"] == [i for i, s in enumerate(r.starts) for _ in s.history["value"]]
+    assert r.best().value == r.value
+    assert r.history["strengths"][0] == pytest.approx({"l1": 0.01, "l2": 0.05})
+    with pytest.raises(ValueError, match="strength lists of one length"):
+        fr.tune(mse_half, spec, init, {"l1": [0.1, 0.2], "l2": [0.1]}, (X, y), **kw)
