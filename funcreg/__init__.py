@@ -59,6 +59,7 @@ from .spec import Spec, as_spec, penalized
 from .stack import grid, load_, stack, stack_modules, unstack
 from .train import split_spec, train_step
 from .tune import TuneResult, tune
+from .unrolled import unrolled_hypergrad
 
 try:
     __version__ = _metadata.version("funcreg")
@@ -86,6 +87,7 @@ __all__ = [
     "Best",
     "Hypergradient",
     "hypergrad",
+    "unrolled_hypergrad",
     "tune",
     "TuneResult",
     "strength_max",
