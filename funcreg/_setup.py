@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, _plan
 from ._checkpoint import load_checkpoint, sweep_identity
 from ._data import Data, make_data
 from .optim import Optimizer
@@ -63,6 +63,7 @@ class Setup:
     ckpt: Path | None
     prev: SweepResult | None
     t_start: float
+    plan: Any = None  # fr.sweep's plan= (see funcreg._plan.check_plan)
 
 
 def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
@@ -179,6 +180,7 @@ def prepare(
     device: torch.device | str | None = None,
     val_fn: Callable[..., Tensor] | None = None,
     init: Any = None,
+    plan: Any = None,
 ) -> Setup:
     """Check ``fr.sweep``'s arguments (same names and meanings) and resolve them into the
     :class:`Setup` of one run, loading the checkpoint it resumes, if any."""
@@ -192,6 +194,7 @@ def prepare(
     _checks.check_optimizer("sweep", optimizer)
     seed = _checks.check_seed("sweep", seed)
     spec = as_spec(spec)
+    _plan.check_plan(plan, chunk_size)
     if not isinstance(grid, Mapping):
         raise TypeError(
             f"sweep: grid must be a dict of axes as from fr.grid(...), got {type(grid).__name__}"
@@ -270,4 +273,5 @@ def prepare(
         ckpt=ckpt,
         prev=prev,
         t_start=t_start,
+        plan=plan,
     )

@@ -56,7 +56,7 @@ __all__ = ["FORMAT", "Best", "SweepResult", "one_se_index"]
 
 FORMAT = "funcreg.SweepResult/1"
 _EVAL_METRICS = ("val_loss", "val_metric")
-_RUN_ONLY = ("identity", "chunks")  # meta of one run that a new result of its models drops
+_RUN_ONLY = ("identity", "chunks", "plan")  # meta of one run that a new result of its models drops
 
 
 def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:
