@@ -211,8 +211,9 @@ class Workload:
 
     # -- fr.sweep -------------------------------------------------------------------------
     def _sweep_args(self) -> tuple[Any, ...]:
-        import funcreg as fr
         from torch.func import functional_call
+
+        import funcreg as fr
 
         net, loss = self.net, self.loss
 
@@ -241,8 +242,8 @@ class Workload:
         info["chunks"] = [b - a for a, b in r.meta["chunks"]]
         plan = None if compile else r.meta["plan"]
 
-        def steps(n: int) -> None:
-            fr.sweep(net, loss_fn, spec, g, steps=n, plan=plan, **kw)
+        def steps(n: int) -> None:  # one evaluation (zeros) per call, as in a long run's 20
+            fr.sweep(net, loss_fn, spec, g, steps=n, plan=plan, eval_every=n, **kw)
 
         return steps, info
 

@@ -94,9 +94,17 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
 
 
 def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """``bool(_finite(...).all())`` for the whole chunk at once: the largest magnitude over
-    every tensor (:func:`funcreg._tree.max_abs`), read on the host."""
-    return math.isfinite(_flat.max_abs([mvec, *params.values()]))
+    """``bool(_finite(...).all())`` for the whole chunk at once, read on the host. First one
+    sum per tensor (a vectorised pass without a temporary, ~10x cheaper than ``abs().amax()``
+    on CPU): a finite total proves every entry finite, since an inf or NaN entry makes it
+    inf or NaN. A non-finite total (also finite entries whose sum overflows in their own
+    dtype) is settled by the largest magnitude over every tensor
+    (:func:`funcreg._tree.max_abs`)."""
+    ts = [mvec, *(p for p in params.values() if p.numel())]
+    total = torch.stack([t.sum().double() for t in ts]).sum()
+    if math.isfinite(float(total)):
+        return True
+    return math.isfinite(_flat.max_abs(ts))
 
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
@@ -465,7 +473,10 @@ class _Run:
         for n in s.selected:
             for ch in self.chunks:
                 p = ch.params[n].reshape(ch.stop - ch.start, -1)
-                self.zeros[n][e, ch.start : ch.stop] = (p == 0).float().mean(1)
+                # (p == 0).float().mean(1) to the bit (a count below 2**24 is exact in
+                # float32, then one rounded division), in one pass without temporaries
+                zeros = p.shape[1] - torch.count_nonzero(p, dim=1)
+                self.zeros[n][e, ch.start : ch.stop] = zeros.float() / p.shape[1]
         self.e_index += 1
         return best
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -174,3 +175,17 @@ def test_probe_leaves_the_run_unchanged(ticking: None) -> None:
     given = run(chunk_size=measured.meta["plan"]["chunk_size"])
     for n, v in measured.stacked.items():
         assert torch.equal(given.stacked[n], v), n
+
+
+def test_guard_fast_check_falls_back_on_overflow() -> None:
+    """The guard's one-sum check: finite entries whose sum overflows are still finite."""
+    from funcreg._engine import _all_finite
+
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # sums to inf in float32
+    assert _all_finite(torch.zeros(2), {"w": big})
+    for bad in (math.inf, -math.inf, math.nan):
+        w = big.clone()
+        w[2] = bad
+        assert not _all_finite(torch.zeros(2), {"w": w})
+    assert not _all_finite(torch.tensor([0.0, math.nan]), {"w": torch.ones(3)})
+    assert _all_finite(torch.zeros(2), {"w": torch.ones(3), "e": torch.ones(0)})
