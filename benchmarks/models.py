@@ -1,7 +1,7 @@
 """fr.sweep against a loop of torch.optim models on the models people train (CPU, one thread).
 
 Models (synthetic data unless said, float32, Adam lr 1e-3, K L2 strengths log-spaced from
-1e-6 to 1e-2, the penalty ``s·Σ‖W‖²`` over every parameter):
+1e-6 to 1e-2, the penalty ``s·½Σ‖W‖²`` over the weights, ``ndim >= 2``: ``fr.L2()``):
 
 - ``tiny``: MLP 32→64→64→1, minibatch 512, MSE;
 - ``mlp``: MLP 784→512→512→10, minibatch 128, cross-entropy;
@@ -167,7 +167,7 @@ class Workload:
                 xb, yb = self.batch(i)
                 for m, opt, s in pairs:
                     opt.zero_grad(set_to_none=True)
-                    penalty = sum(p.pow(2).sum() for p in m.parameters())
+                    penalty = 0.5 * sum(p.pow(2).sum() for p in m.parameters() if p.ndim > 1)
                     (self.loss(m(xb), yb) + s * penalty).backward()
                     opt.step()
 
@@ -187,7 +187,7 @@ class Workload:
         loss = self.loss
 
         def objective(params: Any, s: Any, xb: Any, yb: Any) -> Any:
-            penalty = sum(w.pow(2).sum() for w in params.values())
+            penalty = 0.5 * sum(w.pow(2).sum() for w in params.values() if w.ndim > 1)
             return loss(functional_call(net, params, (xb,)), yb) + s * penalty
 
         g_fn = vmap(grad(objective), in_dims=(0, 0, None, None), randomness="different")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _plan
@@ -109,6 +110,19 @@ def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
     return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
+
+
+def _math_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with ``scaled_dot_product_attention``'s math kernel: the fused CPU/GPU
+    attention kernels have no ``vmap`` batching rule (torch falls back to a loop over the
+    models, with a warning), the math kernel's matmuls and softmax do. For eager vmapped
+    steps (attention layers, e.g. ``nn.TransformerEncoderLayer``); nothing else changes."""
+
+    def run(*args: Any) -> Any:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args)
+
+    return run
 
 
 # ------------------------------------------------------------- single-model eager step
@@ -207,12 +221,17 @@ class _Run:
             return torch.stack(vals)
 
         self.wrapped = wrapped
-        self.fns: dict[bool, Callable[..., Any]] = {
-            True: vmap(one, in_dims=(0, 0, 0, 0, None), randomness="different"),
+        vmapped = vmap(one, in_dims=(0, 0, 0, 0, None), randomness="different")
+        self.fns: dict[bool, Callable[..., Any]] = {  # compile=True compiles these
+            True: vmapped,
             False: one if s.compile else one_eager,
         }
+        self.eager_fns: dict[bool, Callable[..., Any]] = {
+            True: _math_attention(vmapped),
+            False: self.fns[False],
+        }
         self.val_fns: dict[bool, Callable[..., Any]] = {
-            True: vmap(one_val, in_dims=(0, 0, None), randomness="different"),
+            True: _math_attention(vmap(one_val, in_dims=(0, 0, None), randomness="different")),
             False: one_val,
         }
         self.compiled: dict[bool, Callable[..., Any]] = {}
@@ -367,7 +386,7 @@ class _Run:
             {n: take(v) for n, v in s.stacked_b.items()},
         ]
         strengths = {n: take(v.to(s.dev, s.dtype)) for n, v in s.grid.items()}
-        fn = self.fns[batched]
+        fn = self.eager_fns[batched]
 
         def step() -> None:
             old_b = {n: v.clone() for n, v in held[2].items()}  # as the guard does
@@ -433,7 +452,7 @@ class _Run:
                 ch.alive = keep
             else:
                 old_b = {n: v.clone() for n, v in ch.bufs.items()}  # BatchNorm updates in place
-                new_p, new_s, mvec = self.fns[ch.batched](
+                new_p, new_s, mvec = self.eager_fns[ch.batched](
                     ch.params, ch.state, ch.bufs, ch.strengths, batch
                 )
                 if ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
