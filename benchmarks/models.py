@@ -38,7 +38,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
 MODELS = ("tiny", "mlp", "cnn", "transformer", "digits")
 IMPLS = ("loop", "fused", "vmap", "sweep")
 LR = 1e-3
@@ -291,20 +293,21 @@ def worker_time(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Peak resident set of a few steps of one implementation, minus the resident set after
-    building the data and the model (MB)."""
+    """Peak resident set of 3 steps of one implementation (its models, optimizer states and
+    temporaries) minus the resident set before it starts, after the data, the imports and
+    one tiny warm-up of autograd and vmap; MB."""
     import torch
+    from torch.func import grad, vmap
 
-    sys.path.insert(0, str(HERE))
-    import common
+    import funcreg as fr
 
     torch.set_num_threads(1)
     w = Workload(cfg["model"], cfg["k"])
+    vmap(grad(lambda a: (a * a).sum()))(torch.ones(2, 3, requires_grad=True)).sum()
     impl = cfg["impl"]
     base = common.current_rss_mb()
+    common.reset_peak_rss()
     if impl == "sweep":
-        import funcreg as fr
-
         net, loss_fn, spec, g = w._sweep_args()
         fr.sweep(
             net, loss_fn, spec, g, train=(w.x, w.y), optimizer=fr.optim.adam(LR),
@@ -323,16 +326,7 @@ def launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = str(HERE.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return dict(json.loads(line[len("RESULT ") :]))
-    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    return {"error": err}
+    return common.launch(__file__, cfg, env, timeout)
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
