@@ -51,7 +51,8 @@ import common  # noqa: E402
 MODELS = ("tiny", "mlp", "cnn", "transformer", "digits")
 IMPLS = ("loop", "fused", "vmap", "sweep")
 LR = 1e-3
-BLOCK_S = 0.6  # seconds of training per implementation per round (at least 2 steps)
+BLOCK_S = 0.4  # seconds of training per implementation per round (at least 2 steps)
+SWEEP_MIN_STEPS = 20  # fr.sweep blocks: its per-call setup (stacking, result) over >= 20 steps
 
 
 # ============================================================================ the models
@@ -138,12 +139,13 @@ def data_loss(kind: str) -> Callable[[Any, Any], Any]:
 class Workload:
     """One (model, K): the implementations' step blocks, built once, run interleaved."""
 
-    def __init__(self, name: str, k: int) -> None:
+    def __init__(self, name: str, k: int, device: str = "cpu") -> None:
         import torch
 
         self.torch = torch
-        self.name, self.k = name, k
-        self.net, self.x, self.y, self.bs, kind = build(name)
+        self.name, self.k, self.device = name, k, torch.device(device)
+        net, x, y, self.bs, kind = build(name)
+        self.net, self.x, self.y = net.to(device), x.to(device), y.to(device)
         self.loss = data_loss(kind)
         self.s = strengths(k)
         n = self.x.shape[0]
@@ -184,7 +186,7 @@ class Workload:
         p = {n: v.detach().unsqueeze(0).repeat(k, *[1] * v.ndim) for n, v in net.named_parameters()}
         m = {n: torch.zeros_like(v) for n, v in p.items()}
         v2 = {n: torch.zeros_like(v) for n, v in p.items()}
-        lam = torch.tensor(self.s)
+        lam = torch.tensor(self.s, device=self.device)
         b1, b2, eps = 0.9, 0.999, 1e-8
         loss = self.loss
 
@@ -268,21 +270,31 @@ def worker_time(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    w = Workload(cfg["model"], cfg["k"])
+    w = Workload(cfg["model"], cfg["k"], cfg.get("device", "cpu"))
+    cuda = w.device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(w.device)
+
     runs: dict[str, tuple[Callable[[int], None], int]] = {}
     out: dict[str, Any] = {"impls": {}}
     for impl in cfg["impls"]:
         fn, info = _make(w, impl)
         t0 = time.process_time()
         fn(2)  # warm-up and calibration
+        sync()
         per = max((time.process_time() - t0) / 2, 1e-6)
         n = max(2, min(200, round(BLOCK_S / per)))
+        if impl in ("sweep", "compile"):
+            n = max(n, SWEEP_MIN_STEPS)
         runs[impl] = (fn, n)
         out["impls"][impl] = {**info, "steps_per_block": n, "cpu_ms": [], "wall_ms": []}
     for _ in range(cfg["rounds"]):
         for impl, (fn, n) in runs.items():
             c0, w0 = time.process_time(), time.perf_counter()
             fn(n)
+            sync()
             rec = out["impls"][impl]
             rec["cpu_ms"].append(1e3 * (time.process_time() - c0) / n)
             rec["wall_ms"].append(1e3 * (time.perf_counter() - w0) / n)
@@ -302,11 +314,16 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     import funcreg as fr
 
     torch.set_num_threads(1)
-    w = Workload(cfg["model"], cfg["k"])
+    w = Workload(cfg["model"], cfg["k"], cfg.get("device", "cpu"))
+    cuda = w.device.type == "cuda"
     vmap(grad(lambda a: (a * a).sum()))(torch.ones(2, 3, requires_grad=True)).sum()
     impl = cfg["impl"]
     base = common.current_rss_mb()
     common.reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize(w.device)
+        base = torch.cuda.memory_allocated(w.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(w.device)
     if impl == "sweep":
         net, loss_fn, spec, g = w._sweep_args()
         fr.sweep(
@@ -316,6 +333,8 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         fn, _ = _make(w, impl)
         fn(3)
+    if cuda:
+        return {"peak_mb": torch.cuda.max_memory_allocated(w.device) / 2**20 - base}
     return {"peak_mb": common.peak_rss_mb() - base}
 
 
@@ -333,13 +352,13 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "—" if x is None or x != x else format(x, spec)
 
 
-def table(rows: list[dict[str, Any]], impls: list[str]) -> list[str]:
+def table(rows: list[dict[str, Any]], impls: list[str], key: str = "cpu_ms_median") -> list[str]:
     head = ["model", "K", *[f"{i} ms" for i in impls], *[f"{i}/loop" for i in impls[1:]]]
     head += ["sweep/min(loop,vmap)", "sweep chunks", "peak MB " + "/".join(impls)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         t = r.get("impls", {})
-        ms = {i: t.get(i, {}).get("cpu_ms_median") for i in impls}
+        ms = {i: t.get(i, {}).get(key) for i in impls}
         loop = ms.get("loop")
         ratios = [ms[i] / loop if ms[i] and loop else None for i in impls[1:]]
         peers = [ms[i] for i in ("loop", "vmap") if ms.get(i)]
@@ -373,7 +392,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--big", action="store_true", help="add K = 128")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--compile", action="store_true", help="add fr.sweep(compile=True)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per (model, K)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per (model, K)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: wall ms, GPU memory)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--json", help="write the rows here")
@@ -387,32 +407,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     models = [m for m in args.models.split(",") if m]
     ks = sorted(set(args.k + ([128] if args.big else [])))
     impls = [i for i in args.impls.split(",") if i] + (["compile"] if args.compile else [])
+    key = "wall_ms_median" if args.device.startswith("cuda") else "cpu_ms_median"
+    what = "wall" if args.device.startswith("cuda") else "CPU"
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for model in models:
         for k in ks:
             cfg = {"model": model, "k": k, "impls": impls, "rounds": args.rounds}
+            cfg["device"] = args.device
             row = {"model": model, "k": k, **launch(cfg, args.timeout)}
             if not args.no_memory and k == ks[-1] and "error" not in row:
                 sweep = row["impls"].get("sweep", {})
                 chunk = max(sweep.get("chunks") or [1])
                 row["memory"] = {}
                 for impl in (i for i in impls if i != "compile"):
-                    m = launch({"model": model, "k": k, "impl": impl, "chunk_size": chunk}, 600)
+                    mcfg = {"model": model, "k": k, "impl": impl, "chunk_size": chunk}
+                    m = launch({**mcfg, "device": args.device}, 600)
                     row["memory"][impl] = m.get("peak_mb", float("nan"))
             rows.append(row)
-            print("\n".join(table([row], impls)[2:]), flush=True)
+            print("\n".join(table([row], impls, key)[2:]), flush=True)
     load1 = os.getloadavg()
     import torch
 
     lines = [
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, one thread per worker; "
         f"load average {load0[0]:.2f}/{load0[1]:.2f} before, {load1[0]:.2f}/{load1[1]:.2f} "
-        f"after; {time.perf_counter() - t0:.0f} s in all; ms = CPU ms per step of all K "
+        f"after; {time.perf_counter() - t0:.0f} s in all; ms = {what} ms per step of all K "
         f"models, median of {args.rounds} interleaved rounds",
         "",
-        *table(rows, impls),
+        *table(rows, impls, key),
     ]
     print("\n".join(lines))
     if args.out:
