@@ -26,6 +26,7 @@ is fastest per model:
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -118,23 +119,33 @@ def within_budget(sizes: list[int], k: int, steps: int) -> list[int]:
 def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) -> dict[int, float]:
     """Seconds per model of one step for every chunk size: ``make_step(c)`` returns a
     function running one step of a throwaway chunk of ``c`` models; one warm-up call, then
-    the fastest of :data:`PROBE_STEPS` timed calls, divided by ``c``."""
+    the fastest of :data:`PROBE_STEPS` timed calls, divided by ``c``. A candidate that
+    raises (a model that only runs without ``vmap``, say) is left out, and the probe's
+    warnings (e.g. torch's vmap-fallback notice) are silenced: a plan that is not chosen
+    must not change what the run does or says."""
     out: dict[int, float] = {}
     for c in sizes:
-        step = make_step(c)
-        step()  # warm-up: allocator, autograd graph, kernels' first call
-        best = float("inf")
-        for _ in range(PROBE_STEPS):
-            t0 = clock()
-            step()
-            best = min(best, clock() - t0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                step = make_step(c)
+                step()  # warm-up: allocator, autograd graph, kernels' first call
+                best = float("inf")
+                for _ in range(PROBE_STEPS):
+                    t0 = clock()
+                    step()
+                    best = min(best, clock() - t0)
+            except Exception:  # noqa: BLE001 - any failure rules the candidate out
+                continue
         out[c] = best / c
     return out
 
 
 def choose(per_model: Mapping[int, float], static: int) -> int:
     """The fastest size per model; ``static`` unless another is :data:`MARGIN` faster (a
-    tie between others goes to the smaller chunk)."""
+    tie between others goes to the smaller chunk), and when no candidate ran."""
+    if not per_model:
+        return static
     best = min(per_model, key=lambda c: (per_model[c], c))
     if static in per_model and per_model[best] > (1 - MARGIN) * per_model[static]:
         return static

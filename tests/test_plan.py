@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -189,3 +190,21 @@ def test_guard_fast_check_falls_back_on_overflow() -> None:
         assert not _all_finite(torch.zeros(2), {"w": w})
     assert not _all_finite(torch.tensor([0.0, math.nan]), {"w": torch.ones(3)})
     assert _all_finite(torch.zeros(2), {"w": torch.ones(3), "e": torch.ones(0)})
+
+
+def test_a_failing_candidate_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that raises (or warns) while probed is dropped; the static size stays
+    when nothing ran."""
+    monkeypatch.setattr(_plan, "clock", iter(range(100)).__next__)
+
+    def make(c: int) -> Callable[[], None]:
+        def step() -> None:
+            warnings.warn("probe noise", UserWarning, stacklevel=1)
+            if c == 8:
+                raise RuntimeError("this model cannot be vmapped")
+
+        return step
+
+    assert set(_plan.measure([1, 8], make)) == {1}
+    assert _plan.choose({}, static=4) == 4
+    assert _plan.choose({1: 2.0}, static=8) == 1
