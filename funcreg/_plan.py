@@ -10,7 +10,7 @@ is fastest per model:
   :meth:`funcreg._chunking.Footprint.cap` (the cap itself and 8).
 * **Timing** (:func:`measure`): one warm-up step, then :data:`PROBE_STEPS` timed steps per
   candidate with :data:`clock`; a candidate's time is its fastest step divided by its
-  models. The winner must be :data:`MARGIN` faster than the static size, else the static
+  models. A candidate that raises is left out, and the probe's warnings are silenced. The winner must be :data:`MARGIN` faster than the static size, else the static
   size stays (:func:`choose`).
 * **Cost**: probing runs only for runs of at least :data:`PROBE_MIN_STEPS` steps (``plan=
   None``), and only candidates whose probe model-steps fit in :data:`PROBE_BUDGET` of the
