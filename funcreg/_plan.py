@@ -8,10 +8,11 @@ is fastest per model:
   optimizer's fused kernel), the static rule's size
   (:func:`funcreg._chunking.auto_chunk_size`), and vmapped chunks up to the memory cap of
   :meth:`funcreg._chunking.Footprint.cap` (the cap itself and 8).
-* **Timing** (:func:`measure`): one warm-up step, then :data:`PROBE_STEPS` timed steps per
-  candidate with :data:`clock`; a candidate's time is its fastest step divided by its
-  models. A candidate that raises is left out, and the probe's warnings are silenced. The winner must be :data:`MARGIN` faster than the static size, else the static
-  size stays (:func:`choose`).
+* **Timing** (:func:`measure`): one warm-up step, then :data:`PROBE_STEPS` timed samples
+  per candidate with :data:`clock` (a fast step repeated to last :data:`PROBE_SAMPLE_S`);
+  a candidate's time is its fastest sample's step divided by its models. A candidate
+  that raises is left out, and the probe's warnings are silenced. The winner must be
+  :data:`MARGIN` faster than the static size, else the static size stays (:func:`choose`).
 * **Cost**: probing runs only for runs of at least :data:`PROBE_MIN_STEPS` steps (``plan=
   None``), and only candidates whose probe model-steps fit in :data:`PROBE_BUDGET` of the
   run's (:func:`within_budget`); a choice is cached per (model shapes, batch shapes,
@@ -25,6 +26,7 @@ is fastest per model:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -48,7 +50,11 @@ __all__ = [
 PROBE_MIN_STEPS = 200
 """Runs with fewer steps keep the static plan unless ``plan="measure"``."""
 PROBE_STEPS = 3
-"""Timed steps per candidate (after one warm-up step)."""
+"""Timed samples per candidate (after one warm-up step)."""
+PROBE_SAMPLE_S = 0.02
+"""A timed sample repeats a fast step until it lasts about this long (at most
+:data:`PROBE_MAX_REPS` steps), so that one lucky short step cannot win on a busy machine."""
+PROBE_MAX_REPS = 20
 PROBE_BUDGET = 0.05
 """The probe's model-steps are at most this fraction of the run's (``plan=None``)."""
 MARGIN = 0.05
@@ -119,7 +125,8 @@ def within_budget(sizes: list[int], k: int, steps: int) -> list[int]:
 def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) -> dict[int, float]:
     """Seconds per model of one step for every chunk size: ``make_step(c)`` returns a
     function running one step of a throwaway chunk of ``c`` models; one warm-up call, then
-    the fastest of :data:`PROBE_STEPS` timed calls, divided by ``c``. A candidate that
+    the fastest of :data:`PROBE_STEPS` timed samples (each the mean of enough steps to last
+    :data:`PROBE_SAMPLE_S`, judged by the warm-up), divided by ``c``. A candidate that
     raises (a model that only runs without ``vmap``, say) is left out, and the probe's
     warnings (e.g. torch's vmap-fallback notice) are silenced: a plan that is not chosen
     must not change what the run does or says."""
@@ -129,12 +136,16 @@ def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) ->
             warnings.simplefilter("ignore")
             try:
                 step = make_step(c)
+                t0 = clock()
                 step()  # warm-up: allocator, autograd graph, kernels' first call
+                first = clock() - t0
+                reps = max(1, min(PROBE_MAX_REPS, math.ceil(PROBE_SAMPLE_S / max(first, 1e-9))))
                 best = float("inf")
                 for _ in range(PROBE_STEPS):
                     t0 = clock()
-                    step()
-                    best = min(best, clock() - t0)
+                    for _ in range(reps):
+                        step()
+                    best = min(best, (clock() - t0) / reps)
             except Exception:  # noqa: BLE001 - any failure rules the candidate out
                 continue
         out[c] = best / c

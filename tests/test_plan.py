@@ -112,12 +112,16 @@ def test_candidates_budget_and_choice() -> None:
 
 
 def test_measure_takes_the_fastest_step_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    readings = iter([0.0, 3.0, 3.0, 5.0, 5.0, 9.0] + [0.0, 1.0, 1.0, 3.0, 3.0, 4.0])
+    # per candidate: warm-up (2 readings), then PROBE_STEPS samples (2 readings each)
+    c4 = [0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 10.0]  # one step per sample: 3, 2, 4 s
+    c1 = [0.0, 0.001, 1.0, 1.04, 2.0, 2.02, 3.0, 3.06]  # 20 steps per sample: 2, 1, 3 ms
+    readings = iter(c4 + c1)
     monkeypatch.setattr(_plan, "clock", lambda: next(readings))
     calls: list[int] = []
     out = _plan.measure([4, 1], lambda c: lambda: calls.append(c))
-    assert out == {4: 2.0 / 4, 1: 1.0}
-    assert calls == [4] * (1 + _plan.PROBE_STEPS) + [1] * (1 + _plan.PROBE_STEPS)
+    assert out == pytest.approx({4: 2.0 / 4, 1: 0.001})
+    reps = _plan.PROBE_MAX_REPS  # the 1 ms warm-up: 20 ms samples, 20 steps each
+    assert calls == [4] * (1 + _plan.PROBE_STEPS) + [1] * (1 + reps * _plan.PROBE_STEPS)
 
 
 def test_short_runs_keep_the_static_plan(ticking: None) -> None:
