@@ -8,8 +8,9 @@ is fastest per model:
   optimizer's fused kernel), the static rule's size
   (:func:`funcreg._chunking.auto_chunk_size`), and vmapped chunks up to the memory cap of
   :meth:`funcreg._chunking.Footprint.cap` (the cap itself and 8).
-* **Timing** (:func:`measure`): one warm-up step, then :data:`PROBE_STEPS` timed samples
-  per candidate with :data:`clock` (a fast step repeated to last :data:`PROBE_SAMPLE_S`);
+* **Timing** (:func:`measure`): two warm-up steps, then :data:`PROBE_STEPS` interleaved
+  rounds of one timed sample per candidate with :data:`clock` (a fast step repeated to
+  last :data:`PROBE_SAMPLE_S`);
   a candidate's time is its fastest sample's step divided by its models. A candidate
   that raises is left out, and the probe's warnings are silenced. The winner must be
   :data:`MARGIN` faster than the static size, else the static size stays (:func:`choose`).
@@ -107,14 +108,14 @@ def candidates(k: int, static: int, cap: int) -> list[int]:
 
 
 def within_budget(sizes: list[int], k: int, steps: int) -> list[int]:
-    """The leading ``sizes`` whose probe (``1 + PROBE_STEPS`` steps of ``c`` models each)
+    """The leading ``sizes`` whose probe (``2 + PROBE_STEPS`` steps of ``c`` models each)
     costs at most :data:`PROBE_BUDGET` of the run's ``k·steps`` model-steps; never fewer
     than one."""
     allowed = PROBE_BUDGET * k * steps
     out: list[int] = []
     used = 0
     for c in sizes:
-        cost = (1 + PROBE_STEPS) * c
+        cost = (2 + PROBE_STEPS) * c
         if out and used + cost > allowed:
             continue
         out.append(c)
@@ -124,32 +125,39 @@ def within_budget(sizes: list[int], k: int, steps: int) -> list[int]:
 
 def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) -> dict[int, float]:
     """Seconds per model of one step for every chunk size: ``make_step(c)`` returns a
-    function running one step of a throwaway chunk of ``c`` models; one warm-up call, then
-    the fastest of :data:`PROBE_STEPS` timed samples (each the mean of enough steps to last
-    :data:`PROBE_SAMPLE_S`, judged by the warm-up), divided by ``c``. A candidate that
-    raises (a model that only runs without ``vmap``, say) is left out, and the probe's
-    warnings (e.g. torch's vmap-fallback notice) are silenced: a plan that is not chosen
-    must not change what the run does or says."""
-    out: dict[int, float] = {}
-    for c in sizes:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    function running one step of a throwaway chunk of ``c`` models. Every candidate runs two
+    warm-up steps (the second, timed, sets how many steps a sample repeats to last
+    :data:`PROBE_SAMPLE_S`), then :data:`PROBE_STEPS` rounds time one sample of each in
+    turn; a candidate's figure is its fastest sample's time per step, divided by ``c``.
+    A candidate that raises (a model that only runs without ``vmap``, say) is left out,
+    and the probe's warnings (e.g. torch's vmap-fallback notice) are silenced: a plan that
+    is not chosen must not change what the run does or says."""
+    ready: dict[int, tuple[Callable[[], None], int]] = {}
+    best: dict[int, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in sizes:  # every candidate warmed up before any is timed
             try:
                 step = make_step(c)
+                step()  # first call: allocator, autograd graph, lazy initialisation
                 t0 = clock()
-                step()  # warm-up: allocator, autograd graph, kernels' first call
+                step()
                 first = clock() - t0
-                reps = max(1, min(PROBE_MAX_REPS, math.ceil(PROBE_SAMPLE_S / max(first, 1e-9))))
-                best = float("inf")
-                for _ in range(PROBE_STEPS):
+            except Exception:  # noqa: BLE001 - any failure rules the candidate out
+                continue
+            reps = max(1, min(PROBE_MAX_REPS, math.ceil(PROBE_SAMPLE_S / max(first, 1e-9))))
+            ready[c] = (step, reps)
+            best[c] = math.inf
+        for _ in range(PROBE_STEPS):  # interleaved, so that a change of load hits all
+            for c, (step, reps) in list(ready.items()):
+                try:
                     t0 = clock()
                     for _ in range(reps):
                         step()
-                    best = min(best, (clock() - t0) / reps)
-            except Exception:  # noqa: BLE001 - any failure rules the candidate out
-                continue
-        out[c] = best / c
-    return out
+                    best[c] = min(best[c], (clock() - t0) / reps)
+                except Exception:  # noqa: BLE001
+                    del ready[c], best[c]
+    return {c: t / c for c, t in best.items()}
 
 
 def choose(per_model: Mapping[int, float], static: int) -> int:

@@ -101,7 +101,7 @@ def test_candidates_budget_and_choice() -> None:
     assert _plan.candidates(32, 1, 10) == [1, 10, 8]
     assert _plan.candidates(6, 6, 100) == [6, 1]
     assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8]
-    # probe model-steps (1 + PROBE_STEPS)·c within PROBE_BUDGET of K·steps; the first stays
+    # probe model-steps (2 + PROBE_STEPS)·c within PROBE_BUDGET of K·steps; the first stays
     assert _plan.within_budget([32, 1, 128, 8], 128, 100) == [32, 1, 8]
     assert _plan.within_budget([32, 1, 128, 8], 128, 1000) == [32, 1, 128, 8]
     assert _plan.within_budget([32, 1], 2, 1) == [32]
@@ -112,16 +112,18 @@ def test_candidates_budget_and_choice() -> None:
 
 
 def test_measure_takes_the_fastest_step_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    # per candidate: warm-up (2 readings), then PROBE_STEPS samples (2 readings each)
-    c4 = [0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 10.0]  # one step per sample: 3, 2, 4 s
-    c1 = [0.0, 0.001, 1.0, 1.04, 2.0, 2.02, 3.0, 3.06]  # 20 steps per sample: 2, 1, 3 ms
-    readings = iter(c4 + c1)
+    # two warm-up steps per candidate (the second timed: 1 s and 1 ms), then interleaved
+    # rounds of one sample each: candidate 4 one step per sample (3, 2, 4 s), candidate 1
+    # 20 steps per sample (2, 1, 3 ms per step)
+    readings = iter(
+        [0.0, 1.0, 0.0, 0.001] + [0.0, 3.0, 0.0, 0.04, 0.0, 2.0, 0.0, 0.02, 0.0, 4.0, 0.0, 0.06]
+    )
     monkeypatch.setattr(_plan, "clock", lambda: next(readings))
     calls: list[int] = []
     out = _plan.measure([4, 1], lambda c: lambda: calls.append(c))
     assert out == pytest.approx({4: 2.0 / 4, 1: 0.001})
     reps = _plan.PROBE_MAX_REPS  # the 1 ms warm-up: 20 ms samples, 20 steps each
-    assert calls == [4] * (1 + _plan.PROBE_STEPS) + [1] * (1 + reps * _plan.PROBE_STEPS)
+    assert calls == [4, 4, 1, 1] + ([4] + [1] * reps) * _plan.PROBE_STEPS
 
 
 def test_short_runs_keep_the_static_plan(ticking: None) -> None:
