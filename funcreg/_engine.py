@@ -333,7 +333,8 @@ class _Run:
         sizes = _plan.candidates(s.k, static, cap)
         if mode == "auto":
             sizes = _plan.within_budget(sizes, s.k, steps)
-        per_model = _plan.measure(sizes, lambda c: self._probe_step(c, first))
+        one_cpu_thread = s.dev.type == "cpu" and torch.get_num_threads() == 1
+        per_model = _plan.measure(sizes, lambda c: self._probe_step(c, first), one_cpu_thread)
         size = _plan.choose(per_model, static)
         record = {
             "how": "measured",

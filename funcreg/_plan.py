@@ -61,8 +61,11 @@ PROBE_BUDGET = 0.05
 MARGIN = 0.05
 """A measured candidate replaces the static size only when this much faster per model."""
 
-clock: Callable[[], float] = time.perf_counter
-"""The probe's clock (tests replace it with a fake one)."""
+clock: Callable[[], float] | None = None
+"""The probe's clock when set (tests set a fake one); else :func:`measure` reads the
+process's CPU time for a one-thread CPU run (steady while other processes share the cores:
+a wall clock charges their time slices to whichever candidate was running) and the wall
+clock otherwise (threads and devices work in parallel)."""
 
 MODES = ("auto", "static", "measure")
 
@@ -123,15 +126,19 @@ def within_budget(sizes: list[int], k: int, steps: int) -> list[int]:
     return out
 
 
-def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) -> dict[int, float]:
+def measure(
+    sizes: list[int], make_step: Callable[[int], Callable[[], None]], cpu_time: bool = False
+) -> dict[int, float]:
     """Seconds per model of one step for every chunk size: ``make_step(c)`` returns a
     function running one step of a throwaway chunk of ``c`` models. Every candidate runs two
     warm-up steps (the second, timed, sets how many steps a sample repeats to last
     :data:`PROBE_SAMPLE_S`), then :data:`PROBE_STEPS` rounds time one sample of each in
-    turn; a candidate's figure is its fastest sample's time per step, divided by ``c``.
+    turn; a candidate's figure is its fastest sample's time per step, divided by ``c``
+    (CPU time of the process with ``cpu_time=True``, see :data:`clock`).
     A candidate that raises (a model that only runs without ``vmap``, say) is left out,
     and the probe's warnings (e.g. torch's vmap-fallback notice) are silenced: a plan that
     is not chosen must not change what the run does or says."""
+    tick = clock or (time.process_time if cpu_time else time.perf_counter)
     ready: dict[int, tuple[Callable[[], None], int]] = {}
     best: dict[int, float] = {}
     with warnings.catch_warnings():
@@ -140,9 +147,9 @@ def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) ->
             try:
                 step = make_step(c)
                 step()  # first call: allocator, autograd graph, lazy initialisation
-                t0 = clock()
+                t0 = tick()
                 step()
-                first = clock() - t0
+                first = tick() - t0
             except Exception:  # noqa: BLE001 - any failure rules the candidate out
                 continue
             reps = max(1, min(PROBE_MAX_REPS, math.ceil(PROBE_SAMPLE_S / max(first, 1e-9))))
@@ -151,10 +158,10 @@ def measure(sizes: list[int], make_step: Callable[[int], Callable[[], None]]) ->
         for _ in range(PROBE_STEPS):  # interleaved, so that a change of load hits all
             for c, (step, reps) in list(ready.items()):
                 try:
-                    t0 = clock()
+                    t0 = tick()
                     for _ in range(reps):
                         step()
-                    best[c] = min(best[c], (clock() - t0) / reps)
+                    best[c] = min(best[c], (tick() - t0) / reps)
                 except Exception:  # noqa: BLE001
                     del ready[c], best[c]
     return {c: t / c for c, t in best.items()}
