@@ -155,6 +155,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set (``VmHWM``) to its current one (Linux >= 4.0:
+    ``5`` to ``/proc/self/clear_refs``), so that :func:`peak_rss_mb` measures from now on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
 def current_rss_mb() -> float:
     """Current resident set size of this process, MB."""
     try:
@@ -205,6 +215,25 @@ def time_steps(step: Callable[[int], None], steps: int, warmup: int) -> dict[str
         "sys_share": sum(syss[timed]) / max(sum(cpus[timed]), 1e-12),
         "timed_steps": len(walls[timed]),
     }
+
+
+def launch(script: str | Path, cfg: dict[str, Any], env: dict[str, str], timeout: float) -> dict:
+    """Run ``python script --worker '<json cfg>'`` in a fresh process and return the JSON of
+    its ``RESULT`` line, or ``{"error": ...}`` (its last stderr line, or the time-out)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT ") :]))
+    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return {"error": err}
 
 
 def median(xs: list[float]) -> float:

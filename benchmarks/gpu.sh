@@ -4,7 +4,12 @@
 #   1. tests/test_cuda.py: the same numbers on the GPU as on the CPU (float64);
 #   2. sweep_vs_loop.py on the GPU, K = 1 and 64 (minibatch 512), with JAX;
 #   3. the same at K = 1024, minibatch and full batch (the loop alone takes ~1.5 min);
-#   4. fr.sweep(compile=True) at K = 64 and 1024 (its ratio: against the loop of 2 and 3).
+#   4. fr.sweep(compile=True) at K = 64 and 1024 (its ratio: against the loop of 2 and 3);
+#   5. models.py on the GPU (MLP 784-512-512-10, LeNet, Transformer encoder; K = 8, 64):
+#      loop, fused loop, raw vmap, fr.sweep (measured plan) and fr.sweep(compile=True) —
+#      the rows benchmarks/README.md marks "not yet measured". A CUDA-graph capture of the
+#      whole step (torch.compile mode="reduce-overhead") is not implemented in fr.sweep yet;
+#      this run gives the baseline it would have to beat.
 # Usage, from the repository root on a machine with a CUDA build of torch (jax and optax
 # optional):  bash benchmarks/gpu.sh [OUTDIR]      (default OUTDIR: gpu-results)
 # Each part has its own time limit, so a failing part leaves the others' results.
@@ -30,3 +35,6 @@ bench() {  # bench NAME SECONDS ARGS...: one sweep_vs_loop run, table and log un
 bench sweep_gpu 240 --k 1 64 --full-k --impls loop,vmap,sweep,jax --repeats 1
 bench wide_gpu 360 --k 1024 --full-k 1024 --impls loop,vmap,sweep,jax --repeats 1
 bench compile_gpu 200 --k 64 1024 --full-k --impls sweep-compile --repeats 1
+timeout 420 "$py" benchmarks/models.py --device "${DEVICE:-cuda}" --models mlp,cnn,transformer \
+    --k 8 64 --compile --rounds 2 --json "$out/models_gpu.json" --out "$out/models_gpu.md" \
+    2>&1 | tee "$out/models_gpu.log"

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -468,16 +467,7 @@ def child_env(threads: int, tune_malloc: bool, device: str = "cpu") -> dict[str,
 
 
 def launch(cfg: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    return {"error": err}
+    return common.launch(__file__, cfg, env, timeout)
 
 
 def max_abs_diff(a_path: str, b_path: str) -> float:

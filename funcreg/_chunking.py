@@ -4,7 +4,7 @@ one chunk's training state (:class:`Chunk`, :func:`unsplit` to join the chunks a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["Chunk", "auto_chunk_size", "plan_chunks", "unsplit"]
+__all__ = ["Chunk", "Footprint", "auto_chunk_size", "footprint", "plan_chunks", "unsplit"]
 
 # Auto chunking on CPU (measured on the 32-64-64-1 MLP task, 1 thread; see
 # auto_chunk_size): models whose forward handles megabytes train one by one without vmap;
@@ -22,6 +22,8 @@ UNBATCHED_FORWARD_BYTES = 3 * 2**20
 UNBATCHED_MAX_K = 4
 LARGEST_TEMP_BYTES = 16 * 2**20
 FORWARD_BYTES = 64 * 2**20
+# models with this many bytes of parameters are compute-bound on CPU: one by one (see below)
+UNBATCHED_PARAM_BYTES = 2**20
 
 
 class _Bytes(TorchFunctionMode):
@@ -45,12 +47,17 @@ def auto_chunk_size(
     device: torch.device | str = "cpu",
     whole_k: int | None = None,
     compiled: bool = False,
+    params: Mapping[str, Tensor] | None = None,
 ) -> int:
-    """The chunk size ``fr.sweep`` uses when ``chunk_size=None``.
+    """The static rule's chunk size: ``fr.sweep``'s with ``chunk_size=None`` when it does
+    not measure (short runs, ``plan="static"``; see :mod:`funcreg._plan`), and the first
+    candidate when it does.
 
     Runs ``forward()`` (one model's loss on one training batch) once under ``no_grad`` and
-    measures its floating-point temporaries (per-model footprint ``A``, largest one ``M``).
-    On CPU:
+    measures its floating-point temporaries (per-model footprint ``A``, largest one ``M``);
+    ``params`` (one model's trained tensors) give the parameter bytes ``P`` and the largest
+    parameter ``W`` (a gradient, each optimizer-state tensor and each temporary of an
+    out-of-place update is as large). On CPU:
 
     * ``K <= 4`` and eager steps: 1 — vmapping so few models costs more than running them
       one by one (not so for a compiled step, whose dispatch cost is small): on
@@ -67,8 +74,12 @@ def auto_chunk_size(
       most K). glibc ``malloc`` hands blocks above its mmap threshold (at most 32 MiB) back
       to the OS on every free, so a step with bigger temporaries page-faults them in again
       each time: past it a vmapped step got 2x slower per model (batch 512: K=256 in one
-      call), below it the time per model is flat. (A high ``MALLOC_MMAP_THRESHOLD_``
-      environment variable removes this cliff; pass ``chunk_size`` yourself then.) The
+      call), below it the time per model is flat; a stacked parameter (its gradient, Adam's
+      moments and their temporaries) counts like a forward temporary: one first-layer
+      weight of the wide MLP above stacked over 32 models is 51 MB, and every step
+      page-faulted all of them in (65% of its CPU time in the kernel). (A high
+      ``MALLOC_MMAP_THRESHOLD_`` environment variable removes this cliff; pass
+      ``chunk_size`` yourself then.) The
       footprint cap is a precaution for small caches, not binding in our measurements.
 
     On other devices the whole grid runs at once (K). ``whole_k``: the K of the whole grid
@@ -81,13 +92,37 @@ def auto_chunk_size(
         return k
     if not compiled and (k if whole_k is None else whole_k) <= UNBATCHED_MAX_K:
         return 1
+    fp = footprint(forward, params)
+    if fp.params >= UNBATCHED_PARAM_BYTES or fp.total >= UNBATCHED_FORWARD_BYTES:
+        return 1
+    return int(max(2, min(k, fp.cap())))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One model's bytes: its forward's floating-point temporaries (``total``, the
+    ``largest`` one) and its trained parameters (``params``, the ``largest_param``)."""
+
+    total: int
+    largest: int
+    params: int
+    largest_param: int
+
+    def cap(self) -> int:
+        """The largest chunk ``C`` (at least 1) with ``C·max(M, W) <= 16 MiB`` and
+        ``C·A <= 64 MiB`` (see :func:`auto_chunk_size`)."""
+        largest = max(self.largest, self.largest_param, 1)
+        return max(1, min(LARGEST_TEMP_BYTES // largest, FORWARD_BYTES // max(self.total, 1)))
+
+
+def footprint(forward: Callable[[], Any], params: Mapping[str, Tensor] | None = None) -> Footprint:
+    """Run ``forward()`` once under ``no_grad`` and count its floating-point temporaries;
+    count the floating-point tensors of ``params``."""
     counter = _Bytes()
     with torch.no_grad(), counter:
         forward()
-    if counter.total >= UNBATCHED_FORWARD_BYTES:
-        return 1
-    c = min(LARGEST_TEMP_BYTES // max(counter.largest, 1), FORWARD_BYTES // max(counter.total, 1))
-    return int(max(2, min(k, c)))
+    sizes = [t.nbytes for t in (params or {}).values() if t.is_floating_point()]
+    return Footprint(counter.total, counter.largest, sum(sizes), max(sizes, default=0))
 
 
 def plan_chunks(k: int, size: int | None, balanced: bool = True) -> list[tuple[int, int]]:

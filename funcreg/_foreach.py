@@ -91,6 +91,22 @@ def _fe_scale(xs: _Tensors, s: _Scalar) -> _Tensors:
     return torch._foreach_mul(xs, s)
 
 
+def _decayed(
+    params: Params, grads: Params, keys: list[str], wd: _Scalar, decoupled_lr: _Scalar | None = None
+) -> tuple[_Tensors, _Tensors]:
+    """A group's ``(params, gradients)`` with weight decay ``wd`` applied as the pure steps
+    do: coupled, ``g + wd·p`` (SGD, Adam), or decoupled, ``p·(1 - lr·wd)`` when
+    ``decoupled_lr`` is given (AdamW); new tensors, nothing passed in is modified."""
+    ps: _Tensors = [params[k] for k in keys]
+    gs: _Tensors = [grads[k] for k in keys]
+    if not is_zero(wd):
+        if decoupled_lr is not None:
+            ps = _fe_scale(ps, 1 - decoupled_lr * wd)
+        else:
+            gs = torch._foreach_add(gs, _fe_scale(ps, wd))
+    return ps, gs
+
+
 def _cpu_number(value: _Scalar) -> float | None:
     """``value`` as a Python float when it is a number or a 0-dim CPU tensor (no sync)."""
     if isinstance(value, Tensor):
@@ -228,10 +244,7 @@ def _sgd_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
         new_params: Params = {}
         new_buffers: Params = {}
         for keys in _groups(params):
-            ps: _Tensors = [params[k] for k in keys]
-            gs: _Tensors = [grads[k] for k in keys]
-            if not is_zero(wd):
-                gs = torch._foreach_add(gs, _fe_scale(ps, wd))
+            ps, gs = _decayed(params, grads, keys, wd)
             if use_momentum:
                 bufs: _Tensors
                 if first_now:
@@ -279,13 +292,7 @@ def _adam_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
         exp_avg: Params = {}
         exp_avg_sq: Params = {}
         for keys in _groups(params):
-            ps: _Tensors = [params[k] for k in keys]
-            gs: _Tensors = [grads[k] for k in keys]
-            if not is_zero(wd):
-                if decoupled:
-                    ps = _fe_scale(ps, 1 - lr_ * wd)
-                else:
-                    gs = torch._foreach_add(gs, _fe_scale(ps, wd))
+            ps, gs = _decayed(params, grads, keys, wd, lr_ if decoupled else None)
             ms = _fe_scale([state.exp_avg[k] for k in keys], b1)
             torch._foreach_add_(ms, _fe_scale(gs, 1 - b1))
             vs = _fe_scale([state.exp_avg_sq[k] for k in keys], b2)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, _plan
 from ._checkpoint import CheckpointLock, load_checkpoint, sweep_identity
 from ._data import Batch, Data, make_data
 from .optim import Optimizer
@@ -71,6 +71,8 @@ class Setup:
         """Release what the run holds (the checkpoint's lock); the run has ended."""
         if self.lock is not None:
             self.lock.release()
+
+    plan: Any = None  # fr.sweep's plan= (see funcreg._plan.check_plan)
 
 
 def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
@@ -188,6 +190,7 @@ class SweepArgs:
     device: torch.device | str | None = None
     val_fn: Callable[..., Tensor] | None = None
     init: Any = None
+    plan: Any = None
 
     @classmethod
     def names(cls) -> list[str]:
@@ -295,6 +298,7 @@ def prepare(
     _checks.check_optimizer("sweep", optimizer)
     seed = _checks.check_seed("sweep", seed)
     spec = as_spec(spec)
+    _plan.check_plan(a.plan, a.chunk_size)
     if not isinstance(grid, Mapping):
         raise TypeError(
             f"sweep: grid must be a dict of axes as from fr.grid(...), got {type(grid).__name__}"
@@ -387,4 +391,5 @@ def prepare(
         prev=prev,
         t_start=t_start,
         lock=lock,
+        plan=a.plan,
     )

@@ -37,9 +37,14 @@ How it runs
   last few elements (one ulp apart at times; a per-model value such as Adam's bias
   correction takes one route or the other with the chunk's size), vmapped train-mode
   BatchNorm rounds with the number of models, and a chunk of one model runs without
-  ``vmap``, with plain autograd — faster. ``chunk_size=None`` chooses it on CPU (see
-  :func:`~funcreg._chunking.auto_chunk_size`; without ``compile=True`` a grid of up to 4
-  models trains one by one); on other devices the whole grid runs at once. Bit-for-bit
+  ``vmap``, with plain autograd — faster. ``chunk_size=None`` chooses it: a run of at
+  least 200 steps times a few steps of candidate chunk sizes on throwaway copies first and
+  keeps the fastest per model (:mod:`funcreg._plan`; cached per problem in the process);
+  shorter runs, ``plan="static"``, ``compile=True`` and distributed shards use the static
+  rule (:func:`~funcreg._chunking.auto_chunk_size`: on CPU, grids of up to 4 models and
+  models with 1 MiB of parameters train one by one; on other devices the whole grid runs
+  at once). The choice is made before the first real step and recorded in
+  ``result.meta["plan"]``; ``plan=result.meta["plan"]`` replays it. Bit-for-bit
   comparisons between two grids need the same chunks for each model, e.g.
   ``chunk_size=1``.
 * **Divergence**: after every step, a model whose loss, penalty or parameters are
@@ -111,6 +116,7 @@ def sweep(
     val_fn: Callable[..., Tensor] | None = None,
     init: Any = None,
     distributed: bool = False,
+    plan: Any = None,
 ) -> SweepResult:
     """Train one model per grid point, all at once; see the module docstring for how.
 
@@ -133,8 +139,12 @@ def sweep(
         eval_every: evaluate (validation loss/metric, exact-zero fractions) every this many
             steps and at the end (default: 20 evaluations per run; a resumed run keeps the
             cadence it started with).
-        chunk_size: models per vmapped call (``None``:
-            :func:`~funcreg._chunking.auto_chunk_size`).
+        chunk_size: models per vmapped call (``None``: the plan's, see ``plan``).
+        plan: how ``chunk_size=None`` is chosen: ``None`` (measure a few steps of candidate
+            chunk sizes before training when the run has at least 200 steps, else the
+            static rule :func:`~funcreg._chunking.auto_chunk_size`), ``"static"``,
+            ``"measure"`` (always measure), or ``result.meta["plan"]`` of an earlier run
+            (the same chunks, hence the same numbers). See :mod:`funcreg._plan`.
         compile: ``torch.compile(fullgraph=True)`` the chunk step.
         progress: a tqdm bar (plain lines without tqdm); ``False`` for silence.
         seed: seeds the batch order and the RNG (dropout) of the run; the global RNG
@@ -156,6 +166,11 @@ def sweep(
     options = locals()  # the keyword arguments, by their names in SweepArgs (one list)
     args = SweepArgs(**{name: options[name] for name in SweepArgs.names()})
     if distributed:
+        if plan is not None:
+            raise ValueError(
+                "sweep: plan= is not supported with distributed=True (shards use the static "
+                "rule); pass chunk_size= instead"
+            )
         return _distributed.sweep(model, loss_fn, spec, grid, **vars(args))
     with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
         return run_local(setup)

@@ -569,9 +569,7 @@ def adamw(
         w   <- w - γ / (1 - β1^t) · m_t / (sqrt(v_t) / sqrt(1 - β2^t) + ε)
 
     Args:
-        lr: learning rate ``γ >= 0``, a number or a name of the hyperparameters dict.
-        betas: ``(β1, β2)``, each in ``[0, 1)``.
-        eps: ``ε > 0``.
+        lr, betas, eps: as in :func:`adam`.
         weight_decay: decoupled decay ``λ >= 0``; each step shrinks ``w`` by ``γ λ w``.
 
     Returns:

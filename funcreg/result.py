@@ -56,7 +56,7 @@ from .stack import eval_mode, load_, unstack
 __all__ = ["FORMAT", "Best", "SweepResult", "one_se_index"]
 
 FORMAT = "funcreg.SweepResult/1"
-_RUN_ONLY = ("identity", "chunks")  # meta of one run that a new result of its models drops
+_RUN_ONLY = ("identity", "chunks", "plan")  # meta of one run that a new result drops
 
 
 def one_se_index(mean: Tensor, se: Tensor, order: Tensor) -> int:

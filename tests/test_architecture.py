@@ -42,6 +42,7 @@ FLOORS: dict[str, int] = {
     # the training engine
     "_data": 8,
     "_chunking": 8,
+    "_plan": 8,
     "_checkpoint": 8,
     "_setup": 9,
     "_engine": 10,
