@@ -174,6 +174,7 @@ def sweep_identity(
     val_fn: Any,
     batch_size: int | None,
     seed: int,
+    activity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this sweep (see the module docstring)."""
     return {
@@ -188,6 +189,7 @@ def sweep_identity(
         "functions": {"loss_fn": code_identity(loss_fn), "val_fn": code_identity(val_fn)},
         "batch_size": batch_size,
         "seed": seed,
+        "activity": canonical(dict(activity or {}), [], "activity"),
     }
 
 

@@ -26,7 +26,7 @@ from . import _tree as _flat
 from ._checkpoint import save_checkpoint
 from ._chunking import Chunk, auto_chunk_size, footprint, plan_chunks, unsplit
 from ._data import Batch
-from ._setup import Setup
+from ._setup import Setup, data_loss
 from .optim import Optimizer
 from .penalties import Penalty
 from .progress import Progress
@@ -133,11 +133,12 @@ def eager_step(
     spec: Spec | Mapping[str, Penalty],
     optimizer: Optimizer,
     prox: bool = True,
+    activity: Mapping[str, Any] | None = None,
 ) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
     """:func:`funcreg.train.train_step` for one unbatched model with ``autograd=True``:
     same signature, the same numbers up to rounding, less per-step overhead on CPU.
     ``fr.sweep`` runs chunks of one model with it."""
-    return train_step(loss_fn, spec, optimizer, prox, autograd=True)
+    return train_step(loss_fn, spec, optimizer, prox, autograd=True, activity=activity)
 
 
 # ------------------------------------------------------------------------ compile cache
@@ -210,12 +211,14 @@ class _Run:
 
             return one
 
-        one = with_metric_vector(train_step(wrapped, s.spec, s.optimizer, prox=s.prox))
-        one_eager = with_metric_vector(eager_step(wrapped, s.spec, s.optimizer, prox=s.prox))
+        act = s.activity
+        one = with_metric_vector(train_step(wrapped, s.spec, s.optimizer, s.prox, activity=act))
+        one_eager = with_metric_vector(eager_step(wrapped, s.spec, s.optimizer, s.prox, act))
+        data_loss_fn = data_loss(loss_fn, act)
 
         def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
             full = {**p, **bufs}
-            vals = [loss_fn(full, *b).to(dtype)]
+            vals = [data_loss_fn(full, *b).to(dtype)]
             if val_fn is not None:
                 vals.append(torch.as_tensor(val_fn(full, *b)).to(dtype))
             return torch.stack(vals)

@@ -9,10 +9,11 @@ each shard of :func:`funcreg.distributed.sweep` start here; the run itself is
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from . import _checks, _plan
 from ._checkpoint import CheckpointLock, load_checkpoint, sweep_identity
 from ._data import Batch, Data, make_data
+from .activity import Activity
+from .activity import penalized as activity_penalized
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import SweepResult
@@ -73,12 +76,47 @@ class Setup:
             self.lock.release()
 
     plan: Any = None  # fr.sweep's plan= (see funcreg._plan.check_plan)
+    activity: dict[str, Any] = field(default_factory=dict)  # fr.sweep's activity= terms
 
 
-def _check_axes(grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer) -> None:
-    strengths = set(spec.strength_names)
+def _check_activity(loss_fn: Callable[..., Any], spec: Spec, activity: Any) -> dict[str, Activity]:
+    """``activity=`` as a ``{term: Activity}`` dict, checked by building the objective of
+    :func:`funcreg.activity.penalized` once (names, types; no call)."""
+    if activity is None:
+        return {}
+    if not isinstance(activity, Mapping):
+        raise TypeError(
+            "sweep: activity= must be a dict {term: fr.activity.Activity(penalty, module "
+            f"path)}}, got {type(activity).__name__}"
+        )
+    activity_penalized(loss_fn, spec, activity)
+    return dict(activity)
+
+
+def data_loss(loss_fn: Callable[..., Any], activity: Mapping[str, Any]) -> Callable[..., Any]:
+    """The data loss of ``loss_fn``: itself, or with activity terms (whose ``loss_fn``
+    returns ``(data loss, {module path: activation})``) its first element."""
+    if not activity:
+        return loss_fn
+
+    def first(params: Any, *batch: Any) -> Any:
+        out = loss_fn(params, *batch)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+            raise TypeError(
+                f"sweep: with activity= terms, loss_fn must return (data loss, {{module path: "
+                f"activation}}), got {type(out).__name__}"
+            )
+        return out[0]
+
+    return functools.wraps(loss_fn)(first)
+
+
+def _check_axes(
+    grid: Mapping[str, Tensor], spec: Spec, optimizer: Optimizer, activity: Mapping[str, Any]
+) -> None:
+    strengths = {*spec.strength_names, *activity}
     hyper = set(optimizer.hyperparams)
-    allowed = [*spec.strength_names, *sorted(hyper)]
+    allowed = [*spec.strength_names, *activity, *sorted(hyper)]
     for name in grid:
         if name in strengths or name in hyper:
             continue
@@ -191,6 +229,7 @@ class SweepArgs:
     val_fn: Callable[..., Tensor] | None = None
     init: Any = None
     plan: Any = None
+    activity: Any = None
 
     @classmethod
     def names(cls) -> list[str]:
@@ -299,13 +338,14 @@ def prepare(
     seed = _checks.check_seed("sweep", seed)
     spec = as_spec(spec)
     _plan.check_plan(a.plan, a.chunk_size)
+    activity = _check_activity(loss_fn, spec, a.activity)
     if not isinstance(grid, Mapping):
         raise TypeError(
             f"sweep: grid must be a dict of axes as from fr.grid(...), got {type(grid).__name__}"
         )
     g64 = build_grid(grid, product=False, dtype=torch.float64)
     k = next(iter(g64.values())).numel()
-    _check_axes(g64, spec, optimizer)
+    _check_axes(g64, spec, optimizer, activity)
     dev = _resolve_device(model, a.device)
     params0, fixed0 = _split_model(model, dev)
     spec.validate(params0, g64)
@@ -338,6 +378,7 @@ def prepare(
         val_fn=val_fn,
         batch_size=batch_size,
         seed=seed,
+        activity=activity,
     )
     ckpt = None if checkpoint is None else Path(checkpoint)
     lock = None if ckpt is None else CheckpointLock(ckpt)  # held until Setup.close()
@@ -349,7 +390,7 @@ def prepare(
         else:
             _check_init_finite(stacked_p if init is not None else params0, init is not None)
         check_first_batch(
-            loss_fn, val_fn, train_data, val_data, stacked_p, stacked_b,
+            data_loss(loss_fn, activity), val_fn, train_data, val_data, stacked_p, stacked_b,
             0 if prev is None else prev.steps, seed, dev,
         )  # fmt: skip
     except BaseException:
@@ -384,7 +425,7 @@ def prepare(
         checkpoint_every=_checks.positive_int("checkpoint_every", a.checkpoint_every)
         or max(1, n_steps // 10),
         chunk_size=_checks.positive_int("chunk_size", a.chunk_size),
-        metric_names=("loss", "penalty", *spec),
+        metric_names=("loss", "penalty", *spec, *activity),
         selected=selected,
         identity=identity,
         ckpt=ckpt,
@@ -392,4 +433,5 @@ def prepare(
         t_start=t_start,
         lock=lock,
         plan=a.plan,
+        activity=activity,
     )

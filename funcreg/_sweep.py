@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from . import distributed as _distributed
 from ._engine import run_local
 from ._setup import SweepArgs, prepare
+from .activity import Activity
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import SweepResult
@@ -117,6 +118,7 @@ def sweep(
     init: Any = None,
     distributed: bool = False,
     plan: Any = None,
+    activity: Mapping[str, Activity] | None = None,
 ) -> SweepResult:
     """Train one model per grid point, all at once; see the module docstring for how.
 
@@ -145,6 +147,12 @@ def sweep(
             static rule :func:`~funcreg._chunking.auto_chunk_size`), ``"static"``,
             ``"measure"`` (always measure), or ``result.meta["plan"]`` of an earlier run
             (the same chunks, hence the same numbers). See :mod:`funcreg._plan`.
+        activity: activity terms whose strengths are grid axes, ``{term:
+            fr.activity.Activity(penalty, module path)}``; ``loss_fn`` then returns
+            ``(data loss, {module path: activation})`` and the objective gains
+            ``s_t · Σ_a Ω_t(a)`` per term (:func:`funcreg.activity.penalized`). The K
+            activity strengths train in one vectorized run, with no forward hooks; the
+            history gains one row per activity term; validation uses the data loss.
         compile: ``torch.compile(fullgraph=True)`` the chunk step.
         progress: a tqdm bar (plain lines without tqdm); ``False`` for silence.
         seed: seeds the batch order and the RNG (dropout) of the run; the global RNG

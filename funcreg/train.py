@@ -38,6 +38,8 @@ from torch.func import grad
 
 from . import _checks
 from ._foreach import eager_update
+from .activity import Activity
+from .activity import penalized as activity_penalized
 from .optim import Optimizer, prox_steps
 from .penalties import MCP, SCAD, Penalty
 from .spec import Spec, as_spec, penalized, strength_of
@@ -76,7 +78,9 @@ def check_metric_prox(
             )
 
 
-def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., Any]:
+def _autograd_grad(
+    loss_fn: Callable[..., Any], spec: Spec, activity: Mapping[str, Activity] | None = None
+) -> Callable[..., Any]:
     """``grad(penalized(loss_fn, spec, return_parts=True), has_aux=True)`` for one unbatched
     model, by ``torch.autograd``. Terms with a closed form (:meth:`Penalty.closed_form`:
     plain ``L1``, ``L2``) stay out of the autograd graph: their gradients come from one
@@ -86,8 +90,13 @@ def _autograd_grad(loss_fn: Callable[..., Tensor], spec: Spec) -> Callable[..., 
     detached, not computed from a module's own weights) and raises, naming ``loss_fn``,
     if it does not."""
     forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
-    objective = penalized(loss_fn, Spec({t: p for t, p in spec.items() if t not in forms}), True)
-    order = ["loss", *spec]
+    rest = Spec({t: p for t, p in spec.items() if t not in forms})
+    objective = (
+        activity_penalized(loss_fn, rest, activity, True)
+        if activity
+        else penalized(loss_fn, rest, True)
+    )
+    order = ["loss", *spec, *(activity or {})]
     checked: list[bool] = []  # set once the first call found the loss reading the params
 
     def grad_fn(params: Mapping[str, Tensor], strengths: Mapping[str, Any], *batch: Any) -> Any:
@@ -139,6 +148,7 @@ def train_step(
     prox: bool = True,
     *,
     autograd: bool = False,
+    activity: Mapping[str, Activity] | None = None,
 ) -> Step:
     """A pure step ``(params, state, strengths, *batch) -> (params, state, metrics)``.
 
@@ -153,10 +163,17 @@ def train_step(
     (:func:`funcreg._foreach.eager_update`: a ``_foreach`` or fused-kernel twin of its step):
     the same numbers up to rounding, less per-call overhead for one unbatched model in eager
     mode, but not usable under ``vmap``/``torch.compile``.
+
+    ``activity={term: fr.activity.Activity(...)}`` adds activity terms whose strengths are
+    entries of ``strengths``: ``loss_fn`` then returns ``(data loss, {module path:
+    activation})`` (:func:`funcreg.activity.penalized`) and ``metrics`` gains each term's
+    value.
     """
     grad_part, prox_part = split_spec(spec, prox)
     if autograd:
-        grad_fn = _autograd_grad(loss_fn, grad_part)
+        grad_fn = _autograd_grad(loss_fn, grad_part, activity)
+    elif activity:
+        grad_fn = grad(activity_penalized(loss_fn, grad_part, activity, True), has_aux=True)
     else:
         grad_fn = grad(penalized(loss_fn, grad_part, return_parts=True), has_aux=True)
     # eager: the optimizer's _foreach or fused twin of its step, when it has one

@@ -208,3 +208,57 @@ def test_collect_refuses_a_declared_module_in_a_plain_list():
         activity.collect(Net()),
     ):
         pass
+
+
+def test_fr_sweep_with_activity_terms_equals_a_loop_of_train_step():
+    """fr.sweep(activity=...) trains K activity strengths in one vmapped run (chunk_size=4)
+    and one model at a time (chunk_size=1); both equal a plain loop of fr.train_step, and the
+    history records each activity term's value."""
+    net = _net()
+    torch.manual_seed(1)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randn(16, 1, dtype=torch.float64)
+    spec = fr.Spec(l2=fr.L2("2.weight"))
+    terms = {"act": activity.Activity(fr.L1(), "0")}
+    loss = _hook_free_loss(net, x, y)
+    strengths = [0.0, 0.01, 0.05, 0.2]
+    grid = fr.grid(act=strengths, l2=0.1, dtype=torch.float64)
+    opt = fr.optim.sgd(lr=0.1)
+    kw = dict(train=(x, y), optimizer=opt, steps=6, progress=False, activity=terms)
+    vm = fr.sweep(net, lambda p, xb, yb: loss(p, xb, yb), spec, grid, chunk_size=4, **kw)
+    one = fr.sweep(net, lambda p, xb, yb: loss(p, xb, yb), spec, grid, chunk_size=1, **kw)
+    step = fr.train_step(lambda p, xb, yb: loss(p, xb, yb), spec, opt, activity=terms)
+    p0 = {n: v.detach() for n, v in net.named_parameters()}
+    for i, s in enumerate(strengths):
+        params, state = p0, opt.init(p0)
+        acts = []
+        for _ in range(6):
+            params, state, metrics = step(params, state, {"act": s, "l2": 0.1}, x, y)
+            acts.append(metrics["act"])
+        for n in p0:
+            torch.testing.assert_close(vm.stacked[n][i], params[n], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(one.stacked[n][i], params[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(vm.history["act"][:, i], torch.stack(acts))
+    h0 = torch.func.functional_call(net[0], _sub(vm.params(3), "0"), (x,)).abs().sum()
+    hz = torch.func.functional_call(net[0], _sub(vm.params(0), "0"), (x,)).abs().sum()
+    assert h0 < hz  # the activity strength shrinks the activations
+
+
+def test_fr_sweep_activity_bad_input_is_named():
+    net = _net()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    spec = fr.Spec(l2=fr.L2("2.weight"))
+    terms = {"act": activity.Activity(fr.L1(), "0")}
+    kw = dict(train=(x, y), optimizer=fr.optim.sgd(lr=0.1), steps=2, progress=False)
+
+    def plain(p, xb, yb):
+        return ((torch.func.functional_call(net, p, (xb,)) - yb) ** 2).mean()
+
+    grid = fr.grid(act=[0.1, 0.2], l2=0.1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"with activity= terms, loss_fn must return \(data loss"):
+        fr.sweep(net, plain, spec, grid, activity=terms, **kw)
+    with pytest.raises(ValueError, match=r"grid axis 'act' names no spec term"):
+        fr.sweep(net, plain, spec, grid, **kw)
+    with pytest.raises(TypeError, match=r"activity= must be a dict"):
+        fr.sweep(net, plain, spec, grid, activity=[terms["act"]], **kw)
