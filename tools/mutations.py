@@ -473,8 +473,9 @@ def _pytest(
     if proc.returncode == 0:
         return "passed", "", took
     if proc.returncode == 1 and failed:
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        return "failed", failed[0] + more, took
+        if not stop:  # every failing test, without the folder
+            return "failed", ", ".join(f.removeprefix("tests/") for f in failed), took
+        return "failed", failed[0], took
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
     return f"error (rc {proc.returncode})", " | ".join(tail), took
 
