@@ -8,8 +8,10 @@ whole-grid chunks, CUDA generator seeding, forking and checkpointing, CPU-held `
 and ``toward=`` tensors meeting device params, and results that live on the device
 (``best``, ``module``, ``save``/``load``).
 
-``FUNCREG_TEST_DEVICE=cpu`` runs the file against the CPU itself (a dry run of the tests'
-own code on a machine without a GPU).
+``FUNCREG_TEST_DEVICE`` picks the device (default ``cuda``). Every test is skipped when that
+device is not a CUDA device or none is present: run on the CPU, each comparison would be the
+CPU against itself, which checks nothing (the CPU numbers are checked against independent
+references in the other test files).
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ from funcreg.optim import adam, sgd
 
 DEVICE = torch.device(os.environ.get("FUNCREG_TEST_DEVICE", "cuda"))
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(
-    DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        DEVICE.type != "cuda",
+        reason=f"FUNCREG_TEST_DEVICE={DEVICE.type}: the comparisons would be the CPU against "
+        "itself; these tests compare a CUDA device with the CPU",
+    ),
+    pytest.mark.skipif(
+        DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"
+    ),
+]
 TOL: dict[str, float] = dict(rtol=1e-8, atol=1e-10)
 
 

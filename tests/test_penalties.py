@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from torch.func import grad, vmap
 
@@ -254,20 +254,46 @@ SEPARABLE = {
 }
 
 
+def _region(name, ax, t, lam):
+    """Which piece of the prox map ``|x| = ax`` falls in (MCP γ = 2.5, SCAD a = 3.7)."""
+    if name == "MCP":
+        if t >= 2.5:
+            return "MCP hard: kept" if ax > (t * 2.5) ** 0.5 * lam else "MCP hard: zero"
+        if ax > 2.5 * lam:
+            return "MCP flat region (identity)"
+        return "MCP firm" if ax > t * lam else "MCP zero"
+    if name == "SCAD":
+        if t >= 2.7:
+            return "SCAD beyond the bound"
+        if ax > 3.7 * lam:
+            return "SCAD outer (identity)"
+        if ax > (1 + t) * lam:
+            return "SCAD middle"
+        return "SCAD soft" if ax > t * lam else "SCAD zero"
+    return f"{name} {'zero' if ax <= t * lam else 'nonzero'}"
+
+
 @pytest.mark.parametrize("name", list(SEPARABLE))
 @given(
     xs=st.lists(floats, min_size=1, max_size=6),
-    t=steps,
+    rel=st.lists(st.floats(-5.0, 5.0, allow_nan=False), max_size=4),
+    t=st.one_of(st.floats(0.0, 1.0), st.floats(2.5, 8.0), steps),
     lam=st.floats(0.0, 3.0, allow_nan=False),
 )
+@example(xs=[0.1, 1.0, 2.0, 3.0, 9.0], rel=[], t=0.5, lam=1.0)  # every piece below the bound
+@example(xs=[0.5, 5.0, -11.0], rel=[0.9, 4.0], t=4.0, lam=1.0)  # both sides beyond it
 @settings(max_examples=40, deadline=None)
-def test_prox_step_is_the_global_minimiser_by_brute_force(name, xs, t, lam):
+def test_prox_step_is_the_global_minimiser_by_brute_force(name, xs, rel, t, lam):
     """``prox_step(x, t, λ)`` minimises ``½(y − x)² + t·pen(y; λ)`` coordinate by coordinate,
-    against a grid over ``[−|x| − 1, |x| + 1]``, for any step (a tensor step: no guard)."""
+    against a grid over ``[−|x| − 1, |x| + 1]``, for any step (a tensor step: no guard).
+    Besides absolute values, coordinates ``r·λ`` (``|r| ≤ 5``) land in every piece of the
+    MCP and SCAD maps whatever ``λ``, and small steps keep SCAD's middle piece wide."""
     pen = SEPARABLE[name]
+    xs = xs + [r * lam for r in rel]
     x = torch.tensor(xs, dtype=DT)
     y = pen.prox_step(x, torch.tensor(t, dtype=DT), lam)
     for xi, yi in zip(xs, y.tolist(), strict=True):
+        event(_region(name, abs(xi), t, lam))  # --hypothesis-show-statistics counts them
         span = abs(xi) + 1.0
         grid = torch.linspace(-span, span, 20_001, dtype=DT)
         cost = vmap(lambda g: pen.penalty(g.reshape(1), lam))(grid)

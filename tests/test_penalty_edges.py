@@ -126,6 +126,11 @@ def test_prox_step_keeps_the_training_guard():
         fr.MCP(gamma=2.0).prox_step(torch.ones(2, 2), 3.0, 0.1)
     with pytest.raises(ValueError, match=r"SCAD prox needs a > 1 \+ lr.*raise a"):
         fr.SCAD(a=3.0).prox_step(torch.ones(2, 2), 2.0, 0.1)
+    # at the bound itself (lr = γ: the step is no longer firm thresholding) it is refused too
+    with pytest.raises(ValueError, match=r"MCP prox needs lr < gamma, got lr=2.0, gamma=2.0"):
+        fr.MCP(gamma=2.0).prox_step(torch.ones(2, 2), 2.0, 0.1)
+    assert torch.isfinite(fr.MCP(gamma=2.0).prox_step(torch.ones(2, 2), 1.999, 0.1)).all()
+    assert torch.isfinite(fr.SCAD(a=3.0).prox_step(torch.ones(2, 2), 1.999, 0.1)).all()
 
 
 # --- huge strengths -------------------------------------------------------------------------

@@ -91,3 +91,65 @@ def test_fold_masks_errors() -> None:
     train, test = fold_masks([([0, 1], [2]), ([1, 2], [0])], 3)
     assert train.tolist() == [[True, True, False], [False, True, True]]
     assert test.tolist() == [[False, False, True], [True, False, False]]
+
+
+# --------------------------------------------------------------- CV standard error
+
+
+def test_cv_standard_error_is_the_sample_std_over_root_f() -> None:
+    """``CVResult.se`` is ``std(scores, ddof=1) / √F``, against values written out with the
+    standard library (ddof=0 or a division by F instead of √F differ by 12% or more here)."""
+    import math
+    import statistics
+
+    from funcreg.selection import CVResult
+
+    rows = [[1.0, 2.5, 0.25], [1.5, 2.0, 0.5], [0.5, 4.0, 0.125], [2.0, 3.0, 1.0]]  # F=4, K=3
+    scores = torch.tensor(rows, dtype=torch.float64)
+    cv = CVResult(
+        grid={"l1": torch.tensor([1.0, 0.1, 0.01], dtype=torch.float64)},
+        scores=scores,
+        folds=[],
+        path=None,  # type: ignore[arg-type]  # the statistics need no path
+        axis="l1",
+    )
+    for k in range(3):
+        col = [r[k] for r in rows]
+        expect = statistics.stdev(col) / math.sqrt(4)
+        assert float(cv.se[k]) == pytest.approx(expect, rel=1e-14)
+        assert float(cv.mean[k]) == pytest.approx(statistics.fmean(col), rel=1e-15)
+    assert float(cv.se[0]) == pytest.approx(0.3227486121839514, rel=1e-14)  # sqrt(5/12)/2
+
+
+def test_cross_validate_standard_error_and_the_paths_copy_of_it() -> None:
+    """On a real cross-validation (exact solver, 5 folds): ``cv.se`` and the path's
+    ``history["val_loss_se"]`` equal the standard error computed with numpy from the fold
+    scores (ddof=1, over √F) to 1e-12, and the scores' mean is the path's ``val_loss``."""
+    import numpy as np
+    from torch import nn
+    from torch.func import functional_call
+
+    import funcreg as fr
+    from funcreg.selection import cross_validate
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = x[:, 0] - 2 * x[:, 1] + 0.5 * torch.randn(60, generator=g, dtype=torch.float64)
+    net = nn.Linear(6, 1).double()
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.zero_()
+
+    def loss(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((functional_call(net, params, (xb,)).squeeze(-1) - yb) ** 2).mean()
+
+    cv = cross_validate(
+        net, loss, fr.Spec(l1=fr.L1("weight")), [1.0, 0.3, 0.1, 0.03, 0.01], (x, y), folds=5
+    )
+    s = cv.scores.numpy()
+    assert s.shape == (5, 5) and np.isfinite(s).all()
+    se = s.std(0, ddof=1) / np.sqrt(5)
+    assert np.allclose(cv.se.numpy(), se, rtol=1e-12, atol=0)
+    assert np.allclose(cv.path.history["val_loss_se"][-1].numpy(), se, rtol=1e-12, atol=0)
+    assert np.allclose(cv.path.history["val_loss"][-1].numpy(), s.mean(0), rtol=1e-12, atol=0)
+    assert (se > 0).all()

@@ -65,14 +65,8 @@ SPEC = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2())
 
 
 def batches(steps: int, bs: int, seed: int = 0) -> list[Tensor]:
-    per_epoch = -(-N // bs)
-    out = []
-    for t in range(steps):
-        epoch, i = divmod(t, per_epoch)
-        perm = batch_order(N, bs, seed, epoch)
-        assert perm is not None
-        out.append(perm[i * bs : (i + 1) * bs])
-    return out
+    """The sample indices of each step's minibatch, by the documented seeding rule."""
+    return [torch.tensor(b) for b in _documented_order(N, bs, seed, steps)]
 
 
 # ------------------------------------------------------------------------- equivalence
@@ -110,6 +104,48 @@ def test_equals_separate_functional_runs(f64: None) -> None:
         torch.testing.assert_close(r.history["loss"][:, k], torch.stack(losses), rtol=0, atol=1e-12)
     zeros = r.history["zeros"]["0.weight"][-1]
     assert zeros[0] == 0 and zeros[-1] > 0  # prox gives exact zeros, more with strength
+
+
+def _documented_order(n: int, bs: int, seed: int, steps: int) -> list[list[int]]:
+    """The minibatches of the first ``steps`` steps by the seeding rule, written out here
+    (not through ``batch_order``): epoch ``e`` is ``torch.randperm(n)`` drawn from a
+    generator seeded with ``seed * 1_000_003 + e``, cut into batches of ``bs`` (the last one
+    shorter). The rule is part of a run's identity: changing it changes every seeded run."""
+    per_epoch = -(-n // bs)
+    out = []
+    for t in range(steps):
+        epoch, i = divmod(t, per_epoch)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(torch.randperm(n, generator=gen)[i * bs : (i + 1) * bs].tolist())
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_minibatches_fed_to_the_loss_follow_the_seeded_epoch_order(seed: int) -> None:
+    """The batches the loss actually sees (one model, no vmap: the loss logs the sample
+    indices it gets) over three epochs: each epoch is a permutation of the samples, every
+    epoch has its own order, and they are the documented seeded permutations."""
+    x, y = data()
+    idx = torch.arange(N)
+    net = mlp()
+    seen: list[list[int]] = []
+
+    def logging_loss(params: dict[str, Tensor], xb: Tensor, yb: Tensor, ib: Tensor) -> Tensor:
+        seen.append(ib.tolist())
+        return mse_of(net)(params, xb, yb)
+
+    bs, steps = 20, 7  # 3 batches per epoch (20, 20, 8): epochs 0, 1 and one batch of 2
+    sweep(net, logging_loss, SPEC, grid(l1=[1e-3], l2=1e-3), train=(x, y, idx),
+          optimizer=sgd(0.01), steps=steps, batch_size=bs, chunk_size=1, seed=seed,
+          progress=False)  # fmt: skip
+    assert seen == _documented_order(N, bs, seed, steps)
+    assert [len(b) for b in seen] == [20, 20, 8] * 2 + [20]
+    epochs = [sum(seen[3 * e : 3 * e + 3], []) for e in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(N))  # every sample once per epoch
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    assert seen[6] != seen[0] and seen[6] != seen[3]
+    assert batch_order(N, bs, seed, 1).tolist() == epochs[1]  # type: ignore[union-attr]
 
 
 def test_sgd_equals_torch_optim_loop_with_handwritten_penalty(f64: None) -> None:
@@ -157,8 +193,10 @@ def test_chunking_matches_unchunked(f64: None, chunk_size: int) -> None:
     )
     full = sweep(net, mse_of(net), SPEC, g, chunk_size=5, **kw)
     part = sweep(net, mse_of(net), SPEC, g, chunk_size=chunk_size, **kw)
-    sizes = [b - a for a, b in _plan_chunks(5, chunk_size)]
-    assert part.meta["chunks"] == [list(c) for c in _plan_chunks(5, chunk_size)]
+    plans = {1: [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]], 2: [[0, 2], [2, 4], [4, 5]],
+             3: [[0, 3], [3, 5]]}  # fmt: skip
+    assert part.meta["chunks"] == plans[chunk_size]  # balanced: sizes differ by at most one
+    sizes = [b - a for a, b in plans[chunk_size]]
     for n in full.stacked:
         if min(sizes) >= 2:  # vmapped chunks: bit for bit
             assert torch.equal(part.stacked[n], full.stacked[n])
@@ -349,6 +387,53 @@ def test_divergence_is_isolated_bit_for_bit() -> None:
     assert bad.best(metric="loss").index < 5
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["vmapped", "one-by-one"])
+def test_diverged_models_keep_their_last_finite_params_and_optimizer_state(
+    chunk_size: int | None,
+) -> None:
+    """A model that diverges at step ``t`` ends with the params AND the Adam state (step
+    count, first and second moments) it had after step ``t - 1``: those of the same sweep
+    stopped after ``t`` steps. The healthy models end as in a sweep without the bad ones."""
+    x, y = data()
+    net = mlp()
+    spec = fr.Spec(l1=fr.L1("0.weight"))
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=adam(lr="lr"), batch_size=16, chunk_size=chunk_size,
+        progress=False,
+    )  # fmt: skip
+    l1 = [0.0, 1e-3, 1e-2, 3e-2, 1e-1]  # K = 5 and 10: both grids in one vmapped chunk
+    steps = 7
+    bad = sweep(net, mse_of(net), spec, grid(lr=[0.01, 1e15], l1=l1), steps=steps, **kw)
+    good = sweep(net, mse_of(net), spec, grid(lr=[0.01], l1=l1), steps=steps, **kw)
+    assert bad.diverged.tolist() == [False] * 5 + [True] * 5
+    assert bad.resume is not None and good.resume is not None
+    state_bad, state_good = bad.resume["opt_state"], good.resume["opt_state"]
+    assert len(state_bad) == 1 + 2 * len(good.stacked)  # Adam: step count, m and v per param
+    for n in good.stacked:
+        assert torch.equal(bad.stacked[n][:5], good.stacked[n])
+    for sb, sg in zip(state_bad, state_good, strict=True):
+        assert torch.equal(sb[:5], sg)
+    assert state_bad[0][:5].tolist() == [float(steps)] * 5  # the healthy ones took every step
+    stopped_at: dict[int, SweepResult] = {}
+    for k in range(5, 10):
+        t = int(bad.diverged_at[k])
+        assert 1 <= t < steps
+        # Adam's step count froze at the t steps taken before the one that diverged
+        assert float(state_bad[0][k]) == float(t)
+        if t not in stopped_at:
+            stopped_at[t] = sweep(
+                net, mse_of(net), spec, grid(lr=[0.01, 1e15], l1=l1), steps=t, **kw
+            )
+        stopped = stopped_at[t]
+        assert not bool(stopped.diverged[k])
+        assert stopped.resume is not None
+        for n in stopped.stacked:
+            assert torch.equal(bad.stacked[n][k], stopped.stacked[n][k]), n
+        for j, (sb, ss) in enumerate(zip(state_bad, stopped.resume["opt_state"], strict=True)):
+            assert torch.isfinite(sb[k]).all(), j
+            assert torch.equal(sb[k], ss[k]), j
+
+
 # ------------------------------------------------------------------------ checkpoints
 
 
@@ -371,6 +456,51 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path: Any) -> None:
     assert resumed.history["eval_step"].tolist() == [3, 6, 9, 12]
     with pytest.raises(ValueError, match="has 12 steps done, more than steps=8"):
         sweep(net, mse_of(net), SPEC, g, steps=8, checkpoint=path, **kw)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2], ids=["one-by-one", "vmapped"])
+def test_resume_runs_only_the_remaining_steps_from_the_checkpoints_values(
+    tmp_path: Any, chunk_size: int
+) -> None:
+    """Resuming is not recomputing: a loss that counts its calls sees only the steps left
+    after the checkpoint, and a marker planted in the checkpoint's weights (a value no run
+    computes) is what a resumed run continues from."""
+    x, y = data()
+    net = mlp()
+    g = grid(l1=[1e-3, 1e-2], l2=1e-3)
+    calls = [0]
+
+    def counting(params: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        calls[0] += 1
+        return mse_of(net)(params, xb, yb)
+
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=adam(0.02), batch_size=16, chunk_size=chunk_size, progress=False
+    )
+    full11 = sweep(net, counting, SPEC, g, steps=11, **kw)
+    per_step = calls[0] // 11
+    assert per_step >= 1 and calls[0] == 11 * per_step
+    path = tmp_path / "ck.pt"
+    calls[0] = 0
+    sweep(net, counting, SPEC, g, steps=6, checkpoint=path, **kw)
+    assert calls[0] == 6 * per_step
+    calls[0] = 0
+    sweep(net, counting, SPEC, g, steps=10, checkpoint=path, **kw)
+    assert calls[0] == 4 * per_step  # steps 7..10 only
+    # plant a marker only the checkpoint holds
+    saved = SweepResult.load(path)
+    assert saved.steps == 10
+    marker = torch.full_like(saved.stacked["0.weight"], 0.125)
+    saved.stacked["0.weight"] = marker.clone()
+    saved.save(path)
+    calls[0] = 0
+    done = sweep(net, counting, SPEC, g, steps=10, checkpoint=path, **kw)
+    assert calls[0] == 0  # nothing left to run
+    assert torch.equal(done.stacked["0.weight"], marker)
+    more = sweep(net, counting, SPEC, g, steps=11, checkpoint=path, **kw)
+    assert calls[0] == per_step
+    # one step from the marker, not the 11th step of a run from the model's init
+    assert not torch.equal(more.stacked["0.weight"], full11.stacked["0.weight"])
 
 
 def test_resume_after_crash(tmp_path: Any) -> None:
