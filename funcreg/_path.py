@@ -32,6 +32,7 @@ from torch.func import grad
 
 from . import _checks
 from ._chunking import plan_chunks
+from ._homotopy import whole_path
 from ._quadratic import DETECT_MAX, Quadratic, extract, gradient_gap
 from ._sweep import sweep
 from .optim import Optimizer
@@ -272,8 +273,11 @@ def path(
             reference) on every machine, ``meta["iterations"]`` 0.
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
+            Ignored (one chunk) where the loss is found quadratic and ``term`` is the only
+            term, a plain ``L1`` on at most 64 entries: there every strength starts from its
+            exact solution, from the homotopy (:mod:`funcreg._homotopy`).
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
-            comparison).
+            comparison; no homotopy starts either).
         descending: the order the chunks run in: ``True`` largest strength first (glmnet:
             from the all-zero end), ``False`` smallest first (LassoNet: dense to sparse).
             Default: ``True`` for ``solve``, ``False`` with an optimizer — a network warm-
@@ -338,6 +342,8 @@ def path(
     s = torch.sort(s, descending=bool(descending)).values
     k = s.numel()
     chunks = plan_chunks(k, chunk_size, balanced=False)  # a path's chunks follow the grid
+    if q is not None and warm_start and whole_path(spec, term, params0):
+        chunks = [(0, k)]  # the homotopy starts every strength at its solution: one solve
     info: dict[str, Any] = {"warm_start": bool(warm_start), "path_axis": term}
     info["run_order"] = "descending" if descending else "ascending"
     info["chunks"] = [list(c) for c in chunks]  # in run order
@@ -365,6 +371,8 @@ def path(
                 x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
                 strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
                 exact, exact_data = (loss, data_t) if q is None else (q, ())
+                if q is not None and not warm_start:
+                    exact = q.cold()  # cold starts, for comparison: no homotopy either
                 sol = solve(
                     exact, spec, x0, strengths_ab, *exact_data, stacked=True, tol=tol,
                     max_iter=max_iter, compute_dtype=compute_dtype,
