@@ -129,15 +129,15 @@ def _settle(
     chosen = spec.selection(params0)[term]
     if set(chosen) == set(params0):
         return params0
-    big = 1e3 * max(strength_max(loss, spec, term, params0, *data), 1.0)
-    start = params0
     exact, exact_data = (loss, data) if quadratic is None else (quadratic, ())
+    big = 1e3 * max(strength_max(exact, spec, term, params0, *exact_data), 1.0)
+    start = params0
     for _ in range(4):
         sol = solve(
             exact, spec, params0, {**fixed, term: big}, *exact_data, tol=tol, max_iter=max_iter
         )
         start = {n: v[0] for n, v in sol.params.items()}
-        top = strength_max(loss, spec, term, start, *data)
+        top = strength_max(exact, spec, term, start, *exact_data)
         if top < big:
             break
         big = 1e3 * top
@@ -327,8 +327,12 @@ def path(
     if strengths is None:
         if optimizer is None:
             settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter, q)
-            known = _top_point(loss, spec, term, settled, fixed, data_t)
-        top = strength_max(loss, spec, term, settled, *data_t)
+        # the gradients at the top from the quadratic where one was found (the same to
+        # round-off, without running the loss again)
+        top_loss, top_data = (loss, data_t) if q is None else (q, ())
+        if optimizer is None:
+            known = _top_point(top_loss, spec, term, settled, fixed, top_data)
+        top = strength_max(top_loss, spec, term, settled, *top_data)
         if not top > 0:
             raise ValueError(
                 f"path: strength_max of term {term!r} is {top}: the data loss has zero "

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, vmap
+from torch.func import grad, grad_and_value, jacfwd, vmap
 
 from ._homotopy import exact_start
 from ._lasso import fista_lasso, gram_lipschitz
@@ -166,12 +166,16 @@ def extract(
     def value(theta: Tensor) -> Tensor:
         return fn(layout.single(theta), *data64)
 
-    gradient = grad(value)
+    both = grad_and_value(value)
+
+    def with_aux(theta: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        g, v = both(theta)
+        return g, (g, v)
+
     zero = torch.zeros(layout.P, dtype=torch.float64, device=ref.device)
-    try:
-        c = value(zero).detach()
-        g0 = gradient(zero).detach()
-        H = jacfwd(gradient)(zero).detach()
+    try:  # H, ∇f(0) and f(0) from one forward-over-reverse pass
+        H, (g0, c) = jacfwd(with_aux, has_aux=True)(zero)
+        H, g0, c = H.detach(), g0.detach(), c.detach()
     except Exception as err:  # noqa: BLE001 - any failure means: not recognised
         return None, f"its Hessian could not be formed at 0 ({type(err).__name__}: {err})"
     if c.dim() != 0 or H.shape != (layout.P, layout.P):
@@ -186,8 +190,7 @@ def extract(
     for scale in (1.0, far):
         z = scale * torch.randn(layout.P, generator=gen, dtype=torch.float64).to(ref.device)
         try:
-            fz = value(z).detach()
-            gz = gradient(z).detach()
+            gz, fz = (t.detach() for t in both(z))
         except Exception as err:  # noqa: BLE001
             return None, f"it failed at a probe ({type(err).__name__}: {err})"
         hz = H @ z
