@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jacfwd, vmap
 
-from ._homotopy import exact_start
+from ._homotopy import HARD_MAX, exact_start
 from ._lasso import fista_lasso, gram_lipschitz
 from ._tree import Params
 from .losses import LeastSquares
@@ -290,10 +290,13 @@ def lasso_route(
     else:
         G, r = Huu, bu
     tiny = torch.finfo(G.dtype).tiny ** 0.5
-    L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
     w0 = x0[:, u]
-    if q.homotopy and L0 is None and G.dtype == torch.float64:
-        w0 = exact_start(G, r, tau[:, u], w0)
+    if q.homotopy and L0 is None and G.dtype == torch.float64 and 0 < G.shape[0] <= HARD_MAX:
+        ev = torch.linalg.eigvalsh(G)  # λ_max for the step, λ_min for the homotopy's choice
+        L = max(float(ev[-1].clamp(min=0)), tiny)
+        w0 = exact_start(G, r, tau[:, u], w0, L / max(float(ev[0]), tiny))
+    else:
+        L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
     w, iterations, converged, floors, optimality = fista_lasso(
         G, r[None], tau[:, u], w0, max_iter, tol, G.new_tensor([L]), restart
     )
