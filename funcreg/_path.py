@@ -32,6 +32,7 @@ from torch.func import grad
 
 from . import _checks
 from ._chunking import plan_chunks
+from ._homotopy import whole_path
 from ._quadratic import DETECT_MAX, Quadratic, extract, gradient_gap
 from ._sweep import sweep
 from .optim import Optimizer
@@ -128,15 +129,15 @@ def _settle(
     chosen = spec.selection(params0)[term]
     if set(chosen) == set(params0):
         return params0
-    big = 1e3 * max(strength_max(loss, spec, term, params0, *data), 1.0)
-    start = params0
     exact, exact_data = (loss, data) if quadratic is None else (quadratic, ())
+    big = 1e3 * max(strength_max(exact, spec, term, params0, *exact_data), 1.0)
+    start = params0
     for _ in range(4):
         sol = solve(
             exact, spec, params0, {**fixed, term: big}, *exact_data, tol=tol, max_iter=max_iter
         )
         start = {n: v[0] for n, v in sol.params.items()}
-        top = strength_max(loss, spec, term, start, *data)
+        top = strength_max(exact, spec, term, start, *exact_data)
         if top < big:
             break
         big = 1e3 * top
@@ -272,8 +273,11 @@ def path(
             reference) on every machine, ``meta["iterations"]`` 0.
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
+            Ignored (one chunk) where the loss is found quadratic and ``term`` is the only
+            term, a plain ``L1`` on at most 64 entries: there every strength starts from its
+            exact solution, from the homotopy (:mod:`funcreg._homotopy`).
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
-            comparison).
+            comparison; no homotopy starts either).
         descending: the order the chunks run in: ``True`` largest strength first (glmnet:
             from the all-zero end), ``False`` smallest first (LassoNet: dense to sparse).
             Default: ``True`` for ``solve``, ``False`` with an optimizer — a network warm-
@@ -323,8 +327,12 @@ def path(
     if strengths is None:
         if optimizer is None:
             settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter, q)
-            known = _top_point(loss, spec, term, settled, fixed, data_t)
-        top = strength_max(loss, spec, term, settled, *data_t)
+        # the gradients at the top from the quadratic where one was found (the same to
+        # round-off, without running the loss again)
+        top_loss, top_data = (loss, data_t) if q is None else (q, ())
+        if optimizer is None:
+            known = _top_point(top_loss, spec, term, settled, fixed, top_data)
+        top = strength_max(top_loss, spec, term, settled, *top_data)
         if not top > 0:
             raise ValueError(
                 f"path: strength_max of term {term!r} is {top}: the data loss has zero "
@@ -338,6 +346,8 @@ def path(
     s = torch.sort(s, descending=bool(descending)).values
     k = s.numel()
     chunks = plan_chunks(k, chunk_size, balanced=False)  # a path's chunks follow the grid
+    if q is not None and warm_start and whole_path(spec, term, params0):
+        chunks = [(0, k)]  # the homotopy starts every strength at its solution: one solve
     info: dict[str, Any] = {"warm_start": bool(warm_start), "path_axis": term}
     info["run_order"] = "descending" if descending else "ascending"
     info["chunks"] = [list(c) for c in chunks]  # in run order
@@ -365,6 +375,8 @@ def path(
                 x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
                 strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
                 exact, exact_data = (loss, data_t) if q is None else (q, ())
+                if q is not None and not warm_start:
+                    exact = q.cold()  # cold starts, for comparison: no homotopy either
                 sol = solve(
                     exact, spec, x0, strengths_ab, *exact_data, stacked=True, tol=tol,
                     max_iter=max_iter, compute_dtype=compute_dtype,

@@ -28,7 +28,12 @@ a Lasso in ``u`` alone,
     ``G = H_uu − H_uv H_vv⁻¹ H_vu``,   ``r = b_u − H_uv H_vv⁻¹ b_v``
 
 (the Schur complement; for least squares with an intercept this is centring ``X`` and
-``y``, as glmnet and scikit-learn do), solved by :func:`funcreg._lasso.fista_lasso`. When
+``y``, as glmnet and scikit-learn do), solved by :func:`funcreg._lasso.fista_lasso` — for
+a small ``u`` and thresholds that are one pattern scaled per model (a grid of one ``L1``
+term), started from the exact solutions of the homotopy (:mod:`funcreg._homotopy`), so
+that the loop's first test certifies them: in float64 only (in a lower work dtype the
+rule's floor is above what the start would add), and not with a given ``L0``
+(``lipschitz=``: plain FISTA from the given start, as documented there). When
 ``H_vv`` is not positive definite (a free coordinate the loss does not determine), there is
 no such elimination and the general loop runs instead.
 """
@@ -40,8 +45,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, vmap
+from torch.func import grad, grad_and_value, jacfwd, vmap
 
+from ._homotopy import HARD_MAX, exact_start
 from ._lasso import fista_lasso, gram_lipschitz
 from ._tree import Params
 from .losses import LeastSquares
@@ -88,10 +94,15 @@ class Layout:
 class Quadratic:
     """``f(θ) = c − bᵀθ + ½ θᵀHθ`` on params of the given :class:`Layout`: ``H (P, P)``,
     ``b (P,)``, ``c`` a 0-dim tensor. It offers what the Gram oracle of
-    :func:`~funcreg.solvers.solve` needs (``hessian_apply``, ``linear_term``)."""
+    :func:`~funcreg.solvers.solve` needs (``hessian_apply``, ``linear_term``).
+    ``homotopy``: whether :func:`lasso_route` may start from the homotopy's exact solutions
+    (``False`` for a path's cold starts, kept for comparison)."""
 
-    def __init__(self, H: Tensor, b: Tensor, c: Tensor, layout: Layout) -> None:
+    def __init__(
+        self, H: Tensor, b: Tensor, c: Tensor, layout: Layout, homotopy: bool = True
+    ) -> None:
         self.H, self.b, self.c, self.layout = H, b, c, layout
+        self.homotopy = homotopy
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -110,7 +121,13 @@ class Quadratic:
         return self.layout.single(self.b)
 
     def to(self, dtype: torch.dtype) -> Quadratic:
-        return Quadratic(self.H.to(dtype), self.b.to(dtype), self.c.to(dtype), self.layout)
+        return Quadratic(
+            self.H.to(dtype), self.b.to(dtype), self.c.to(dtype), self.layout, self.homotopy
+        )
+
+    def cold(self) -> Quadratic:
+        """The same quadratic, solved without the homotopy's starting points."""
+        return Quadratic(self.H, self.b, self.c, self.layout, homotopy=False)
 
 
 def from_least_squares(ls: LeastSquares) -> Quadratic | None:
@@ -149,12 +166,16 @@ def extract(
     def value(theta: Tensor) -> Tensor:
         return fn(layout.single(theta), *data64)
 
-    gradient = grad(value)
+    both = grad_and_value(value)
+
+    def with_aux(theta: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        g, v = both(theta)
+        return g, (g, v)
+
     zero = torch.zeros(layout.P, dtype=torch.float64, device=ref.device)
-    try:
-        c = value(zero).detach()
-        g0 = gradient(zero).detach()
-        H = jacfwd(gradient)(zero).detach()
+    try:  # H, ∇f(0) and f(0) from one forward-over-reverse pass
+        H, (g0, c) = jacfwd(with_aux, has_aux=True)(zero)
+        H, g0, c = H.detach(), g0.detach(), c.detach()
     except Exception as err:  # noqa: BLE001 - any failure means: not recognised
         return None, f"its Hessian could not be formed at 0 ({type(err).__name__}: {err})"
     if c.dim() != 0 or H.shape != (layout.P, layout.P):
@@ -169,8 +190,7 @@ def extract(
     for scale in (1.0, far):
         z = scale * torch.randn(layout.P, generator=gen, dtype=torch.float64).to(ref.device)
         try:
-            fz = value(z).detach()
-            gz = gradient(z).detach()
+            gz, fz = (t.detach() for t in both(z))
         except Exception as err:  # noqa: BLE001
             return None, f"it failed at a probe ({type(err).__name__}: {err})"
         hz = H @ z
@@ -270,9 +290,15 @@ def lasso_route(
     else:
         G, r = Huu, bu
     tiny = torch.finfo(G.dtype).tiny ** 0.5
-    L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
+    w0 = x0[:, u]
+    if q.homotopy and L0 is None and G.dtype == torch.float64 and 0 < G.shape[0] <= HARD_MAX:
+        ev = torch.linalg.eigvalsh(G)  # λ_max for the step, λ_min for the homotopy's choice
+        L = max(float(ev[-1].clamp(min=0)), tiny)
+        w0 = exact_start(G, r, tau[:, u], w0, L / max(float(ev[0]), tiny))
+    else:
+        L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
     w, iterations, converged, floors, optimality = fista_lasso(
-        G, r[None], tau[:, u], x0[:, u], max_iter, tol, G.new_tensor([L]), restart
+        G, r[None], tau[:, u], w0, max_iter, tol, G.new_tensor([L]), restart
     )
     x = torch.zeros_like(x0)
     x[:, u] = w

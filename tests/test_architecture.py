@@ -50,6 +50,7 @@ FLOORS: dict[str, int] = {
     "_sweep": 12,
     # exact solvers
     "_lasso": 8,
+    "_homotopy": 8,
     "_fista": 8,
     "_quadratic": 8,
     "_newton": 8,

@@ -262,8 +262,10 @@ def test_converged_models_do_not_change_after_convergence():
     ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
     s = {"l1": torch.from_numpy(lasso_grid(X, y, k=10, lo=1e-3))}
     spec = fr.Spec(l1=fr.L1())
-    short = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=60)
-    long = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=5000)
+    # the loop itself: lipschitz= (its default, λ_max) turns the homotopy's exact starts off
+    lmax = float(torch.linalg.eigvalsh(ls.gram)[-1])
+    short = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=60, lipschitz=lmax)
+    long = solve(ls, spec, ls.init(), s, tol=1e-9, max_iter=5000, lipschitz=lmax)
     early = short.converged
     assert 0 < int(early.sum()) < len(early)  # some stopped, some still running at 60
     assert bool(long.converged.all())

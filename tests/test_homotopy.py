@@ -1,0 +1,157 @@
+"""The exact Lasso path by homotopy (:mod:`funcreg._homotopy`): its points satisfy the
+Lasso's optimality conditions to round-off and equal the exact solution on scikit-learn's
+support and signs; per-coordinate ``L1`` weights by rescaling; where it stops early
+(singular ``G_AA``, ``n < p``) the loop still certifies every answer; and the routes it
+starts agree with the plain loop at ``tol=1e-12``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import lasso_path
+
+import funcreg as fr
+from funcreg._homotopy import lasso_path as homotopy_path
+from funcreg._homotopy import proportional
+from funcreg.solvers import least_squares, solve
+
+DT = torch.float64
+
+
+def _ar1(n: int, p: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, p))
+    X = z.copy()
+    for j in range(1, p):
+        X[:, j] = rho * X[:, j - 1] + np.sqrt(1 - rho**2) * z[:, j]
+    w = np.zeros(p)
+    w[::5] = 1.5
+    y = X @ w + rng.standard_normal(n)
+    return X - X.mean(0), y - y.mean()
+
+
+def _designs() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    X, y = load_diabetes(return_X_y=True)
+    return [
+        ("diabetes", X - X.mean(0), y - y.mean()),
+        ("ar1", *_ar1(150, 40, 0.9, seed=1)),
+        ("gauss", *_ar1(200, 30, 0.0, seed=2)),
+    ]
+
+
+@pytest.mark.parametrize("name", ["diabetes", "ar1", "gauss"])
+def test_homotopy_points_are_exact_lasso_solutions(name):
+    """Each point meets the optimality conditions to round-off (1e-12 of ``‖r‖∞``) and
+    equals, to 1e-10 of the largest coefficient, the closed form on scikit-learn's
+    support and signs, ``w_S = G_SS⁻¹ (r_S − λ σ_S)`` (an independent reference)."""
+    X, y = next((X, y) for n, X, y in _designs() if n == name)
+    n = len(y)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    lam = np.geomspace(top, top * 1e-3, 60)
+    w, done = homotopy_path(torch.from_numpy(G), torch.from_numpy(r), torch.from_numpy(lam))
+    assert bool(done.all())
+    W = w.numpy()
+    _, coefs, _ = lasso_path(X, y, alphas=lam, tol=1e-12, max_iter=10**6)
+    scale = np.abs(W).max()
+    for k in range(len(lam)):
+        g = r - G @ W[k]
+        on = W[k] != 0
+        assert np.abs(g[on] - lam[k] * np.sign(W[k][on])).max(initial=0) <= 1e-12 * top
+        assert (np.abs(g[~on]) - lam[k]).max(initial=-1) <= 1e-12 * top
+        sk_on = coefs[:, k] != 0
+        ref = np.zeros_like(r)
+        if sk_on.any():
+            sigma = np.sign(coefs[sk_on, k])
+            ref[sk_on] = np.linalg.solve(G[np.ix_(sk_on, sk_on)], r[sk_on] - lam[k] * sigma)
+        assert np.abs(W[k] - ref).max() <= 1e-10 * scale
+
+
+def test_homotopy_reads_any_order_and_zero_above_the_top():
+    X, y = _designs()[0][1:]
+    n = len(y)
+    G, r = torch.from_numpy(X.T @ X / n), torch.from_numpy(X.T @ y / n)
+    top = float(r.abs().max())
+    lam = torch.tensor([0.1 * top, 2 * top, 0.01 * top, top], dtype=DT)
+    w, done = homotopy_path(G, r, lam)
+    assert bool(done.all()) and bool((w[[1, 3]] == 0).all())
+    w2, _ = homotopy_path(G, r, lam.flip(0))
+    torch.testing.assert_close(w2.flip(0), w, rtol=0, atol=1e-14 * float(w.abs().max()))
+
+
+def test_proportional_thresholds():
+    c = torch.tensor([1.0, 0.5, 2.0], dtype=DT)
+    s = torch.tensor([3.0, 1.0], dtype=DT)
+    got = proportional(s[:, None] * c[None])
+    assert got is not None
+    torch.testing.assert_close(got[0][:, None] * got[1][None], s[:, None] * c[None])
+    assert proportional(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT)) is None
+    assert proportional(torch.tensor([[1.0, 0.0]], dtype=DT)) is None  # a free coordinate
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-12])
+def test_weighted_l1_by_rescaling_agrees_with_the_plain_loop(tol):
+    """Per-coordinate weights (``L1(weight=c)``): the homotopy on the rescaled problem
+    starts the loop; the answer is what the plain loop (``lipschitz=``, no homotopy)
+    reaches, and every model is certified at ``tol``."""
+    X, y = _ar1(120, 25, 0.6, seed=3)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    ls = least_squares(Xt, yt)
+    c = torch.linspace(0.5, 2.0, 25, dtype=DT)[None]
+    spec = fr.Spec(l1=fr.L1(weight={"weight": c}))
+    top = float((ls.xty[0].abs() / c[0]).max())
+    s = {"l1": torch.from_numpy(np.geomspace(top, top * 1e-3, 20))}
+    fast = solve(ls, spec, ls.init(), s, tol=tol)
+    lmax = float(torch.linalg.eigvalsh(ls.gram)[-1])
+    slow = solve(ls, spec, ls.init(), s, tol=1e-13, lipschitz=lmax, max_iter=10**5)
+    assert bool(fast.converged.all()) and bool((fast.optimality <= tol).all())
+    assert bool((fast.iterations <= 1).all())  # started at the answer
+    ref = slow.params["weight"]
+    err = (fast.params["weight"] - ref).abs().max()
+    assert float(err) <= 1e-7 * float(ref.abs().max())
+
+
+def test_wide_design_singular_gram_is_still_certified():
+    """``n < p``: ``G_AA`` turns singular once ``|A|`` reaches ``n``; the homotopy stops
+    there and the loop certifies (or reports) every model from the caller's start."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((20, 50))
+    X -= X.mean(0)
+    y = X[:, :3] @ np.array([2.0, -1.0, 1.0]) + 0.1 * rng.standard_normal(20)
+    y -= y.mean()
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
+    top = float(ls.xty[0].abs().max())
+    s = {"l1": torch.from_numpy(np.geomspace(top, top * 1e-4, 30))}
+    sol = solve(ls, fr.Spec(l1=fr.L1()), ls.init(), s, tol=1e-10, max_iter=10**5)
+    assert bool(sol.converged.all()) and bool((sol.optimality <= 1e-10).all())
+    _, coefs, _ = lasso_path(X, y, alphas=s["l1"].numpy(), tol=1e-14, max_iter=10**6)
+    big = s["l1"].numpy() > top * 1e-2  # unique solutions there: compare
+    err = np.abs(sol.params["weight"][:, 0].numpy()[big] - coefs.T[big]).max()
+    assert err <= 1e-6 * np.abs(coefs).max()
+
+
+def test_natural_route_path_is_one_solve_started_at_the_answer():
+    """``nn.Linear`` + MSE + intercept on diabetes: the whole grid is one solve, every model
+    certified at its first test, equal to scikit-learn's ``lasso_path`` on centred data."""
+    X, y = load_diabetes(return_X_y=True)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    net = torch.nn.Linear(10, 1).double()
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.zero_()
+
+    def mse(params, X, y):
+        r = torch.func.functional_call(net, params, (X,))[:, 0] - y
+        return 0.5 * (r**2).mean()
+
+    res = fr.path(net, mse, fr.Spec(l1=fr.L1("weight")), data=(Xt, yt), tol=1e-12)
+    assert res.meta["chunks"] == [[0, 100]]
+    assert bool(res.meta["converged"].all()) and bool((res.meta["iterations"] <= 1).all())
+    lam = res.grid["l1"].numpy()
+    _, coefs, _ = lasso_path(X - X.mean(0), y - y.mean(), alphas=lam, tol=1e-14, max_iter=10**6)
+    W = res.stacked["weight"][:, 0].numpy()
+    assert np.abs(W - coefs.T).max() <= 1e-6 * np.abs(coefs).max()  # sklearn's own accuracy
+    b = res.stacked["bias"][:, 0].numpy()
+    np.testing.assert_allclose(b, y.mean() - W @ X.mean(0), rtol=1e-12, atol=1e-12 * abs(y.mean()))
