@@ -389,10 +389,11 @@ def prepare(
             stacked_b = {n: v.to(dev) for n, v in prev.stacked_buffers.items()}
         else:
             _check_init_finite(stacked_p if init is not None else params0, init is not None)
-        check_first_batch(
-            data_loss(loss_fn, activity), val_fn, train_data, val_data, stacked_p, stacked_b,
-            0 if prev is None else prev.steps, seed, dev,
-        )  # fmt: skip
+        if prev is None or prev.steps < n_steps:  # a finished checkpoint trains nothing
+            check_first_batch(
+                data_loss(loss_fn, activity), val_fn, train_data, val_data, stacked_p,
+                stacked_b, 0 if prev is None else prev.steps, seed, dev,
+            )  # fmt: skip
     except BaseException:
         if lock is not None:
             lock.release()

@@ -1,10 +1,23 @@
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# torch.compile's on-disk cache is keyed without the ATen CPU capability: kernels compiled
+# under ATEN_CPU_CAPABILITY=default are then reused under =avx2 (and vice versa) and the
+# compiled sweep disagrees with the eager one. One cache per capability (unless the user set
+# one) keeps the suite right when it is run under several capabilities on one machine.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"funcreg-inductor-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}",
+    ),
+)
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]

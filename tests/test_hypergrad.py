@@ -259,7 +259,7 @@ def test_outer_loss_blind_to_params_is_an_error() -> None:
 
 def test_unconverged_solution_warns_with_its_optimality() -> None:
     X, y, Xv, yv, spec, _ = _lasso_setup()
-    rough = fr.solve(mse, spec, _init(), {"l1": 0.05}, X, y, max_iter=3)
+    rough = fr.solve(mse, spec, _init(), {"l1": 0.05}, X, y, max_iter=3, quadratic=False)
     with pytest.warns(RuntimeWarning, match=r"not converged \(relative optimality \d"):
         fr.hypergrad(mse, mse, spec, rough, {"l1": 0.05}, X, y, outer_data=(Xv, yv))
 

@@ -138,6 +138,8 @@ def test_the_minibatches_fed_to_the_loss_follow_the_seeded_epoch_order(seed: int
     sweep(net, logging_loss, SPEC, grid(l1=[1e-3], l2=1e-3), train=(x, y, idx),
           optimizer=sgd(0.01), steps=steps, batch_size=bs, chunk_size=1, seed=seed,
           progress=False)  # fmt: skip
+    check, seen = seen[0], seen[1:]  # the up-front check reads the first batch once
+    assert check == seen[0]
     assert seen == _documented_order(N, bs, seed, steps)
     assert [len(b) for b in seen] == [20, 20, 8] * 2 + [20]
     epochs = [sum(seen[3 * e : 3 * e + 3], []) for e in range(2)]
@@ -477,16 +479,17 @@ def test_resume_runs_only_the_remaining_steps_from_the_checkpoints_values(
     kw: dict[str, Any] = dict(
         train=(x, y), optimizer=adam(0.02), batch_size=16, chunk_size=chunk_size, progress=False
     )
+    check = 1  # every run first calls model 0's loss once on its first batch (the check)
     full11 = sweep(net, counting, SPEC, g, steps=11, **kw)
-    per_step = calls[0] // 11
-    assert per_step >= 1 and calls[0] == 11 * per_step
+    per_step = (calls[0] - check) // 11
+    assert per_step >= 1 and calls[0] == check + 11 * per_step
     path = tmp_path / "ck.pt"
     calls[0] = 0
     sweep(net, counting, SPEC, g, steps=6, checkpoint=path, **kw)
-    assert calls[0] == 6 * per_step
+    assert calls[0] == check + 6 * per_step
     calls[0] = 0
     sweep(net, counting, SPEC, g, steps=10, checkpoint=path, **kw)
-    assert calls[0] == 4 * per_step  # steps 7..10 only
+    assert calls[0] == check + 4 * per_step  # steps 7..10 only
     # plant a marker only the checkpoint holds
     saved = SweepResult.load(path)
     assert saved.steps == 10
@@ -498,7 +501,7 @@ def test_resume_runs_only_the_remaining_steps_from_the_checkpoints_values(
     assert calls[0] == 0  # nothing left to run
     assert torch.equal(done.stacked["0.weight"], marker)
     more = sweep(net, counting, SPEC, g, steps=11, checkpoint=path, **kw)
-    assert calls[0] == per_step
+    assert calls[0] == check + per_step
     # one step from the marker, not the 11th step of a run from the model's init
     assert not torch.equal(more.stacked["0.weight"], full11.stacked["0.weight"])
 
