@@ -50,27 +50,10 @@ from ._penalty_matrix import Nuclear, Orthogonal, SpectralNorm
 from ._penalty_nonconvex import MCP, SCAD
 from ._penalty_separable import L1, L2, ElasticNet
 
-__all__ = [
-    "L1",
-    "L2",
-    "MCP",
-    "SCAD",
-    "Box",
-    "ClosedForm",
-    "Constraint",
-    "Dim",
-    "ElasticNet",
-    "GroupLasso",
-    "MaxNorm",
-    "MinMaxNorm",
-    "NonNegative",
-    "Nuclear",
-    "Orthogonal",
-    "Penalty",
-    "Ref",
-    "SparseGroupLasso",
-    "SpectralNorm",
-    "UnitNorm",
-    "as_dims",
-    "register_penalty",
-]
+# by kind, in the order of the list above
+__all__ = ["Penalty", "register_penalty", "ClosedForm", "Ref", "Dim", "as_dims"]
+__all__ += ["L1", "L2", "ElasticNet"]
+__all__ += ["GroupLasso", "SparseGroupLasso"]
+__all__ += ["Nuclear", "SpectralNorm", "Orthogonal"]
+__all__ += ["MCP", "SCAD"]
+__all__ += ["Constraint", "NonNegative", "Box", "MaxNorm", "UnitNorm", "MinMaxNorm"]
