@@ -33,7 +33,8 @@ Where each kind lives (all importable from here and from ``funcreg``):
   :class:`MaxNorm`, :class:`UnitNorm`, :class:`MinMaxNorm`.
 
 Adding a penalty: one ``@register_penalty`` class in the module of its kind (a new kind:
-a new ``_penalty_<kind>.py`` importing ``_penalty_base`` only), re-exported below and in
+a new ``_penalty_<kind>.py`` that imports ``_penalty_base``, never this module, with a
+floor in ``tests/test_architecture.py``), re-exported below and in
 ``funcreg/__init__.py``. Everything the solvers, ``strength_max``, ``path`` and
 ``cross_validate`` need to know about it (``_value``, ``_prox``/``has_prox``, ``smooth``,
 ``elementwise``, ``zero_threshold``, ``nonzero_groups``) is a member of the class; no other
