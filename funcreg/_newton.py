@@ -19,7 +19,11 @@ fixed, the Hessian exact, the inner Lasso solved exactly). **Warm starts:** the 
 one after the other, largest total threshold first (a path from the sparse end, as glmnet),
 and each starts from the previous model's solution where that has a lower objective than
 its own start ``x_0`` (the stopping rule's scale keeps ``‖∇f(x_0)‖`` of the given start, so
-the test is the same either way). Each model then needs 2–4 Newton steps instead of 5–10.
+the test is the same either way). Where only the ``L1`` strengths differ between models
+(``shared``), the first step of a warm-started model reuses ``f``, ``∇f`` and ``∇²f`` at the
+previous solution. (On ``load_breast_cancer`` with 10 values of ``C`` from 0.01 to 1: 5
+Newton iterations per model at ``tol=1e-8``, 4 derivative evaluations of them new; 5–10
+before, cold-started.)
 
 The problems here are small (``P ≤ NEWTON_MAX``), where an eager torch call costs more than
 its arithmetic: the Hessian comes from one backward with ``create_graph`` and one batched
