@@ -105,8 +105,10 @@ def _newton_route(
     def value(theta: Tensor, k: int) -> Tensor:
         return objective(layout.single(theta), {n: v[k] for n, v in S.items()}, *data)
 
+    # the smooth objective is the same for every model where only the L1 strengths vary
+    shared = all(bool((v == v[:1]).all()) for n, v in S.items() if n not in nonsmooth)
     with torch.enable_grad():
-        got = prox_newton(value, found[0], layout.flatten(x0), tol, max_iter, scale)
+        got = prox_newton(value, found[0], layout.flatten(x0), tol, max_iter, scale, shared)
     if got is None:
         warnings.warn(
             "solve: the loss's Hessian is not positive semidefinite at a point of the "

@@ -79,7 +79,7 @@ quadratic is certified with the loss itself: where ``‖∇f(x) − (Hx − b)�
 
 **Proximal Newton.** A loss found *not* quadratic (``quadratic=None``), with only exact
 ``L1`` non-smooth terms and at most ``_newton.NEWTON_MAX`` entries, takes proximal Newton
-(:mod:`funcreg._newton`): exact Hessian, each step a Lasso on the Gram route, Armijo line
+(:mod:`funcreg._newton`): exact Hessian, each step an exact Lasso on it, Armijo line
 search, the same stopping rule at ``L = λ_max(∇²f(x))``; ``iterations`` counts Newton steps.
 A Hessian that is not positive semidefinite falls back to FISTA with a warning.
 
