@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             {"weight": torch.zeros(1, args.p, dtype=D)},
             {"l1": smax / 10},
             folds=folds,
-            optimizer=fr.optim.adam(lr=0.2),
+            optimizer="secant",
             steps=args.steps,
             patience=2,
             solve_tol=1e-8,

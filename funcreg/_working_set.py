@@ -82,7 +82,9 @@ class WorkingSet:
 
     def _violators(self, spec: Spec, s: Mapping[str, Any], w: Tensor, slack: float = 1.0) -> Tensor:
         """Coordinates outside the working set whose test at zero fails (at the strengths
-        ``slack · s``), worst first."""
+        ``slack · s``), worst first; after a solve (``slack == 1``) at most
+        ``max(grow, |A|)`` of them, for the strong-rule guess (``slack < 1``) at most ``n`` (a
+        Lasso solution has at most ``n`` non-zeros)."""
         if slack != 1.0:
             s = {t: v * slack for t, v in s.items()}
         pred = self.X[:, self.cols] @ w
@@ -99,7 +101,7 @@ class WorkingSet:
         idx = (bad > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return idx
-        keep = max(self.grow, int(self.cols.numel()))
+        keep = self.n if slack < 1.0 else max(self.grow, int(self.cols.numel()))
         return idx[bad[idx].argsort(descending=True)[:keep]]
 
     def _add(self, new: Tensor) -> None:
@@ -107,6 +109,12 @@ class WorkingSet:
         order = cols.argsort()
         self.cols = cols[order]
         self.w = torch.cat([self.w, self.w.new_zeros(new.numel())])[order]
+
+    def seed(self, w: Tensor) -> None:
+        """Start the next call from ``w`` ``(p,)`` (e.g. the mean of the folds' solutions
+        before the refit on all rows): its non-zeros become the working set."""
+        self.cols = w.nonzero().squeeze(1)
+        self.w = w[self.cols].clone()
 
     def solve(
         self, spec: Spec, s: Mapping[str, Any], tol: float, max_iter: int
