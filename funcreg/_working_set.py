@@ -79,6 +79,7 @@ class WorkingSet:
         self.cols = torch.zeros(0, dtype=torch.long, device=X.device)
         self.w = X.new_zeros(0)
         self.bias = X.new_zeros(1) if fit_intercept else None
+        self._grad: Tensor | None = None  # ∇f at the current (w, bias), once computed
 
     def _violators(self, spec: Spec, s: Mapping[str, Any], w: Tensor, slack: float = 1.0) -> Tensor:
         """Coordinates outside the working set whose test at zero fails (at the strengths
@@ -87,10 +88,13 @@ class WorkingSet:
         Lasso solution has at most ``n`` non-zeros)."""
         if slack != 1.0:
             s = {t: v * slack for t, v in s.items()}
-        pred = self.X[:, self.cols] @ w
-        if self.bias is not None:
-            pred = pred + self.bias
-        g = self.X.T @ (pred - self.y) / self.n
+        g = self._grad
+        if g is None:  # else: the gradient at the end of the last call (w unchanged since)
+            pred = self.X[:, self.cols] @ w
+            if self.bias is not None:
+                pred = pred + self.bias
+            g = self.X.T @ (pred - self.y) / self.n
+            self._grad = g
         z = {"weight": -g.reshape(1, -1)}
         if self.bias is not None:
             z["bias"] = self.bias.clone()
@@ -115,6 +119,7 @@ class WorkingSet:
         before the refit on all rows): its non-zeros become the working set."""
         self.cols = w.nonzero().squeeze(1)
         self.w = w[self.cols].clone()
+        self._grad = None
 
     def solve(
         self, spec: Spec, s: Mapping[str, Any], tol: float, max_iter: int
@@ -136,6 +141,7 @@ class WorkingSet:
             sub = restrict(spec, self.cols, self.p)
             sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter)
             self.w = sol.params["weight"][0].reshape(-1)
+            self._grad = None
             if self.bias is not None:
                 self.bias = sol.params["bias"][0]
             new = self._violators(spec, s, self.w)
