@@ -5,10 +5,13 @@ features (20 informative), a held-out test set of 2000 samples. Both pick one st
 the same 5 folds and refit on all the training data; reported: wall time, the chosen
 strength, the CV loss, the held-out loss ``1/(2n)‖y − Xw‖²``, and the number of inner
 solves. ``LassoCV`` searches its default 100-point grid (coordinate descent, warm starts
-along the path); ``fr.tune`` starts at ``strength_max / 10`` and takes Adam steps on
-``log s`` (each step: 5 warm-started exact solves on working sets of features, the first
-steps inexact (``solve_tol_start=1e-4``, tightened tenfold per step to ``1e-8``), 5 implicit
-hypergradients restricted to the support; it stops 2 steps after the best).
+along the path); ``fr.tune`` starts at ``strength_max / 10`` and takes safeguarded secant
+steps on ``log s`` (``optimizer="secant"``: a first step of 0.5, then Newton steps on the
+curvature of a cubic through the last two points, interpolation back after an overshoot;
+each step: 5 exact solves on working sets of features, the first inexact
+(``solve_tol_start=1e-4``, tightened tenfold per step to ``1e-8``), 5 implicit
+hypergradients restricted to the support; it stops when its next step is below 1% in
+``s``).
 
     python benchmarks/tune.py [--p 1000] [--n 200] [--repeats 3]
 
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             {"weight": torch.zeros(1, args.p, dtype=D)},
             {"l1": smax / 10},
             folds=folds,
-            optimizer=fr.optim.adam(lr=0.2),
+            optimizer="secant",
             steps=args.steps,
             patience=2,
             solve_tol=1e-8,

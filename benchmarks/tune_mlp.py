@@ -19,6 +19,11 @@ strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``). Every training is the 
   uniform strengths in ``[1e-4, 1e-1]``.
 
     python benchmarks/tune_mlp.py [--n 256] [--hidden 32] [--steps 300] [--outer 12]
+        [--search adam|secant] [--check-fd]
+
+``--check-fd`` only compares, at the starting strengths, the unrolled (last ``--truncate``
+steps and all steps) and implicit hypergradients with central finite differences of the
+trained validation loss (±0.05 in log s).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 import funcreg as fr
+from funcreg._secant import Secant
 from funcreg.unrolled import unrolled_hypergrad
 
 TERMS = ("l2_0", "l2_2", "l2_4")
@@ -51,6 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--truncate", type=int, default=50)
     ap.add_argument("--outer", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument(
+        "--search",
+        choices=("adam", "secant"),
+        default="adam",
+        help="the outer steps: Adam (lr 0.5) or fr.tune's safeguarded secant search",
+    )
+    ap.add_argument(
+        "--check-fd",
+        action="store_true",
+        help="only compare the hypergradients at the start with central finite differences",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     X, y = make_data(0)
@@ -111,6 +128,25 @@ def main(argv: list[str] | None = None) -> None:
             )
         return float(hg.value[0]), {t: v[0] for t, v in hg.strengths.items()}
 
+    if args.check_fd:  # dE/d log s at the start: finite differences vs the hypergradients
+        c = {t: math.sqrt(1e-3 * 1e-2) for t in TERMS}
+        _, g_unrolled = unrolled(c)
+        _, g_implicit = implicit(c)
+        _, g_full, _ = unrolled_hypergrad(
+            step, p0, opt.init(p0), c, [(Xt, yt)] * args.steps, loss, (Xv, yv)
+        )
+        print(
+            f"{'term':6s} {'central FD':>11s} {'unrolled':>10s} {'full unroll':>12s} "
+            f"{'implicit':>9s}"
+        )
+        for t in TERMS:
+            up, dn = (train({**c, t: c[t] * math.exp(e)}) for e in (0.05, -0.05))
+            print(
+                f"{t:6s} {(up - dn) / 0.1:11.4f} {float(g_unrolled[t]):10.4f} "
+                f"{float(g_full[t]):12.4g} {float(g_implicit[t]):9.4f}"
+            )
+        return
+
     def descend(
         fn: Callable[[dict[str, float]], tuple[float, dict[str, torch.Tensor]]],
     ) -> tuple[float, dict[str, float], float]:
@@ -120,13 +156,20 @@ def main(argv: list[str] | None = None) -> None:
         }
         outer = fr.optim.adam(0.5)
         state = outer.init(theta)
+        search = Secant() if args.search == "secant" else None
         best_val, best_s = math.inf, {}
         for _ in range(args.outer):
             s = {t: float(v.exp()) for t, v in theta.items()}
             val, g = fn(s)
             if val < best_val:
                 best_val, best_s = val, s
-            theta, state = outer.step(g, state, theta, {})
+            if search is None:
+                theta, state = outer.step(g, state, theta, {})
+                continue
+            nxt = search.propose(theta, val, g)
+            if nxt is None:  # converged: its next step is below xtol
+                break
+            theta = nxt
         return best_val, best_s, time.perf_counter() - t0
 
     # grid

@@ -79,16 +79,22 @@ class WorkingSet:
         self.cols = torch.zeros(0, dtype=torch.long, device=X.device)
         self.w = X.new_zeros(0)
         self.bias = X.new_zeros(1) if fit_intercept else None
+        self._grad: Tensor | None = None  # ∇f at the current (w, bias), once computed
 
     def _violators(self, spec: Spec, s: Mapping[str, Any], w: Tensor, slack: float = 1.0) -> Tensor:
         """Coordinates outside the working set whose test at zero fails (at the strengths
-        ``slack · s``), worst first."""
+        ``slack · s``), worst first; after a solve (``slack == 1``) at most
+        ``max(grow, |A|)`` of them, for the strong-rule guess (``slack < 1``) at most ``n`` (a
+        Lasso solution has at most ``n`` non-zeros)."""
         if slack != 1.0:
             s = {t: v * slack for t, v in s.items()}
-        pred = self.X[:, self.cols] @ w
-        if self.bias is not None:
-            pred = pred + self.bias
-        g = self.X.T @ (pred - self.y) / self.n
+        g = self._grad
+        if g is None:  # else: the gradient at the end of the last call (w unchanged since)
+            pred = self.X[:, self.cols] @ w
+            if self.bias is not None:
+                pred = pred + self.bias
+            g = self.X.T @ (pred - self.y) / self.n
+            self._grad = g
         z = {"weight": -g.reshape(1, -1)}
         if self.bias is not None:
             z["bias"] = self.bias.clone()
@@ -99,7 +105,7 @@ class WorkingSet:
         idx = (bad > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return idx
-        keep = max(self.grow, int(self.cols.numel()))
+        keep = self.n if slack < 1.0 else max(self.grow, int(self.cols.numel()))
         return idx[bad[idx].argsort(descending=True)[:keep]]
 
     def _add(self, new: Tensor) -> None:
@@ -107,6 +113,13 @@ class WorkingSet:
         order = cols.argsort()
         self.cols = cols[order]
         self.w = torch.cat([self.w, self.w.new_zeros(new.numel())])[order]
+
+    def seed(self, w: Tensor) -> None:
+        """Start the next call from ``w`` ``(p,)`` (e.g. the mean of the folds' solutions
+        before the refit on all rows): its non-zeros become the working set."""
+        self.cols = w.nonzero().squeeze(1)
+        self.w = w[self.cols].clone()
+        self._grad = None
 
     def solve(
         self, spec: Spec, s: Mapping[str, Any], tol: float, max_iter: int
@@ -128,6 +141,7 @@ class WorkingSet:
             sub = restrict(spec, self.cols, self.p)
             sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter)
             self.w = sol.params["weight"][0].reshape(-1)
+            self._grad = None
             if self.bias is not None:
                 self.bias = sol.params["bias"][0]
             new = self._violators(spec, s, self.w)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ._folds import fold_masks
 from ._implicit import check_spec
+from ._secant import Secant
 from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
 from .optim import Optimizer, adam
@@ -60,7 +61,8 @@ class TuneResult:
         history: ``{"step", "strengths", "value", "grad_norm", "inner_iterations",
             "solve_tol"}``, one entry per outer step (strengths as ``{term: float}``; the
             iterations summed over folds; the inner tolerance used).
-        stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``).
+        stopped: why tuning stopped (``"steps"``, ``"patience"``, ``"gradient"``, or
+            ``"xtol"``: the secant search's next step was below ``xtol``).
         starts: with several starting points, each start's own result (in order); the
             fields above are those of the best start, except ``history``, which holds every
             start's steps one after the other with a ``"start"`` entry (its index).
@@ -100,11 +102,12 @@ def tune(
     score_fn: Callable[..., Tensor] | None = None,
     terms: Iterable[str] | None = None,
     weights: Iterable[str] = (),
-    optimizer: Optimizer | None = None,
+    optimizer: Optimizer | str | None = None,
     steps: int = 50,
     patience: int = 5,
     tol: float = 1e-4,
     gtol: float = 1e-8,
+    xtol: float = 1e-2,
     solve_tol: float = 1e-10,
     solve_tol_start: float | None = None,
     max_iter: int = 10_000,
@@ -131,10 +134,15 @@ def tune(
         score_fn: the outer objective ``score_fn(params, *held_out)`` (default ``loss_fn``).
         terms: the strengths to tune (default every term with a strength); others stay fixed.
         weights: terms whose ``weight=`` tensor is tuned too (one log-factor per entry).
-        optimizer: a functional optimizer over ``{term: log s}`` (default ``adam(lr=0.1)``).
+        optimizer: a functional optimizer over ``{term: log s}`` (default ``adam(lr=0.1)``),
+            or ``"secant"``: safeguarded secant (quasi-Newton) steps on ``log s``, a first
+            step of 0.5 (a factor ``e^0.5``) then each coordinate's Newton step with a secant
+            curvature, overshoots sent back by interpolation (:mod:`funcreg._secant`); it
+            needs far fewer outer steps on a few strengths.
         steps: the most outer steps; patience, tol: stop when the best value has not
             improved by more than ``tol`` (relative) for ``patience`` steps; gtol: stop when
-            ``‖∇_θ E‖ ≤ gtol``.
+            ``‖∇_θ E‖ ≤ gtol``; xtol: with ``"secant"``, stop when its next step in ``log s``
+            is at most ``xtol`` in every coordinate.
         solve_tol, max_iter: for each inner :func:`funcreg.solve`.
         solve_tol_start: a looser inner tolerance for the first outer step, tightened tenfold
             per step down to ``solve_tol`` (early steps only need the direction; the history
@@ -174,6 +182,7 @@ def tune(
                 patience=patience,
                 tol=tol,
                 gtol=gtol,
+                xtol=xtol,
                 solve_tol=solve_tol,
                 solve_tol_start=solve_tol_start,
                 max_iter=max_iter,
@@ -253,6 +262,14 @@ def tune(
                 f"{who}: weight= factors of {t!r} must be > 0 to be tuned in log space"
             )
         theta[f"{t}.weight"] = c.detach().to(like.dtype).log()
+    search: Secant | None = None
+    if isinstance(optimizer, str):
+        if optimizer != "secant":
+            raise ValueError(
+                f"{who}: optimizer must be a funcreg.optim optimizer or 'secant', got {optimizer!r}"
+            )
+        search = Secant(xtol=xtol)
+        optimizer = None
     opt = adam(lr=0.1) if optimizer is None else optimizer
     state = opt.init(theta)
     warm = [dict(params) for _ in splits]
@@ -350,12 +367,25 @@ def tune(
             if since >= patience:
                 stopped = "patience"
                 break
-            theta, state = opt.step(grads, state, theta, {})
+            if search is None:
+                theta, state = opt.step(grads, state, theta, {})
+                continue
+            nxt = search.propose(theta, total, grads)
+            if nxt is None:
+                stopped = "xtol"
+                break
+            theta = nxt
 
     s, sp = current(best_theta)
     if ws:
         assert ls is not None
         whole = WorkingSet(ls.X, ls.Y[:, 0], ls.fit_intercept)
+        # the folds' last solutions, averaged: a close guess of the refit's support
+        folds_w = [fn for fn, *_ in splits if isinstance(fn, WorkingSet)]
+        guess = ls.X.new_zeros(ls.X.shape[1])
+        for fold in folds_w:
+            guess[fold.cols] += fold.w / len(folds_w)
+        whole.seed(guess)
         _, _, sol, cols = whole.solve(sp, s, solve_tol, max_iter)
         best_params = whole.expand(sol, cols)
     else:

@@ -21,6 +21,7 @@ FLOORS: dict[str, int] = {
     "prox": 0,
     "progress": 0,
     "optim": 0,
+    "_secant": 0,
     "_foreach": 0,
     "losses": 0,
     # penalties, specs and what declares them. The penalty modules share floor 1: the kind

@@ -244,3 +244,48 @@ def test_several_starting_points_keep_the_best_and_record_each() -> None:
     assert r.history["strengths"][0] == pytest.approx({"l1": 0.01, "l2": 0.05})
     with pytest.raises(ValueError, match="strength lists of one length"):
         fr.tune(mse_half, spec, init, {"l1": [0.1, 0.2], "l2": [0.1]}, (X, y), **kw)
+
+
+def test_secant_search_matches_a_fine_grid_in_few_steps_on_diabetes() -> None:
+    """optimizer="secant" lands within the grid's best CV loss in few outer steps, and
+    stops by itself (its next step below xtol, or no progress for patience steps)."""
+    X, y = _diabetes()
+    n, p = X.shape
+    train, test = fr.selection.fold_masks(5, n, 0)
+    pairs = [
+        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
+        for a, b in zip(train, test, strict=True)
+    ]
+    args = (fr.least_squares(X, y), {"l1": fr.L1()}, {"weight": torch.zeros(1, p, dtype=D)})
+    sec = fr.tune(*args, {"l1": 0.05}, folds=pairs, optimizer="secant", steps=30, patience=5)
+    # an independent reference: the CV loss of sklearn's Lasso on a fine log grid
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    grid = np.geomspace(0.005, 0.2, 60)
+    cv = []
+    for alpha in grid:
+        sk = linear_model.Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000)
+        losses = []
+        for a, b in pairs:
+            sk.fit(X.numpy()[a], y.numpy()[a])
+            losses.append(float(((X.numpy()[b] @ sk.coef_ - y.numpy()[b]) ** 2).mean()) / 2)
+        cv.append(float(np.mean(losses)))
+    assert sec.value <= min(cv) * (1 + 1e-3)
+    assert sec.stopped in ("xtol", "patience")
+    assert len(sec.history["value"]) <= 10
+    assert sec.best().value == pytest.approx(sec.value)
+
+
+def test_secant_search_with_several_strengths_and_bad_name() -> None:
+    X, y, Xv, yv = _scaled_problem()
+    init = {"w": torch.zeros(X.shape[1], dtype=D)}
+    spec = {"l1": fr.L1("w"), "l2": fr.L2("w")}
+    kw: dict = dict(validation=(Xv, yv), steps=25, patience=25)
+    start = {"l1": 0.5, "l2": 0.5}
+    sec = fr.tune(mse_half, spec, init, start, (X, y), optimizer="secant", **kw)
+    assert sec.value < sec.history["value"][0]
+    # every step after the first is a descent or an interpolation back from an overshoot:
+    # the best value never gets worse and ends below adam's after as many steps
+    ada = fr.tune(mse_half, spec, init, start, (X, y), steps=len(sec.history["value"]))
+    assert sec.value <= ada.value * (1 + 1e-6)
+    with pytest.raises(ValueError, match="optimizer must be a funcreg.optim optimizer or 'secant'"):
+        fr.tune(mse_half, spec, init, start, (X, y), optimizer="newton", **kw)
