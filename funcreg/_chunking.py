@@ -4,6 +4,7 @@ one chunk's training state (:class:`Chunk`, :func:`unsplit` to join the chunks a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,18 @@ class Footprint:
         ``C·A <= 64 MiB`` (see :func:`auto_chunk_size`)."""
         largest = max(self.largest, self.largest_param, 1)
         return max(1, min(LARGEST_TEMP_BYTES // largest, FORWARD_BYTES // max(self.total, 1)))
+
+    def memory_cap(self, k: int, state: int, ratio: float) -> int:
+        """The largest chunk ``C`` (1 to ``k``) whose models' memory stays within ``ratio``
+        times a loop's: a loop of ``k`` models holds their training state ``k·S`` (``state``
+        = ``S``, one model's parameters, gradients and optimizer state) and one model's
+        step temporaries ``A`` (estimated by its forward's, ``total``); a sweep holds
+        ``k·S + C·A``. So ``k·S + C·A <= ratio·(k·S + A)``, i.e.
+        ``C = floor(1 + (ratio - 1)·(k·S + A) / A)``. The process's own memory (the
+        library, the data) is left out of both sides, so the measured ratio is lower.
+        """
+        a = max(self.total, 1)
+        return int(max(1, min(k, math.floor(1 + (ratio - 1) * (k * state + a) / a))))
 
 
 def footprint(forward: Callable[[], Any], params: Mapping[str, Tensor] | None = None) -> Footprint:

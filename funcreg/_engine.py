@@ -112,6 +112,10 @@ def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
     return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
 
 
+def _nbytes(ts: Mapping[str, Tensor]) -> int:
+    return sum(t.nbytes for t in ts.values())
+
+
 def _math_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run with ``scaled_dot_product_attention``'s math kernel: the fused CPU/GPU
     attention kernels have no ``vmap`` batching rule (torch falls back to a loop over the
@@ -321,18 +325,27 @@ class _Run:
         static = auto_chunk_size(
             forward, s.k, s.dev, whole_k=self.whole_k, compiled=s.compile, params=p0
         )
+        ratio = _plan.max_memory(s.plan)
+        bound: dict[str, Any] = {}
+        if ratio is not None:  # plan={"max_memory": r}: no chunk past the memory cap
+            opt = tree_flatten(s.optimizer.init(p0))[0]
+            state = sum(t.nbytes for t in opt if isinstance(t, Tensor))
+            mem_cap = footprint(forward, p0).memory_cap(s.k, 2 * _nbytes(p0) + state, ratio)
+            static = min(static, mem_cap)
+            bound = {"max_memory": ratio, "memory_cap": mem_cap}
         steps = s.steps - self.start
         probe = mode == "measure" or (mode == "auto" and steps >= _plan.PROBE_MIN_STEPS)
         # shards of a distributed sweep and compiled steps (a compile per candidate) keep
         # the static rule
         if s.k < 2 or self.whole_k is not None or s.compile or not probe:
-            return plan_chunks(s.k, static), {"how": "static", "chunk_size": static}
-        key = self._plan_key(first)
+            return plan_chunks(s.k, static), {"how": "static", "chunk_size": static, **bound}
+        key = (self._plan_key(first), ratio)
         hit = _plan.CACHE.get(key)
         if hit is not None:
             return plan_chunks(s.k, hit["chunk_size"]), {**hit, "cached": True}
         # off the CPU there is no mmap cliff: vmapped candidates up to the whole grid
         cap = footprint(forward, p0).cap() if s.dev.type == "cpu" else s.k
+        cap = min(cap, bound.get("memory_cap", cap))
         sizes = _plan.candidates(s.k, static, cap)
         if mode == "auto":
             sizes = _plan.within_budget(sizes, s.k, steps)
@@ -344,6 +357,7 @@ class _Run:
             "chunk_size": size,
             "static": static,
             "per_model_s": {str(c): t for c, t in per_model.items()},
+            **bound,
         }
         _plan.CACHE.put(key, record)
         return plan_chunks(s.k, size), record
