@@ -146,7 +146,10 @@ def sweep(
             chunk sizes before training when the run has at least 200 steps, else the
             static rule :func:`~funcreg._chunking.auto_chunk_size`), ``"static"``,
             ``"measure"`` (always measure), or ``result.meta["plan"]`` of an earlier run
-            (the same chunks, hence the same numbers). See :mod:`funcreg._plan`.
+            (the same chunks, hence the same numbers). Options as a dict: ``{"max_memory":
+            1.5}`` keeps the chunks within 1.5x a loop's estimated model memory (slower
+            where vmap needs many models per call), ``{"mode": "measure", ...}``. See
+            :mod:`funcreg._plan`.
         activity: activity terms whose strengths are grid axes, ``{term:
             fr.activity.Activity(penalty, module path)}``; ``loss_fn`` then returns
             ``(data loss, {module path: activation})`` and the objective gains
