@@ -457,6 +457,8 @@ class _Run:
                 ]
                 ch.state = tree_unflatten(restored, tspec)
             self.chunks.append(ch)
+        # the chunks hold their own copies: the stacked init (K models) is not read again
+        s.stacked_p, s.stacked_b = {}, {}
 
     def _train_step(self, t: int, batch: Batch) -> None:
         for ch in self.chunks:
@@ -517,9 +519,15 @@ class _Run:
         self.e_index += 1
         return best
 
-    def _snapshot(self, done: int) -> SweepResult:
+    def _snapshot(self, done: int, last: bool = False) -> SweepResult:
+        """The result after ``done`` steps; ``last``: the run's result, built from the
+        chunks' own tensors (they are left empty, see :func:`unsplit`'s ``release``)."""
         s, e, names = self.s, self.e_index, self.s.metric_names
         chunks = self.chunks
+
+        def drop(attr: str, empty: Any) -> Callable[[Chunk], None] | None:
+            return (lambda ch: setattr(ch, attr, empty)) if last else None
+
         before = 0.0 if s.prev is None else float(s.prev.meta.get("elapsed_s", 0.0))
         meta = {
             "identity": s.identity,
@@ -533,14 +541,16 @@ class _Run:
             "elapsed_s": before + time.perf_counter() - s.t_start,
         }
         resume = {
-            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state))[0],
+            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state, drop("state", None)))[0],
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
         }
         return SweepResult.from_run(
             grid=s.grid,
-            stacked=unsplit(chunks, lambda ch: ch.params),
-            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
+            stacked=unsplit(chunks, lambda ch: ch.params, drop("params", {})),
+            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs, drop("bufs", {}))
+            if s.fixed0
+            else {},
             rows=self.hist[:done],
             metric_names=names,
             eval_step=self.eval_steps[:e],
@@ -588,5 +598,5 @@ class _Run:
                     bar.status(best_so_far if s.val is not None else None, n_div, s.k)
                 if s.ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
                     save_checkpoint(self._snapshot(done), s.ckpt)
-            result = self._snapshot(s.steps)
+            result = self._snapshot(s.steps, last=True)
         return result
