@@ -413,6 +413,39 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
 # ============================================================================ parent
 
 
+def measure_memory(row: dict[str, Any], impls: list[str], device: str) -> dict[str, float]:
+    """Peak MB of each implementation but ``compile`` for one row (model, K), fr.sweep's
+    with the chunks of its timed plan."""
+    out: dict[str, float] = {}
+    for impl in (i for i in impls if i != "compile"):
+        chunk = max(row["impls"].get(impl, {}).get("chunks") or [1])
+        mcfg = {"model": row["model"], "k": row["k"], "impl": impl, "chunk_size": chunk}
+        out[impl] = launch({**mcfg, "device": device}, 600).get("peak_mb", float("nan"))
+    return out
+
+
+def remeasure(json_path: str, md_path: str | None, device: str) -> list[dict[str, Any]]:
+    """``--memory-only``: the memory of the rows of ``json_path`` that have one, again."""
+    rows = json.loads(Path(json_path).read_text())
+    for row in rows:
+        if "memory" in row:
+            row["memory"] = measure_memory(row, list(row["impls"]), device)
+            print(row["model"], row["k"], row["memory"], flush=True)
+    Path(json_path).write_text(json.dumps(rows, indent=1))
+    if md_path:
+        key = "wall_ms_median" if device.startswith("cuda") else "cpu_ms_median"
+        by = {(r["model"], str(r["k"])): r for r in rows if "memory" in r}
+        lines, impls = Path(md_path).read_text().splitlines(), []
+        for j, line in enumerate(lines):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if line.startswith("| model |"):
+                impls = [c[:-3] for c in cells if c.endswith(" ms")]
+            elif line.startswith("| ") and (cells[0], cells[1]) in by:
+                lines[j] = table([by[cells[0], cells[1]]], impls, key)[2]
+        Path(md_path).write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if "impl" in cfg:  # a memory worker: live memory, not the heap's history (docstring)
@@ -479,6 +512,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--append", action="store_true", help="add to --out/--json, not replace")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure the peak memory of the rows in --json again (their recorded plans) "
+        "and rewrite their lines in --out",
+    )
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args(argv)
     if args.worker:
@@ -486,6 +525,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         res = worker_memory(cfg) if "impl" in cfg else worker_time(cfg)
         print("RESULT " + json.dumps(res), flush=True)
         return []
+    if args.memory_only:
+        return remeasure(args.json, args.out, args.device)
     models = [m for m in args.models.split(",") if m]
     base_impls = [i for i in args.impls.split(",") if i] + (["compile"] if args.compile else [])
     key = "wall_ms_median" if args.device.startswith("cuda") else "cpu_ms_median"
@@ -505,12 +546,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             cfg["device"] = args.device
             row = {"model": model, "k": k, **launch(cfg, args.timeout)}
             if not args.no_memory and k == ks[-1] and "error" not in row:
-                row["memory"] = {}
-                for impl in (i for i in impls if i != "compile"):
-                    chunk = max(row["impls"].get(impl, {}).get("chunks") or [1])
-                    mcfg = {"model": model, "k": k, "impl": impl, "chunk_size": chunk}
-                    m = launch({**mcfg, "device": args.device}, 600)
-                    row["memory"][impl] = m.get("peak_mb", float("nan"))
+                row["memory"] = measure_memory(row, impls, args.device)
             rows.append(row)
             print("\n".join(table([row], impls, key)[2:]), flush=True)
     impls = all_impls

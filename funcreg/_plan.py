@@ -146,8 +146,11 @@ def check_plan(plan: Any, chunk_size: int | None) -> str | int:
 
 def candidates(k: int, static: int, cap: int) -> list[int]:
     """The chunk sizes worth timing for ``k`` models, ``static`` first: 1, ``static``, and
-    vmapped chunks of ``min(k, cap)`` and ``min(k, cap, 8)`` models (when >= 2)."""
-    sizes = [static, 1, min(k, cap), min(k, cap, 8)]
+    vmapped chunks of ``min(k, cap)``, ``min(k, cap, 8)`` and half of ``min(k, cap)``
+    models (when >= 2). The half: past a few MiB per temporary a chunk can get slower per
+    model (the tiny MLP of ``benchmarks/models.py`` with SGD at K = 64: 32.5 ms per step in
+    one chunk of 64, 23.4 and 24.1 ms in chunks of 16 and 32, 31.1 in chunks of 8)."""
+    sizes = [static, 1, min(k, cap), min(k, cap, 8), min(k, cap) // 2]
     out: list[int] = []
     for c in sizes:
         if 1 <= c <= k and c not in out:

@@ -98,9 +98,10 @@ def test_plan_argument_errors() -> None:
 
 
 def test_candidates_budget_and_choice() -> None:
-    assert _plan.candidates(32, 1, 10) == [1, 10, 8]
-    assert _plan.candidates(6, 6, 100) == [6, 1]
-    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8]
+    assert _plan.candidates(32, 1, 10) == [1, 10, 8, 5]
+    assert _plan.candidates(6, 6, 100) == [6, 1, 3]
+    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8, 64]
+    assert _plan.candidates(3, 3, 100) == [3, 1]
     # probe model-steps (2 + PROBE_STEPS)·c within PROBE_BUDGET of K·steps; the first stays
     assert _plan.within_budget([32, 1, 128, 8], 128, 100) == [32, 1, 8]
     assert _plan.within_budget([32, 1, 128, 8], 128, 1000) == [32, 1, 128, 8]
@@ -177,7 +178,7 @@ def test_measured_plan_recorded_cached_and_replayed(
     plan = res.meta["plan"]
     assert plan["how"] == "measured" and plan["static"] == 1
     assert plan["chunk_size"] == K  # the fake clock: one second per step of any chunk
-    assert set(plan["per_model_s"]) == {"1", str(K)}
+    assert set(plan["per_model_s"]) == {"1", str(K), str(K // 2)}
     assert res.meta["chunks"] == [[0, K]]
 
     def no_probe(*a: Any, **k: Any) -> Any:
