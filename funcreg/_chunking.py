@@ -14,7 +14,15 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["Chunk", "Footprint", "auto_chunk_size", "footprint", "plan_chunks", "unsplit"]
+__all__ = [
+    "Chunk",
+    "Footprint",
+    "auto_chunk_size",
+    "footprint",
+    "memory_cap",
+    "plan_chunks",
+    "unsplit",
+]
 
 # Auto chunking on CPU (measured on the 32-64-64-1 MLP task, 1 thread; see
 # auto_chunk_size): models whose forward handles megabytes train one by one without vmap;
@@ -136,6 +144,17 @@ def footprint(forward: Callable[[], Any], params: Mapping[str, Tensor] | None = 
         forward()
     sizes = [t.nbytes for t in (params or {}).values() if t.is_floating_point()]
     return Footprint(counter.total, counter.largest, sum(sizes), max(sizes, default=0))
+
+
+def memory_cap(
+    forward: Callable[[], Any], params: Mapping[str, Tensor], opt_state: Any, k: int, ratio: float
+) -> int:
+    """:meth:`Footprint.memory_cap` for one model's ``forward``, ``params`` and optimizer
+    state ``opt_state`` (a pytree): ``S`` = the bytes of the params, of as many gradients
+    and of the state's tensors."""
+    state = sum(t.nbytes for t in tree_flatten(opt_state)[0] if isinstance(t, Tensor))
+    grads = sum(t.nbytes for t in params.values())
+    return footprint(forward, params).memory_cap(k, 2 * grads + state, ratio)
 
 
 def plan_chunks(k: int, size: int | None, balanced: bool = True) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import _plan
 from . import _tree as _flat
 from ._checkpoint import save_checkpoint
-from ._chunking import Chunk, auto_chunk_size, footprint, plan_chunks, unsplit
+from ._chunking import Chunk, auto_chunk_size, footprint, memory_cap, plan_chunks, unsplit
 from ._data import Batch
 from ._setup import Setup, data_loss
 from .optim import Optimizer
@@ -110,10 +110,6 @@ def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
     return torch.where(_keep_view(keep, mvec, batched), mvec, torch.nan)
-
-
-def _nbytes(ts: Mapping[str, Tensor]) -> int:
-    return sum(t.nbytes for t in ts.values())
 
 
 def _math_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -328,9 +324,7 @@ class _Run:
         ratio = _plan.max_memory(s.plan)
         bound: dict[str, Any] = {}
         if ratio is not None:  # plan={"max_memory": r}: no chunk past the memory cap
-            opt = tree_flatten(s.optimizer.init(p0))[0]
-            state = sum(t.nbytes for t in opt if isinstance(t, Tensor))
-            mem_cap = footprint(forward, p0).memory_cap(s.k, 2 * _nbytes(p0) + state, ratio)
+            mem_cap = memory_cap(forward, p0, s.optimizer.init(p0), s.k, ratio)
             static = min(static, mem_cap)
             bound = {"max_memory": ratio, "memory_cap": mem_cap}
         steps = s.steps - self.start
