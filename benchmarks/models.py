@@ -39,7 +39,9 @@ changes from run to run, and four runs of the same loop (digits, K = 32) peaked 
 60 MB.
 
 Usage: ``python benchmarks/models.py`` (a few minutes: K = 1, 8, 32), ``--big`` adds
-K = 128, ``--models mlp,cnn``, ``--k 8 32``, ``--out benchmarks/models_results.md``.
+K = 128, ``--models mlp,cnn``, ``--k 8 32``, ``--out benchmarks/models_results.md``,
+``--append`` (add to ``--out``/``--json``), ``--memory-only`` (the peak memory of the rows
+in ``--json`` again, with their recorded chunks; their lines in ``--out`` rewritten).
 JAX is not measured here (no peer written; ``sweep_vs_loop.py`` has one for the tiny MLP).
 """
 

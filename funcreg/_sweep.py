@@ -39,7 +39,8 @@ How it runs
   BatchNorm rounds with the number of models, and a chunk of one model runs without
   ``vmap``, with plain autograd — faster. ``chunk_size=None`` chooses it: a run of at
   least 200 steps times a few steps of candidate chunk sizes on throwaway copies first and
-  keeps the fastest per model (:mod:`funcreg._plan`; cached per problem in the process);
+  keeps the smallest within 5% of the fastest per model (:mod:`funcreg._plan`; cached per
+  problem in the process);
   shorter runs, ``plan="static"``, ``compile=True`` and distributed shards use the static
   rule (:func:`~funcreg._chunking.auto_chunk_size`: on CPU, grids of up to 4 models and
   models with 1 MiB of parameters train one by one; on other devices the whole grid runs
