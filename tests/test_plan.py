@@ -252,3 +252,29 @@ def test_a_failing_candidate_is_left_out(monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(_plan.measure([1, 8], make)) == {1}
     assert _plan.choose({}, static=4) == 4
     assert _plan.choose({1: 2.0}, static=8) == 1
+
+
+def test_unsplit_release_joins_the_same_tensors_and_empties_the_chunks() -> None:
+    """The run's last result: the same values as a copying join, and the chunks' own
+    references dropped (a lone chunk's tensors are taken, not copied)."""
+    from funcreg._chunking import Chunk, unsplit
+
+    def chunks() -> list[Chunk]:
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for a, b in ((0, 2), (2, 3)):
+            batched = b - a > 1
+            shape = (b - a, 3) if batched else (3,)
+            p = {"w": torch.randn(shape, generator=g)}
+            z = torch.zeros(b - a, dtype=torch.bool)
+            out.append(Chunk(a, b, batched, p, None, {}, {}, z, z.long(), torch.zeros(1)))
+        return out
+
+    ref = unsplit(chunks(), lambda ch: ch.params)
+    chs = chunks()
+    got = unsplit(chs, lambda ch: ch.params, lambda ch: setattr(ch, "params", {}))
+    assert torch.equal(got["w"], ref["w"]) and got["w"].shape == (3, 3)
+    assert all(ch.params == {} for ch in chs)
+    one = chunks()[:1]
+    w = one[0].params["w"]
+    assert unsplit(one, lambda ch: ch.params, lambda ch: setattr(ch, "params", {}))["w"] is w
