@@ -8,7 +8,11 @@ Models (synthetic data unless said, float32, Adam lr 1e-3, K L2 strengths log-sp
 - ``cnn``: LeNet (conv 6@5×5, pool, conv 16@5×5, pool, 120, 84, 10) on 28×28, minibatch 64;
 - ``transformer``: 2-layer encoder (d = 64, 4 heads, feed-forward 128, dropout 0.1,
   LayerNorm), sequences of 32, mean-pooled, 10 classes, minibatch 32;
-- ``digits``: MLP 64→128→10 on scikit-learn's ``load_digits`` (1797 images), full batch.
+- ``digits``: MLP 64→128→10 on scikit-learn's ``load_digits`` (1797 images), full batch;
+- ``tiny-sgd``, ``tiny-adam``: the MLP task of ``sweep_vs_loop.py`` (``common.py``: MLP
+  32→64→64→1, minibatch 512, MSE, ``λ·Σ|W1| + λ·Σ‖W‖²`` with λ log-spaced from 1e-5 to
+  1e-1, ``prox=False``), with SGD (lr 0.05) and Adam (lr 1e-3); by default at K = 64 only,
+  with ``compile`` (not in the default ``--models``: ``--models tiny-sgd,tiny-adam``).
 
 Implementations, all in one worker process per (model, K), interleaved round by round so
 that they share the machine's load (ratios come from one run):
@@ -21,13 +25,23 @@ that they share the machine's load (ratios come from one run):
 - ``sweep``: ``fr.sweep`` with the plan its probe measures (one ``plan="measure"`` call
   first; its choice is then replayed with ``plan=`` in the timed calls, so each timed
   call costs its steps and its setup, not the probe);
-- ``compile`` (``--compile``): ``fr.sweep(compile=True)`` (static plan; compile time left out).
+- ``compile`` (``--compile``): ``fr.sweep(compile=True)`` (static plan; compile time left out);
+- ``sweep-mem`` (``--impls ...,sweep-mem``): ``fr.sweep(plan={"max_memory": 1.5})``, the
+  plan bounded to 1.5× a loop's estimated model memory (measured once, then replayed).
 
 Peak memory: one more short process per (model, largest K, implementation), the high-water
-mark of its resident set minus its resident set before training (``--no-memory`` skips).
+mark of its resident set minus its resident set before training, over 3 steps (fr.sweep:
+its setup, the chunks of its timed plan, its result; ``--no-memory`` skips). These
+processes run with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so
+that a freed tensor goes back to the system and the high-water mark is that of live
+memory: with glibc's dynamic threshold, freed blocks stay in the heap in an order that
+changes from run to run, and four runs of the same loop (digits, K = 32) peaked at 20 to
+60 MB.
 
 Usage: ``python benchmarks/models.py`` (a few minutes: K = 1, 8, 32), ``--big`` adds
-K = 128, ``--models mlp,cnn``, ``--k 8 32``, ``--out benchmarks/models_results.md``.
+K = 128, ``--models mlp,cnn``, ``--k 8 32``, ``--out benchmarks/models_results.md``,
+``--append`` (add to ``--out``/``--json``), ``--memory-only`` (the peak memory of the rows
+in ``--json`` again, with their recorded chunks; their lines in ``--out`` rewritten).
 JAX is not measured here (no peer written; ``sweep_vs_loop.py`` has one for the tiny MLP).
 """
 
@@ -49,11 +63,16 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 MODELS = ("tiny", "mlp", "cnn", "transformer", "digits")
+TASK_MODELS = ("tiny-sgd", "tiny-adam")  # sweep_vs_loop.py's task (common.py), L1 + L2
+TASK_KS = (64,)  # their K when --k is not given; they add ``compile``
 IMPLS = ("loop", "fused", "vmap", "sweep")
 LR = 1e-3
+MEMORY_RATIO = 1.5  # sweep-mem: plan={"max_memory": MEMORY_RATIO}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONHASHSEED": "0"}
 BLOCK_S = 0.4  # seconds of training per implementation per round (at least 2 steps)
 SWEEP_MIN_STEPS = 20  # fr.sweep blocks: at least this many steps per call
 RUN_STEPS = 200  # fr.sweep's ms/step: that of a run this long (its setup spread over it)
+SWEEPS = ("sweep", "sweep-mem", "compile")
 
 
 # ============================================================================ the models
@@ -66,6 +85,9 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any, Any, int | None, str]:
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
+    if name in TASK_MODELS:
+        x, y = common.make_data(seed)
+        return common.make_model(seed), x, y, 512, "mse"
     if name == "tiny":
         net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
         net.append(nn.Linear(64, 1))
@@ -93,7 +115,7 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any, Any, int | None, str]:
         x = (x - x.mean(0)) / (x.std(0) + 1e-6)
         net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         return net, x, torch.tensor(d.target), None, "ce"
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS + TASK_MODELS}")
 
 
 def _labels(n: int, g: Any) -> Any:
@@ -149,6 +171,11 @@ class Workload:
         self.net, self.x, self.y = net.to(device), x.to(device), y.to(device)
         self.loss = data_loss(kind)
         self.s = strengths(k)
+        self.s1: list[float] | None = None  # L1 strengths of "0.weight" (the task models)
+        self.opt, self.lr = ("sgd", common.SGD_LR) if name == "tiny-sgd" else ("adam", LR)
+        if name in TASK_MODELS:
+            lam = common.strengths(k).tolist()
+            self.s1, self.s = lam, [2 * v for v in lam]
         n = self.x.shape[0]
         self.n_batches = 1 if self.bs is None else n // self.bs
 
@@ -164,16 +191,21 @@ class Workload:
 
         torch = self.torch
         nets = [copy.deepcopy(self.net) for _ in range(self.k)]
-        opts = [torch.optim.Adam(m.parameters(), lr=LR, fused=fused or None) for m in nets]
-        pairs = list(zip(nets, opts, self.s, strict=True))
+        cls = torch.optim.SGD if self.opt == "sgd" else torch.optim.Adam
+        opts = [cls(m.parameters(), lr=self.lr, fused=fused or None) for m in nets]
+        l1s = self.s1 or [0.0] * self.k
+        pairs = list(zip(nets, opts, self.s, l1s, strict=True))
 
         def steps(n: int) -> None:
             for i in range(n):
                 xb, yb = self.batch(i)
-                for m, opt, s in pairs:
+                for m, opt, s, s1 in pairs:
                     opt.zero_grad(set_to_none=True)
                     penalty = 0.5 * sum(p.pow(2).sum() for p in m.parameters() if p.ndim > 1)
-                    (self.loss(m(xb), yb) + s * penalty).backward()
+                    loss = self.loss(m(xb), yb) + s * penalty
+                    if self.s1 is not None:
+                        loss = loss + s1 * m[0].weight.abs().sum()
+                    loss.backward()
                     opt.step()
 
         return steps
@@ -188,20 +220,26 @@ class Workload:
         m = {n: torch.zeros_like(v) for n, v in p.items()}
         v2 = {n: torch.zeros_like(v) for n, v in p.items()}
         lam = torch.tensor(self.s, device=self.device)
+        lam1 = torch.tensor(self.s1 or [0.0] * k, device=self.device)
         b1, b2, eps = 0.9, 0.999, 1e-8
-        loss = self.loss
+        loss, l1 = self.loss, self.s1 is not None
 
-        def objective(params: Any, s: Any, xb: Any, yb: Any) -> Any:
+        def objective(params: Any, s: Any, s1: Any, xb: Any, yb: Any) -> Any:
             penalty = 0.5 * sum(w.pow(2).sum() for w in params.values() if w.ndim > 1)
-            return loss(functional_call(net, params, (xb,)), yb) + s * penalty
+            out = loss(functional_call(net, params, (xb,)), yb) + s * penalty
+            return out + s1 * params["0.weight"].abs().sum() if l1 else out
 
-        g_fn = vmap(grad(objective), in_dims=(0, 0, None, None), randomness="different")
+        g_fn = vmap(grad(objective), in_dims=(0, 0, 0, None, None), randomness="different")
         state = {"p": p, "m": m, "v": v2, "t": 0}
 
         def steps(n: int) -> None:
             for i in range(n):
                 xb, yb = self.batch(i)
-                g = g_fn(state["p"], lam, xb, yb)
+                g = g_fn(state["p"], lam, lam1, xb, yb)
+                if self.opt == "sgd":
+                    for key in g:
+                        state["p"][key] = state["p"][key] - self.lr * g[key]
+                    continue
                 state["t"] += 1
                 t = state["t"]
                 c1, c2 = 1 - b1**t, math.sqrt(1 - b2**t)
@@ -225,23 +263,38 @@ class Workload:
         def loss_fn(params: Any, xb: Any, yb: Any) -> Any:
             return loss(functional_call(net, params, (xb,)), yb)
 
-        spec = fr.Spec(l2=fr.L2())
-        return net, loss_fn, spec, fr.grid(l2=self.s)
+        if self.s1 is None:
+            return net, loss_fn, fr.Spec(l2=fr.L2()), fr.grid(l2=self.s)
+        spec = fr.Spec(l1=fr.L1(common.L1_PARAM), l2=fr.L2())
+        return net, loss_fn, spec, fr.grid(l1=self.s1, l2=self.s, product=False)
 
-    def sweep(self, compile: bool = False) -> tuple[Callable[[int], None], dict[str, Any]]:
+    def sweep_kwargs(self) -> dict[str, Any]:
+        """fr.sweep's arguments beside the model, loss, spec and grid (the task models:
+        ``prox=False``, the subgradient L1 that the loop and the DIY vmap take)."""
+        import funcreg as fr
+
+        opt = fr.optim.sgd(self.lr) if self.opt == "sgd" else fr.optim.adam(self.lr)
+        kw: dict[str, Any] = dict(
+            train=(self.x, self.y), optimizer=opt, batch_size=self.bs, progress=False
+        )
+        return {**kw, "prox": False} if self.s1 is not None else kw
+
+    def sweep(
+        self, compile: bool = False, max_memory: float | None = None
+    ) -> tuple[Callable[[int], None], dict[str, Any]]:
         import funcreg as fr
 
         net, loss_fn, spec, g = self._sweep_args()
-        kw: dict[str, Any] = dict(
-            train=(self.x, self.y), optimizer=fr.optim.adam(LR), batch_size=self.bs,
-            progress=False, compile=compile,
-        )  # fmt: skip
+        kw = {**self.sweep_kwargs(), "compile": compile}
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
+        first: Any = (
+            "measure" if max_memory is None else {"mode": "measure", "max_memory": max_memory}
+        )
         if compile:
             r = fr.sweep(net, loss_fn, spec, g, steps=2, **kw)
         else:
-            r = fr.sweep(net, loss_fn, spec, g, steps=2, plan="measure", **kw)
+            r = fr.sweep(net, loss_fn, spec, g, steps=2, plan=first, **kw)
         info["first_call_s"] = time.perf_counter() - t0
         info["plan"] = r.meta["plan"]
         info["chunks"] = [b - a for a, b in r.meta["chunks"]]
@@ -260,6 +313,8 @@ def _make(w: Workload, impl: str) -> tuple[Callable[[int], None], dict[str, Any]
         return w.vmap(), {}
     if impl == "sweep":
         return w.sweep()
+    if impl == "sweep-mem":
+        return w.sweep(max_memory=MEMORY_RATIO)
     if impl == "compile":
         return w.sweep(compile=True)
     raise ValueError(impl)
@@ -292,7 +347,7 @@ def worker_time(cfg: dict[str, Any]) -> dict[str, Any]:
         sync()
         per = max((time.process_time() - t0) / 2, 1e-6)
         n = max(2, min(200, round(BLOCK_S / per)))
-        if impl in ("sweep", "compile"):
+        if impl in SWEEPS:
             n = max(n, SWEEP_MIN_STEPS)
         runs[impl] = (fn, n)
         out["impls"][impl] = {**info, "steps_per_block": n, "cpu_ms": [], "wall_ms": []}
@@ -306,7 +361,7 @@ def worker_time(cfg: dict[str, Any]) -> dict[str, Any]:
             rec["wall_ms"].append(1e3 * (time.perf_counter() - w0) / n)
     for impl, (fn, n) in runs.items():
         rec = out["impls"][impl]
-        if impl in ("sweep", "compile"):
+        if impl in SWEEPS:
             ones = []
             for _ in range(3):
                 c0, w0 = time.process_time(), time.perf_counter()
@@ -345,12 +400,10 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize(w.device)
         base = torch.cuda.memory_allocated(w.device) / 2**20
         torch.cuda.reset_peak_memory_stats(w.device)
-    if impl == "sweep":
+    if impl in SWEEPS:
         net, loss_fn, spec, g = w._sweep_args()
-        fr.sweep(
-            net, loss_fn, spec, g, train=(w.x, w.y), optimizer=fr.optim.adam(LR),
-            batch_size=w.bs, progress=False, steps=3, chunk_size=cfg["chunk_size"],
-        )  # fmt: skip
+        kw = w.sweep_kwargs()
+        fr.sweep(net, loss_fn, spec, g, steps=3, chunk_size=cfg["chunk_size"], **kw)
     else:
         fn, _ = _make(w, impl)
         fn(3)
@@ -362,8 +415,43 @@ def worker_memory(cfg: dict[str, Any]) -> dict[str, Any]:
 # ============================================================================ parent
 
 
+def measure_memory(row: dict[str, Any], impls: list[str], device: str) -> dict[str, float]:
+    """Peak MB of each implementation but ``compile`` for one row (model, K), fr.sweep's
+    with the chunks of its timed plan."""
+    out: dict[str, float] = {}
+    for impl in (i for i in impls if i != "compile"):
+        chunk = max(row["impls"].get(impl, {}).get("chunks") or [1])
+        mcfg = {"model": row["model"], "k": row["k"], "impl": impl, "chunk_size": chunk}
+        out[impl] = launch({**mcfg, "device": device}, 600).get("peak_mb", float("nan"))
+    return out
+
+
+def remeasure(json_path: str, md_path: str | None, device: str) -> list[dict[str, Any]]:
+    """``--memory-only``: the memory of the rows of ``json_path`` that have one, again."""
+    rows = json.loads(Path(json_path).read_text())
+    for row in rows:
+        if "memory" in row:
+            row["memory"] = measure_memory(row, list(row["impls"]), device)
+            print(row["model"], row["k"], row["memory"], flush=True)
+    Path(json_path).write_text(json.dumps(rows, indent=1))
+    if md_path:
+        key = "wall_ms_median" if device.startswith("cuda") else "cpu_ms_median"
+        by = {(r["model"], str(r["k"])): r for r in rows if "memory" in r}
+        lines, impls = Path(md_path).read_text().splitlines(), []
+        for j, line in enumerate(lines):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if line.startswith("| model |"):
+                impls = [c[:-3] for c in cells if c.endswith(" ms")]
+            elif line.startswith("| ") and (cells[0], cells[1]) in by:
+                lines[j] = table([by[cells[0], cells[1]]], impls, key)[2]
+        Path(md_path).write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def launch(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if "impl" in cfg:  # a memory worker: live memory, not the heap's history (docstring)
+        env.update(MEMORY_ENV)
     root = str(HERE.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return common.launch(__file__, cfg, env, timeout)
@@ -375,7 +463,9 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def table(rows: list[dict[str, Any]], impls: list[str], key: str = "cpu_ms_median") -> list[str]:
     head = ["model", "K", *[f"{i} ms" for i in impls], *[f"{i}/loop" for i in impls[1:]]]
-    head += ["sweep/min(loop,vmap)", "sweep chunks", "peak MB " + "/".join(impls)]
+    planned = [i for i in ("sweep", "sweep-mem") if i in impls]
+    head += ["sweep/min(loop,vmap)", *[f"{i} chunks" for i in planned]]
+    head += ["peak MB " + "/".join(impls), "peak sweep/loop"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         t = r.get("impls", {})
@@ -384,14 +474,17 @@ def table(rows: list[dict[str, Any]], impls: list[str], key: str = "cpu_ms_media
         ratios = [ms[i] / loop if ms[i] and loop else None for i in impls[1:]]
         peers = [ms[i] for i in ("loop", "vmap") if ms.get(i)]
         env = ms["sweep"] / min(peers) if ms.get("sweep") and peers else None
-        sweep = t.get("sweep", {})
-        chunks = sweep.get("chunks")
-        how = sweep.get("plan", {}).get("how", "")
-        plan = f"{_chunk_text(chunks)} ({how})" if chunks else "—"
+        plans = []
+        for i in planned:
+            chunks = t.get(i, {}).get("chunks")
+            how = t.get(i, {}).get("plan", {}).get("how", "")
+            plans.append(f"{_chunk_text(chunks)} ({how})" if chunks else "—")
         mem = r.get("memory", {})
         peak = "/".join(_fmt(mem.get(i), ".0f") for i in impls) if mem else "—"
+        rel = mem["sweep"] / mem["loop"] if mem.get("sweep") and mem.get("loop") else None
         cells = [r["model"], str(r["k"]), *[_fmt(ms[i]) for i in impls]]
-        cells += [_fmt(x, ".2f") for x in ratios] + [_fmt(env, ".2f"), plan, peak]
+        cells += [_fmt(x, ".2f") for x in ratios] + [_fmt(env, ".2f"), *plans, peak]
+        cells.append(_fmt(rel, ".2f"))
         if "error" in r:
             cells[2] = "error: " + r["error"][:80]
         lines.append("| " + " | ".join(cells) + " |")
@@ -409,7 +502,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--k", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument(
+        "--k", type=int, nargs="+", help="K values (default 1 8 32; 64 for the task models)"
+    )
     p.add_argument("--big", action="store_true", help="add K = 128")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--compile", action="store_true", help="add fr.sweep(compile=True)")
@@ -418,6 +513,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--append", action="store_true", help="add to --out/--json, not replace")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure the peak memory of the rows in --json again (their recorded plans) "
+        "and rewrite their lines in --out",
+    )
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args(argv)
     if args.worker:
@@ -425,29 +527,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         res = worker_memory(cfg) if "impl" in cfg else worker_time(cfg)
         print("RESULT " + json.dumps(res), flush=True)
         return []
+    if args.memory_only:
+        return remeasure(args.json, args.out, args.device)
     models = [m for m in args.models.split(",") if m]
-    ks = sorted(set(args.k + ([128] if args.big else [])))
-    impls = [i for i in args.impls.split(",") if i] + (["compile"] if args.compile else [])
+    base_impls = [i for i in args.impls.split(",") if i] + (["compile"] if args.compile else [])
     key = "wall_ms_median" if args.device.startswith("cuda") else "cpu_ms_median"
     what = "wall" if args.device.startswith("cuda") else "CPU"
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    all_impls: list[str] = []
     for model in models:
+        task = model in TASK_MODELS
+        ks = args.k or (list(TASK_KS) if task else [1, 8, 32])
+        ks = sorted(set(ks + ([128] if args.big else [])))
+        impls = base_impls + (["compile"] if task and "compile" not in base_impls else [])
+        all_impls += [i for i in impls if i not in all_impls]
         for k in ks:
             cfg = {"model": model, "k": k, "impls": impls, "rounds": args.rounds}
             cfg["device"] = args.device
             row = {"model": model, "k": k, **launch(cfg, args.timeout)}
             if not args.no_memory and k == ks[-1] and "error" not in row:
-                sweep = row["impls"].get("sweep", {})
-                chunk = max(sweep.get("chunks") or [1])
-                row["memory"] = {}
-                for impl in (i for i in impls if i != "compile"):
-                    mcfg = {"model": model, "k": k, "impl": impl, "chunk_size": chunk}
-                    m = launch({**mcfg, "device": args.device}, 600)
-                    row["memory"][impl] = m.get("peak_mb", float("nan"))
+                row["memory"] = measure_memory(row, impls, args.device)
             rows.append(row)
             print("\n".join(table([row], impls, key)[2:]), flush=True)
+    impls = all_impls
     load1 = os.getloadavg()
     import torch
 
@@ -461,9 +565,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ]
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        out = Path(args.out)
+        before = out.read_text() + "\n" if args.append and out.exists() else ""
+        out.write_text(before + "\n".join(lines) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if args.append and path.exists() else []
+        path.write_text(json.dumps(old + rows, indent=1))
     return rows
 
 

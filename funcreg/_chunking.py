@@ -4,6 +4,7 @@ one chunk's training state (:class:`Chunk`, :func:`unsplit` to join the chunks a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,15 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["Chunk", "Footprint", "auto_chunk_size", "footprint", "plan_chunks", "unsplit"]
+__all__ = [
+    "Chunk",
+    "Footprint",
+    "auto_chunk_size",
+    "footprint",
+    "memory_cap",
+    "plan_chunks",
+    "unsplit",
+]
 
 # Auto chunking on CPU (measured on the 32-64-64-1 MLP task, 1 thread; see
 # auto_chunk_size): models whose forward handles megabytes train one by one without vmap;
@@ -114,6 +123,18 @@ class Footprint:
         largest = max(self.largest, self.largest_param, 1)
         return max(1, min(LARGEST_TEMP_BYTES // largest, FORWARD_BYTES // max(self.total, 1)))
 
+    def memory_cap(self, k: int, state: int, ratio: float) -> int:
+        """The largest chunk ``C`` (1 to ``k``) whose models' memory stays within ``ratio``
+        times a loop's: a loop of ``k`` models holds their training state ``k·S`` (``state``
+        = ``S``, one model's parameters, gradients and optimizer state) and one model's
+        step temporaries ``A`` (estimated by its forward's, ``total``); a sweep holds
+        ``k·S + C·A``. So ``k·S + C·A <= ratio·(k·S + A)``, i.e.
+        ``C = floor(1 + (ratio - 1)·(k·S + A) / A)``. The process's own memory (the
+        library, the data) is left out of both sides, so the measured ratio is lower.
+        """
+        a = max(self.total, 1)
+        return int(max(1, min(k, math.floor(1 + (ratio - 1) * (k * state + a) / a))))
+
 
 def footprint(forward: Callable[[], Any], params: Mapping[str, Tensor] | None = None) -> Footprint:
     """Run ``forward()`` once under ``no_grad`` and count its floating-point temporaries;
@@ -123,6 +144,17 @@ def footprint(forward: Callable[[], Any], params: Mapping[str, Tensor] | None = 
         forward()
     sizes = [t.nbytes for t in (params or {}).values() if t.is_floating_point()]
     return Footprint(counter.total, counter.largest, sum(sizes), max(sizes, default=0))
+
+
+def memory_cap(
+    forward: Callable[[], Any], params: Mapping[str, Tensor], opt_state: Any, k: int, ratio: float
+) -> int:
+    """:meth:`Footprint.memory_cap` for one model's ``forward``, ``params`` and optimizer
+    state ``opt_state`` (a pytree): ``S`` = the bytes of the params, of as many gradients
+    and of the state's tensors."""
+    state = sum(t.nbytes for t in tree_flatten(opt_state)[0] if isinstance(t, Tensor))
+    grads = sum(t.nbytes for t in params.values())
+    return footprint(forward, params).memory_cap(k, 2 * grads + state, ratio)
 
 
 def plan_chunks(k: int, size: int | None, balanced: bool = True) -> list[tuple[int, int]]:
@@ -172,10 +204,24 @@ class Chunk:
         return t[self.start : self.stop].clone() if self.batched else t[self.start].clone()
 
 
-def unsplit(chunks: list[Chunk], get: Callable[[Chunk], Any]) -> Any:
-    """Concatenate a pytree over chunks along axis 0 (unbatched chunks get one)."""
+def unsplit(
+    chunks: list[Chunk],
+    get: Callable[[Chunk], Any],
+    release: Callable[[Chunk], None] | None = None,
+) -> Any:
+    """Concatenate a pytree over chunks along axis 0 (unbatched chunks get one).
+
+    ``release`` (the run's last result): called on every chunk once its tree is read, to
+    drop the chunk's references; each leaf's parts are then freed as soon as they are
+    joined (one chunk's leaves are taken as they are), so the joined tree never coexists
+    with a whole copy of itself: at the end of a run of K models with P bytes of
+    parameters and 2P of Adam state, that copy was 3·K·P bytes more at the peak."""
     trees = [get(ch) for ch in chunks]
     flat = [tree_flatten(t) for t in trees]
+    if release is not None:
+        for ch in chunks:
+            release(ch)
+        del trees
     spec = flat[0][1]
     leaves = []
     for i in range(len(flat[0][0])):
@@ -183,5 +229,12 @@ def unsplit(chunks: list[Chunk], get: Callable[[Chunk], Any]) -> Any:
             f[0][i] if ch.batched else f[0][i].unsqueeze(0)
             for f, ch in zip(flat, chunks, strict=True)
         ]
-        leaves.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
+        if len(parts) > 1:
+            leaves.append(torch.cat(parts))
+        else:
+            leaves.append(parts[0] if release is not None else parts[0].clone())
+        if release is not None:
+            del parts
+            for f in flat:
+                f[0][i] = None
     return tree_unflatten(leaves, spec)

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from . import _plan
 from . import _tree as _flat
 from ._checkpoint import save_checkpoint
-from ._chunking import Chunk, auto_chunk_size, footprint, plan_chunks, unsplit
+from ._chunking import Chunk, auto_chunk_size, footprint, memory_cap, plan_chunks, unsplit
 from ._data import Batch
 from ._setup import Setup, data_loss
 from .optim import Optimizer
@@ -321,18 +321,25 @@ class _Run:
         static = auto_chunk_size(
             forward, s.k, s.dev, whole_k=self.whole_k, compiled=s.compile, params=p0
         )
+        ratio = _plan.max_memory(s.plan)
+        bound: dict[str, Any] = {}
+        if ratio is not None:  # plan={"max_memory": r}: no chunk past the memory cap
+            mem_cap = memory_cap(forward, p0, s.optimizer.init(p0), s.k, ratio)
+            static = min(static, mem_cap)
+            bound = {"max_memory": ratio, "memory_cap": mem_cap}
         steps = s.steps - self.start
         probe = mode == "measure" or (mode == "auto" and steps >= _plan.PROBE_MIN_STEPS)
         # shards of a distributed sweep and compiled steps (a compile per candidate) keep
         # the static rule
         if s.k < 2 or self.whole_k is not None or s.compile or not probe:
-            return plan_chunks(s.k, static), {"how": "static", "chunk_size": static}
-        key = self._plan_key(first)
+            return plan_chunks(s.k, static), {"how": "static", "chunk_size": static, **bound}
+        key = (self._plan_key(first), ratio)
         hit = _plan.CACHE.get(key)
         if hit is not None:
             return plan_chunks(s.k, hit["chunk_size"]), {**hit, "cached": True}
         # off the CPU there is no mmap cliff: vmapped candidates up to the whole grid
         cap = footprint(forward, p0).cap() if s.dev.type == "cpu" else s.k
+        cap = min(cap, bound.get("memory_cap", cap))
         sizes = _plan.candidates(s.k, static, cap)
         if mode == "auto":
             sizes = _plan.within_budget(sizes, s.k, steps)
@@ -344,6 +351,7 @@ class _Run:
             "chunk_size": size,
             "static": static,
             "per_model_s": {str(c): t for c, t in per_model.items()},
+            **bound,
         }
         _plan.CACHE.put(key, record)
         return plan_chunks(s.k, size), record
@@ -443,6 +451,8 @@ class _Run:
                 ]
                 ch.state = tree_unflatten(restored, tspec)
             self.chunks.append(ch)
+        # the chunks hold their own copies: the stacked init (K models) is not read again
+        s.stacked_p, s.stacked_b = {}, {}
 
     def _train_step(self, t: int, batch: Batch) -> None:
         for ch in self.chunks:
@@ -503,9 +513,15 @@ class _Run:
         self.e_index += 1
         return best
 
-    def _snapshot(self, done: int) -> SweepResult:
+    def _snapshot(self, done: int, last: bool = False) -> SweepResult:
+        """The result after ``done`` steps; ``last``: the run's result, built from the
+        chunks' own tensors (they are left empty, see :func:`unsplit`'s ``release``)."""
         s, e, names = self.s, self.e_index, self.s.metric_names
         chunks = self.chunks
+
+        def drop(attr: str, empty: Any) -> Callable[[Chunk], None] | None:
+            return (lambda ch: setattr(ch, attr, empty)) if last else None
+
         before = 0.0 if s.prev is None else float(s.prev.meta.get("elapsed_s", 0.0))
         meta = {
             "identity": s.identity,
@@ -519,14 +535,16 @@ class _Run:
             "elapsed_s": before + time.perf_counter() - s.t_start,
         }
         resume = {
-            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state))[0],
+            "opt_state": tree_flatten(unsplit(chunks, lambda ch: ch.state, drop("state", None)))[0],
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(s.dev) if s.dev.type == "cuda" else None,
         }
         return SweepResult.from_run(
             grid=s.grid,
-            stacked=unsplit(chunks, lambda ch: ch.params),
-            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs) if s.fixed0 else {},
+            stacked=unsplit(chunks, lambda ch: ch.params, drop("params", {})),
+            stacked_buffers=unsplit(chunks, lambda ch: ch.bufs, drop("bufs", {}))
+            if s.fixed0
+            else {},
             rows=self.hist[:done],
             metric_names=names,
             eval_step=self.eval_steps[:e],
@@ -574,5 +592,5 @@ class _Run:
                     bar.status(best_so_far if s.val is not None else None, n_div, s.k)
                 if s.ckpt is not None and (done % s.checkpoint_every == 0 or done == s.steps):
                     save_checkpoint(self._snapshot(done), s.ckpt)
-            result = self._snapshot(s.steps)
+            result = self._snapshot(s.steps, last=True)
         return result

@@ -12,8 +12,16 @@ is fastest per model:
   rounds of one timed sample per candidate with :data:`clock` (a fast step repeated to
   last :data:`PROBE_SAMPLE_S`);
   a candidate's time is its fastest sample's step divided by its models. A candidate
-  that raises is left out, and the probe's warnings are silenced. The winner must be
-  :data:`MARGIN` faster than the static size, else the static size stays (:func:`choose`).
+  that raises is left out, and the probe's warnings are silenced. Speed first, memory
+  second: the smallest candidate within :data:`MARGIN` of the fastest wins (:func:`choose`;
+  a vmapped chunk's temporaries grow with its models, so a chunk of one model that is as
+  fast costs the least memory).
+* **Memory** (opt-in, ``plan={"max_memory": r}``): the static size and every candidate are
+  at most :meth:`funcreg._chunking.Footprint.memory_cap`, the largest chunk whose
+  estimated model memory (the K models' training state plus the chunk's step temporaries)
+  stays within ``r`` times a loop's. It trades speed for memory where vmapping needs
+  many models per call to pay off (the tiny MLP of ``benchmarks/models.py``), so it is not
+  the default; ``{"mode": "measure", "max_memory": r}`` also always measures.
 * **Cost**: probing runs only for runs of at least :data:`PROBE_MIN_STEPS` steps (``plan=
   None``), and only candidates whose probe model-steps fit in :data:`PROBE_BUDGET` of the
   run's (:func:`within_budget`); a choice is cached per (model shapes, batch shapes,
@@ -44,6 +52,7 @@ __all__ = [
     "candidates",
     "check_plan",
     "choose",
+    "max_memory",
     "measure",
     "within_budget",
 ]
@@ -59,7 +68,7 @@ PROBE_MAX_REPS = 20
 PROBE_BUDGET = 0.05
 """The probe's model-steps are at most this fraction of the run's (``plan=None``)."""
 MARGIN = 0.05
-"""A measured candidate replaces the static size only when this much faster per model."""
+"""A larger chunk is chosen over a smaller one only when this much faster per model."""
 
 clock: Callable[[], float] | None = None
 """The probe's clock when set (tests set a fake one); else :func:`measure` reads the
@@ -70,11 +79,47 @@ clock otherwise (threads and devices work in parallel)."""
 MODES = ("auto", "static", "measure")
 
 
+OPTIONS = ("mode", "max_memory")
+"""The keys of a ``plan=`` dict of options (a dict with other keys is a recorded plan)."""
+
+
+def _options(plan: Mapping[str, Any]) -> bool:
+    """Whether a ``plan=`` dict holds options (``{"max_memory": 1.5}``) rather than a
+    recorded plan (``result.meta["plan"]``, which always has ``"chunk_size"``)."""
+    return bool(plan) and set(plan) <= set(OPTIONS)
+
+
+def max_memory(plan: Any) -> float | None:
+    """The ``"max_memory"`` ratio of a ``plan=`` dict of options, else ``None``."""
+    if isinstance(plan, Mapping) and _options(plan):
+        ratio = plan.get("max_memory")
+        return None if ratio is None else float(ratio)
+    return None
+
+
 def check_plan(plan: Any, chunk_size: int | None) -> str | int:
     """``plan=`` of ``fr.sweep`` resolved: ``"auto"`` (``None``), ``"static"``,
-    ``"measure"``, or the chunk size of a recorded plan (``result.meta["plan"]``)."""
+    ``"measure"``, or the chunk size of a recorded plan (``result.meta["plan"]``). A dict
+    of options, ``{"mode": "auto" | "static" | "measure", "max_memory": r}`` (both keys
+    optional, ``r >= 1``), resolves to its mode (see :func:`max_memory`)."""
     if plan is None:
         return "auto"
+    if isinstance(plan, Mapping) and _options(plan):
+        ratio = plan.get("max_memory")
+        if ratio is not None and (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not math.isfinite(ratio)
+            or ratio < 1
+        ):
+            raise ValueError(
+                f'plan: "max_memory" is the largest ratio of the sweep\'s model memory to '
+                f"a loop's, a number >= 1 (e.g. 1.5), got {ratio!r}"
+            )
+        mode = plan.get("mode", "auto")
+        if mode not in MODES:
+            raise ValueError(f'plan: "mode" must be one of {list(MODES)}, got {mode!r}')
+        return check_plan(None if mode == "auto" else mode, chunk_size)
     if isinstance(plan, str):
         if plan not in MODES:
             raise ValueError(
@@ -101,8 +146,11 @@ def check_plan(plan: Any, chunk_size: int | None) -> str | int:
 
 def candidates(k: int, static: int, cap: int) -> list[int]:
     """The chunk sizes worth timing for ``k`` models, ``static`` first: 1, ``static``, and
-    vmapped chunks of ``min(k, cap)`` and ``min(k, cap, 8)`` models (when >= 2)."""
-    sizes = [static, 1, min(k, cap), min(k, cap, 8)]
+    vmapped chunks of ``min(k, cap)``, ``min(k, cap, 8)`` and half of ``min(k, cap)``
+    models (when >= 2). The half: past a few MiB per temporary a chunk can get slower per
+    model (the tiny MLP of ``benchmarks/models.py`` with SGD at K = 64: 32.5 ms per step in
+    one chunk of 64, 23.4 and 24.1 ms in chunks of 16 and 32, 31.1 in chunks of 8)."""
+    sizes = [static, 1, min(k, cap), min(k, cap, 8), min(k, cap) // 2]
     out: list[int] = []
     for c in sizes:
         if 1 <= c <= k and c not in out:
@@ -168,14 +216,13 @@ def measure(
 
 
 def choose(per_model: Mapping[int, float], static: int) -> int:
-    """The fastest size per model; ``static`` unless another is :data:`MARGIN` faster (a
-    tie between others goes to the smaller chunk), and when no candidate ran."""
+    """The smallest size whose time per model ``t_c`` is within :data:`MARGIN` of the
+    fastest ``t*``: ``(1 - MARGIN)·t_c <= t*`` (speed first, then memory: a vmapped chunk's
+    temporaries grow with its models); ``static`` when no candidate ran."""
     if not per_model:
         return static
-    best = min(per_model, key=lambda c: (per_model[c], c))
-    if static in per_model and per_model[best] > (1 - MARGIN) * per_model[static]:
-        return static
-    return best
+    fastest = min(per_model.values())
+    return min(c for c, t in per_model.items() if (1 - MARGIN) * t <= fastest)
 
 
 class PlanCache:

@@ -39,7 +39,8 @@ How it runs
   BatchNorm rounds with the number of models, and a chunk of one model runs without
   ``vmap``, with plain autograd — faster. ``chunk_size=None`` chooses it: a run of at
   least 200 steps times a few steps of candidate chunk sizes on throwaway copies first and
-  keeps the fastest per model (:mod:`funcreg._plan`; cached per problem in the process);
+  keeps the smallest within 5% of the fastest per model (:mod:`funcreg._plan`; cached per
+  problem in the process);
   shorter runs, ``plan="static"``, ``compile=True`` and distributed shards use the static
   rule (:func:`~funcreg._chunking.auto_chunk_size`: on CPU, grids of up to 4 models and
   models with 1 MiB of parameters train one by one; on other devices the whole grid runs
@@ -146,7 +147,10 @@ def sweep(
             chunk sizes before training when the run has at least 200 steps, else the
             static rule :func:`~funcreg._chunking.auto_chunk_size`), ``"static"``,
             ``"measure"`` (always measure), or ``result.meta["plan"]`` of an earlier run
-            (the same chunks, hence the same numbers). See :mod:`funcreg._plan`.
+            (the same chunks, hence the same numbers). Options as a dict: ``{"max_memory":
+            1.5}`` keeps the chunks within 1.5x a loop's estimated model memory (slower
+            where vmap needs many models per call), ``{"mode": "measure", ...}``. See
+            :mod:`funcreg._plan`.
         activity: activity terms whose strengths are grid axes, ``{term:
             fr.activity.Activity(penalty, module path)}``; ``loss_fn`` then returns
             ``(data loss, {module path: activation})`` and the objective gains

@@ -151,3 +151,36 @@ def test_measured_plan_recorded_and_resume_identical(
     for n, v in full.stacked.items():
         assert torch.equal(resumed.stacked[n], v), n
     assert torch.equal(resumed.history["loss"], full.history["loss"])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_l1_l2_sgd_task_equals_a_loop_of_torch_optim_sgd(chunk_size: int) -> None:
+    """The task of the tiny-sgd rows (benchmarks/models.py): ``λ·Σ|W1| + λ·Σ‖W‖²`` with
+    ``prox=False`` (``l1 = λ``, ``l2 = 2λ``) and SGD is what a loop of ``torch.optim.SGD``
+    models with the penalty in the loss trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 5, generator=g), torch.randn(24, 1, generator=g)
+
+    def loss(p: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        return F.mse_loss(functional_call(net, p, (xb,)), yb)
+
+    spec = fr.Spec(l1=fr.L1("0.weight"), l2=fr.L2())
+    lam = STRENGTHS
+    grid = fr.grid(l1=lam, l2=[2 * v for v in lam], product=False)
+    res = fr.sweep(
+        net, loss, spec, grid, train=(x, y), optimizer=fr.optim.sgd(0.05), steps=STEPS,
+        batch_size=BATCH, prox=False, progress=False, chunk_size=chunk_size,
+    )  # fmt: skip
+    for k, s in enumerate(lam):
+        m = copy.deepcopy(net)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        for idx in batches():
+            opt.zero_grad()
+            penalty = sum(p.pow(2).sum() for p in m.parameters() if p.ndim > 1)
+            out = F.mse_loss(m(x[idx]), y[idx]) + s * penalty + s * m[0].weight.abs().sum()
+            out.backward()
+            opt.step()
+        for n, v in m.named_parameters():
+            torch.testing.assert_close(res.stacked[n][k], v.detach(), rtol=1e-9, atol=1e-11)

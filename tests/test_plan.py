@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 import funcreg as fr
 from funcreg import _plan
-from funcreg._chunking import auto_chunk_size, footprint
+from funcreg._chunking import Footprint, auto_chunk_size, footprint
 from funcreg.optim import adam
 from funcreg.stack import grid
 
@@ -98,17 +98,55 @@ def test_plan_argument_errors() -> None:
 
 
 def test_candidates_budget_and_choice() -> None:
-    assert _plan.candidates(32, 1, 10) == [1, 10, 8]
-    assert _plan.candidates(6, 6, 100) == [6, 1]
-    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8]
+    assert _plan.candidates(32, 1, 10) == [1, 10, 8, 5]
+    assert _plan.candidates(6, 6, 100) == [6, 1, 3]
+    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8, 64]
+    assert _plan.candidates(3, 3, 100) == [3, 1]
     # probe model-steps (2 + PROBE_STEPS)·c within PROBE_BUDGET of K·steps; the first stays
     assert _plan.within_budget([32, 1, 128, 8], 128, 100) == [32, 1, 8]
     assert _plan.within_budget([32, 1, 128, 8], 128, 1000) == [32, 1, 128, 8]
     assert _plan.within_budget([32, 1], 2, 1) == [32]
-    # the static size stays unless another is MARGIN faster; ties go to the smaller chunk
+    # the smallest chunk within MARGIN of the fastest: a larger one must be MARGIN faster
     assert _plan.choose({1: 1.0, 8: 0.97}, static=1) == 1
     assert _plan.choose({1: 1.0, 8: 0.90}, static=1) == 8
     assert _plan.choose({4: 0.5, 8: 0.5, 1: 1.0}, static=1) == 4
+    # the static size gets no preference: as fast and smaller wins (less memory)
+    assert _plan.choose({18: 2.65, 1: 2.15, 8: 2.10}, static=18) == 1
+    assert _plan.choose({32: 0.57, 1: 0.79, 8: 0.603}, static=32) == 32
+
+
+def test_memory_cap_formula() -> None:
+    """``k·S + C·A <= r·(k·S + A)``: the largest such C, between 1 and k."""
+    fp = Footprint(total=100, largest=10, params=20, largest_param=20)
+    assert fp.memory_cap(32, 50, 1.5) == 9  # floor(1 + 0.5·(1600 + 100)/100) = floor(9.5)
+    for c in (9, 10):  # 9 is within the bound, 10 is not
+        assert (32 * 50 + c * 100 <= 1.5 * (32 * 50 + 100)) == (c == 9)
+    assert fp.memory_cap(32, 50, 1.0) == 1
+    assert fp.memory_cap(32, 50, 100.0) == 32
+
+
+def test_max_memory_option_bounds_the_plan(ticking: None) -> None:
+    """plan={"max_memory": r} caps the static size and every candidate; the record says
+    so; its chunks give the numbers of the same chunks given; bad options are refused."""
+    res = run(plan={"mode": "measure", "max_memory": 1.0})
+    plan = res.meta["plan"]
+    assert plan["how"] == "measured" and plan["memory_cap"] == 1 and plan["max_memory"] == 1.0
+    assert plan["chunk_size"] == 1 and set(plan["per_model_s"]) == {"1"}
+    loose = run(plan={"mode": "measure", "max_memory": 1e6})
+    assert loose.meta["plan"]["chunk_size"] == K  # the fake clock favours the whole grid
+    static = run(steps=3, plan={"max_memory": 1.0})
+    assert static.meta["plan"] == {
+        "how": "static", "chunk_size": 1, "max_memory": 1.0, "memory_cap": 1
+    }  # fmt: skip
+    given = run(chunk_size=1)
+    for n, v in res.stacked.items():
+        assert torch.equal(given.stacked[n], v), n
+    with pytest.raises(ValueError, match=r'"max_memory" is the largest ratio'):
+        run(plan={"max_memory": 0.5})
+    with pytest.raises(ValueError, match=r'"max_memory" is the largest ratio'):
+        run(plan={"max_memory": True})
+    with pytest.raises(ValueError, match=r'plan: "mode" must be one of'):
+        run(plan={"mode": "fastest"})
 
 
 def test_measure_takes_the_fastest_step_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,7 +178,7 @@ def test_measured_plan_recorded_cached_and_replayed(
     plan = res.meta["plan"]
     assert plan["how"] == "measured" and plan["static"] == 1
     assert plan["chunk_size"] == K  # the fake clock: one second per step of any chunk
-    assert set(plan["per_model_s"]) == {"1", str(K)}
+    assert set(plan["per_model_s"]) == {"1", str(K), str(K // 2)}
     assert res.meta["chunks"] == [[0, K]]
 
     def no_probe(*a: Any, **k: Any) -> Any:
@@ -214,3 +252,29 @@ def test_a_failing_candidate_is_left_out(monkeypatch: pytest.MonkeyPatch) -> Non
     assert set(_plan.measure([1, 8], make)) == {1}
     assert _plan.choose({}, static=4) == 4
     assert _plan.choose({1: 2.0}, static=8) == 1
+
+
+def test_unsplit_release_joins_the_same_tensors_and_empties_the_chunks() -> None:
+    """The run's last result: the same values as a copying join, and the chunks' own
+    references dropped (a lone chunk's tensors are taken, not copied)."""
+    from funcreg._chunking import Chunk, unsplit
+
+    def chunks() -> list[Chunk]:
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for a, b in ((0, 2), (2, 3)):
+            batched = b - a > 1
+            shape = (b - a, 3) if batched else (3,)
+            p = {"w": torch.randn(shape, generator=g)}
+            z = torch.zeros(b - a, dtype=torch.bool)
+            out.append(Chunk(a, b, batched, p, None, {}, {}, z, z.long(), torch.zeros(1)))
+        return out
+
+    ref = unsplit(chunks(), lambda ch: ch.params)
+    chs = chunks()
+    got = unsplit(chs, lambda ch: ch.params, lambda ch: setattr(ch, "params", {}))
+    assert torch.equal(got["w"], ref["w"]) and got["w"].shape == (3, 3)
+    assert all(ch.params == {} for ch in chs)
+    one = chunks()[:1]
+    w = one[0].params["w"]
+    assert unsplit(one, lambda ch: ch.params, lambda ch: setattr(ch, "params", {}))["w"] is w
