@@ -335,10 +335,17 @@ def check_loss_value(loss_fn: Any, value: Any) -> None:
         if isinstance(value, Tensor)
         else f"a {type(value).__name__}"
     )
+    pair = isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping)
+    hint = (
+        "; a loss returning (data loss, {module path: activation}) needs its activity terms "
+        'declared: activity={"act": fr.activity.Activity(fr.L1(), "<module path>")}'
+        if pair
+        else ""
+    )
     raise ValueError(
         f"loss_fn {name} returned {got}; it must return a 0-dim tensor computed from its "
         "params argument (e.g. F.mse_loss(functional_call(model, params, (x,)), y)): not "
-        ".item() or a float, and reduce a shape-(1,) loss with .sum() or .squeeze()"
+        f".item() or a float, and reduce a shape-(1,) loss with .sum() or .squeeze(){hint}"
     )
 
 
@@ -351,6 +358,59 @@ def loss_ignores_params_error(loss_fn: Any) -> ValueError:
         "detached, or computed with the module's own weights, e.g. net(x) instead of "
         "functional_call(net, params, (x,))); compute it from params so gradients reach them"
     )
+
+
+def reaches(value: Tensor, leaves: Mapping[str, Tensor]) -> bool:
+    """Whether autograd finds a path from at least one of ``leaves`` to ``value`` (the
+    graph is kept: the caller may still differentiate ``value``)."""
+    if not value.requires_grad:
+        return False
+    found = torch.autograd.grad(
+        value.sum(), list(leaves.values()), allow_unused=True, retain_graph=True
+    )
+    return any(g is not None for g in found)
+
+
+def activation_ignores_params_error(where: str, term: str, paths: Iterable[str]) -> ValueError:
+    """An activity term whose recorded activation does not depend on the params."""
+    path = next(iter(paths))
+    return ValueError(
+        f"{where}: activity term {term!r} penalizes the output of module {path!r}, but the "
+        "activation the loss returned does not depend on its params argument (it is detached, "
+        "or computed by calling the module with its own weights instead of "
+        f"functional_call(net.get_submodule({path!r}), its params, (x,))); the term would "
+        "change nothing. "
+        "Compute the activation from params, or record it with fr.activity.collect(net) "
+        "inside the functional loss"
+    )
+
+
+def check_activations(
+    where: str, terms: Mapping[str, Any], outputs: Any, leaves: Mapping[str, Tensor]
+) -> None:
+    """The ``{module path: activation}`` dict a loss returned for activity ``terms`` (each
+    with a ``modules`` tuple): every activation a term reads is a tensor (or a list of
+    them) that reaches at least one of the params ``leaves``. A missing path is left to the
+    term itself, which names it."""
+    if not isinstance(outputs, Mapping):
+        raise TypeError(
+            f"{where}: with activity= terms, loss_fn must return (data loss, {{module path: "
+            f"activation}}), got a {type(outputs).__name__} as its second element"
+        )
+    for term, act in terms.items():
+        for path in act.modules:
+            if path not in outputs:
+                continue
+            found = outputs[path]
+            items = [found] if isinstance(found, Tensor) else found
+            if not isinstance(items, list | tuple) or not all(isinstance(a, Tensor) for a in items):
+                raise TypeError(
+                    f"{where}: activity term {term!r}: the loss returned a "
+                    f"{type(found).__name__} for module {path!r}; return the module's output "
+                    "tensor (or a list of its output tensors)"
+                )
+            if not items or not all(reaches(a, leaves) for a in items):
+                raise activation_ignores_params_error(where, term, [path])
 
 
 # ------------------------------------------ a sweep's loss, on its first batch, before training
@@ -402,6 +462,7 @@ def check_loss_on_batch(
     params: Mapping[str, Tensor],
     buffers: Mapping[str, Tensor],
     batch: tuple[Tensor, ...],
+    activity: Mapping[str, Any] | None = None,
 ) -> None:
     """One model's loss on the first training batch, computed once with autograd before a
     sweep trains: it must be a 0-dim tensor (:func:`check_loss_value`: not ``.item()``, not
@@ -415,7 +476,11 @@ def check_loss_on_batch(
     ``functional_call(net, params, (x,))``), which would train nothing, silently. It is the
     rule the one-model eager step applies on its first call (``funcreg.train``). Nothing is
     checked for a non-finite loss (divergence is reported per model). The RNG state and the
-    buffers are left as they were (dropout draws in a forked RNG; buffers are copies)."""
+    buffers are left as they were (dropout draws in a forked RNG; buffers are copies).
+
+    With ``activity`` terms the loss returns ``(data loss, {module path: activation})``: the
+    data loss is checked as above and each activation a term reads must reach the params
+    too (:func:`check_activations`), or the term would penalize a constant."""
     devices = sorted({t.device.index or 0 for t in params.values() if t.device.type == "cuda"})
     with (
         torch.random.fork_rng(devices=devices),
@@ -425,12 +490,18 @@ def check_loss_on_batch(
         warnings.simplefilter("always")
         leaves = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
         value = loss_fn({**leaves, **{n: b.clone() for n, b in buffers.items()}}, *batch)
+        if activity:
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise TypeError(
+                    f"{where}: with activity= terms, loss_fn {_loss_name(loss_fn)} must return "
+                    f"(data loss, {{module path: activation}}), got {type(value).__name__}"
+                )
+            value, outputs = value
         check_loss_value(loss_fn, value)
         broadcast = [w for w in caught if "target size" in str(w.message)]
-        used = value.requires_grad and any(
-            g is not None
-            for g in torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-        )
+        used = reaches(value, leaves)
+        if activity and used and not broadcast:  # the data loss's own errors come first
+            check_activations(where, activity, outputs, leaves)
     for w in caught:
         if w not in broadcast:  # pass the loss's other warnings on
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -130,7 +130,9 @@ def _check_axes(
             f"grid axis {name!r} names no spec term and no optimizer hyperparameter "
             f"(terms: {sorted(strengths)}, optimizer reads: {sorted(hyper)}). Did you mean "
             f"{near[0] if near else None!r}? To sweep a learning rate, build the optimizer "
-            f'with a name, e.g. fr.optim.adam(lr="lr"), and add lr=[...] to the grid'
+            f'with a name, e.g. fr.optim.adam(lr="lr"), and add lr=[...] to the grid; to '
+            f"sweep an activity strength, declare the term: activity={{{name!r}: "
+            "fr.activity.Activity(fr.L1(), '<module path>')}"
         )
     missing = [n for n in allowed if n not in grid]
     if missing:
@@ -282,11 +284,13 @@ def check_first_batch(
     step: int,
     seed: int,
     dev: torch.device,
+    activity: Mapping[str, Activity] | None = None,
 ) -> None:
     """Before any training, on the first batch the run will read (and the first validation
     batch): no NaN/inf in it, ``loss_fn``/``val_fn`` accept ``(params, *batch)``, validation
     batches hold tensors shaped like the training ones, and model 0's loss is a 0-dim tensor
-    that reaches its params (:func:`funcreg._checks.check_loss_on_batch`). One forward and
+    that reaches its params, as do the activations ``activity`` terms read
+    (:func:`funcreg._checks.check_loss_on_batch`). One forward and
     backward of one model: the misuses that would otherwise train nothing, or fail after
     the whole training, fail here."""
     batch = _seeded_batch(train, step, seed, dev)
@@ -294,7 +298,7 @@ def check_first_batch(
     _checks.check_loss_signature("sweep", "loss_fn", loss_fn, batch, "train")
     p0 = {n: v[0] for n, v in stacked_p.items()}
     b0 = {n: v[0] for n, v in stacked_b.items()}
-    _checks.check_loss_on_batch("sweep", loss_fn, p0, b0, batch)
+    _checks.check_loss_on_batch("sweep", loss_fn, p0, b0, batch, activity)
     if val is None:
         return
     with torch.random.fork_rng(devices=[]):
@@ -391,8 +395,8 @@ def prepare(
             _check_init_finite(stacked_p if init is not None else params0, init is not None)
         if prev is None or prev.steps < n_steps:  # a finished checkpoint trains nothing
             check_first_batch(
-                data_loss(loss_fn, activity), val_fn, train_data, val_data, stacked_p,
-                stacked_b, 0 if prev is None else prev.steps, seed, dev,
+                loss_fn, val_fn, train_data, val_data, stacked_p, stacked_b,
+                0 if prev is None else prev.steps, seed, dev, activity,
             )  # fmt: skip
     except BaseException:
         if lock is not None:

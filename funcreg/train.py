@@ -86,9 +86,9 @@ def _autograd_grad(
     plain ``L1``, ``L2``) stay out of the autograd graph: their gradients come from one
     ``torch._foreach_add`` over all their parameters and their values from one reduction
     (:mod:`funcreg._tree`), the same numbers as autograd's (``s·sign(w)``, ``s·w``) for less
-    work. The first call checks that the data loss depends on the params it is given (not
-    detached, not computed from a module's own weights) and raises, naming ``loss_fn``,
-    if it does not."""
+    work. The first call checks that the data loss, and each activity term, depends on the
+    params it is given (not detached, not computed from a module's own weights) and raises,
+    naming ``loss_fn`` or the term, if it does not."""
     forms = {t: f for t, p in spec.items() if (f := p.closed_form()) is not None}
     rest = Spec({t: p for t, p in spec.items() if t not in forms})
     objective = (
@@ -104,15 +104,13 @@ def _autograd_grad(
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             total, parts = objective(leaves, strengths, *batch)
             if leaves and not checked:  # once: the data loss must reach some param
-                data = parts["loss"]
-                used = data.requires_grad and any(
-                    g is not None
-                    for g in torch.autograd.grad(
-                        data, list(leaves.values()), allow_unused=True, retain_graph=True
-                    )
-                )
-                if not used:
+                if not _checks.reaches(parts["loss"], leaves):
                     raise _checks.loss_ignores_params_error(loss_fn)
+                for term, act in (activity or {}).items():
+                    if not _checks.reaches(parts[term], leaves):
+                        raise _checks.activation_ignores_params_error(
+                            "train_step", term, act.modules
+                        )
                 checked.append(True)
             if total.requires_grad:
                 found = torch.autograd.grad(

@@ -256,9 +256,62 @@ def test_fr_sweep_activity_bad_input_is_named():
         return ((torch.func.functional_call(net, p, (xb,)) - yb) ** 2).mean()
 
     grid = fr.grid(act=[0.1, 0.2], l2=0.1, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"with activity= terms, loss_fn must return \(data loss"):
+    with pytest.raises(TypeError, match=r"with activity= terms, loss_fn .*must return \(data loss"):
         fr.sweep(net, plain, spec, grid, activity=terms, **kw)
     with pytest.raises(ValueError, match=r"grid axis 'act' names no spec term"):
         fr.sweep(net, plain, spec, grid, **kw)
     with pytest.raises(TypeError, match=r"activity= must be a dict"):
         fr.sweep(net, plain, spec, grid, activity=[terms["act"]], **kw)
+
+
+def test_fr_sweep_and_train_step_refuse_an_activation_that_ignores_the_params():
+    """An activity term must penalize something the params move: an activation that is
+    detached, or computed by the module with its own weights, is refused before training
+    (fr.sweep) or on the first step (the eager fr.train_step(autograd=True)), naming the
+    term and the module; a non-tensor activation is refused by type. Strength 0 is not
+    mistaken for a detached activation."""
+    net = _net()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    spec = fr.Spec(l2=fr.L2("2.weight"))
+    terms = {"act": activity.Activity(fr.L1(), "0")}
+    opt = fr.optim.sgd(lr=0.1)
+    kw = dict(train=(x, y), optimizer=opt, steps=2, progress=False, activity=terms)
+    grid = fr.grid(act=[0.0, 0.2], l2=0.1, dtype=torch.float64)
+
+    def data(p, xb, yb):
+        return ((torch.func.functional_call(net, p, (xb,)) - yb) ** 2).mean()
+
+    def detached(p, xb, yb):
+        return data(p, xb, yb), {
+            "0": torch.func.functional_call(net[0], _sub(p, "0"), (xb,)).detach()
+        }
+
+    def own(p, xb, yb):
+        return data(p, xb, yb), {"0": net[0](xb)}
+
+    def number(p, xb, yb):
+        return data(p, xb, yb), {"0": 1.0}
+
+    for loss in (detached, own):
+        with pytest.raises(
+            ValueError,
+            match=r"activity term 'act' penalizes the output of module '0'.*does not depend",
+        ):
+            fr.sweep(net, loss, spec, grid, **kw)
+        step = fr.train_step(loss, spec, opt, activity=terms, autograd=True)
+        p0 = {n: v.detach() for n, v in net.named_parameters()}
+        with pytest.raises(ValueError, match=r"train_step: activity term 'act'"):
+            step(p0, opt.init(p0), {"act": 0.1, "l2": 0.1}, x, y)
+    with pytest.raises(
+        TypeError, match=r"activity term 'act': the loss returned a float for module '0'"
+    ):
+        fr.sweep(net, number, spec, grid, **kw)
+    loss = _hook_free_loss(net, x, y)
+    step = fr.train_step(loss, spec, opt, activity=terms, autograd=True)
+    p0 = {n: v.detach() for n, v in net.named_parameters()}
+    step(p0, opt.init(p0), {"act": 0.0, "l2": 0.1}, x, y)  # strength 0: accepted
+    with pytest.raises(ValueError, match=r"needs its activity terms declared"):
+        fr.sweep(net, loss, spec, fr.grid(l2=0.1, dtype=torch.float64), **{**kw, "activity": None})
+    with pytest.raises(ValueError, match=r"grid axis 'act'.*activity=\{'act'"):
+        fr.sweep(net, data, spec, grid, **{**kw, "activity": None})
