@@ -231,6 +231,22 @@ def check_optimizer(where: str, optimizer: Any) -> None:
         )
 
 
+def check_no_sweep_keywords(where: str, extra: Mapping[str, Any], fn: Any) -> None:
+    """Without ``optimizer=``, ``fr.path``/``fr.cross_validate`` solve exactly and hand no
+    keyword to ``fr.sweep``: an extra keyword is a misspelling (or a sweep option that
+    would do nothing) and is refused, with the closest of ``fn``'s own parameters."""
+    if not extra:
+        return
+    name = next(iter(extra))
+    own = [p for p in inspect.signature(fn).parameters if p not in ("sweep_kwargs",)]
+    near = closest(name, own, 1)
+    raise TypeError(
+        f"{where}: got an unexpected keyword argument {name!r} (did you mean {near[0]}=?). "
+        "Without optimizer= the problem is solved exactly and no keyword goes on to fr.sweep; "
+        "fr.sweep's options (batch_size=, compile=, ...) apply with optimizer= and steps="
+    )
+
+
 def check_engine_args(where: str, optimizer: Any, steps: Any) -> None:
     """``optimizer=`` and ``steps=`` come together (the sweep engine) or not at all (the
     exact solver)."""

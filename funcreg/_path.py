@@ -302,6 +302,8 @@ def path(
     if term in fixed:
         raise ValueError(f"path: term {term!r} is the path's axis; remove it from fixed=")
     _checks.check_engine_args("path", optimizer, steps)
+    if optimizer is None:
+        _checks.check_no_sweep_keywords("path", sweep_kwargs, path)
     params0, bufs0, model = split_model(model_or_params)
     loss = with_buffers(loss_fn, bufs0)
     val_t = as_data(val, "val")

@@ -449,6 +449,15 @@ def cross_validate(
     t0 = time.perf_counter()
     spec = as_spec(spec)
     _checks.check_engine_args("cross_validate", optimizer, steps)
+    if optimizer is None:
+        _checks.check_no_sweep_keywords("cross_validate", sweep_kwargs, cross_validate)
+    if sweep_kwargs.get("activity"):
+        raise ValueError(
+            "cross_validate: activity= terms are not supported: a fold sees the data through "
+            "per-sample weights, and an activity term sums over every sample of a batch, held-"
+            "out ones included. Validate activity strengths with fr.sweep(..., activity=..., "
+            "val=(x_val, y_val)) on each split and compare history['val_loss']"
+        )
     if not callable(loss_fn):
         raise TypeError(f"cross_validate: loss_fn must be callable, got {type(loss_fn).__name__}")
     if type(loss_fn).__name__ == "LeastSquares":

@@ -207,6 +207,13 @@ def test_sweep_engine_fold_fit_equals_a_sweep_on_the_fold() -> None:
         ({"data": (torch.ones(20, 2), torch.ones(19))}, ValueError, r"share their first"),
         ({"data": (torch.ones(20, 2) * torch.nan, torch.ones(20))}, ValueError, r"data\[0\]"),
         ({"data": (torch.ones(0, 2), torch.ones(0))}, ValueError, r"no samples"),
+        ({"bogus_kwarg": 1}, TypeError, r"unexpected keyword argument 'bogus_kwarg'"),
+        ({"batch_size": 4}, TypeError, r"'batch_size'.*no keyword goes on to fr.sweep"),
+        (
+            {"optimizer": fr.optim.sgd(0.1), "steps": 2, "activity": {"a": None}},
+            ValueError,
+            r"activity= terms are not supported.*val=",
+        ),
     ],
 )
 def test_bad_input(kwargs: dict[str, Any], err: type, match: str) -> None:

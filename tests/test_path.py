@@ -268,6 +268,8 @@ def test_path_bad_input_is_named(linear):
         path(p, loss, fr.Spec(l1=fr.L1("w")), data=(X * math.nan, y), n=3)
     with pytest.raises(ValueError, match=r"n must be an integer"):
         geometric_grid(1.0, 1e-3, 2.5)
+    with pytest.raises(TypeError, match=r"'chunk_sise' \(did you mean chunk_size=\?\)"):
+        path(p, loss, fr.Spec(l1=fr.L1("w")), data=(X, y), n=3, chunk_sise=3)
     with pytest.raises(ValueError, match=r"set by path itself"):
         path(
             torch.nn.Linear(3, 1), lambda p, x: x.sum(), fr.Spec(l1=fr.L1("weight")),
