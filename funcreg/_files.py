@@ -193,15 +193,13 @@ def read_verified(
     ``name``") and every key of ``keys``, and matches its checksum (a file without one, from
     an earlier version, is read unverified). Anything else is a ``ValueError`` from
     :func:`damaged`."""
+    if path.stat().st_size == 0:  # FileNotFoundError passes as is
+        raise damaged(path, "it is empty (0 bytes; an interrupted copy?)", kind)
     try:
-        if path.stat().st_size == 0:
-            raise damaged(path, "it is empty (0 bytes; an interrupted copy?)", kind)
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except ValueError:
-        raise
     except FileNotFoundError:
         raise
-    except Exception as e:  # OSError, EOFError, pickle and zip errors, RuntimeError, ...
+    except Exception as e:  # OSError, EOFError, pickle, zip and Unicode errors, RuntimeError...
         raise damaged(path, f"it cannot be read ({type(e).__name__}: {e!s:.200})", kind) from e
     if not isinstance(data, dict) or data.get("format") != fmt:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
