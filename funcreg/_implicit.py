@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacfwd, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .losses import LeastSquares
 from .penalties import MCP, SCAD
@@ -113,7 +113,7 @@ class FixedPoint:
     def hvp(self, u: Tensor) -> Tensor:
         if not self.penalized:  # least squares alone: H u = A u, no differentiation
             return self.hvp_rows(u.unsqueeze(0))[0]
-        return jvp(lambda y: self.grad_f(y, self.s), (self.x,), (u,))[1]
+        return hessian_vector(lambda y: self.grad_f(y, self.s), self.x, u)
 
     def hvp_rows(self, U: Tensor) -> Tensor:
         """``H`` times each row of ``U`` ``(k, p)``."""
@@ -190,6 +190,14 @@ class FixedPoint:
         return ds, dc
 
 
+def hessian_vector(grad_fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor) -> Tensor:
+    """``H u`` for ``H`` the Jacobian of ``grad_fn`` at ``x`` (a Hessian: symmetric), by
+    reverse over reverse, ``vjp(grad_fn)(u)``: forward mode over a backward would fail on
+    losses whose backward has no forward-mode rule (``F.mse_loss``: "ZeroTensors are
+    immutable")."""
+    return vjp(grad_fn, x)[1](u)[0]
+
+
 def zero_loss(params: Mapping[str, Tensor]) -> Tensor:
     """The data term left to autograd when a least_squares loss's gradient is exact."""
     return next(iter(params.values())).sum() * 0.0
@@ -227,7 +235,7 @@ def adjoint(
     batched Hessian-vector product and solves it directly)."""
     eta = fp.eta
     if method == "direct":
-        Jw = jacfwd(lambda y: fp.T(y, fp.s))(fp.x)
+        Jw = jacrev(lambda y: fp.T(y, fp.s))(fp.x)  # reverse mode: see hessian_vector
         M = torch.eye(fp.x.numel(), dtype=fp.x.dtype, device=fp.x.device) - Jw
         return torch.linalg.solve(M.T, gE)
     if method == "cg":
@@ -323,7 +331,7 @@ def batched_elementwise(
     if fp.penalized:
 
         def hvp(U: Tensor) -> Tensor:
-            return vmap(lambda x, s, u: jvp(lambda y: fp.grad_f(y, s), (x,), (u,))[1])(
+            return vmap(lambda x, s, u: hessian_vector(lambda y: fp.grad_f(y, s), x, u))(
                 X, dict(S), U
             )
     else:

@@ -6,7 +6,9 @@ exactly when its Hessian-vector products do not depend on ``θ``; then
     ``f(θ) = c − bᵀθ + ½ θᵀHθ``,   ``∇f(θ) = Hθ − b``,   ``H = ∇²f(0)``, ``b = −∇f(0)``.
 
 :func:`extract` computes ``c``, ``b`` and ``H`` at ``θ = 0`` (``H`` by one ``jacfwd`` of
-the gradient: ``P`` Hessian-vector products at once) in float64, and accepts them only when
+the gradient: ``P`` Hessian-vector products at once; where forward mode fails, as through
+``F.mse_loss``'s backward, by reverse over reverse, :func:`funcreg._newton.derivatives`) in
+float64, and accepts them only when
 two seeded random probes ``z`` — one of scale 1, one of scale ``100 (1 + ‖b‖/‖H‖)`` —
 satisfy, in float64,
 
@@ -49,6 +51,7 @@ from torch.func import grad, grad_and_value, jacfwd, vmap
 
 from ._homotopy import HARD_MAX, exact_start
 from ._lasso import fista_lasso, gram_lipschitz
+from ._newton import derivatives
 from ._tree import Params
 from .losses import LeastSquares
 from .penalties import L1
@@ -176,8 +179,11 @@ def extract(
     try:  # H, ∇f(0) and f(0) from one forward-over-reverse pass
         H, (g0, c) = jacfwd(with_aux, has_aux=True)(zero)
         H, g0, c = H.detach(), g0.detach(), c.detach()
-    except Exception as err:  # noqa: BLE001 - any failure means: not recognised
-        return None, f"its Hessian could not be formed at 0 ({type(err).__name__}: {err})"
+    except Exception:  # noqa: BLE001 - e.g. F.mse_loss: no forward-mode rule for its backward
+        try:  # reverse over reverse: one backward with create_graph, one batched backward
+            c, g0, H = derivatives(value, zero)
+        except Exception as err:  # noqa: BLE001 - any failure means: not recognised
+            return None, f"its Hessian could not be formed at 0 ({type(err).__name__}: {err})"
     if c.dim() != 0 or H.shape != (layout.P, layout.P):
         return None, "it does not return a 0-dim tensor"
     if not bool(torch.isfinite(H).all() & torch.isfinite(g0).all() & torch.isfinite(c)):

@@ -41,7 +41,7 @@ Solving the adjoint system:
   depend on ``η``, so no curvature estimate is made.
 * ``method="cgnr"`` (any prox, e.g. group lasso): conjugate gradient on the normal
   equations ``M Mᵀ v = M ∇E`` with ``Mᵀ = I − (I − η H) J``, matrix-free.
-* ``method="direct"``: ``∂_w T`` as a dense ``p × p`` Jacobian (``jacfwd``) and one LU solve;
+* ``method="direct"``: ``∂_w T`` as a dense ``p × p`` Jacobian (``jacrev``) and one LU solve;
   the default (``"auto"``) for a non-elementwise prox on at most ``direct_max`` coordinates
   (an elementwise one takes ``"cg"``, which is direct on a small support anyway).
 

@@ -375,3 +375,17 @@ def test_vmapped_settings_equal_the_loop(case: str, direct_max: int) -> None:
         torch.testing.assert_close(vec.weights[t], loop.weights[t], rtol=1e-8, atol=1e-13)
     torch.testing.assert_close(vec.value, loop.value)
     torch.testing.assert_close(vec.optimality, loop.optimality, rtol=1e-6, atol=1e-14)
+
+
+def test_a_loss_built_on_torch_mse_loss_is_differentiated() -> None:
+    """``F.mse_loss``'s backward has no forward-mode rule; the Hessian-vector products are
+    reverse over reverse, so the README's loss works with every method and matches finite
+    differences."""
+
+    def torch_mse(p: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * F.mse_loss(X @ _vec(p), y)
+
+    X, y, Xv, yv = _data()
+    spec = {"l1": fr.L1("w"), "l2": fr.L2("w")}
+    _check(torch_mse, torch_mse, spec, _init(), {"l1": 0.05, "l2": 0.1}, X, y, Xv, yv,
+           ["direct", "cg", "cgnr"])  # fmt: skip

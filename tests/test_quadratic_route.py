@@ -269,3 +269,35 @@ def test_newton_with_a_non_psd_hessian_falls_back_with_a_warning():
     with pytest.warns(RuntimeWarning, match="not positive semidefinite.*falling back to FISTA"):
         sol = solve(double_well, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, y, tol=1e-10)
     assert bool(sol.converged.all())
+
+
+@pytest.mark.parametrize("form", ["half", "plain", "column"])
+def test_torch_mse_loss_is_found_quadratic(form):
+    """The README's loss, built on ``F.mse_loss`` (whose backward has no forward-mode rule,
+    so the Hessian comes by reverse over reverse), is recognised: H equals 2·XᵀX/n of the
+    design with an intercept column (times ½ for the halved loss), and fr.path takes the
+    quadratic route to sklearn's solutions."""
+    import torch.nn.functional as F
+
+    X, y = load_diabetes(return_X_y=True)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    net = _linear(10)
+
+    def loss(params, X, y):
+        out = torch.func.functional_call(net, params, (X,))
+        if form == "column":
+            return F.mse_loss(out, y.unsqueeze(1))
+        value = F.mse_loss(out.squeeze(-1), y)
+        return 0.5 * value if form == "half" else value
+
+    q, why = extract(loss, fr.params(net), (Xt, yt))
+    assert q is not None, why
+    A = torch.cat([Xt, torch.ones(len(yt), 1, dtype=DT)], 1)
+    scale = 1.0 if form == "half" else 2.0
+    torch.testing.assert_close(q.H, scale * A.T @ A / len(yt), rtol=1e-12, atol=1e-12)
+    if form == "half":
+        res = fr.path(net, loss, SPEC, "l1", data=(Xt, yt), strengths=[1.0, 0.1], tol=1e-12)
+        for k, s in enumerate([1.0, 0.1]):
+            ref = Lasso(alpha=s, tol=1e-14, max_iter=10**6).fit(X, y)
+            w = res.stacked["weight"][k, 0].numpy()
+            assert np.abs(w - ref.coef_).max() <= 1e-6 * np.abs(ref.coef_).max()
