@@ -7,6 +7,7 @@ dense LU)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -208,6 +209,17 @@ def outer_grad(
 ) -> tuple[Tensor, Tensor]:
     """``E(w0)`` and ``∇E(w0)`` (flattened); an error when ``E`` ignores the params."""
     probe = {n: t.detach().clone().requires_grad_() for n, t in w0.items()}
+    try:
+        inspect.signature(outer_fn).bind(probe, *outer_data)
+    except TypeError as e:
+        raise TypeError(
+            f"{who}: outer_fn cannot be called as outer_fn(params, *outer_data) with "
+            f"{len(outer_data)} outer_data tensors ({e}); pass its data by keyword, e.g. "
+            "outer_data=(X_val, y_val) (the positional data after the strengths is the "
+            "inner loss's)"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
     with torch.enable_grad():
         val = outer_fn(probe, *outer_data)
     if not isinstance(val, Tensor) or val.dim() != 0:

@@ -9,6 +9,7 @@ one; :mod:`funcreg.penalties` re-exports them all.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -239,9 +240,23 @@ def register_penalty(cls: _P) -> _P:
                 "passed at call time, e.g. penalized(loss, Spec(l1=L1()))(params, {'l1': 1e-3})"
             )
         _checks.check_keyword(cls.__name__, kwargs, allowed)
+        if args and _checks.is_number(args[0]):  # MCP(3.0) meant MCP(gamma=3.0)
+            extra = [f for f in allowed if f not in ("select", "toward", "weight")]
+            fix = (
+                f"give the rest by name, e.g. {cls.__name__}({extra[0]}={args[0]!r})"
+                if extra
+                else f"{cls.__name__} takes no strength: the strength is data, passed at call "
+                f"time, e.g. penalized(loss, Spec(t={cls.__name__}()))"
+                f"(params, {{'t': {args[0]!r}}})"
+            )
+            raise TypeError(
+                f"{cls.__name__}({args[0]!r}): the first argument says which parameters (a "
+                f"selector or name pattern; default all); {fix}"
+            )
         init(self, *args, **kwargs)
 
     __init__.__doc__ = init.__doc__
+    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[misc]
     return cls
 

@@ -1,6 +1,7 @@
 """Bad input raises a clear ValueError/TypeError naming the term, the parameter and the fix."""
 
 import functools
+import inspect
 import math
 
 import pytest
@@ -91,8 +92,15 @@ def test_bad_spec_entries():
         fr.Spec(a=0.1)
     with pytest.raises(ValueError, match=r"term name 'loss' is reserved"):
         fr.Spec(loss=fr.L1())
-    with pytest.raises(TypeError, match=r"expected a selector"):
+    with pytest.raises(TypeError, match=r"L1\(3\): the first argument says which.*L1 takes no"):
         fr.L1(3)
+    with pytest.raises(TypeError, match=r"MCP\(2.5\): .*e.g. MCP\(gamma=2.5\)"):
+        fr.MCP(2.5)
+    with pytest.raises(TypeError, match=r"Box\(0.0\): .*e.g. Box\(lo=0.0\)"):
+        fr.Box(0.0)
+    assert fr.MCP("w", 2.5).gamma == 2.5  # positional after the selector still works
+    sig = inspect.signature(fr.MCP)  # help() and IDEs show the real fields
+    assert list(sig.parameters) == ["select", "gamma", "toward", "weight"]
 
 
 def test_prox_of_term_without_prox(net):

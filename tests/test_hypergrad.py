@@ -255,6 +255,8 @@ def test_outer_loss_blind_to_params_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="outer_fn does not depend on the params"):
         fr.hypergrad(blind, mse, spec, sol, {"l1": 0.05}, X, y, outer_data=(Xv, yv))
+    with pytest.raises(TypeError, match=r"with 0 outer_data tensors .*outer_data=\(X_val, y_val\)"):
+        fr.hypergrad(mse, mse, spec, sol, {"l1": 0.05}, X, y)  # outer_data forgotten
 
 
 def test_unconverged_solution_warns_with_its_optimality() -> None:
