@@ -129,6 +129,18 @@ def accepts_weight(fn: Callable[..., Any]) -> bool:
     return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
 
 
+def check_no_activity(sweep_kwargs: Mapping[str, Any]) -> None:
+    """``cross_validate`` takes no ``activity=`` terms: a fold sees the data through
+    per-sample weights, and an activity term sums over every sample of a batch."""
+    if sweep_kwargs.get("activity"):
+        raise ValueError(
+            "cross_validate: activity= terms are not supported: a fold sees the data through "
+            "per-sample weights, and an activity term sums over every sample of a batch, held-"
+            "out ones included. Validate activity strengths with fr.sweep(..., activity=..., "
+            "val=(x_val, y_val)) on each split and compare history['val_loss']"
+        )
+
+
 def weighted_mean(fn: Callable[..., Tensor], use_weight: bool) -> Callable[..., Tensor]:
     """``(params, w, *batch) -> Σ_i w_i ℓ_i / Σ_i w_i`` from a mean-reduced ``fn`` (see
     :mod:`funcreg.selection`: by ``weight=`` or by per-sample evaluation under ``vmap``)."""

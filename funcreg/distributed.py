@@ -31,8 +31,7 @@ How it runs
   shard, and one ``all_gather`` (``gather`` for ``gather_to=0``) moves them; the merged
   :class:`~funcreg.result.SweepResult` is the shards concatenated along the model axis,
   with the identity of the whole sweep, so a merged result saved to a file can also resume
-  as a single-process checkpoint. No ``*_object`` collective is used (the packing and the
-  merge: ``funcreg/_shard_pack.py``).
+  as a single-process checkpoint. No ``*_object`` collective is used.
 * **Checkpoints**: ``checkpoint="ckpt.pt"`` becomes ``ckpt.rank{r}-of-{W}.pt`` on rank
   ``r``; launching the same job again (same ``W``) resumes every shard.
 * **Failures**: each rank's sweep runs inside ``try``; the ranks then exchange a status
@@ -47,8 +46,7 @@ How it runs
   one model, so healthy ranks arrive close together). Either way the error names the rank
   (each rank counts its arrivals in the rendezvous store), and the exchange runs on its own
   process group whose collectives time out by themselves, so nothing is left in flight and
-  the healthy processes exit normally (the exchange, the arrival counters and the text
-  naming a lost rank: ``funcreg/_rank_status.py``).
+  the healthy processes exit normally.
 
 Exactness
 ---------
@@ -91,8 +89,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import math
 import os
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -103,10 +104,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._engine import run_local
-from ._rank_status import MESSAGE_BYTES as MESSAGE_BYTES
-from ._rank_status import arrivals, exchange_status, lost_message, span
 from ._setup import SweepArgs, prepare
-from ._shard_pack import Packed, merge, shard_tree
 from .penalties import Penalty
 from .result import SweepResult
 from .spec import Spec
@@ -121,6 +119,8 @@ __all__ = [
     "sweep",
 ]
 
+MESSAGE_BYTES = 4096  # room for a failing rank's error text in the status exchange
+_ALIGN = 16  # bytes; each packed leaf starts at a multiple of this
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -225,10 +225,177 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# ------------------------------------------------------------------------ packing
+
+
+def _model_dim(top: str, t: Tensor) -> int | None:
+    """The model axis of a leaf of the packed result (``None``: not per model)."""
+    if top in ("stacked", "stacked_buffers", "diverged", "diverged_at", "opt_state"):
+        return 0
+    if top == "history":  # (steps or evaluations, K); 1-d entries (eval_step) are shared
+        return 1 if t.ndim >= 2 else None
+    return None
+
+
+def _flatten(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Tensor]]:
+    if isinstance(tree, Tensor):
+        return [(path, tree)]
+    if isinstance(tree, Mapping):
+        return [leaf for k, v in tree.items() for leaf in _flatten(v, (*path, str(k)))]
+    if isinstance(tree, list | tuple):
+        return [leaf for i, v in enumerate(tree) for leaf in _flatten(v, (*path, str(i)))]
+    return []  # plain values (numbers, strings, None) are the same on every rank: kept
+
+
+def _rebuild(tree: Any, leaves: dict[tuple[str, ...], Tensor], path: tuple[str, ...] = ()) -> Any:
+    if isinstance(tree, Tensor):
+        return leaves[path]
+    if isinstance(tree, Mapping):
+        return {k: _rebuild(v, leaves, (*path, str(k))) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_rebuild(v, leaves, (*path, str(i))) for i, v in enumerate(tree)]
+    return tree
+
+
+class _Packed:
+    """A shard's tensors as one flat byte tensor, each per-model leaf padded to
+    ``k_max`` models (model axis first), with a signature of the layout that every rank
+    must share."""
+
+    def __init__(self, tree: dict[str, Any], k_local: int, k_max: int) -> None:
+        self.tree = tree
+        self.leaves = _flatten(tree)
+        self.k_max = k_max
+        self.layout: list[tuple[tuple[str, ...], torch.dtype, tuple[int, ...], int | None]] = []
+        parts: list[Tensor] = []
+        for path, t in self.leaves:
+            dim = _model_dim(path[0], t)
+            if dim is not None:
+                if t.shape[dim] != k_local:
+                    raise RuntimeError(
+                        f"funcreg.distributed: {'/'.join(path)} has shape {tuple(t.shape)}, "
+                        f"expected {k_local} models on axis {dim}"
+                    )
+                t = t.movedim(dim, 0)
+                if k_max > k_local:
+                    t = torch.cat([t, t.new_zeros(k_max - k_local, *t.shape[1:])])
+            rest = tuple(t.shape[1:]) if dim is not None else tuple(t.shape)
+            self.layout.append((path, t.dtype, rest, dim))
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            if raw.numel() % _ALIGN:  # every leaf starts aligned, so unpacking is a view
+                raw = torch.cat([raw, raw.new_zeros(_ALIGN - raw.numel() % _ALIGN)])
+            parts.append(raw)
+        self.nbytes = sum(p.numel() for p in parts)
+        self.parts = parts
+
+    def buffer(self, device: torch.device) -> Tensor:
+        if not self.parts:
+            return torch.zeros(0, dtype=torch.uint8, device=device)
+        return torch.cat([p.to(device) for p in self.parts])
+
+    def signature(self) -> int:
+        text = repr([(p, str(d), s, m) for p, d, s, m in self.layout]) + f"|{self.nbytes}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+    def unpack(
+        self, buffers: list[Tensor], sizes: list[int]
+    ) -> dict[tuple[str, ...], Tensor | list[Tensor]]:
+        """Per leaf: the models of every rank concatenated along the model axis (per-model
+        leaves), or the list of every rank's value (the others)."""
+        out: dict[tuple[str, ...], Tensor | list[Tensor]] = {}
+        offset = 0
+        for (path, dtype, shape, dim), (_, local) in zip(self.layout, self.leaves, strict=True):
+            full = (self.k_max, *shape) if dim is not None else shape
+            n = math.prod(full) * torch.empty((), dtype=dtype).element_size()
+            per_rank = [
+                b[offset : offset + n].view(dtype).reshape(full).to(local.device, copy=True)
+                for b in buffers
+            ]  # copies: each leaf owns its memory, as in a one-process result
+            offset += -(-n // _ALIGN) * _ALIGN
+            if dim is None:
+                out[path] = per_rank
+            else:
+                out[path] = torch.cat(
+                    [t[:k] for t, k in zip(per_rank, sizes, strict=True)]
+                ).movedim(0, dim)
+        return out
+
+
+def _shard_tree(res: SweepResult, k_local: int, k_max: int) -> dict[str, Any]:
+    """The tensors of a shard's result that the merged result needs, first ``k_local``
+    models only (a padded single-model shard drops its copy)."""
+
+    def first(t: Tensor, dim: int) -> Tensor:
+        return t.narrow(dim, 0, k_local)
+
+    hist = {
+        key: (
+            {n: first(z, 1) for n, z in v.items()}
+            if isinstance(v, Mapping)
+            else (first(v, 1) if isinstance(v, Tensor) and v.ndim >= 2 else v)
+        )
+        for key, v in res.history.items()
+    }
+    chunks = torch.full((k_max, 2), -1, dtype=torch.int64)  # the same shape on every rank
+    for i, (a, b) in enumerate(res.meta.get("chunks", [])[: chunks.shape[0]]):
+        chunks[i] = torch.tensor([min(a, k_local), min(b, k_local)])
+    tree: dict[str, Any] = {
+        "stacked": {n: first(v, 0) for n, v in res.stacked.items()},
+        "stacked_buffers": {n: first(v, 0) for n, v in res.stacked_buffers.items()},
+        "history": hist,
+        "diverged": first(res.diverged, 0),
+        "diverged_at": first(res.diverged_at, 0),
+        "chunks": chunks,
+        "elapsed": torch.tensor([float(res.meta.get("elapsed_s", 0.0))], dtype=torch.float64),
+    }
+    if res.resume is not None:
+        tree["opt_state"] = [first(t, 0) for t in res.resume["opt_state"]]
+        tree["rng"] = res.resume["rng"]
+    return tree
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def _arrivals(rank: int, world: int, arrive: bool) -> list[int] | None:
+    """Counters in the rendezvous store, one per rank, +1 as the rank reaches a sweep's
+    result exchange (``arrive=True``). Returns the ranks behind this one (not arrived in
+    this call), or ``None`` when the store cannot tell (e.g. the rank hosting it died)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        mine = store.add(f"funcreg/sweep/arrived/{rank}", int(arrive))
+        return [r for r in range(world) if store.add(f"funcreg/sweep/arrived/{r}", 0) < mine]
+    except Exception:
+        return None
+
+
 def _comm_device(dev: torch.device) -> torch.device:
     if _uses_nccl():
         return dev if dev.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _exchange_status(
+    error: BaseException | None, signature: int, nbytes: int, comm: torch.device, group: Any
+) -> list[tuple[bool, int, int, str]]:
+    """Every rank's ``(failed, signature, nbytes, message)``: fixed-size tensors only."""
+    head = torch.tensor([int(error is not None), signature, nbytes], dtype=torch.int64)
+    msg = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+        raw = text.encode("utf-8", "replace")[:MESSAGE_BYTES]
+        msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    mine = torch.cat([head.view(torch.uint8), msg]).to(comm)
+    world = dist.get_world_size()
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=group)
+    out = []
+    for t in got:
+        t = t.cpu()
+        failed, sig, nb = t[:24].view(torch.int64).tolist()
+        text = bytes(t[24:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+        out.append((bool(failed), int(sig), int(nb), text))
+    return out
 
 
 # --------------------------------------------------------------------------- sweep
@@ -351,7 +518,7 @@ def _shard_and_gather(
     module docstring, "Failures")."""
     rank, world = dist.get_rank(), dist.get_world_size()
     error: BaseException | None = None
-    packed: Packed | None = None
+    packed: _Packed | None = None
     g64: dict[str, Tensor] = {}
     k = 0
     bounds: list[tuple[int, int]] = []
@@ -382,15 +549,15 @@ def _shard_and_gather(
         with contextlib.closing(prepare(model, loss_fn, spec, shard_grid, shard)) as setup:
             local = run_local(setup, whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
-        packed = Packed(shard_tree(local, b - a, k_max), b - a, k_max)
+        packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)
     except Exception as e:  # every rank must learn of it, or the others would hang
         error = e
 
     t_done = time.perf_counter()
     comm = _comm_device(torch.device(args.device) if args.device else torch.device("cpu"))
-    arrivals(rank, world, arrive=True)
+    _arrivals(rank, world, arrive=True)
     try:
-        status = exchange_status(
+        status = _exchange_status(
             error,
             0 if packed is None else packed.signature(),
             0 if packed is None else packed.nbytes,
@@ -400,13 +567,12 @@ def _shard_and_gather(
     except Exception as e:
         if error is not None:
             raise error from e
-        saved = _saved(args.checkpoint, rank, world)
-        raise DistributedSweepError(lost_message(rank, world, bounds, k, td, e, saved)) from e
+        raise _lost(rank, world, bounds, k, td, e, args.checkpoint) from e
     if error is not None:
         raise error
     failed = [(r, msg) for r, (bad, _, _, msg) in enumerate(status) if bad]
     if failed:
-        shown = "; ".join(f"rank {r} (models {span(bounds, r, k)}): {msg}" for r, msg in failed)
+        shown = "; ".join(f"rank {r} (models {_span(bounds, r, k)}): {msg}" for r, msg in failed)
         saved = _saved(args.checkpoint, rank, world)
         raise DistributedSweepError(f"{len(failed)} of {world} ranks failed: {shown}{saved}")
     assert packed is not None and local is not None
@@ -427,7 +593,24 @@ def _shard_and_gather(
         if rank != dst:
             return None
     merged = packed.unpack(bufs, [hi - lo for lo, hi in bounds])
-    return merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
+    return _merge(local, packed, merged, g64, bounds, world, time.perf_counter() - t_done)
+
+
+def _lost(
+    rank: int, world: int, bounds: Any, k: int, td: timedelta, e: Exception, ckpt: Any
+) -> DistributedSweepError:
+    """The error of a rank whose status exchange failed: the ranks that never arrived
+    (dead: their connections closed; or hung past ``td``) and their models."""
+    missing, text = _arrivals(rank, world, arrive=False), str(e)
+    died = "closed" in text.lower() or "reset" in text.lower()
+    how = "died (its connection closed)" if died else f"hangs (waited {td}, the timeout)"
+    who = ", ".join(f"rank {r} (models {_span(bounds, r, k)})" for r in missing or [])
+    what = f"{who} never reached the result exchange: it {how}; see its log" if missing else (
+        f"another rank {how}; the store cannot tell which")  # fmt: skip
+    return DistributedSweepError(
+        f"rank {rank} of {world}: {what}{_saved(ckpt, rank, world)} (the collective "
+        f"reported: {text:.300})"
+    )
 
 
 def _saved(ckpt: Any, rank: int, world: int) -> str:
@@ -435,6 +618,10 @@ def _saved(ckpt: Any, rank: int, world: int) -> str:
         return ""
     path = os.fspath(checkpoint_path(ckpt, rank, world))
     return f"; this rank's finished shard is saved in {path!r} and resumes when the job is rerun"
+
+
+def _span(bounds: list[tuple[int, int]], r: int, k: int) -> str:
+    return f"{bounds[r][0]}..{bounds[r][1] - 1} of K={k}" if bounds else "?"
 
 
 def _slice_init(init: Any, k: int, idx: Tensor) -> Any:
@@ -445,3 +632,67 @@ def _slice_init(init: Any, k: int, idx: Tensor) -> Any:
         return out_p
     check_stacked(init_b, k, "init buffers")
     return out_p, {n: v.index_select(0, idx.to(v.device)) for n, v in init_b.items()}
+
+
+def _merge(
+    local: SweepResult,
+    packed: _Packed,
+    merged: dict[tuple[str, ...], Tensor | list[Tensor]],
+    g64: dict[str, Tensor],
+    bounds: list[tuple[int, int]],
+    world: int,
+    gather_s: float,
+) -> SweepResult:
+    """The whole grid's SweepResult from the gathered leaves."""
+
+    def cat(path: tuple[str, ...]) -> Tensor:
+        v = merged[path]
+        if isinstance(v, list):  # shared across ranks (eval steps, RNG state): rank 0's
+            return v[0]
+        return v
+
+    leaves = {p: cat(p) for p, _ in packed.leaves}
+    tree = _rebuild(packed.tree, leaves)
+    chunks_of = merged[("chunks",)]
+    elapsed_of = merged[("elapsed",)]
+    assert isinstance(chunks_of, list) and isinstance(elapsed_of, list)
+    chunks = [
+        [a + lo, b + lo]
+        for (lo, hi), rows in zip(bounds, chunks_of, strict=True)
+        for a, b in rows.tolist()
+        if a >= 0 and b > a
+    ]
+    meta = dict(local.meta)
+    identity = dict(meta.get("identity") or {})
+    identity["grid"] = {n: v.clone() for n, v in g64.items()}
+    meta.update(
+        identity=identity,
+        chunks=chunks,
+        elapsed_s=max(float(t[0]) for t in elapsed_of),
+        distributed={
+            "world_size": world,
+            "shards": [list(b) for b in bounds],
+            "backend": str(dist.get_backend()),
+            "rank_elapsed_s": [float(t[0]) for t in elapsed_of],  # each shard's sweep
+            "gather_s": gather_s,  # this rank: from its shard's end to the merged result
+        },
+    )
+    resume = None
+    if local.resume is not None:
+        resume = {
+            "opt_state": tree["opt_state"],
+            "rng": tree["rng"],
+            "cuda_rng": local.resume.get("cuda_rng"),
+        }
+    return SweepResult(
+        grid={n: v.clone() for n, v in g64.items()},
+        stacked=tree["stacked"],
+        stacked_buffers=tree["stacked_buffers"],
+        history=tree["history"],
+        diverged=tree["diverged"],
+        diverged_at=tree["diverged_at"],
+        steps=local.steps,
+        meta=meta,
+        resume=resume,
+        model=local.model,
+    )

@@ -49,6 +49,7 @@ from . import _checks
 from ._folds import (
     FOLD_KEY,
     accepts_weight,
+    check_no_activity,
     exclude_fold,
     fold_masks,
     weighted_mean,
@@ -451,13 +452,7 @@ def cross_validate(
     _checks.check_engine_args("cross_validate", optimizer, steps)
     if optimizer is None:
         _checks.check_no_sweep_keywords("cross_validate", sweep_kwargs, cross_validate)
-    if sweep_kwargs.get("activity"):
-        raise ValueError(
-            "cross_validate: activity= terms are not supported: a fold sees the data through "
-            "per-sample weights, and an activity term sums over every sample of a batch, held-"
-            "out ones included. Validate activity strengths with fr.sweep(..., activity=..., "
-            "val=(x_val, y_val)) on each split and compare history['val_loss']"
-        )
+    check_no_activity(sweep_kwargs)
     if not callable(loss_fn):
         raise TypeError(f"cross_validate: loss_fn must be callable, got {type(loss_fn).__name__}")
     if type(loss_fn).__name__ == "LeastSquares":

@@ -1,9 +1,7 @@
 """A penalty written only here (a test-only weighted L1, "Twice": Ω(w) = 2 Σ|w|) works through
 solve, strength_max, path and cross_validate with no edit elsewhere: what those need to know
 about a penalty (its prox, whether the prox is coordinatewise, its zero threshold) lives in
-the penalty class. A penalty added to the package is such a class in the module of its kind
-(``funcreg/_penalty_<kind>.py``, e.g. ``_penalty_separable.py``), re-exported by
-``funcreg/penalties.py`` and ``funcreg/__init__.py``; no other module changes."""
+the penalty class."""
 
 from __future__ import annotations
 

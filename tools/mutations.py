@@ -17,8 +17,7 @@ Usage, from the repository root::
 
 The mutants: ``T*`` are the planted bugs of the mutation run that motivated these tests
 (each must be killed), ``P*``/``X*``/``O*``/``S*`` a hand-picked sample of operator and
-constant mutations in ``prox.py``, the penalty modules (``_penalty_*.py``), ``optim.py``
-and ``selection.py``.
+constant mutations in ``prox.py``, ``penalties.py``, ``optim.py`` and ``selection.py``.
 Mutants marked ``equivalent`` change no observable result (their reason says why); they
 are run too, and their survival is expected.
 """
@@ -252,34 +251,34 @@ MUTANTS: list[Mutant] = [
         equivalent="an uncapped y1 exceeds lam only where |x| > (1 + t)·lam, and there, for "
         "t >= a - 1, the capped and the uncapped candidate both lose to y3 = x (h1 > h3)",
     ),
-    # -- the penalty modules (_penalty_*.py) ------------------------------------------------
+    # -- penalties.py ----------------------------------------------------------------------
     m(
         "X1",
-        "funcreg/_penalty_separable.py",
-        "return scaled(d.abs(), c).sum()",
-        "return scaled(d, c).sum()",
+        "funcreg/penalties.py",
+        "return _scaled(d.abs(), c).sum()",
+        "return _scaled(d, c).sum()",
         PENALTY_TESTS,
         "L1 value without the absolute value",
     ),
     m(
         "X2",
-        "funcreg/_penalty_separable.py",
-        "return 0.5 * scaled(d.square(), c).sum()",
-        "return scaled(d.square(), c).sum()",
+        "funcreg/penalties.py",
+        "return 0.5 * _scaled(d.square(), c).sum()",
+        "return _scaled(d.square(), c).sum()",
         PENALTY_TESTS,
         "L2 value without its 1/2",
     ),
     m(
         "X3",
-        "funcreg/_penalty_separable.py",
-        "return scaled(r * d.abs() + 0.5 * (1 - r) * d.square(), c).sum()",
-        "return scaled(r * d.abs() + (1 - r) * d.square(), c).sum()",
+        "funcreg/penalties.py",
+        "return _scaled(r * d.abs() + 0.5 * (1 - r) * d.square(), c).sum()",
+        "return _scaled(r * d.abs() + (1 - r) * d.square(), c).sum()",
         PENALTY_TESTS,
         "elastic-net value: ridge part without its 1/2",
     ),
     m(
         "X4",
-        "funcreg/_penalty_group.py",
+        "funcreg/penalties.py",
         "root = math.sqrt(_group_size(d, self._dims(d)))",
         "root = _group_size(d, self._dims(d))",
         PENALTY_TESTS,
@@ -287,15 +286,15 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X5",
-        "funcreg/_penalty_group.py",
-        "scaled_step(t * r, c)), t * (1 - r), c)",
-        "scaled_step(t * r, c)), t, c)",
+        "funcreg/penalties.py",
+        "_scaled_step(t * r, c)), t * (1 - r), c)",
+        "_scaled_step(t * r, c)), t, c)",
         PENALTY_TESTS,
         "sparse group lasso prox: group step not scaled by 1 - r",
     ),
     m(
         "X6",
-        "funcreg/_penalty_nonconvex.py",
+        "funcreg/penalties.py",
         "return torch.where(a <= self.gamma * lam, inside, (0.5 * self.gamma * lam) * lam)",
         "return torch.where(a <= self.gamma * lam, inside, (self.gamma * lam) * lam)",
         PENALTY_TESTS,
@@ -303,7 +302,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X7",
-        "funcreg/_penalty_nonconvex.py",
+        "funcreg/penalties.py",
         "big = (0.5 * (a + 1) * lam) * lam",
         "big = (0.5 * (a - 1) * lam) * lam",
         PENALTY_TESTS,
@@ -311,7 +310,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X8",
-        "funcreg/_penalty_nonconvex.py",
+        "funcreg/penalties.py",
         "v = (x - lam) / (2 * (a - 1))",
         "v = (x - lam) / (a - 1)",
         PENALTY_TESTS,
@@ -319,7 +318,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X9",
-        "funcreg/_penalty_matrix.py",
+        "funcreg/penalties.py",
         "pairs = max(size * (size - 1) / 2, 1.0)",
         "pairs = max(size * (size - 1), 1.0)",
         PENALTY_TESTS,
@@ -327,7 +326,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X10",
-        "funcreg/_penalty_nonconvex.py",
+        "funcreg/penalties.py",
         "if not lr < self.gamma:",
         "if not lr <= self.gamma:",
         PENALTY_TESTS,
@@ -335,7 +334,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X11",
-        "funcreg/_penalty_nonconvex.py",
+        "funcreg/penalties.py",
         "if not self.a > 1 + lr:",
         "if not self.a >= 1 + lr:",
         PENALTY_TESTS,
@@ -343,7 +342,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X12",
-        "funcreg/_penalty_separable.py",
+        "funcreg/penalties.py",
         "return _l1_threshold(grad, self._c(grad, name), self.l1_ratio)",
         "return _l1_threshold(grad, self._c(grad, name), 1.0)",
         ("tests/test_penalty_knowledge.py", "tests/test_path.py"),
@@ -351,7 +350,7 @@ MUTANTS: list[Mutant] = [
     ),
     m(
         "X13",
-        "funcreg/_penalty_base.py",
+        "funcreg/penalties.py",
         "return ref + self._prox(w - ref, t, c)",
         "return self._prox(w - ref, t, c)",
         PENALTY_TESTS,
