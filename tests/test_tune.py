@@ -27,15 +27,20 @@ def _diabetes() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(X), torch.tensor(y)
 
 
+def _fold_pairs(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """fr.tune's 5 folds (seed 0) as scikit-learn's (train, test) index pairs."""
+    train, test = fr.selection.fold_masks(5, n, 0)
+    return [
+        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
+        for a, b in zip(train, test, strict=True)
+    ]
+
+
 def test_one_lasso_strength_by_5fold_cv_matches_lassocv_grid_on_diabetes() -> None:
     linear_model = pytest.importorskip("sklearn.linear_model")
     X, y = _diabetes()
     n, p = X.shape
-    train, test = fr.selection.fold_masks(5, n, 0)
-    pairs = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    pairs = _fold_pairs(n)
     cv = linear_model.LassoCV(alphas=100, cv=pairs, fit_intercept=False, tol=1e-10)
     cv.fit(X.numpy(), y.numpy())
     grid_best = float(cv.mse_path_.mean(axis=1).min())
@@ -251,11 +256,7 @@ def test_secant_search_matches_a_fine_grid_in_few_steps_on_diabetes() -> None:
     stops by itself (its next step below xtol, or no progress for patience steps)."""
     X, y = _diabetes()
     n, p = X.shape
-    train, test = fr.selection.fold_masks(5, n, 0)
-    pairs = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    pairs = _fold_pairs(n)
     args = (fr.least_squares(X, y), {"l1": fr.L1()}, {"weight": torch.zeros(1, p, dtype=D)})
     sec = fr.tune(*args, {"l1": 0.05}, folds=pairs, optimizer="secant", steps=30, patience=5)
     # an independent reference: the CV loss of sklearn's Lasso on a fine log grid
