@@ -172,19 +172,20 @@ class FixedPoint:
                 return torch.zeros_like(z)
             return torch.autograd.grad(out.sum(), z)[0]
 
+    def with_factors(self, factors: Mapping[str, Any]) -> Spec:
+        """The non-smooth terms with the ``weight=`` factors ``factors`` (by term) swapped in."""
+        return Spec(
+            {
+                t: dataclasses.replace(pen, weight=factors[t]) if t in factors else pen
+                for t, pen in self.nonsmooth.items()
+            }
+        )
+
     def strength_vjp(self, v: Tensor, factors: Mapping[str, Any]) -> tuple[Any, Any]:
         """``(∂_s T)ᵀ v`` and ``(∂_c T)ᵀ v`` for the ``weight=`` factors ``c`` given."""
 
         def Ts(s: Mapping[str, Tensor], c: Mapping[str, Any]) -> Tensor:
-            spec = self.nonsmooth
-            if c:
-                spec = Spec(
-                    {
-                        t: dataclasses.replace(pen, weight=c[t]) if t in c else pen
-                        for t, pen in spec.items()
-                    }
-                )
-            return self.T(self.x, s, spec)
+            return self.T(self.x, s, self.with_factors(c))
 
         back = vjp(Ts, dict(self.s), dict(factors))[1]
         ds, dc = back(v.detach())
@@ -390,15 +391,7 @@ def batched_strength_vjp(
 
     def one(x: Tensor, s: Mapping[str, Tensor], v: Tensor) -> tuple[Any, Any]:
         def Ts(s: Mapping[str, Tensor], c: Mapping[str, Any]) -> Tensor:
-            spec = fp.nonsmooth
-            if c:
-                spec = Spec(
-                    {
-                        t: dataclasses.replace(pen, weight=c[t]) if t in c else pen
-                        for t, pen in spec.items()
-                    }
-                )
-            return fp.T(x, s, spec)
+            return fp.T(x, s, fp.with_factors(c))
 
         return vjp(Ts, s, dict(factors))[1](v)
 
