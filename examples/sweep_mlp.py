@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
         return F.mse_loss(functional_call(net, params, (xb,)), yb)
 
     spec = fr.Spec(l1=fr.L1("0.weight"))  # L1 on the first layer only
-    strengths = grid(l1=torch.logspace(-2, 0.3, args.strengths))
+    strengths = grid(l1=torch.logspace(-3.5, 0.3, args.strengths))
 
     t0 = time.perf_counter()
     result = sweep(
