@@ -162,7 +162,8 @@ def extract(
 ) -> tuple[Quadratic | None, str]:
     """``(Quadratic, "")`` when ``fn(params, *data)`` is a quadratic in ``params`` (module
     docstring: ``H``, ``b``, ``c`` at 0 in float64, checked at two random probes), else
-    ``(None, why)``."""
+    ``(None, why)``. A gradient that is clearly not affine along a random line
+    (:func:`_bent`) rules the loss out before ``H`` is formed."""
     layout = Layout(single)
     ref = next(iter(single.values()))
     data64 = tuple(_float64(d) for d in data)
