@@ -59,6 +59,7 @@ from .spec import Spec
 
 DETECT_MAX = 1024  # look for a quadratic automatically up to this many parameter entries
 _PROBE_RTOL = 1e-6
+_LINE_RTOL = 1e-3  # the quick test's bound: far above round-off, only a clear non-quadratic
 
 
 class Layout:
@@ -161,7 +162,8 @@ def extract(
 ) -> tuple[Quadratic | None, str]:
     """``(Quadratic, "")`` when ``fn(params, *data)`` is a quadratic in ``params`` (module
     docstring: ``H``, ``b``, ``c`` at 0 in float64, checked at two random probes), else
-    ``(None, why)``."""
+    ``(None, why)``. A gradient that is clearly not affine along a random line
+    (:func:`_bent`) rules the loss out before ``H`` is formed."""
     layout = Layout(single)
     ref = next(iter(single.values()))
     data64 = tuple(_float64(d) for d in data)
@@ -176,6 +178,12 @@ def extract(
         return g, (g, v)
 
     zero = torch.zeros(layout.P, dtype=torch.float64, device=ref.device)
+    bent = _bent(both, zero)
+    if bent > _LINE_RTOL:  # three gradients, not the Hessian, rule it out
+        return None, (
+            f"its gradient is not affine along a random line ({bent:.1e} relative: the "
+            "Hessian is not constant)"
+        )
     try:  # H, ∇f(0) and f(0) from one forward-over-reverse pass
         H, (g0, c) = jacfwd(with_aux, has_aux=True)(zero)
         H, g0, c = H.detach(), g0.detach(), c.detach()
@@ -212,6 +220,21 @@ def extract(
             f"{worst:.1e} relative (the Hessian is not constant)"
         )
     return Quadratic(H, -g0, c, layout), ""
+
+
+def _bent(both: Callable[[Tensor], tuple[Tensor, Tensor]], zero: Tensor) -> float:
+    """``‖g(2z) − 2g(z) + g(0)‖ / (‖g(2z)‖ + 2‖g(z)‖ + ‖g(0)‖)`` along a random ``z`` (its own
+    seed): 0 up to round-off where the gradient is affine, as a quadratic's is; 0 also where
+    it cannot be evaluated (the full test decides)."""
+    z = torch.randn(zero.shape[0], generator=torch.Generator().manual_seed(1), dtype=zero.dtype)
+    z = z.to(zero.device)
+    try:
+        g0, g1, g2 = (both(t)[0].detach() for t in (zero, z, 2 * z))
+    except Exception:  # noqa: BLE001 - the full test reports it
+        return 0.0
+    size = float(g2.norm() + 2 * g1.norm() + g0.norm())
+    bent = float((g2 - 2 * g1 + g0).norm())
+    return bent / size if size > 0 else 0.0
 
 
 def gradient_gap(

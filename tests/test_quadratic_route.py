@@ -121,6 +121,31 @@ def test_a_loss_declared_quadratic_that_is_not_is_refused():
         solve(logistic, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, X, y, quadratic=True)
     q, why = extract(logistic, p0, (X, y))
     assert q is None and "Hessian is not constant" in why
+    assert "not affine along a random line" in why  # the quick test, without a Hessian
+
+
+@pytest.mark.parametrize("size", [1e-6, 1.0, 1e6])
+def test_a_quadratic_of_any_scale_passes_the_quick_line_test(size):
+    """The quick test (three gradients on a line) only rules out clear non-quadratics: a
+    badly scaled, ill-conditioned quadratic with a large offset is still found, and equals
+    its Hessian and gradient at 0."""
+    g = torch.Generator().manual_seed(2)
+    X = (
+        size
+        * torch.randn(40, 6, generator=g, dtype=DT)
+        @ torch.diag(torch.logspace(-3, 3, 6, dtype=DT))
+    )
+    y = 1e3 * size + torch.randn(40, generator=g, dtype=DT)
+
+    def mse(p, X, y):
+        return 0.5 * ((X @ p["w"] + p["b"] - y) ** 2).mean()
+
+    p0 = {"w": torch.zeros(6, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    q, why = extract(mse, p0, (X, y))
+    assert q is not None, why
+    A = torch.cat([X, torch.ones(40, 1, dtype=DT)], 1)
+    H = A.T @ A / 40
+    assert torch.allclose(q.H, H, rtol=1e-10, atol=1e-12 * float(H.abs().max()))
 
 
 def test_huber_quadratic_near_zero_gets_the_general_answer():
