@@ -376,6 +376,16 @@ def loss_ignores_params_error(loss_fn: Any) -> ValueError:
     )
 
 
+def activity_pair(where: str, loss_fn: Any, out: Any) -> tuple[Any, Mapping[str, Any]]:
+    """``(data loss, {module path: activation})``: what a loss with activity terms returns."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+        raise TypeError(
+            f"{where}: with activity= terms, loss_fn {_loss_name(loss_fn)} must return "
+            f"(data loss, {{module path: activation}}), got {type(out).__name__}"
+        )
+    return out[0], out[1]
+
+
 def reaches(value: Tensor, leaves: Mapping[str, Tensor]) -> bool:
     """Whether autograd finds a path from at least one of ``leaves`` to ``value`` (the
     graph is kept: the caller may still differentiate ``value``)."""
@@ -402,17 +412,12 @@ def activation_ignores_params_error(where: str, term: str, paths: Iterable[str])
 
 
 def check_activations(
-    where: str, terms: Mapping[str, Any], outputs: Any, leaves: Mapping[str, Tensor]
+    where: str, terms: Mapping[str, Any], outputs: Mapping[str, Any], leaves: Mapping[str, Tensor]
 ) -> None:
     """The ``{module path: activation}`` dict a loss returned for activity ``terms`` (each
     with a ``modules`` tuple): every activation a term reads is a tensor (or a list of
     them) that reaches at least one of the params ``leaves``. A missing path is left to the
     term itself, which names it."""
-    if not isinstance(outputs, Mapping):
-        raise TypeError(
-            f"{where}: with activity= terms, loss_fn must return (data loss, {{module path: "
-            f"activation}}), got a {type(outputs).__name__} as its second element"
-        )
     for term, act in terms.items():
         for path in act.modules:
             if path not in outputs:
@@ -507,12 +512,7 @@ def check_loss_on_batch(
         leaves = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
         value = loss_fn({**leaves, **{n: b.clone() for n, b in buffers.items()}}, *batch)
         if activity:
-            if not (isinstance(value, tuple) and len(value) == 2):
-                raise TypeError(
-                    f"{where}: with activity= terms, loss_fn {_loss_name(loss_fn)} must return "
-                    f"(data loss, {{module path: activation}}), got {type(value).__name__}"
-                )
-            value, outputs = value
+            value, outputs = activity_pair(where, loss_fn, value)
         check_loss_value(loss_fn, value)
         broadcast = [w for w in caught if "target size" in str(w.message)]
         used = reaches(value, leaves)

@@ -100,13 +100,7 @@ def data_loss(loss_fn: Callable[..., Any], activity: Mapping[str, Any]) -> Calla
         return loss_fn
 
     def first(params: Any, *batch: Any) -> Any:
-        out = loss_fn(params, *batch)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
-            raise TypeError(
-                f"sweep: with activity= terms, loss_fn must return (data loss, {{module path: "
-                f"activation}}), got {type(out).__name__}"
-            )
-        return out[0]
+        return _checks.activity_pair("sweep", loss_fn, loss_fn(params, *batch))[0]
 
     return functools.wraps(loss_fn)(first)
 
