@@ -202,11 +202,16 @@ def _initial(
 
 @dataclass(frozen=True)
 class SweepArgs:
-    """The keyword arguments of :func:`fr.sweep <funcreg._sweep.sweep>` (and of each shard of
-    :func:`funcreg.distributed.sweep`), with their defaults: the one list of them. The public
-    signature of ``fr.sweep`` spells them out for its readers; a test keeps the two equal.
-    Their meanings are documented at ``fr.sweep``."""
+    """The arguments of one call of :func:`fr.sweep <funcreg._sweep.sweep>` (and of each
+    shard of :func:`funcreg.distributed.sweep`: the same call with its part of the grid):
+    the four positional ones, then the keyword ones with their defaults, the one list of
+    them. The public signature of ``fr.sweep`` spells them out for its readers; a test keeps
+    the two equal. Their meanings are documented at ``fr.sweep``."""
 
+    model: nn.Module
+    loss_fn: Callable[..., Tensor]
+    spec: Spec | Mapping[str, Penalty]
+    grid: Mapping[str, Any]
     train: Any
     optimizer: Optimizer
     val: Any = None
@@ -229,17 +234,31 @@ class SweepArgs:
 
     @classmethod
     def names(cls) -> list[str]:
+        """Every argument's name, the positional ones first."""
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def of(cls, where: str, kwargs: Mapping[str, Any]) -> SweepArgs:
-        """``SweepArgs(**kwargs)``, refusing an unknown or missing name with the closest
-        one (a misspelled keyword must not pass unnoticed)."""
-        _checks.check_keyword(where, kwargs, cls.names())
+    def keywords(cls) -> list[str]:
+        """The keyword arguments' names (all but ``model, loss_fn, spec, grid``)."""
+        return cls.names()[4:]
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments by name: ``fr.sweep(model, loss_fn, spec, grid,
+        **args.options())`` is this call."""
+        return {name: getattr(self, name) for name in self.keywords()}
+
+    @classmethod
+    def of(
+        cls, where: str, call: tuple[Any, Any, Any, Any], kwargs: Mapping[str, Any]
+    ) -> SweepArgs:
+        """``SweepArgs(*call, **kwargs)`` for ``call = (model, loss_fn, spec, grid)``,
+        refusing an unknown or missing keyword with the closest one (a misspelled keyword
+        must not pass unnoticed)."""
+        _checks.check_keyword(where, kwargs, cls.keywords())
         for name in ("train", "optimizer"):
             if name not in kwargs:
                 raise TypeError(f"{where}: missing the keyword argument {name}=")
-        return cls(**kwargs)
+        return cls(*call, **kwargs)
 
 
 def _check_init_finite(params: Mapping[str, Tensor], stacked: bool) -> None:
@@ -310,17 +329,12 @@ def check_first_batch(
             )
 
 
-def prepare(
-    model: nn.Module,
-    loss_fn: Callable[..., Tensor],
-    spec: Spec | Mapping[str, Penalty],
-    grid: Mapping[str, Any],
-    args: SweepArgs,
-) -> Setup:
+def prepare(args: SweepArgs) -> Setup:
     """Check ``fr.sweep``'s arguments (``args``: same names and meanings) and resolve them
     into the :class:`Setup` of one run, loading the checkpoint it resumes, if any; then try
     the loss on the first batch (:func:`check_first_batch`), before any training."""
     a = args
+    model, loss_fn, grid = a.model, a.loss_fn, a.grid
     train, val, optimizer, steps, epochs = a.train, a.val, a.optimizer, a.steps, a.epochs
     batch_size, prox, seed, checkpoint, val_fn, init = (
         a.batch_size, a.prox, a.seed, a.checkpoint, a.val_fn, a.init
@@ -334,7 +348,7 @@ def prepare(
         raise TypeError(f"sweep: val_fn must be callable, got {type(val_fn).__name__}")
     _checks.check_optimizer("sweep", optimizer)
     seed = _checks.check_seed("sweep", seed)
-    spec = as_spec(spec)
+    spec = as_spec(a.spec)
     _plan.check_plan(a.plan, a.chunk_size)
     activity = _check_activity(loss_fn, spec, a.activity)
     if not isinstance(grid, Mapping):

@@ -175,7 +175,7 @@ def sweep(
     Returns:
         A :class:`~funcreg.result.SweepResult`.
     """
-    options = locals()  # the keyword arguments, by their names in SweepArgs (one list)
+    options = locals()  # the arguments, by their names in SweepArgs (one list)
     args = SweepArgs(**{name: options[name] for name in SweepArgs.names()})
     if distributed:
         if plan is not None:
@@ -183,6 +183,6 @@ def sweep(
                 "sweep: plan= is not supported with distributed=True (shards use the static "
                 "rule); pass chunk_size= instead"
             )
-        return _distributed.sweep(model, loss_fn, spec, grid, **vars(args))
-    with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+        return _distributed.sweep(model, loss_fn, spec, grid, **args.options())
+    with contextlib.closing(prepare(args)) as setup:
         return run_local(setup)

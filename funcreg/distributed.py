@@ -467,7 +467,7 @@ def sweep(
             it). The process can then exit normally: nothing is left in flight.
     """
     td = _timedelta(timeout) or DEFAULT_TIMEOUT
-    args = SweepArgs.of("funcreg.distributed.sweep", sweep_kwargs)
+    args = SweepArgs.of("funcreg.distributed.sweep", (model, loss_fn, spec, grid), sweep_kwargs)
     if gather_to != "all" and (isinstance(gather_to, bool) or not isinstance(gather_to, int)):
         raise ValueError(f"gather_to must be 'all' or a rank number, got {gather_to!r}")
     if init_process_group is True or (
@@ -482,7 +482,7 @@ def sweep(
     if not distributed or dist.get_world_size() == 1:
         if gather_to not in ("all", 0):
             raise ValueError(f"gather_to={gather_to} but there is only one process (rank 0)")
-        with contextlib.closing(prepare(model, loss_fn, spec, grid, args)) as setup:
+        with contextlib.closing(prepare(args)) as setup:
             return run_local(setup)
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -498,21 +498,14 @@ def sweep(
     # exit (an abandoned wait on the default group's collective blocked or aborted at exit)
     group = dist.new_group(timeout=td)
     try:
-        return _shard_and_gather(model, loss_fn, spec, grid, args, gather_to, td, group)
+        return _shard_and_gather(args, gather_to, td, group)
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
 
 
 def _shard_and_gather(
-    model: nn.Module,
-    loss_fn: Callable[..., Tensor],
-    spec: Spec | Mapping[str, Penalty],
-    grid: Mapping[str, Any],
-    args: SweepArgs,
-    gather_to: Literal["all"] | int,
-    td: timedelta,
-    group: Any,
+    args: SweepArgs, gather_to: Literal["all"] | int, td: timedelta, group: Any
 ) -> SweepResult | None:
     """This rank's shard of the grid, then the status exchange and the gather (see the
     module docstring, "Failures")."""
@@ -523,6 +516,7 @@ def _shard_and_gather(
     k = 0
     bounds: list[tuple[int, int]] = []
     local: SweepResult | None = None
+    grid = args.grid
     try:
         if not isinstance(grid, Mapping):
             raise TypeError(
@@ -540,13 +534,13 @@ def _shard_and_gather(
         idx = torch.tensor([a, a]) if pad else torch.arange(a, b)
         shard = dataclasses.replace(
             args,
+            grid={n: v[idx] for n, v in g64.items()},
             init=None if args.init is None else _slice_init(args.init, k, idx),
             checkpoint=None
             if args.checkpoint is None
             else checkpoint_path(args.checkpoint, rank, world),
         )
-        shard_grid = {n: v[idx] for n, v in g64.items()}
-        with contextlib.closing(prepare(model, loss_fn, spec, shard_grid, shard)) as setup:
+        with contextlib.closing(prepare(shard)) as setup:
             local = run_local(setup, whole_k=k)
         k_max = max(hi - lo for lo, hi in bounds)
         packed = _Packed(_shard_tree(local, b - a, k_max), b - a, k_max)

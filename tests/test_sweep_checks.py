@@ -263,9 +263,12 @@ def test_sweep_args_is_the_one_list_of_sweep_options() -> None:
     fields = {
         f.name: (f.default if f.default is not inspect.Parameter.empty else None)
         for f in __import__("dataclasses").fields(SweepArgs)
+        if f.name in SweepArgs.keywords()
     }
     assert list(public) == sorted(public, key=list(public).index)
     assert set(public) == set(fields)
+    positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert SweepArgs.names()[:4] == positional == ["model", "loss_fn", "spec", "grid"]
     for n, default in public.items():
         want = fields[n] if default is not inspect.Parameter.empty else None
         assert (default if default is not inspect.Parameter.empty else None) == want, n
