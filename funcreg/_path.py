@@ -113,8 +113,9 @@ def _replicate_last(stacked: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     return {nm: v[-1].expand(k, *v.shape[1:]).clone() for nm, v in stacked.items()}
 
 
-def _settle(
+def _top_of_path(
     loss: Callable[..., Tensor],
+    quadratic: Quadratic | None,
     spec: Spec,
     term: str,
     params0: dict[str, Tensor],
@@ -122,46 +123,35 @@ def _settle(
     data: tuple[Tensor, ...],
     tol: float,
     max_iter: int,
-    quadratic: Quadratic | None = None,
-) -> dict[str, Tensor]:
-    """The other parameters at their optimum with ``term``'s parameters at zero (or at
-    their ``toward=`` reference): a solve at a strength above ``strength_max``."""
-    chosen = spec.selection(params0)[term]
-    if set(chosen) == set(params0):
-        return params0
+) -> tuple[dict[str, Tensor], tuple[dict[str, Tensor], float]]:
+    """``(settled, (point, strength))`` at the top of the path, on ``quadratic`` where one
+    was found (the same gradients to round-off, without running the loss again).
+
+    ``settled``: the other parameters at their optimum with ``term``'s parameters at zero
+    (or at their ``toward=`` reference): a solve at a strength above ``strength_max``.
+    ``point``: the settled point with ``term``'s parameters set exactly to zero (or to their
+    reference); ``strength``: the smallest strength of ``term`` at which that point
+    satisfies the KKT conditions, so that it *is* the solution there. It is
+    :func:`strength_max` of the data loss plus the other terms at their ``fixed`` strengths
+    (their gradient at the point; at zero a norm contributes the subgradient 0), so that a
+    smooth term pulling ``term``'s parameters away from zero raises it. With ``term`` alone
+    it equals the grid's top, ``strength_max`` at the settled point, to the bit (the other
+    terms add exact zeros)."""
     exact, exact_data = (loss, data) if quadratic is None else (quadratic, ())
-    big = 1e3 * max(strength_max(exact, spec, term, params0, *exact_data), 1.0)
-    start = params0
-    for _ in range(4):
-        sol = solve(
-            exact, spec, params0, {**fixed, term: big}, *exact_data, tol=tol, max_iter=max_iter
-        )
-        start = {n: v[0] for n, v in sol.params.items()}
-        top = strength_max(exact, spec, term, start, *exact_data)
-        if top < big:
-            break
-        big = 1e3 * top
-    return start
+    names = spec.selection(params0)[term]
+    settled = params0
+    if set(names) != set(params0):
+        big = 1e3 * max(strength_max(exact, spec, term, params0, *exact_data), 1.0)
+        for _ in range(4):
+            sol = solve(
+                exact, spec, params0, {**fixed, term: big}, *exact_data, tol=tol, max_iter=max_iter
+            )
+            settled = {n: v[0] for n, v in sol.params.items()}
+            top = strength_max(exact, spec, term, settled, *exact_data)
+            if top < big:
+                break
+            big = 1e3 * top
 
-
-def _top_point(
-    loss: Callable[..., Tensor],
-    spec: Spec,
-    term: str,
-    settled: Mapping[str, Tensor],
-    fixed: Mapping[str, Any],
-    data: tuple[Tensor, ...],
-) -> tuple[dict[str, Tensor], float]:
-    """``(point, strength)``: the settled point with ``term``'s parameters set exactly to
-    zero (or to their ``toward=`` reference), and the smallest strength of ``term`` at which
-    that point satisfies the KKT conditions, so that it *is* the solution there.
-
-    The strength is :func:`strength_max` of the data loss plus the other terms at their
-    ``fixed`` strengths (their gradient at the point; at zero a norm contributes the
-    subgradient 0), so that a smooth term pulling ``term``'s parameters away from zero
-    raises it. With ``term`` alone it equals the grid's top, ``strength_max`` at the
-    settled point, to the bit (the other terms add exact zeros)."""
-    names = spec.selection(settled)[term]
     pen = spec[term]
     point = dict(settled)
     for n in names:
@@ -169,16 +159,16 @@ def _top_point(
         point[n] = torch.zeros_like(settled[n]) if ref is None else ref.to(settled[n]).clone()
     sel = spec.selection(settled)
     if any(p.is_constraint and set(sel[t]) & set(names) for t, p in spec.items()):
-        return point, math.inf  # zero need not be feasible: no certificate, nothing is set
+        return settled, (point, math.inf)  # zero need not be feasible: no certificate
     others = Spec({t: p for t, p in spec.items() if t != term and not p.is_constraint})
     if not others:
-        return point, strength_max(loss, spec, term, point, *data)
+        return settled, (point, strength_max(exact, spec, term, point, *exact_data))
     other_strengths = {t: fixed[t] for t in others}
 
     def with_others(p: Mapping[str, Tensor], *d: Any) -> Tensor:
-        return loss(p, *d) + others(p, other_strengths)
+        return exact(p, *d) + others(p, other_strengths)
 
-    return point, strength_max(with_others, spec, term, point, *data)
+    return settled, (point, strength_max(with_others, spec, term, point, *exact_data))
 
 
 def _recheck_path(
@@ -328,12 +318,10 @@ def path(
     known: tuple[dict[str, Tensor], float] | None = None  # (the top's solution, from where)
     if strengths is None:
         if optimizer is None:
-            settled = _settle(loss, spec, term, params0, fixed, data_t, tol, max_iter, q)
-        # the gradients at the top from the quadratic where one was found (the same to
-        # round-off, without running the loss again)
+            settled, known = _top_of_path(
+                loss, q, spec, term, params0, fixed, data_t, tol, max_iter
+            )
         top_loss, top_data = (loss, data_t) if q is None else (q, ())
-        if optimizer is None:
-            known = _top_point(top_loss, spec, term, settled, fixed, top_data)
         top = strength_max(top_loss, spec, term, settled, *top_data)
         if not top > 0:
             raise ValueError(
