@@ -1,8 +1,9 @@
 """Display of a sweep's result: the text table and the figures of a ``SweepResult``.
 
 :class:`funcreg.result.SweepResult` delegates ``table``, ``plot_path`` and ``plot_training``
-here; the functions read a result through :class:`ResultView`, the part of its interface
-they need, so this module sits below ``result.py`` and imports point one way.
+here. The functions are typed by ``SweepResult`` itself, imported for the type checker only
+(``TYPE_CHECKING``): at run time this module sits below ``result.py`` and imports point one
+way, and the result's layout has one owner, with no mirror of its fields to keep in step.
 """
 
 from __future__ import annotations
@@ -10,49 +11,27 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import plot
 
-__all__ = ["EVAL_METRICS", "ResultView", "plot_path", "plot_training", "table"]
+if TYPE_CHECKING:  # types only: no import at run time
+    from .result import SweepResult
+
+__all__ = ["EVAL_METRICS", "plot_path", "plot_training", "table"]
 
 EVAL_METRICS = ("val_loss", "val_metric")
 
 
-class ResultView(Protocol):
-    """What the display reads of a ``SweepResult``."""
-
-    grid: dict[str, Tensor]
-    stacked: dict[str, Tensor]
-    history: dict[str, Any]
-    diverged: Tensor
-    diverged_at: Tensor
-    steps: int
-    meta: dict[str, Any]
-
-    @property
-    def K(self) -> int: ...  # noqa: N802 - the sweep axis is called K everywhere
-
-    def _index(self, i: Any) -> int: ...
-
-    def values(self, metric: str = ...) -> Tensor: ...
-
-    def varying_axes(self) -> list[str]: ...
-
-    def path_axis(self, axis: str | None = ..., what: str = ...) -> str: ...
-
-    def best(self) -> Any: ...
-
-
-def _selected(result: ResultView) -> list[str]:
+def _selected(result: SweepResult) -> list[str]:
     sel = result.meta.get("selected")
     return list(sel) if isinstance(sel, list | tuple) else list(result.stacked)
 
 
-def _path_models(result: ResultView, axis: str | None, what: str) -> tuple[str, Tensor, str]:
+def _path_models(result: SweepResult, axis: str | None, what: str) -> tuple[str, Tensor, str]:
     """``(axis, model indices along it, note)``: with other axes varying too, the
     models that share the other axes' values with :meth:`best`."""
     along = result.path_axis(axis, what)
@@ -72,7 +51,7 @@ def _path_models(result: ResultView, axis: str | None, what: str) -> tuple[str, 
 
 
 def plot_path(
-    result: ResultView,
+    result: SweepResult,
     param: str,
     kind: str = "coef",
     axis: str | None = None,
@@ -107,7 +86,7 @@ def plot_path(
 
 
 def plot_training(
-    result: ResultView,
+    result: SweepResult,
     metric: str = "loss",
     models: Any = None,
     *,
@@ -140,7 +119,7 @@ def plot_training(
     return plot.training_curves(rows, labels=labels, ylabel=metric, logy=logy, ax=ax, save=save)
 
 
-def table(result: ResultView, max_rows: int | None = None) -> str:
+def table(result: SweepResult, max_rows: int | None = None) -> str:
     """One row per model: grid values, final train/val losses, exact-zero fractions and
     divergence; ``*`` marks :meth:`best` (by validation loss when available)."""
     h = result.history

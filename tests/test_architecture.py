@@ -72,9 +72,17 @@ FLOORS: dict[str, int] = {
 
 def _imports(path: Path) -> list[tuple[str, list[str], int]]:
     """``(module, names, line)`` for every ``from . import`` / ``from .x import`` /
-    ``import funcreg.x`` in a file, function-level imports included."""
+    ``import funcreg.x`` in a file, function-level imports included; imports under
+    ``if TYPE_CHECKING:`` are for the type checker only (never run) and do not count."""
     out: list[tuple[str, list[str], int]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):  # drop the type-checker-only blocks before walking
+        if isinstance(node, ast.If) and ast.unparse(node.test) in {
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        }:
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             names = [a.name for a in node.names]
             if node.level == 1 and node.module:
