@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,20 +32,30 @@ from .spec import Spec, penalized
 Outcome = tuple[Params, Tensor, Tensor, Tensor, Tensor]
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What every route of one :func:`funcreg.solvers.solve` call shares: the loss and its
+    data, the spec split into its ``smooth`` terms (in the gradient) and its ``nonsmooth``
+    ones (in the prox), one model's params (``single``: names and shapes), and the stopping
+    and step options."""
+
+    loss_fn: Callable[..., Tensor]
+    smooth: Spec
+    nonsmooth: Spec
+    single: Params
+    data: tuple[Any, ...]
+    max_iter: int
+    tol: float
+    backtrack: bool
+    restart: bool
+
+
 def route(
-    loss_fn: Callable[..., Tensor],
+    problem: Problem,
     q: Quadratic | None,
-    smooth: Spec,
-    nonsmooth: Spec,
-    single: Params,
     x0: Params,
     S: Params,
-    data: tuple[Any, ...],
-    max_iter: int,
-    tol: float,
     L0: Tensor | None,
-    backtrack: bool,
-    restart: bool,
     newton: bool = False,
 ) -> Outcome:
     """Solve on the fastest route that applies: the Lasso on the Gram matrix (free
@@ -52,45 +63,38 @@ def route(
     Hessian product, proximal Newton (``newton``: a loss found not quadratic, only ``L1``
     terms, at most ``NEWTON_MAX`` entries; :mod:`funcreg._newton`), or the general loop on
     ``loss_fn``'s gradient."""
-    prox = make_prox(nonsmooth, single)
-    if newton and q is None and not isinstance(loss_fn, LeastSquares):
-        got = _newton_route(loss_fn, smooth, nonsmooth, single, x0, S, data, max_iter, tol)
+    p = problem
+    prox = make_prox(p.nonsmooth, p.single)
+    if newton and q is None and not isinstance(p.loss_fn, LeastSquares):
+        got = _newton_route(p, x0, S)
         if got is not None:
             return got
     if q is not None:
-        lean = lasso_thresholds(q, smooth, nonsmooth, single, S)
+        lean = lasso_thresholds(q, p.smooth, p.nonsmooth, p.single, S)
         if lean is not None:
-            routed = lasso_route(q, *lean, q.layout.flatten(x0), max_iter, tol, L0, restart)
+            x0f = q.layout.flatten(x0)
+            routed = lasso_route(q, *lean, x0f, p.max_iter, p.tol, L0, p.restart)
             if routed is not None:
                 x, iterations, converged, floors, optimality, L, eliminated = routed
                 out = q.layout.unflatten(x)
                 if not eliminated:  # the reduced problem was the whole one: certified
                     return out, iterations, converged, floors, optimality
-                ok, opt = _certify_gram(q, prox, out, S, L, x0, tol)
+                ok, opt = _certify_gram(q, prox, out, S, L, x0, p.tol)
                 return out, iterations, converged & ok, floors, opt
     oracle: Smooth
-    if q is not None or isinstance(loss_fn, LeastSquares):
-        penalty = Generic(penalized(zero_loss, smooth), ()) if len(smooth) else None
-        oracle = GramOracle(loss_fn if q is None else q, penalty)  # type: ignore[arg-type]
+    if q is not None or isinstance(p.loss_fn, LeastSquares):
+        penalty = Generic(penalized(zero_loss, p.smooth), ()) if len(p.smooth) else None
+        oracle = GramOracle(p.loss_fn if q is None else q, penalty)  # type: ignore[arg-type]
     else:
-        oracle = Generic(penalized(loss_fn, smooth), data)
-    return fista(oracle, prox, x0, S, max_iter, tol, L0, backtrack, restart)
+        oracle = Generic(penalized(p.loss_fn, p.smooth), p.data)
+    return fista(oracle, prox, x0, S, p.max_iter, p.tol, L0, p.backtrack, p.restart)
 
 
-def _newton_route(
-    loss_fn: Callable[..., Tensor],
-    smooth: Spec,
-    nonsmooth: Spec,
-    single: Params,
-    x0: Params,
-    S: Params,
-    data: tuple[Any, ...],
-    max_iter: int,
-    tol: float,
-) -> Outcome | None:
+def _newton_route(problem: Problem, x0: Params, S: Params) -> Outcome | None:
     """:func:`funcreg._newton.prox_newton` on flat params, or ``None`` where it does not
     apply (too many entries, a non-smooth term other than a plain ``L1``) or a Hessian is
     not positive semidefinite (then with a warning)."""
+    single, nonsmooth, data = problem.single, problem.nonsmooth, problem.data
     layout = Layout(single)
     ref = next(iter(x0.values()))
     if layout.P > NEWTON_MAX:
@@ -98,7 +102,7 @@ def _newton_route(
     found = l1_thresholds(layout, ref, nonsmooth, single, S)
     if found is None:
         return None
-    objective = penalized(loss_fn, smooth)
+    objective = penalized(problem.loss_fn, problem.smooth)
     gen = Generic(objective, data)
     scale = torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
 
@@ -108,7 +112,9 @@ def _newton_route(
     # the smooth objective is the same for every model where only the L1 strengths vary
     shared = all(bool((v == v[:1]).all()) for n, v in S.items() if n not in nonsmooth)
     with torch.enable_grad():
-        got = prox_newton(value, found[0], layout.flatten(x0), tol, max_iter, scale, shared)
+        got = prox_newton(
+            value, found[0], layout.flatten(x0), problem.tol, problem.max_iter, scale, shared
+        )
     if got is None:
         warnings.warn(
             "solve: the loss's Hessian is not positive semidefinite at a point of the "
@@ -144,22 +150,7 @@ def _certify_gram(
     return ok, mapping / torch.maximum(scale, gnorm)
 
 
-def recheck(
-    loss_fn: Callable[..., Tensor],
-    q: Quadratic,
-    smooth: Spec,
-    nonsmooth: Spec,
-    single: Params,
-    x0: Params,
-    S: Params,
-    data: tuple[Any, ...],
-    max_iter: int,
-    tol: float,
-    L0: Tensor | None,
-    backtrack: bool,
-    restart: bool,
-    got: Outcome,
-) -> Outcome:
+def recheck(problem: Problem, q: Quadratic, S: Params, L0: Tensor | None, got: Outcome) -> Outcome:
     """Certify a solution found on a quadratic *extracted* from ``loss_fn`` with
     ``loss_fn`` itself: the gap ``δ = ‖∇f(x) − (Hx − b)‖ / ref`` bounds how much the
     prox-gradient mapping of the true loss can differ (the prox is 1-Lipschitz), so a model
@@ -167,15 +158,14 @@ def recheck(
     probes missed a non-quadratic region) are solved again on the general route, from
     where they are."""
     out, iterations, converged, floors, optimality = got
-    delta = gradient_gap(loss_fn, q, out, data)
+    tol = problem.tol
+    delta = gradient_gap(problem.loss_fn, q, out, problem.data)
     optimality = optimality + delta
     converged = converged & (optimality <= tol)
     redo = ~(delta <= max(tol, 1e-9))
     if bool(redo.any()):
         sel = redo.nonzero().squeeze(1)
-        part = route(
-            loss_fn, None, smooth, nonsmooth, single, _tree.take(out, sel), _tree.take(S, sel),
-            data, max_iter, tol, None if L0 is None else L0[sel], backtrack, restart,
-        )  # fmt: skip
+        L0_redo = None if L0 is None else L0[sel]
+        part = route(problem, None, _tree.take(out, sel), _tree.take(S, sel), L0_redo)
         _tree.put((out, iterations, converged, floors, optimality), sel, part)
     return out, iterations, converged, floors, optimality

@@ -108,7 +108,7 @@ from ._quadratic import (
     extract,
     from_least_squares,
 )
-from ._routes import recheck, route
+from ._routes import Problem, recheck, route
 from ._tree import Params
 from .losses import LeastSquares, least_squares
 from .penalties import Penalty
@@ -362,17 +362,13 @@ def solve(
             )
         q = None if q is None else q.to(work)
         found = q is not None
+    problem = Problem(loss_fn, smooth, nonsmooth, single, data, max_iter, tol, backtrack, restart)
     with torch.no_grad():
-        out, iterations, converged, floors, optimality = route(
-            loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0, backtrack,
-            restart, newton=quadratic is None and L0 is None,
-        )  # fmt: skip
+        got = route(problem, q, x0, S, L0, newton=quadratic is None and L0 is None)
         if found:
             assert q is not None
-            out, iterations, converged, floors, optimality = recheck(
-                loss_fn, q, smooth, nonsmooth, single, x0, S, data, max_iter, tol, L0,
-                backtrack, restart, (out, iterations, converged, floors, optimality),
-            )  # fmt: skip
+            got = recheck(problem, q, S, L0, got)
+        out, iterations, converged, floors, optimality = got
     _warn_floor(iterations, converged, floors, tol, max_iter, work)
     out = {n: v.to(dtype) for n, v in out.items()}
     return Solution(out, iterations, converged, optimality.to(torch.float64), work)
