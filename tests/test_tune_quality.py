@@ -1,0 +1,48 @@
+"""fr.tune's quality on scikit-learn's bundled data beyond load_diabetes (tests/test_tune.py):
+one lasso strength by 5-fold CV reaches LassoCV's best grid point on load_breast_cancer."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import funcreg as fr
+
+
+def test_one_lasso_strength_by_5fold_cv_matches_lassocv_grid_on_breast_cancer() -> None:
+    datasets = pytest.importorskip("sklearn.datasets")
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    X, y = datasets.load_breast_cancer(return_X_y=True)
+    X, y = (X - X.mean(0)) / X.std(0), y - y.mean()
+    n, p = X.shape
+    train, test = fr.selection.fold_masks(5, n, 0)
+    folds = [
+        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
+        for a, b in zip(train, test, strict=True)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cv = linear_model.LassoCV(alphas=100, cv=folds, fit_intercept=False, tol=1e-10)
+        cv.fit(X, y)
+    grid_best = float(cv.mse_path_.mean(axis=1).min()) / 2  # LassoCV's MSE; ours is 1/2 MSE
+    r = fr.tune(
+        fr.least_squares(torch.tensor(X), torch.tensor(y)),
+        {"l1": fr.L1()},
+        {"weight": torch.zeros(1, p, dtype=torch.float64)},
+        {"l1": float(np.median(cv.alphas_))},  # from the middle of LassoCV's grid
+        folds=folds,
+        optimizer="secant",
+    )
+    assert r.value <= 1.01 * grid_best
+    # an independent evaluation of the CV loss at the tuned strength agrees
+    sk = linear_model.Lasso(
+        alpha=r.strengths["l1"], fit_intercept=False, tol=1e-12, max_iter=1_000_000
+    )
+    losses = []
+    for a, b in folds:
+        sk.fit(X[a], y[a])
+        losses.append(float(((X[b] @ sk.coef_ - y[b]) ** 2).mean()) / 2)
+    assert float(np.mean(losses)) == pytest.approx(r.value, rel=1e-6)
