@@ -28,7 +28,7 @@ kinks than ``_KINKS_PER_P · p`` — the remaining strengths keep the caller's s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -70,74 +70,170 @@ def lasso_path(G: Tensor, r: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]
     Gn = G.detach().to("cpu", torch.float64).numpy()
     rn = r.detach().to("cpu", torch.float64).numpy()
     lam = strengths.detach().to("cpu", torch.float64).numpy()
-    p, K = rn.shape[0], lam.shape[0]
-    w = np.zeros((K, p))
-    done = lam >= np.abs(rn).max()  # zero is the solution there
-    lam_hi = float(np.abs(rn).max())
-    if lam_hi <= 0.0 or done.all():
-        return torch.from_numpy(w), torch.from_numpy(done)
-    lam_lo = float(lam.min())
-    j0 = int(np.argmax(np.abs(rn)))
-    active: list[int] = [j0]
-    signs: list[float] = [1.0 if rn[j0] > 0 else -1.0]
-    last = j0  # the coordinate that joined or left at the last kink
-    cand = np.empty((3, p))
-    M = np.array([[1.0 / Gn[j0, j0]]]) if Gn[j0, j0] > 0 else None  # G_AA⁻¹
-    updates = 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for _ in range(_KINKS_PER_P * p + 2):
-            if M is None:
-                break  # a singular G_AA: the path is not unique from here
-            A = np.array(active)
-            GA = Gn[:, A]
-            if updates >= _REFRESH:  # bound the drift of the rank-one updates
-                try:
-                    chol = np.linalg.cholesky(GA[A])
-                except np.linalg.LinAlgError:
-                    break
-                inv_l = np.linalg.solve(chol, np.eye(len(active)))
-                M, updates = inv_l.T @ inv_l, 0
-            rhs = np.stack([rn[A], np.array(signs)], 1)
-            sol = M @ rhs
-            sol += M @ (rhs - GA[A] @ sol)  # one step of iterative refinement
-            a, d = sol[:, 0], sol[:, 1]
-            if not np.isfinite(sol).all():
-                break
-            e = rn - GA @ a
-            f = GA @ d
-            cand[0] = e / (1.0 - f)  # j joins with sign +
-            cand[1] = -e / (1.0 + f)  # j joins with sign −
-            cand[2] = -1.0
-            cand[:2, A] = -1.0
-            cand[2, A] = a / d  # j ∈ A leaves
-            # the next kink: the largest λ in (0, lam_hi]; the coordinate that changed at
-            # lam_hi only changes back clearly below it (not by round-off at the same kink)
-            cand[:, last] = np.where(cand[:, last] < lam_hi * (1.0 - 1e-9), cand[:, last], -1.0)
-            cand[~((cand > 0) & (cand <= lam_hi))] = -1.0
-            kind, j = divmod(int(np.argmax(cand)), p)
-            lam_next = max(float(cand[kind, j]), 0.0)
-            seg = (lam <= lam_hi) & (lam >= lam_next) & ~done
-            if seg.any():
-                rows = np.nonzero(seg)[0]
-                w[rows[:, None], A[None, :]] = a[None] - lam[rows][:, None] * d[None]
-                done |= seg
-            if lam_next <= lam_lo or lam_next <= 0.0 or done.all():
-                break
-            if kind == 2:  # j leaves the active set
-                at = active.index(j)
-                active.pop(at)
-                signs.pop(at)
-                if not active:  # every coordinate left: stop (the caller's start stays)
-                    break
-                M = _inverse_without(M, at)
-            else:
-                M = _inverse_with(M, Gn[A, j], Gn[j, j])
-                active.append(j)
-                signs.append(1.0 if kind == 0 else -1.0)
-            updates += 1
-            last = j
-            lam_hi = lam_next
+    order = np.argsort(-lam, kind="stable")  # walked down from λ_max
+    ws, dones = Homotopy(lambda j: Gn[j], rn).walk(lam[order])
+    w, done = np.zeros_like(ws), np.zeros_like(dones)
+    w[order], done[order] = ws, dones
     return torch.from_numpy(w), torch.from_numpy(done)
+
+
+class Homotopy:
+    """The Lasso ``½ wᵀGw − rᵀw + λ‖w‖₁`` followed along ``λ`` from its current strength to
+    any other, down *or up*: the state is the segment at the current ``λ`` (the active set
+    ``A``, its signs ``σ`` and ``G_AA⁻¹``), so a solution at one strength starts the walk to
+    the next and only the kinks in between are paid for (the outer steps of
+    :func:`funcreg.tune` move the strength by a few percent: a handful of kinks, where a
+    walk from ``λ_max`` meets every kink above the strength).
+
+    Going up, the segment formulas of the module docstring hold unchanged; the next event is
+    the *smallest* ``λ`` above the current one where a coordinate joins (``|ρ_j(λ)| = λ``)
+    or leaves (``w_j(λ) = 0``), the events of the way down in reverse. ``G`` is read by
+    columns (``column(j) → G[:, j]``, float64 ``(p,)``), only for the coordinates that join,
+    so ``p`` may be large (``G`` never formed): a kink costs ``O(p |A|)``."""
+
+    def __init__(self, column: Callable[[int], np.ndarray], r: np.ndarray) -> None:
+        self.column, self.r = column, np.asarray(r, dtype=np.float64)
+        self.p = int(self.r.shape[0])
+        self.top = float(np.abs(self.r).max()) if self.p else 0.0  # λ_max: zero above
+        self._cand = np.empty((3, self.p))
+        self._cold()
+
+    def _cold(self) -> None:
+        """The state at ``λ_max``: no active coordinate."""
+        self.lam = self.top
+        self.active: list[int] = []
+        self.signs: list[float] = []
+        self.rows = np.empty((8, self.p))  # G[:, A]ᵀ, rows in the order of ``active``
+        self.M = np.empty((0, 0))  # G_AA⁻¹
+        self.updates = 0  # rank-one updates since M was last recomputed
+        self.last = -1  # the coordinate that joined or left at the last kink
+
+    def _segment(self) -> tuple[np.ndarray, ...] | None:
+        """``(A, a, d, e, f)`` of the current segment (module docstring); ``None`` where
+        ``G_AA`` turned singular."""
+        k = len(self.active)
+        A = np.array(self.active, dtype=np.intp)
+        rows = self.rows[:k]
+        GAA = rows[:, A]
+        if self.updates >= _REFRESH and k:  # bound the drift of the rank-one updates
+            try:
+                chol = np.linalg.cholesky(GAA)
+            except np.linalg.LinAlgError:
+                return None
+            inv_l = np.linalg.solve(chol, np.eye(k))
+            self.M, self.updates = inv_l.T @ inv_l, 0
+        rhs = np.empty((k, 2))
+        rhs[:, 0] = self.r[A]
+        rhs[:, 1] = self.signs
+        sol = self.M @ rhs
+        sol += self.M @ (rhs - GAA @ sol)  # one step of iterative refinement
+        if not np.isfinite(sol).all():
+            return None
+        E = sol.T @ rows  # (2, p): G_·A a and G_·A d
+        return A, sol[:, 0], sol[:, 1], self.r - E[0], E[1]
+
+    def _event(self, seg: tuple[np.ndarray, ...], up: bool) -> tuple[float, int, int]:
+        """The next kink from the current ``λ`` in the direction of the walk: ``(λ, kind,
+        j)``, kind 0/1: ``j`` joins with sign +/−, 2: ``j`` leaves; ``λ = ∓inf`` if none."""
+        A, a, d, e, f = seg
+        cand, lam = self._cand, self.lam
+        cand[0] = e / (1.0 - f)  # j joins with sign +
+        cand[1] = -e / (1.0 + f)  # j joins with sign −
+        cand[2] = np.nan
+        cand[:2, A] = np.nan
+        cand[2, A] = a / d  # j ∈ A leaves
+        j = self.last  # it changed at λ: it only changes back clearly away from λ
+        if up:
+            ok = cand >= lam
+            if j >= 0:
+                ok[:, j] &= cand[:, j] > lam * (1.0 + 1e-9)
+            at = int(np.argmin(np.where(ok, cand, np.inf)))
+            none = np.inf
+        else:
+            ok = (cand > 0) & (cand <= lam)
+            if j >= 0:
+                ok[:, j] &= cand[:, j] < lam * (1.0 - 1e-9)
+            at = int(np.argmax(np.where(ok, cand, -np.inf)))
+            none = -np.inf
+        kind, j = divmod(at, self.p)
+        return (float(cand[kind, j]) if ok[kind, j] else none), kind, j
+
+    def _apply(self, kind: int, j: int) -> bool:
+        """Change the active set by the event; ``False`` where ``G_AA`` turns singular."""
+        k = len(self.active)
+        if kind == 2:  # j leaves the active set
+            at = self.active.index(j)
+            self.active.pop(at)
+            self.signs.pop(at)
+            self.M = _inverse_without(self.M, at)
+            self.rows[at : k - 1] = self.rows[at + 1 : k]
+        else:
+            col = self.column(j)
+            M = _inverse_with(self.M, col[self.active], float(col[j]))
+            if M is None:
+                return False
+            if k == self.rows.shape[0]:
+                self.rows = np.concatenate([self.rows, np.empty_like(self.rows)])
+            self.M = M
+            self.rows[k] = col
+            self.active.append(j)
+            self.signs.append(1.0 if kind == 0 else -1.0)
+        self.updates += 1
+        self.last = j
+        return True
+
+    def walk(self, strengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The solutions at ``strengths (K,)``, visited in that order from the current state
+        (one direction is cheapest: descending from a cold state); returns ``(w (K, p),
+        done (K,))``, ``done`` false (``w`` zero) from where the walk stopped: a singular
+        ``G_AA`` (the state is then reset to ``λ_max``), more than ``_KINKS_PER_P · p`` kinks,
+        a strength ``≤ 0``. The state ends at the last strength reached."""
+        lams = np.asarray(strengths, dtype=np.float64).reshape(-1)
+        K = lams.shape[0]
+        w, done = np.zeros((K, self.p)), np.zeros(K, dtype=bool)
+        if self.top <= 0.0:  # r = 0: zero solves every strength
+            done[:] = True
+            return w, done
+        budget = _KINKS_PER_P * self.p + 2
+        seg: tuple[np.ndarray, ...] | None = None
+        ev: tuple[float, int, int] | None = None  # the segment's next kink that way
+        direction = 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for i in range(K):
+                target = float(lams[i])
+                if not target > 0.0:
+                    break
+                if target >= self.top:  # zero solves it; the next walk starts from λ_max
+                    if self.active:
+                        self._cold()
+                        seg = ev = None
+                    done[i] = True
+                    continue
+                while True:
+                    if not self.active:
+                        self.lam = self.top
+                    up = target > self.lam
+                    if (1 if up else -1) != direction:  # round-off guard of the other way
+                        self.last, direction, ev = -1, 1 if up else -1, None
+                    if seg is None:
+                        seg = self._segment()
+                        if seg is None:
+                            self._cold()
+                            return w, done
+                    if ev is None:  # the same until a kink or a turn
+                        ev = self._event(seg, up)
+                    lam, kind, j = ev
+                    if (lam >= target) if up else (lam <= target):  # no kink before it
+                        w[i, seg[0]] = seg[1] - target * seg[2]
+                        done[i] = True
+                        self.lam = target
+                        break
+                    budget -= 1
+                    if budget < 0 or not self._apply(kind, j):
+                        self._cold()
+                        return w, done
+                    seg, ev, self.lam = None, None, lam
+        return w, done
 
 
 def _inverse_with(M: np.ndarray, u: np.ndarray, g: float) -> np.ndarray | None:

@@ -28,9 +28,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ._homotopy import Homotopy
 from .losses import LeastSquares, least_squares
 from .penalties import L1, L2, Box, ElasticNet, NonNegative
 from .solvers import Solution, solve
@@ -80,6 +82,10 @@ class WorkingSet:
         self.w = X.new_zeros(0)
         self.bias = X.new_zeros(1) if fit_intercept else None
         self._grad: Tensor | None = None  # ∇f at the current (w, bias), once computed
+        # a plain L1 term in float64 on the host: the exact solution by the homotopy, walked
+        # from the last call's strength (``None`` until first used; ``False`` once it failed)
+        self._path: Homotopy | None | bool = None
+        self._path_weight: Tensor | None = None  # the L1 factors the homotopy was built for
 
     def _violators(self, spec: Spec, s: Mapping[str, Any], w: Tensor, slack: float = 1.0) -> Tensor:
         """Coordinates outside the working set whose test at zero fails (at the strengths
@@ -126,9 +132,11 @@ class WorkingSet:
     ) -> tuple[LeastSquares, Spec, Solution, Tensor]:
         """Solve the full problem; returns the restricted loss, spec and solution (K = 1)
         and the columns they cover."""
-        # before the first solve, also take in the coordinates that would fail their test
-        # at strengths ``slack`` times smaller (a strong-rule guess of the new support)
-        new = self._violators(spec, s, self.w, self.slack)
+        # the exact support where the homotopy applies; else, before the first solve, also
+        # take in the coordinates that would fail their test at strengths ``slack`` times
+        # smaller (a strong-rule guess of the new support)
+        exact = self._exact_start(spec, s)
+        new = self.cols.new_zeros(0) if exact else self._violators(spec, s, self.w, self.slack)
         if self.cols.numel() == 0 and new.numel() == 0:
             new = self.cols.new_zeros(1)  # zero solves it: keep a column to differentiate
         if new.numel():
@@ -139,12 +147,17 @@ class WorkingSet:
             if self.bias is not None:
                 init["bias"] = self.bias
             sub = restrict(spec, self.cols, self.p)
-            sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter)
+            # from the exact solution: a bound on the curvature for the step (the solve's own
+            # λ_max and homotopy would only find the start again), its first test certifies
+            lip = _gershgorin(loss) if exact else None
+            sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter, lipschitz=lip)
             self.w = sol.params["weight"][0].reshape(-1)
             self._grad = None
             if self.bias is not None:
                 self.bias = sol.params["bias"][0]
             new = self._violators(spec, s, self.w)
+            if exact and (new.numel() or int(sol.iterations.max()) > 1):
+                self._path = None  # the start was off (round-off at a tie): rebuild it cold
             if new.numel() == 0:
                 break
             self._add(new)
@@ -154,6 +167,63 @@ class WorkingSet:
             self.cols, self.w = self.cols[support], self.w[support]
         return out
 
+    def _exact_start(self, spec: Spec, s: Mapping[str, Any]) -> bool:
+        """For one ``L1`` term (float64, on the host): put the exact solution at ``s`` into
+        ``cols``, ``w`` (and ``bias``), by :class:`~funcreg._homotopy.Homotopy` on the
+        (centred, rescaled by the term's factors) Gram matrix, read by columns and walked
+        from the last call's strength: a few kinks per outer step of ``tune``. ``False``
+        (nothing changed) where that does not apply or the walk stopped early (singular
+        ``G_AA``): the working-set rounds take over."""
+        if self._path is False or len(spec) != 1:
+            return False
+        ((term, pen),) = spec.items()
+        if type(pen) is not L1 or self.X.dtype != torch.float64 or self.X.device.type != "cpu":
+            return False
+        c: Tensor | None = None
+        if pen.weight is not None:
+            if not isinstance(pen.weight, Tensor):
+                return False
+            c = pen.weight.detach().reshape(-1).to(torch.float64).expand(self.p)
+            if not bool((c > 0).all()):
+                return False
+        same = (c is None and self._path_weight is None) or (
+            c is not None and self._path_weight is not None and torch.equal(c, self._path_weight)
+        )
+        if not isinstance(self._path, Homotopy) or not same:
+            self._path, self._path_weight = self._homotopy(c), c
+        assert isinstance(self._path, Homotopy)
+        w, done = self._path.walk(np.array([float(s[term])]))
+        if not done[0]:
+            self._path = False  # e.g. n < p at a small strength: not again for this problem
+            return False
+        u = torch.from_numpy(w[0])
+        if c is not None:
+            u = u / c
+        self.cols = u.nonzero().squeeze(1)
+        self.w = u[self.cols]
+        if self.bias is not None:
+            mean = self.X.mean(0)[self.cols]
+            self.bias = (self.y.mean() - mean @ self.w).reshape(1)
+        self._grad = None
+        return True
+
+    def _homotopy(self, c: Tensor | None) -> Homotopy:
+        """The homotopy of this problem: ``G = X̃ᵀX̃/n``, ``r = X̃ᵀỹ/n`` (``X̃``, ``ỹ`` centred
+        with an intercept), divided by ``c_i c_j`` and ``c_j`` for factors ``c``."""
+        X = self.X.numpy()
+        y = self.y.numpy()
+        if self.fit_intercept:
+            X, y = X - X.mean(0), y - y.mean()
+        n = self.n
+        cn = None if c is None else c.numpy()
+        r = X.T @ y / n
+
+        def column(j: int) -> np.ndarray:
+            g = X.T @ X[:, j] / n
+            return g if cn is None else g / (cn * cn[j])
+
+        return Homotopy(column, r if cn is None else r / cn)
+
     def expand(self, sol: Solution, cols: Tensor) -> dict[str, Tensor]:
         """The full ``{"weight": (1, p)[, "bias"]}`` of a restricted solution."""
         w = self.X.new_zeros(1, self.p)
@@ -162,3 +232,13 @@ class WorkingSet:
         if self.fit_intercept:
             out["bias"] = sol.params["bias"][0]
         return out
+
+
+def _gershgorin(loss: LeastSquares) -> float:
+    """An upper bound on ``λ_max`` of the loss's Hessian (with an intercept, the bordered
+    ``[[G, μ], [μᵀ, 1]]``): the largest absolute row sum."""
+    rows = loss.gram.abs().sum(1)
+    if loss.fit_intercept:
+        mu = loss.x_mean.abs()
+        return max(float((rows + mu).max()), 1.0 + float(mu.sum()))
+    return float(rows.max())
