@@ -13,6 +13,7 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import lasso_path
 
 import funcreg as fr
+from funcreg._homotopy import Homotopy
 from funcreg._homotopy import lasso_path as homotopy_path
 from funcreg._homotopy import proportional
 from funcreg.solvers import least_squares, solve
@@ -155,3 +156,93 @@ def test_natural_route_path_is_one_solve_started_at_the_answer():
     assert np.abs(W - coefs.T).max() <= 1e-6 * np.abs(coefs).max()  # sklearn's own accuracy
     b = res.stacked["bias"][:, 0].numpy()
     np.testing.assert_allclose(b, y.mean() - W @ X.mean(0), rtol=1e-12, atol=1e-12 * abs(y.mean()))
+
+
+class _Counting(Homotopy):
+    """A homotopy that counts its kinks (joins and leaves)."""
+
+    kinks = 0
+
+    def _apply(self, kind: int, j: int) -> bool:
+        self.kinks += 1
+        return super()._apply(kind, j)
+
+
+def test_walk_down_and_up_from_the_last_strength_equals_cold_walks_and_sklearn():
+    """A warm walk from the previous strength, down or up — across kinks where a coordinate
+    leaves the active set (at about 0.30, 0.24, 0.015 and 0.002 of ``λ_max`` on this
+    design: checked below on scikit-learn's path) and above ``λ_max`` and back — gives the
+    cold walk's solution from ``λ_max`` and scikit-learn's, for only the kinks in between;
+    ``G`` is read by columns, only where a coordinate joins."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    n = len(y)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    fine = np.geomspace(top, top * 1e-3, 400)
+    _, path, _ = lasso_path(X, y, alphas=fine, tol=1e-13, max_iter=10**6)
+    on = path != 0
+    left = [fine[k] / top for k in range(1, len(fine)) if (on[:, k - 1] & ~on[:, k]).any()]
+    assert len(left) >= 3  # the design has leaving kinks to cross
+    read: list[int] = []
+
+    def column(j: int) -> np.ndarray:
+        read.append(j)
+        return G[:, j]
+
+    warm = _Counting(column, r)
+    steps = [0.5, 0.25, 0.35, 0.2, 0.01, 0.02, 0.001, 0.3, 2.0, 0.002, 0.0025]
+    crossed, prev, prev_cold = 0, 1.0, 0
+    for frac in steps:
+        lam = frac * top
+        before = warm.kinks
+        w, done = warm.walk(np.array([lam]))
+        cold = _Counting(lambda j: G[:, j], r)
+        wc, dc = cold.walk(np.array([lam]))
+        # the kinks between the two strengths, no more: those of one cold walk but not the
+        # other (above λ_max: none, the state goes back to λ_max)
+        assert warm.kinks - before == (0 if frac >= 1 else abs(cold.kinks - prev_cold))
+        assert bool(done[0]) and bool(dc[0])
+        scale = max(np.abs(wc).max(), 1e-300)
+        np.testing.assert_allclose(w[0], wc[0], rtol=0, atol=1e-10 * scale)
+        _, ref, _ = lasso_path(X, y, alphas=[lam], tol=1e-14, max_iter=10**6)
+        np.testing.assert_allclose(w[0], ref[:, 0], rtol=0, atol=1e-6 * max(scale, 1.0))
+        g = r - G @ w[0]  # the optimality conditions, to round-off
+        act = w[0] != 0
+        assert np.abs(g[act] - lam * np.sign(w[0][act])).max(initial=0) <= 1e-12 * top
+        assert (np.abs(g[~act]) - lam).max(initial=-1) <= 1e-12 * top
+        lo, hi = sorted((frac, min(prev, 1.0)))
+        crossed += sum(lo < x < hi for x in left)
+        prev, prev_cold = frac, cold.kinks
+    assert crossed >= 4  # walked across leaving kinks, down and up
+    assert len(read) < 3 * len(steps) * 40  # columns read only where a coordinate joins
+
+
+def test_walk_visits_several_strengths_in_order_and_stops_on_a_singular_gram():
+    """Several strengths in one walk equal :func:`lasso_path`'s; where ``G_AA`` turns
+    singular the walk reports the strengths from there on as not done (``w`` zero) and goes
+    back to ``λ_max``, so the next walk starts cold."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    lam = np.geomspace(top * 0.9, top * 1e-3, 25)
+    w, done = Homotopy(lambda j: G[:, j], r).walk(lam)
+    ref, rdone = homotopy_path(torch.from_numpy(G), torch.from_numpy(r), torch.from_numpy(lam))
+    assert bool(done.all()) and bool(rdone.all())
+    np.testing.assert_allclose(w, ref.numpy(), rtol=0, atol=1e-12 * np.abs(w).max())
+    # the 5th coordinate to join comes with a column that makes G_AA singular
+    joined: list[int] = []
+
+    def column(j: int) -> np.ndarray:
+        joined.append(j)
+        if len(joined) == 5:
+            return G[:, joined[0]]  # the first column again: its Schur complement is <= 0
+        return G[:, j]
+
+    h = Homotopy(column, r)
+    w, done = h.walk(lam)
+    assert bool(done[0]) and not bool(done[-1]) and not bool(w[~done].any())
+    np.testing.assert_allclose(w[done], ref.numpy()[done], rtol=0, atol=1e-12 * np.abs(w).max())
+    assert h.lam == h.top and not h.active  # back at λ_max
+    w2, done2 = h.walk(lam[-1:])
+    assert bool(done2[0])
+    np.testing.assert_allclose(w2[0], ref.numpy()[-1], rtol=0, atol=1e-12 * np.abs(w).max())
