@@ -13,9 +13,8 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import lasso_path
 
 import funcreg as fr
-from funcreg._homotopy import Homotopy
+from funcreg._homotopy import Homotopy, proportional
 from funcreg._homotopy import lasso_path as homotopy_path
-from funcreg._homotopy import proportional
 from funcreg.solvers import least_squares, solve
 
 DT = torch.float64
