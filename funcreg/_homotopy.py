@@ -89,95 +89,136 @@ class Homotopy:
     the *smallest* ``λ`` above the current one where a coordinate joins (``|ρ_j(λ)| = λ``)
     or leaves (``w_j(λ) = 0``), the events of the way down in reverse. ``G`` is read by
     columns (``column(j) → G[:, j]``, float64 ``(p,)``), only for the coordinates that join,
-    so ``p`` may be large (``G`` never formed): a kink costs ``O(p |A|)``."""
+    so ``p`` may be large (``G`` never formed): a kink costs ``O(p |A|)``. The state lives in
+    buffers grown by doubling (``G_·A``, ``G_AA``, ``G_AA⁻¹``, ``[r_A, σ_A]``), updated in
+    place when a coordinate joins or leaves."""
 
     def __init__(self, column: Callable[[int], np.ndarray], r: np.ndarray) -> None:
         self.column, self.r = column, np.asarray(r, dtype=np.float64)
         self.p = int(self.r.shape[0])
         self.top = float(np.abs(self.r).max()) if self.p else 0.0  # λ_max: zero above
-        self._cand = np.empty((3, self.p))
         self._cold()
 
-    def _cold(self) -> None:
+    def _cold(self, cap: int = 16) -> None:
         """The state at ``λ_max``: no active coordinate."""
         self.lam = self.top
-        self.active: list[int] = []
-        self.signs: list[float] = []
-        self.rows = np.empty((8, self.p))  # G[:, A]ᵀ, rows in the order of ``active``
-        self.M = np.empty((0, 0))  # G_AA⁻¹
+        self.k = 0  # |A|
+        self._A = np.empty(cap, dtype=np.intp)  # A, in the order the coordinates joined
+        self._rows = np.empty((cap, self.p))  # G_·Aᵀ
+        self._G = np.empty((cap, cap))  # G_AA
+        self._M = np.empty((cap, cap))  # G_AA⁻¹
+        self._rhs = np.empty((cap, 2))  # [r_A, σ_A]
         self.updates = 0  # rank-one updates since M was last recomputed
         self.last = -1  # the coordinate that joined or left at the last kink
+
+    @property
+    def active(self) -> list[int]:
+        """The active coordinates (in the order they joined)."""
+        return self._A[: self.k].tolist()
+
+    def _grow(self) -> None:
+        cap = 2 * self._A.shape[0]
+        k = self.k
+        for name in ("_A", "_rows", "_rhs"):
+            old = getattr(self, name)
+            new = np.empty((cap, *old.shape[1:]), dtype=old.dtype)
+            new[:k] = old[:k]
+            setattr(self, name, new)
+        for name in ("_G", "_M"):
+            old = getattr(self, name)
+            new = np.empty((cap, cap))
+            new[:k, :k] = old[:k, :k]
+            setattr(self, name, new)
 
     def _segment(self) -> tuple[np.ndarray, ...] | None:
         """``(A, a, d, e, f)`` of the current segment (module docstring); ``None`` where
         ``G_AA`` turned singular."""
-        k = len(self.active)
-        A = np.array(self.active, dtype=np.intp)
-        rows = self.rows[:k]
-        GAA = rows[:, A]
+        k = self.k
+        A, GAA, rhs = self._A[:k], self._G[:k, :k], self._rhs[:k]
         if self.updates >= _REFRESH and k:  # bound the drift of the rank-one updates
             try:
                 chol = np.linalg.cholesky(GAA)
             except np.linalg.LinAlgError:
                 return None
             inv_l = np.linalg.solve(chol, np.eye(k))
-            self.M, self.updates = inv_l.T @ inv_l, 0
-        rhs = np.empty((k, 2))
-        rhs[:, 0] = self.r[A]
-        rhs[:, 1] = self.signs
-        sol = self.M @ rhs
-        sol += self.M @ (rhs - GAA @ sol)  # one step of iterative refinement
+            np.matmul(inv_l.T, inv_l, out=self._M[:k, :k])
+            self.updates = 0
+        M = self._M[:k, :k]
+        sol = M @ rhs
+        sol += M @ (rhs - GAA @ sol)  # one step of iterative refinement
         if not np.isfinite(sol).all():
             return None
-        E = sol.T @ rows  # (2, p): G_·A a and G_·A d
-        return A, sol[:, 0], sol[:, 1], self.r - E[0], E[1]
+        E = sol.T @ self._rows[:k]  # (2, p): G_·A a and G_·A d
+        e = np.subtract(self.r, E[0], out=E[0])
+        e[A] = np.nan  # no join candidates in A
+        return A, sol[:, 0], sol[:, 1], e, E[1]
 
     def _event(self, seg: tuple[np.ndarray, ...], up: bool) -> tuple[float, int, int]:
         """The next kink from the current ``λ`` in the direction of the walk: ``(λ, kind,
         j)``, kind 0/1: ``j`` joins with sign +/−, 2: ``j`` leaves; ``λ = ∓inf`` if none."""
         A, a, d, e, f = seg
-        cand, lam = self._cand, self.lam
-        cand[0] = e / (1.0 - f)  # j joins with sign +
-        cand[1] = -e / (1.0 + f)  # j joins with sign −
-        cand[2] = np.nan
-        cand[:2, A] = np.nan
-        cand[2, A] = a / d  # j ∈ A leaves
-        j = self.last  # it changed at λ: it only changes back clearly away from λ
-        if up:
-            ok = cand >= lam
-            if j >= 0:
-                ok[:, j] &= cand[:, j] > lam * (1.0 + 1e-9)
-            at = int(np.argmin(np.where(ok, cand, np.inf)))
-            none = np.inf
-        else:
-            ok = (cand > 0) & (cand <= lam)
-            if j >= 0:
-                ok[:, j] &= cand[:, j] < lam * (1.0 - 1e-9)
-            at = int(np.argmax(np.where(ok, cand, -np.inf)))
-            none = -np.inf
-        kind, j = divmod(at, self.p)
-        return (float(cand[kind, j]) if ok[kind, j] else none), kind, j
+        lam, j, k = self.lam, self.last, self.k
+        cand = [
+            e / (1.0 - f),  # j joins with sign +
+            e / np.subtract(-1.0, f),  # j joins with sign −
+            a / d,  # A[i] leaves
+        ]
+        # the coordinate that changed at λ only changes back clearly away from λ (not by
+        # round-off at the same kink); having joined, it is the last of A
+        at = (j, j, k - 1 if k and A[k - 1] == j else -1) if j >= 0 else (-1, -1, -1)
+        if up:  # the smallest candidate >= λ (NaN, those below: +inf)
+            far, none = lam * (1.0 + 1e-9), np.inf
+            for c, i in zip(cand, at, strict=True):
+                if i >= 0 and not c[i] > far:
+                    c[i] = none
+            best = [np.where(c >= lam, c, none) for c in cand]
+            pick = [int(np.argmin(c)) if c.size else -1 for c in best]
+        else:  # the largest candidate in (0, λ] (NaN, those above: -1)
+            far, none = lam * (1.0 - 1e-9), -1.0
+            for c, i in zip(cand, at, strict=True):
+                if i >= 0 and not c[i] < far:
+                    c[i] = none
+            best = [np.where(c <= lam, c, none) for c in cand]
+            pick = [int(np.argmax(c)) if c.size else -1 for c in best]
+        vals = [float(c[i]) if i >= 0 else none for c, i in zip(best, pick, strict=True)]
+        kind = int(np.argmin(vals) if up else np.argmax(vals))
+        t = vals[kind]
+        if not up and not t > 0.0:
+            t = -np.inf
+        return t, kind, int(A[pick[kind]]) if kind == 2 else pick[kind]
 
     def _apply(self, kind: int, j: int) -> bool:
         """Change the active set by the event; ``False`` where ``G_AA`` turns singular."""
-        k = len(self.active)
-        if kind == 2:  # j leaves the active set
-            at = self.active.index(j)
-            self.active.pop(at)
-            self.signs.pop(at)
-            self.M = _inverse_without(self.M, at)
-            self.rows[at : k - 1] = self.rows[at + 1 : k]
-        else:
+        k = self.k
+        if kind == 2:  # j leaves the active set: G_AA⁻¹ without row and column ``at``
+            at = int(np.flatnonzero(self._A[:k] == j)[0])
+            M = self._M[:k, :k]
+            col = M[:, at].copy()
+            M -= np.multiply.outer(col, col / col[at])
+            for buf in (self._A, self._rows, self._rhs):
+                buf[at : k - 1] = buf[at + 1 : k]
+            for buf in (self._G, self._M):
+                buf[at : k - 1, :k] = buf[at + 1 : k, :k]
+                buf[: k - 1, at : k - 1] = buf[: k - 1, at + 1 : k]
+            self.k = k - 1
+        else:  # j joins: the bordered inverse (Schur complement ``g − uᵀ G_AA⁻¹ u``)
             col = self.column(j)
-            M = _inverse_with(self.M, col[self.active], float(col[j]))
-            if M is None:
+            u, g = col[self._A[:k]], float(col[j])
+            v = self._M[:k, :k] @ u
+            schur = g - float(u @ v)
+            if not schur > 1e-12 * abs(g):
                 return False
-            if k == self.rows.shape[0]:
-                self.rows = np.concatenate([self.rows, np.empty_like(self.rows)])
-            self.M = M
-            self.rows[k] = col
-            self.active.append(j)
-            self.signs.append(1.0 if kind == 0 else -1.0)
+            if k == self._A.shape[0]:
+                self._grow()
+            self._M[:k, :k] += np.multiply.outer(v, v / schur)
+            self._M[:k, k] = self._M[k, :k] = -v / schur
+            self._M[k, k] = 1.0 / schur
+            self._G[:k, k] = self._G[k, :k] = u
+            self._G[k, k] = g
+            self._rows[k] = col
+            self._A[k] = j
+            self._rhs[k] = (self.r[j], 1.0 if kind == 0 else -1.0)
+            self.k = k + 1
         self.updates += 1
         self.last = j
         return True
@@ -204,13 +245,13 @@ class Homotopy:
                 if not target > 0.0:
                     break
                 if target >= self.top:  # zero solves it; the next walk starts from λ_max
-                    if self.active:
-                        self._cold()
+                    if self.k:
+                        self._cold(self._A.shape[0])
                         seg = ev = None
                     done[i] = True
                     continue
                 while True:
-                    if not self.active:
+                    if not self.k:
                         self.lam = self.top
                     up = target > self.lam
                     if (1 if up else -1) != direction:  # round-off guard of the other way
@@ -234,29 +275,6 @@ class Homotopy:
                         return w, done
                     seg, ev, self.lam = None, None, lam
         return w, done
-
-
-def _inverse_with(M: np.ndarray, u: np.ndarray, g: float) -> np.ndarray | None:
-    """``[[G_AA, u], [uᵀ, g]]⁻¹`` from ``M = G_AA⁻¹`` (the bordered inverse, Schur
-    complement ``σ = g − uᵀMu``); ``None`` when ``σ ≤ 1e-12 g`` (a singular ``G_AA``)."""
-    v = M @ u
-    schur = g - u @ v
-    if not schur > 1e-12 * abs(g):
-        return None
-    s = len(u)
-    out = np.empty((s + 1, s + 1))
-    out[:s, :s] = M + np.outer(v, v) / schur
-    out[:s, s] = out[s, :s] = -v / schur
-    out[s, s] = 1.0 / schur
-    return out
-
-
-def _inverse_without(M: np.ndarray, at: int) -> np.ndarray:
-    """``G_AA⁻¹`` with the row and column ``at`` removed from ``G_AA``, from ``M = G_AA⁻¹``:
-    ``M_rr − M_r,at M_at,r / M_at,at`` (``r`` the other indices)."""
-    keep = np.delete(np.arange(M.shape[0]), at)
-    col = M[keep, at]
-    return M[np.ix_(keep, keep)] - np.outer(col, col) / M[at, at]
 
 
 def exact_start(G: Tensor, r: Tensor, tau: Tensor, w0: Tensor, condition: float) -> Tensor:

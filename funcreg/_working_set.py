@@ -25,6 +25,7 @@ their test holds strictly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -214,15 +215,12 @@ class WorkingSet:
         y = self.y.numpy()
         if self.fit_intercept:
             X, y = X - X.mean(0), y - y.mean()
-        n = self.n
-        cn = None if c is None else c.numpy()
-        r = X.T @ y / n
-
-        def column(j: int) -> np.ndarray:
-            g = X.T @ X[:, j] / n
-            return g if cn is None else g / (cn * cn[j])
-
-        return Homotopy(column, r if cn is None else r / cn)
+        # Zᵀ = (X D⁻¹/√n)ᵀ, rows contiguous: G's column j is Zᵀ z_j
+        ZT = X.T / math.sqrt(self.n)
+        if c is not None:
+            ZT = ZT / c.numpy()[:, None]
+        ZT = np.ascontiguousarray(ZT)
+        return Homotopy(lambda j: ZT @ ZT[j], ZT @ y / math.sqrt(self.n))
 
     def expand(self, sol: Solution, cols: Tensor) -> dict[str, Tensor]:
         """The full ``{"weight": (1, p)[, "bias"]}`` of a restricted solution."""
