@@ -42,6 +42,7 @@ HARD_MAX = 256  # ... and up to this many where G is ill-conditioned (FISTA is s
 HARD_CONDITION = 100.0  # λ_max(G)/λ_min(G) from which a problem counts as ill-conditioned
 _REFRESH = 32  # recompute G_AA⁻¹ by Cholesky after this many rank-one updates
 _KINKS_PER_P = 8  # give up after this many kinks per coordinate (cycling on ties)
+_SEED_ROUNDS = 8  # active-set rounds of Homotopy.seed before it gives up
 _RTOL = 1e-12  # relative tolerance of the proportionality test of the thresholds
 
 
@@ -222,6 +223,53 @@ class Homotopy:
         self.updates += 1
         self.last = j
         return True
+
+    def seed(self, lam: float, coords: np.ndarray, signs: np.ndarray) -> bool:
+        """Start at ``lam`` from a guess of its active set and signs (e.g. a neighbouring
+        problem's solution) instead of walking there from ``λ_max``: the segment on the
+        guess, then rounds of an active-set method (coordinates whose coefficient has the
+        wrong sign leave, those whose correlation exceeds ``lam`` join with its sign) until
+        the optimality conditions hold — then the state is exact at ``lam`` — or
+        ``_SEED_ROUNDS`` rounds have passed (then it is reset to ``λ_max``: ``False``)."""
+        A = np.asarray(coords, dtype=np.intp).reshape(-1)
+        sig = np.asarray(signs, dtype=np.float64).reshape(-1)
+        cache: dict[int, np.ndarray] = {}
+        if not 0.0 < lam < self.top:
+            return False
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for _ in range(_SEED_ROUNDS):
+                k = A.shape[0]
+                self._cold(max(16, k))
+                if k == 0:
+                    break
+                for i, j in enumerate(A.tolist()):
+                    if j not in cache:
+                        cache[j] = self.column(j)
+                    self._rows[i] = cache[j]
+                GAA = self._rows[:k, A]
+                self._G[:k, :k] = GAA
+                self._A[:k], self._rhs[:k, 0], self._rhs[:k, 1] = A, self.r[A], sig
+                try:
+                    chol = np.linalg.cholesky(GAA)
+                except np.linalg.LinAlgError:
+                    break
+                inv_l = np.linalg.solve(chol, np.eye(k))
+                self._M[:k, :k] = inv_l.T @ inv_l
+                self.k = k
+                seg = self._segment()
+                if seg is None:
+                    break
+                _, a, d, e, f = seg
+                keep = (a - lam * d) * sig > 0.0
+                rho = e + lam * f  # NaN on A
+                join = np.flatnonzero(np.abs(rho) > lam * (1.0 + 1e-9))
+                if keep.all() and not join.size:
+                    self.lam = lam
+                    return True
+                A = np.concatenate([A[keep], join])
+                sig = np.concatenate([sig[keep], np.sign(rho[join])])
+        self._cold()
+        return False
 
     def walk(self, strengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The solutions at ``strengths (K,)``, visited in that order from the current state

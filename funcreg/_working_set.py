@@ -123,7 +123,9 @@ class WorkingSet:
 
     def seed(self, w: Tensor) -> None:
         """Start the next call from ``w`` ``(p,)`` (e.g. the mean of the folds' solutions
-        before the refit on all rows): its non-zeros become the working set."""
+        before the refit on all rows, or another fold's solution): its non-zeros become the
+        working set (and, for one ``L1`` term, the guess of :meth:`Homotopy.seed
+        <funcreg._homotopy.Homotopy.seed>` before a first walk)."""
         self.cols = w.nonzero().squeeze(1)
         self.w = w[self.cols].clone()
         self._grad = None
@@ -193,7 +195,11 @@ class WorkingSet:
         if not isinstance(self._path, Homotopy) or not same:
             self._path, self._path_weight = self._homotopy(c), c
         assert isinstance(self._path, Homotopy)
-        w, done = self._path.walk(np.array([float(s[term])]))
+        lam = float(s[term])
+        guess = self.w != 0
+        if self._path.k == 0 and bool(guess.any()):  # at λ_max: try the guess first (seed)
+            self._path.seed(lam, self.cols[guess].numpy(), self.w[guess].sign().numpy())
+        w, done = self._path.walk(np.array([lam]))
         if not done[0]:
             self._path = False  # e.g. n < p at a small strength: not again for this problem
             return False
@@ -221,6 +227,10 @@ class WorkingSet:
             ZT = ZT / c.numpy()[:, None]
         ZT = np.ascontiguousarray(ZT)
         return Homotopy(lambda j: ZT @ ZT[j], ZT @ y / math.sqrt(self.n))
+
+    def full(self) -> Tensor:
+        """The current coefficients on all ``p`` features."""
+        return self.X.new_zeros(self.p).index_copy(0, self.cols, self.w)
 
     def expand(self, sol: Solution, cols: Tensor) -> dict[str, Tensor]:
         """The full ``{"weight": (1, p)[, "bias"]}`` of a restricted solution."""

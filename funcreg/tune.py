@@ -314,6 +314,10 @@ def tune(
             inner = 0
             for f, (inner_fn, train, outer_fn, held) in enumerate(splits):
                 if isinstance(inner_fn, WorkingSet):
+                    if step == 0 and f > 0:  # the last fold's solution: a close first guess
+                        prev = splits[f - 1][0]
+                        assert isinstance(prev, WorkingSet)
+                        inner_fn.seed(prev.full())
                     val, g, its = _working_set_step(
                         inner_fn, sp, s, outer_fn, held, wterms, step_tol, max_iter
                     )
@@ -380,11 +384,10 @@ def tune(
     if ws:
         assert ls is not None
         whole = WorkingSet(ls.X, ls.Y[:, 0], ls.fit_intercept)
-        # the folds' last solutions, averaged: a close guess of the refit's support
-        folds_w = [fn for fn, *_ in splits if isinstance(fn, WorkingSet)]
-        guess = ls.X.new_zeros(ls.X.shape[1])
-        for fold in folds_w:
-            guess[fold.cols] += fold.w / len(folds_w)
+        # the folds' last solutions, averaged where most folds agree: a close guess of the
+        # refit's support (the union of the folds' supports is several times too large)
+        fw = torch.stack([fn.full() for fn, *_ in splits if isinstance(fn, WorkingSet)])
+        guess = torch.where(2 * (fw != 0).sum(0) > len(fw), fw.mean(0), 0.0)
         whole.seed(guess)
         _, _, sol, cols = whole.solve(sp, s, solve_tol, max_iter)
         best_params = whole.expand(sol, cols)

@@ -245,3 +245,39 @@ def test_walk_visits_several_strengths_in_order_and_stops_on_a_singular_gram():
     w2, done2 = h.walk(lam[-1:])
     assert bool(done2[0])
     np.testing.assert_allclose(w2[0], ref.numpy()[-1], rtol=0, atol=1e-12 * np.abs(w).max())
+
+
+def test_seed_from_a_guess_is_exact_or_goes_back_to_the_top():
+    """:meth:`Homotopy.seed`: from a neighbouring problem's support and signs (another
+    subsample of the rows) the active-set rounds reach the exact solution, and the walk
+    goes on from there as from a cold walk (the wrong sign everywhere at a tiny strength is
+    repaired too); where the rounds fail (here ``G_AA`` is not positive definite) the state
+    goes back to ``λ_max``."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    Xs, ys = X[:120], y[:120]
+    Gs, rs = Xs.T @ Xs / 120, Xs.T @ ys / 120
+    lam = 0.05 * top
+    (guess,), _ = Homotopy(lambda j: Gs[:, j], rs).walk(np.array([lam]))
+    (ref,), _ = Homotopy(lambda j: G[:, j], r).walk(np.array([lam]))
+    assert set(np.flatnonzero(guess)) != set(np.flatnonzero(ref))  # a guess to repair
+    h = _Counting(lambda j: G[:, j], r)
+    on = np.flatnonzero(guess)
+    assert h.seed(lam, on, np.sign(guess[on]))
+    assert h.kinks == 0 and h.lam == lam
+    (w,), done = h.walk(np.array([lam]))
+    assert bool(done[0])
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    (w2,), _ = h.walk(np.array([0.02 * top]))  # and on from there
+    (ref2,), _ = Homotopy(lambda j: G[:, j], r).walk(np.array([0.02 * top]))
+    np.testing.assert_allclose(w2, ref2, rtol=0, atol=1e-12 * np.abs(ref2).max())
+    wrong = Homotopy(lambda j: G[:, j], r)  # the wrong sign everywhere: repaired
+    assert wrong.seed(1e-4 * top, np.arange(40), -np.sign(r))
+    (w3,), _ = wrong.walk(np.array([lam]))
+    np.testing.assert_allclose(w3, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    G2 = G.copy()
+    G2[5, 5] = -1.0
+    bad = Homotopy(lambda j: G2[:, j], r)
+    assert not bad.seed(lam, np.array([0, 5]), np.sign(r[[0, 5]]))
+    assert bad.lam == bad.top and not bad.active
