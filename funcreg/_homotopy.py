@@ -72,7 +72,7 @@ def lasso_path(G: Tensor, r: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]
     rn = r.detach().to("cpu", torch.float64).numpy()
     lam = strengths.detach().to("cpu", torch.float64).numpy()
     order = np.argsort(-lam, kind="stable")  # walked down from λ_max
-    ws, dones = Homotopy(lambda j: Gn[j], rn).walk(lam[order])
+    ws, dones = Homotopy(lambda idx: Gn[idx], rn).walk(lam[order])
     w, done = np.zeros_like(ws), np.zeros_like(dones)
     w[order], done[order] = ws, dones
     return torch.from_numpy(w), torch.from_numpy(done)
@@ -89,13 +89,14 @@ class Homotopy:
     Going up, the segment formulas of the module docstring hold unchanged; the next event is
     the *smallest* ``λ`` above the current one where a coordinate joins (``|ρ_j(λ)| = λ``)
     or leaves (``w_j(λ) = 0``), the events of the way down in reverse. ``G`` is read by
-    columns (``column(j) → G[:, j]``, float64 ``(p,)``), only for the coordinates that join,
+    columns (``columns(idx) → G[:, idx]ᵀ``, float64 ``(len(idx), p)``), only for the
+    coordinates that join,
     so ``p`` may be large (``G`` never formed): a kink costs ``O(p |A|)``. The state lives in
     buffers grown by doubling (``G_·A``, ``G_AA``, ``G_AA⁻¹``, ``[r_A, σ_A]``), updated in
     place when a coordinate joins or leaves."""
 
-    def __init__(self, column: Callable[[int], np.ndarray], r: np.ndarray) -> None:
-        self.column, self.r = column, np.asarray(r, dtype=np.float64)
+    def __init__(self, columns: Callable[[np.ndarray], np.ndarray], r: np.ndarray) -> None:
+        self.columns, self.r = columns, np.asarray(r, dtype=np.float64)
         self.p = int(self.r.shape[0])
         self.top = float(np.abs(self.r).max()) if self.p else 0.0  # λ_max: zero above
         self._cold()
@@ -203,7 +204,7 @@ class Homotopy:
                 buf[: k - 1, at : k - 1] = buf[: k - 1, at + 1 : k]
             self.k = k - 1
         else:  # j joins: the bordered inverse (Schur complement ``g − uᵀ G_AA⁻¹ u``)
-            col = self.column(j)
+            col = self.columns(np.array([j]))[0]
             u, g = col[self._A[:k]], float(col[j])
             v = self._M[:k, :k] @ u
             schur = g - float(u @ v)
@@ -242,9 +243,10 @@ class Homotopy:
                 self._cold(max(16, k))
                 if k == 0:
                     break
+                new = [j for j in A.tolist() if j not in cache]
+                if new:  # read together: one matrix product
+                    cache.update(zip(new, self.columns(np.array(new)), strict=True))
                 for i, j in enumerate(A.tolist()):
-                    if j not in cache:
-                        cache[j] = self.column(j)
                     self._rows[i] = cache[j]
                 GAA = self._rows[:k, A]
                 self._G[:k, :k] = GAA

@@ -221,12 +221,12 @@ class WorkingSet:
         y = self.y.numpy()
         if self.fit_intercept:
             X, y = X - X.mean(0), y - y.mean()
-        # Zᵀ = (X D⁻¹/√n)ᵀ, rows contiguous: G's column j is Zᵀ z_j
+        # Zᵀ = (X D⁻¹/√n)ᵀ, rows contiguous: G's columns idx are Zᵀ Z_idx
         ZT = X.T / math.sqrt(self.n)
         if c is not None:
             ZT = ZT / c.numpy()[:, None]
         ZT = np.ascontiguousarray(ZT)
-        return Homotopy(lambda j: ZT @ ZT[j], ZT @ y / math.sqrt(self.n))
+        return Homotopy(lambda idx: ZT[idx] @ ZT.T, ZT @ y / math.sqrt(self.n))
 
     def full(self) -> Tensor:
         """The current coefficients on all ``p`` features."""

@@ -184,18 +184,18 @@ def test_walk_down_and_up_from_the_last_strength_equals_cold_walks_and_sklearn()
     assert len(left) >= 3  # the design has leaving kinks to cross
     read: list[int] = []
 
-    def column(j: int) -> np.ndarray:
-        read.append(j)
-        return G[:, j]
+    def columns(idx: np.ndarray) -> np.ndarray:
+        read.extend(idx.tolist())
+        return G[idx]
 
-    warm = _Counting(column, r)
+    warm = _Counting(columns, r)
     steps = [0.5, 0.25, 0.35, 0.2, 0.01, 0.02, 0.001, 0.3, 2.0, 0.002, 0.0025]
     crossed, prev, prev_cold = 0, 1.0, 0
     for frac in steps:
         lam = frac * top
         before = warm.kinks
         w, done = warm.walk(np.array([lam]))
-        cold = _Counting(lambda j: G[:, j], r)
+        cold = _Counting(lambda idx: G[idx], r)
         wc, dc = cold.walk(np.array([lam]))
         # the kinks between the two strengths, no more: those of one cold walk but not the
         # other (above λ_max: none, the state goes back to λ_max)
@@ -224,20 +224,20 @@ def test_walk_visits_several_strengths_in_order_and_stops_on_a_singular_gram():
     G, r = X.T @ X / 150, X.T @ y / 150
     top = np.abs(r).max()
     lam = np.geomspace(top * 0.9, top * 1e-3, 25)
-    w, done = Homotopy(lambda j: G[:, j], r).walk(lam)
+    w, done = Homotopy(lambda idx: G[idx], r).walk(lam)
     ref, rdone = homotopy_path(torch.from_numpy(G), torch.from_numpy(r), torch.from_numpy(lam))
     assert bool(done.all()) and bool(rdone.all())
     np.testing.assert_allclose(w, ref.numpy(), rtol=0, atol=1e-12 * np.abs(w).max())
     # the 5th coordinate to join comes with a column that makes G_AA singular
     joined: list[int] = []
 
-    def column(j: int) -> np.ndarray:
-        joined.append(j)
+    def columns(idx: np.ndarray) -> np.ndarray:
+        joined.extend(idx.tolist())
         if len(joined) == 5:
-            return G[:, joined[0]]  # the first column again: its Schur complement is <= 0
-        return G[:, j]
+            return G[joined[:1]]  # the first column again: its Schur complement is <= 0
+        return G[idx]
 
-    h = Homotopy(column, r)
+    h = Homotopy(columns, r)
     w, done = h.walk(lam)
     assert bool(done[0]) and not bool(done[-1]) and not bool(w[~done].any())
     np.testing.assert_allclose(w[done], ref.numpy()[done], rtol=0, atol=1e-12 * np.abs(w).max())
@@ -259,10 +259,10 @@ def test_seed_from_a_guess_is_exact_or_goes_back_to_the_top():
     Xs, ys = X[:120], y[:120]
     Gs, rs = Xs.T @ Xs / 120, Xs.T @ ys / 120
     lam = 0.05 * top
-    (guess,), _ = Homotopy(lambda j: Gs[:, j], rs).walk(np.array([lam]))
-    (ref,), _ = Homotopy(lambda j: G[:, j], r).walk(np.array([lam]))
+    (guess,), _ = Homotopy(lambda idx: Gs[idx], rs).walk(np.array([lam]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
     assert set(np.flatnonzero(guess)) != set(np.flatnonzero(ref))  # a guess to repair
-    h = _Counting(lambda j: G[:, j], r)
+    h = _Counting(lambda idx: G[idx], r)
     on = np.flatnonzero(guess)
     assert h.seed(lam, on, np.sign(guess[on]))
     assert h.kinks == 0 and h.lam == lam
@@ -270,14 +270,14 @@ def test_seed_from_a_guess_is_exact_or_goes_back_to_the_top():
     assert bool(done[0])
     np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     (w2,), _ = h.walk(np.array([0.02 * top]))  # and on from there
-    (ref2,), _ = Homotopy(lambda j: G[:, j], r).walk(np.array([0.02 * top]))
+    (ref2,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([0.02 * top]))
     np.testing.assert_allclose(w2, ref2, rtol=0, atol=1e-12 * np.abs(ref2).max())
-    wrong = Homotopy(lambda j: G[:, j], r)  # the wrong sign everywhere: repaired
+    wrong = Homotopy(lambda idx: G[idx], r)  # the wrong sign everywhere: repaired
     assert wrong.seed(1e-4 * top, np.arange(40), -np.sign(r))
     (w3,), _ = wrong.walk(np.array([lam]))
     np.testing.assert_allclose(w3, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
     G2 = G.copy()
     G2[5, 5] = -1.0
-    bad = Homotopy(lambda j: G2[:, j], r)
+    bad = Homotopy(lambda idx: G2[idx], r)
     assert not bad.seed(lam, np.array([0, 5]), np.sign(r[[0, 5]]))
     assert bad.lam == bad.top and not bad.active
