@@ -20,6 +20,15 @@ interpolation error. ``G_AA⁻¹`` is kept up to date by the bordered-inverse fo
 a coordinate joins or leaves (``O(|A|²)``), recomputed by Cholesky every ``_REFRESH``
 updates, and each solve gets one step of iterative refinement; ``O(p)`` kinks in practice.
 
+The walk is a state (:class:`Homotopy`): the segment at the current ``λ``. It goes on from
+there to any other strength, down or *up* (the same segments, the events in reverse: the
+next kink is the smallest candidate above ``λ``), so a sequence of nearby strengths — the
+outer steps of :func:`funcreg.tune` — pays only for the kinks in between; it reads ``G``
+by columns, only for the coordinates that join, so it runs on the full design of a
+working-set problem (``p`` in the thousands) without forming ``G``. :meth:`Homotopy.seed`
+starts it at a strength from a guessed support and signs (a neighbouring problem's
+solution), repaired by active-set rounds until the optimality conditions hold.
+
 Nothing here is trusted: the points are *starting points*; the stopping rule of
 :func:`~funcreg.solvers.solve` (computed at the returned point) decides ``converged``, and
 where the homotopy stops early — a singular ``G_AA`` (collinear columns, ``n < p``), more

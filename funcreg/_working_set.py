@@ -20,6 +20,15 @@ Tibshirani et al. 2012, that saves most second rounds; coordinates that end at z
 the set at the next call). The hypergradient of the restricted problem is that of the full
 one: the coordinates outside ``A`` stay at zero under small changes of the strengths where
 their test holds strictly.
+
+With one ``L1`` term (float64, on the host) the working set is the exact support instead:
+:class:`funcreg._homotopy.Homotopy` on the whole problem (``G`` read by columns, centred
+with an intercept, rescaled by per-feature factors) walks from the last call's strength to
+the new one — a few kinks per outer step — or starts from a guess (:meth:`WorkingSet.seed`:
+another fold's solution, the folds' consensus before the refit). :func:`funcreg.solve`
+then starts at the answer and certifies it at its first test, and the test at zero above
+still covers the other coordinates (a start that fails either gets the usual rounds and a
+cold homotopy next time).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ an outer objective over the log-strengths ``θ = log s`` (and, optionally, the l
 fold's inner problem exactly with :func:`funcreg.solve` (warm-started from the fold's
 previous solution; a :func:`funcreg.least_squares` loss with elementwise penalties is
 solved on a working set of features, :mod:`funcreg._working_set`, which gives the same
-solution and hypergradient at a fraction of the cost when the solution is sparse), takes
+solution and hypergradient at a fraction of the cost when the solution is sparse; for one
+``L1`` term each fold's exact Lasso homotopy walks from its previous strength, so a step
+pays only for the kinks between the two strengths), takes
 ``∇_θ E`` from :func:`funcreg.hypergrad` (implicit differentiation of the proximal-gradient
 fixed point) and moves ``θ`` with a functional optimizer from :mod:`funcreg.optim` (default
 ``adam(lr=0.1)``: steps of about 10% in each strength). It stops after ``steps`` outer
