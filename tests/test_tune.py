@@ -229,6 +229,35 @@ def test_l1_working_set_walks_the_homotopy_and_equals_the_generic_path() -> None
             torch.testing.assert_close(ws.weights["l1"], gen.weights["l1"], atol=1e-9, rtol=1e-7)
 
 
+def test_closed_form_lasso_hypergradient_equals_hypergrad() -> None:
+    # the one-L1-term shortcut of the working-set step (an |S|×|S| solve on the support)
+    # gives fr.hypergrad's value and gradients in log s and log c, with and without intercept
+    from funcreg.tune import _lasso_hypergrad
+
+    g = torch.Generator().manual_seed(5)
+    n, p = 50, 30
+    X = torch.randn(2 * n, p, dtype=D, generator=g)
+    y = X[:, :4] @ torch.tensor([1.5, -1.0, 0.5, 0.25], dtype=D) + 0.5
+    y = y + 0.3 * torch.randn(2 * n, dtype=D, generator=g)
+    c = torch.linspace(0.5, 1.5, p, dtype=D)
+    for fit_intercept in (False, True):
+        loss = fr.least_squares(X[:n], y[:n], fit_intercept=fit_intercept)
+        spec = fr.Spec(l1=fr.L1(weight=c))
+        s = {"l1": 0.05}
+        sol = fr.solve(loss, spec, loss.init(), s, tol=1e-13)
+        assert 3 < int((sol.params["weight"] != 0).sum()) < p
+        closed = _lasso_hypergrad(loss, spec, sol, s, X[n:], y[n:], ("l1",))
+        assert closed is not None
+        val, grads = closed
+        outer = fr.least_squares(X[n:], y[n:], fit_intercept=fit_intercept)
+        hg = fr.hypergrad(outer, loss, spec, sol, s, weights=["l1"], tol=1e-14)
+        assert val == pytest.approx(float(hg.value[0]), rel=1e-12)
+        assert float(grads["l1"]) == pytest.approx(float(hg.strengths["l1"][0]), rel=1e-9)
+        torch.testing.assert_close(
+            grads["l1.weight"], hg.weights["l1"][0].reshape(-1), rtol=1e-9, atol=1e-12
+        )
+
+
 def test_inexact_early_steps_tighten_to_solve_tol() -> None:
     X, y, Xv, yv = _scaled_problem()
     r = fr.tune(
