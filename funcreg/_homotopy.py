@@ -243,39 +243,38 @@ class Homotopy:
         ``_SEED_ROUNDS`` rounds have passed (then it is reset to ``λ_max``: ``False``)."""
         A = np.asarray(coords, dtype=np.intp).reshape(-1)
         sig = np.asarray(signs, dtype=np.float64).reshape(-1)
-        cache: dict[int, np.ndarray] = {}
         if not 0.0 < lam < self.top:
             return False
+        pos: dict[int, int] = {}  # coordinate -> its row of ``cols``
+        cols = np.empty((0, self.p))
         with np.errstate(divide="ignore", invalid="ignore"):
             for _ in range(_SEED_ROUNDS):
                 k = A.shape[0]
-                self._cold(max(16, k))
                 if k == 0:
                     break
-                new = [j for j in A.tolist() if j not in cache]
+                new = [j for j in A.tolist() if j not in pos]
                 if new:  # read together: one matrix product
-                    cache.update(zip(new, self.columns(np.array(new)), strict=True))
-                for i, j in enumerate(A.tolist()):
-                    self._rows[i] = cache[j]
-                GAA = self._rows[:k, A]
-                self._G[:k, :k] = GAA
-                self._A[:k], self._rhs[:k, 0], self._rhs[:k, 1] = A, self.r[A], sig
+                    pos.update((j, cols.shape[0] + i) for i, j in enumerate(new))
+                    cols = np.concatenate([cols, self.columns(np.array(new))])
+                rows = cols[[pos[j] for j in A.tolist()]]  # G_·Aᵀ
+                GAA = rows[:, A]
+                rhs = np.stack([self.r[A], sig], 1)
                 try:
-                    chol = np.linalg.cholesky(GAA)
+                    sol = np.linalg.solve(GAA, rhs)
                 except np.linalg.LinAlgError:
                     break
-                inv_l = np.linalg.solve(chol, np.eye(k))
-                self._M[:k, :k] = inv_l.T @ inv_l
-                self.k = k
-                seg = self._segment()
-                if seg is None:
+                if not np.isfinite(sol).all():
                     break
-                _, a, d, e, f = seg
-                keep = (a - lam * d) * sig > 0.0
-                rho = e + lam * f  # NaN on A
+                E = sol.T @ rows
+                rho = self.r - E[0] + lam * E[1]  # the correlations at lam
+                rho[A] = 0.0
+                keep = (sol[:, 0] - lam * sol[:, 1]) * sig > 0.0
                 join = np.flatnonzero(np.abs(rho) > lam * (1.0 + 1e-9))
-                if keep.all() and not join.size:
-                    self.lam = lam
+                if keep.all() and not join.size:  # exact at lam: the state from here
+                    self._cold(max(16, k))
+                    self.k, self.lam = k, lam
+                    self._A[:k], self._rows[:k], self._G[:k, :k], self._rhs[:k] = A, rows, GAA, rhs
+                    self.updates = _REFRESH  # G_AA⁻¹ by Cholesky at the first segment
                     return True
                 A = np.concatenate([A[keep], join])
                 sig = np.concatenate([sig[keep], np.sign(rho[join])])
