@@ -34,7 +34,6 @@ cold homotopy next time).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -225,17 +224,23 @@ class WorkingSet:
 
     def _homotopy(self, c: Tensor | None) -> Homotopy:
         """The homotopy of this problem: ``G = X̃ᵀX̃/n``, ``r = X̃ᵀỹ/n`` (``X̃``, ``ỹ`` centred
-        with an intercept), divided by ``c_i c_j`` and ``c_j`` for factors ``c``."""
+        with an intercept), divided by ``c_i c_j`` and ``c_j`` for factors ``c``; ``G`` read
+        by columns straight from ``X`` (no copy of it): ``G_·idx = Xᵀ X̃_idx/n`` (centring the
+        few columns ``idx`` centres the product)."""
         X = self.X.numpy()
         y = self.y.numpy()
-        if self.fit_intercept:
-            X, y = X - X.mean(0), y - y.mean()
-        # Zᵀ = (X D⁻¹/√n)ᵀ, rows contiguous: G's columns idx are Zᵀ Z_idx
-        ZT = X.T / math.sqrt(self.n)
-        if c is not None:
-            ZT = ZT / c.numpy()[:, None]
-        ZT = np.ascontiguousarray(ZT)
-        return Homotopy(lambda idx: ZT[idx] @ ZT.T, ZT @ y / math.sqrt(self.n))
+        mu = X.mean(0) if self.fit_intercept else None
+        if mu is not None:
+            y = y - y.mean()
+        cn = None if c is None else c.numpy()
+        scale = np.full(self.p, float(self.n)) if cn is None else self.n * cn  # n c_j
+
+        def columns(idx: np.ndarray) -> np.ndarray:
+            left = X[:, idx] if mu is None else X[:, idx] - mu[idx]
+            out = (left / scale[idx]).T @ X
+            return out if cn is None else out / cn
+
+        return Homotopy(columns, X.T @ y / scale)
 
     def full(self) -> Tensor:
         """The current coefficients on all ``p`` features."""
