@@ -27,7 +27,9 @@ outer steps of :func:`funcreg.tune` — pays only for the kinks in between; it r
 by columns, only for the coordinates that join, so it runs on the full design of a
 working-set problem (``p`` in the thousands) without forming ``G``. :meth:`Homotopy.seed`
 starts it at a strength from a guessed support and signs (a neighbouring problem's
-solution), repaired by active-set rounds until the optimality conditions hold.
+solution), repaired by active-set rounds until the optimality conditions hold;
+:meth:`Homotopy.jump` does the same from the current state, for a long step (a few rounds
+instead of every kink in between), and keeps the state where the rounds fail.
 
 Nothing here is trusted: the points are *starting points*; the stopping rule of
 :func:`~funcreg.solvers.solve` (computed at the returned point) decides ``converged``, and
@@ -234,19 +236,25 @@ class Homotopy:
         self.last = j
         return True
 
-    def seed(self, lam: float, coords: np.ndarray, signs: np.ndarray) -> bool:
+    def seed(
+        self, lam: float, coords: np.ndarray, signs: np.ndarray, known: np.ndarray | None = None
+    ) -> bool:
         """Start at ``lam`` from a guess of its active set and signs (e.g. a neighbouring
         problem's solution) instead of walking there from ``λ_max``: the segment on the
         guess, then rounds of an active-set method (coordinates whose coefficient has the
         wrong sign leave, those whose correlation exceeds ``lam`` join with its sign) until
         the optimality conditions hold — then the state is exact at ``lam`` — or
-        ``_SEED_ROUNDS`` rounds have passed (then it is reset to ``λ_max``: ``False``)."""
+        ``_SEED_ROUNDS`` rounds have passed (then it is reset to ``λ_max``: ``False``).
+        ``known``: the columns of ``coords`` already at hand (``G_·coordsᵀ``)."""
         A = np.asarray(coords, dtype=np.intp).reshape(-1)
         sig = np.asarray(signs, dtype=np.float64).reshape(-1)
         if not 0.0 < lam < self.top:
             return False
         pos: dict[int, int] = {}  # coordinate -> its row of ``cols``
         cols = np.empty((0, self.p))
+        if known is not None:
+            pos.update((j, i) for i, j in enumerate(A.tolist()))
+            cols = known
         with np.errstate(divide="ignore", invalid="ignore"):
             for _ in range(_SEED_ROUNDS):
                 k = A.shape[0]
@@ -279,6 +287,19 @@ class Homotopy:
                 A = np.concatenate([A[keep], join])
                 sig = np.concatenate([sig[keep], np.sign(rho[join])])
         self._cold()
+        return False
+
+    def jump(self, lam: float) -> bool:
+        """:meth:`seed` at ``lam`` from the current active set and signs (a long step: a few
+        active-set rounds instead of every kink in between); where it fails the state is
+        left as it was (``False``)."""
+        if not self.k:
+            return False
+        saved = dict(vars(self))  # seed replaces the buffers, never writes to them
+        k = self.k
+        if self.seed(lam, self._A[:k].copy(), self._rhs[:k, 1].copy(), self._rows[:k]):
+            return True
+        vars(self).update(saved)
         return False
 
     def walk(self, strengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

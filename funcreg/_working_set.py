@@ -24,7 +24,9 @@ their test holds strictly.
 With one ``L1`` term (float64, on the host) the working set is the exact support instead:
 :class:`funcreg._homotopy.Homotopy` on the whole problem (``G`` read by columns, centred
 with an intercept, rescaled by per-feature factors) walks from the last call's strength to
-the new one — a few kinks per outer step — or starts from a guess (:meth:`WorkingSet.seed`:
+the new one — a few kinks per outer step; beyond a step of ``JUMP`` in ``log s`` it tries
+active-set rounds from the current support first — or starts from a guess
+(:meth:`WorkingSet.seed`:
 another fold's solution, the folds' consensus before the refit). :func:`funcreg.solve`
 then starts at the answer and certifies it at its first test, and the test at zero above
 still covers the other coordinates (a start that fails either gets the usual rounds and a
@@ -34,6 +36,7 @@ cold homotopy next time).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +51,7 @@ from .solvers import Solution, solve
 from .spec import Spec
 
 _KINDS = (L1, L2, ElasticNet, NonNegative, Box)
+JUMP = 0.2  # a step in log s beyond which the homotopy tries a jump (Homotopy.jump)
 
 
 def eligible(loss: Any, spec: Spec) -> bool:
@@ -207,6 +211,8 @@ class WorkingSet:
         guess = self.w != 0
         if self._path.k == 0 and bool(guess.any()):  # at λ_max: try the guess first (seed)
             self._path.seed(lam, self.cols[guess].numpy(), self.w[guess].sign().numpy())
+        elif self._path.k and abs(math.log(lam / self._path.lam)) > JUMP:  # a long step
+            self._path.jump(lam)
         w, done = self._path.walk(np.array([lam]))
         if not done[0]:
             self._path = False  # e.g. n < p at a small strength: not again for this problem

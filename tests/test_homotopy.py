@@ -281,3 +281,28 @@ def test_seed_from_a_guess_is_exact_or_goes_back_to_the_top():
     bad = Homotopy(lambda idx: G2[idx], r)
     assert not bad.seed(lam, np.array([0, 5]), np.sign(r[[0, 5]]))
     assert bad.lam == bad.top and not bad.active
+
+
+def test_jump_is_a_seed_from_the_current_state_or_leaves_it_as_it_was(monkeypatch):
+    """:meth:`Homotopy.jump`: a long step by active-set rounds from the current support
+    lands on the cold walk's solution; where the rounds fail (here: one round allowed for a
+    step that needs more) the state is the one before, and walks go on from it."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    h = _Counting(lambda idx: G[idx], r)
+    h.walk(np.array([0.3 * top]))
+    kinks = h.kinks
+    assert h.jump(0.05 * top)
+    assert h.kinks == kinks and h.lam == 0.05 * top  # no kink walked
+    for lam in (0.05 * top, 0.02 * top):
+        (w,), _ = h.walk(np.array([lam]))
+        (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
+        np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    monkeypatch.setattr("funcreg._homotopy._SEED_ROUNDS", 1)
+    before = (h.lam, h.active, h.k)
+    assert not h.jump(0.001 * top)
+    assert (h.lam, h.active, h.k) == before
+    (w,), _ = h.walk(np.array([0.01 * top]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([0.01 * top]))
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
