@@ -26,11 +26,10 @@ With one ``L1`` term (float64, on the host) the working set is the exact support
 with an intercept, rescaled by per-feature factors) walks from the last call's strength to
 the new one — a few kinks per outer step; beyond a step of ``JUMP`` in ``log s`` it tries
 active-set rounds from the current support first — or starts from a guess
-(:meth:`WorkingSet.seed`:
-another fold's solution, the folds' consensus before the refit). :func:`funcreg.solve`
-then starts at the answer and certifies it at its first test, and the test at zero above
-still covers the other coordinates (a start that fails either gets the usual rounds and a
-cold homotopy next time).
+(:meth:`WorkingSet.seed`: another fold's solution, the folds' consensus before the refit).
+:func:`funcreg.solve` then starts at the answer and certifies it at its first test, and
+the test at zero above still covers the other coordinates (a start that fails either gets
+the usual rounds and a cold homotopy next time).
 """
 
 from __future__ import annotations
