@@ -13,10 +13,12 @@ previous solution; a :func:`funcreg.least_squares` loss with elementwise penalti
 solved on a working set of features, :mod:`funcreg._working_set`, which gives the same
 solution and hypergradient at a fraction of the cost when the solution is sparse; for one
 ``L1`` term each fold's exact Lasso homotopy walks from its previous strength, so a step
-pays only for the kinks between the two strengths), takes
-``∇_θ E`` from :func:`funcreg.hypergrad` (implicit differentiation of the proximal-gradient
-fixed point) and moves ``θ`` with a functional optimizer from :mod:`funcreg.optim` (default
-``adam(lr=0.1)``: steps of about 10% in each strength). It stops after ``steps`` outer
+pays only for the kinks between the two strengths), takes ``∇_θ E`` from
+:func:`funcreg.hypergrad` (implicit differentiation of the proximal-gradient fixed point;
+for one ``L1`` term on a working set with the default score, the same derivative in closed
+form on the support) and moves ``θ`` with a functional optimizer from
+:mod:`funcreg.optim` (default ``adam(lr=0.1)``: steps of about 10% in each strength). It
+stops after ``steps`` outer
 steps, or when the best ``E`` has not improved by more than ``tol`` (relative) in
 ``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
 
