@@ -54,6 +54,7 @@ HARD_CONDITION = 100.0  # λ_max(G)/λ_min(G) from which a problem counts as ill
 _REFRESH = 32  # recompute G_AA⁻¹ by Cholesky after this many rank-one updates
 _KINKS_PER_P = 8  # give up after this many kinks per coordinate (cycling on ties)
 _SEED_ROUNDS = 8  # active-set rounds of Homotopy.seed before it gives up
+_SEED_GROW = 10  # ... which adds at most max(_SEED_GROW, |A|) coordinates per round
 _RTOL = 1e-12  # relative tolerance of the proportionality test of the thresholds
 
 
@@ -106,9 +107,12 @@ class Homotopy:
     buffers grown by doubling (``G_·A``, ``G_AA``, ``G_AA⁻¹``, ``[r_A, σ_A]``), updated in
     place when a coordinate joins or leaves."""
 
-    def __init__(self, columns: Callable[[np.ndarray], np.ndarray], r: np.ndarray) -> None:
+    def __init__(
+        self, columns: Callable[[np.ndarray], np.ndarray], r: np.ndarray, rank: int | None = None
+    ) -> None:
         self.columns, self.r = columns, np.asarray(r, dtype=np.float64)
         self.p = int(self.r.shape[0])
+        self.rank = self.p if rank is None else rank  # a bound on the rank of G (|A| <= it)
         self.top = float(np.abs(self.r).max()) if self.p else 0.0  # λ_max: zero above
         self._cold()
 
@@ -244,8 +248,12 @@ class Homotopy:
         guess, then rounds of an active-set method (coordinates whose coefficient has the
         wrong sign leave, those whose correlation exceeds ``lam`` join with its sign) until
         the optimality conditions hold — then the state is exact at ``lam`` — or
-        ``_SEED_ROUNDS`` rounds have passed (then it is reset to ``λ_max``: ``False``).
-        ``known``: the columns of ``coords`` already at hand (``G_·coordsᵀ``)."""
+        ``_SEED_ROUNDS`` rounds have passed or the set outgrew ``rank`` (then it is reset to
+        ``λ_max``: ``False``). Each round adds at most ``max(_SEED_GROW, |A|)`` coordinates,
+        the largest violations first: a poor guess (a wide design, ``p ≫ n``, where another
+        fold's support is far off) then fails in a few cheap rounds instead of solving on
+        thousands of coordinates. ``known``: the columns of ``coords`` already at hand
+        (``G_·coordsᵀ``)."""
         A = np.asarray(coords, dtype=np.intp).reshape(-1)
         sig = np.asarray(signs, dtype=np.float64).reshape(-1)
         if not 0.0 < lam < self.top:
@@ -258,7 +266,7 @@ class Homotopy:
         with np.errstate(divide="ignore", invalid="ignore"):
             for _ in range(_SEED_ROUNDS):
                 k = A.shape[0]
-                if k == 0:
+                if k == 0 or k > self.rank:
                     break
                 new = [j for j in A.tolist() if j not in pos]
                 if new:  # read together: one matrix product
@@ -277,13 +285,16 @@ class Homotopy:
                 rho = self.r - E[0] + lam * E[1]  # the correlations at lam
                 rho[A] = 0.0
                 keep = (sol[:, 0] - lam * sol[:, 1]) * sig > 0.0
-                join = np.flatnonzero(np.abs(rho) > lam * (1.0 + 1e-9))
+                over = np.abs(rho) - lam * (1.0 + 1e-9)
+                join = np.flatnonzero(over > 0.0)
                 if keep.all() and not join.size:  # exact at lam: the state from here
                     self._cold(max(16, k))
                     self.k, self.lam = k, lam
                     self._A[:k], self._rows[:k], self._G[:k, :k], self._rhs[:k] = A, rows, GAA, rhs
                     self.updates = _REFRESH  # G_AA⁻¹ by Cholesky at the first segment
                     return True
+                if join.size > max(_SEED_GROW, k):  # the worst violators first
+                    join = join[np.argsort(-over[join])[: max(_SEED_GROW, k)]]
                 A = np.concatenate([A[keep], join])
                 sig = np.concatenate([sig[keep], np.sign(rho[join])])
         self._cold()

@@ -245,7 +245,8 @@ class WorkingSet:
             out = (left / scale[idx]).T @ X
             return out if cn is None else out / cn
 
-        return Homotopy(columns, X.T @ y / scale)
+        rank = self.n - 1 if self.fit_intercept else self.n
+        return Homotopy(columns, X.T @ y / scale, rank=min(rank, self.p))
 
     def full(self) -> Tensor:
         """The current coefficients on all ``p`` features."""

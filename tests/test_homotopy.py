@@ -306,3 +306,34 @@ def test_jump_is_a_seed_from_the_current_state_or_leaves_it_as_it_was(monkeypatc
     (w,), _ = h.walk(np.array([0.01 * top]))
     (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([0.01 * top]))
     np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_seed_on_a_wide_design_stays_small_and_walks_on():
+    """``p ≫ n``: another subsample's support is a poor guess, with thousands of violated
+    coordinates after the first round; each round adds at most ``max(10, |A|)`` of them
+    (the worst first) and the set never outgrows the rank bound, so a failed seed reads a
+    few hundred columns, not thousands; the walk from ``λ_max`` then gives the solution."""
+    rng = np.random.default_rng(7)
+    n, p = 40, 2000
+    X = rng.standard_normal((n, p))
+    y = X[:, :5] @ rng.standard_normal(5) + 0.5 * rng.standard_normal(n)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    Xs, ys = X[:30], y[:30]
+    Gs, rs = Xs.T @ Xs / 30, Xs.T @ ys / 30
+    lam = 0.2 * top
+    (guess,), _ = Homotopy(lambda idx: Gs[idx], rs).walk(np.array([lam]))
+    on = np.flatnonzero(guess)
+    read: list[int] = []
+
+    def columns(idx: np.ndarray) -> np.ndarray:
+        read.extend(idx.tolist())
+        return G[idx]
+
+    h = Homotopy(columns, r, rank=n)
+    assert not h.seed(lam, on, np.sign(guess[on]))  # too far off here
+    assert len(read) <= len(on) + 8 * n
+    (w,), done = h.walk(np.array([lam]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
+    assert bool(done[0])
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
