@@ -8,10 +8,11 @@ solves. ``LassoCV`` searches its default 100-point grid (coordinate descent, war
 along the path); ``fr.tune`` starts at ``strength_max / 10`` and takes safeguarded secant
 steps on ``log s`` (``optimizer="secant"``: a first step of 0.5, then Newton steps on the
 curvature of a cubic through the last two points, interpolation back after an overshoot;
-each step: 5 exact solves on working sets of features, the first inexact
-(``solve_tol_start=1e-4``, tightened tenfold per step to ``1e-8``), 5 implicit
-hypergradients restricted to the support; it stops when its next step is below 1% in
-``s``).
+each step: 5 solves, one per fold, each started at its exact solution — the fold's Lasso
+homotopy walked from its previous strength, the first fold's solution seeding the others at
+the first step — and certified by ``fr.solve`` at ``solve_tol_start=1e-4``, tightened
+tenfold per step to ``1e-8``; 5 implicit hypergradients on the support; it stops when its
+next step is below 1% in ``s``).
 
     python benchmarks/tune.py [--p 1000] [--n 200] [--repeats 3]
 

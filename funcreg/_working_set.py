@@ -20,23 +20,37 @@ Tibshirani et al. 2012, that saves most second rounds; coordinates that end at z
 the set at the next call). The hypergradient of the restricted problem is that of the full
 one: the coordinates outside ``A`` stay at zero under small changes of the strengths where
 their test holds strictly.
+
+With one ``L1`` term (float64, on the host) the working set is the exact support instead:
+:class:`funcreg._homotopy.Homotopy` on the whole problem (``G`` read by columns, centred
+with an intercept, rescaled by per-feature factors) walks from the last call's strength to
+the new one — a few kinks per outer step; beyond a step of ``JUMP`` in ``log s`` it tries
+active-set rounds from the current support first — or starts from a guess
+(:meth:`WorkingSet.seed`: another fold's solution, the folds' consensus before the refit).
+:func:`funcreg.solve` then starts at the answer and certifies it at its first test, and
+the test at zero above still covers the other coordinates (a start that fails either gets
+the usual rounds and a cold homotopy next time).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ._homotopy import Homotopy
 from .losses import LeastSquares, least_squares
 from .penalties import L1, L2, Box, ElasticNet, NonNegative
 from .solvers import Solution, solve
 from .spec import Spec
 
 _KINDS = (L1, L2, ElasticNet, NonNegative, Box)
+JUMP = 0.2  # a step in log s beyond which the homotopy tries a jump (Homotopy.jump)
 
 
 def eligible(loss: Any, spec: Spec) -> bool:
@@ -80,6 +94,10 @@ class WorkingSet:
         self.w = X.new_zeros(0)
         self.bias = X.new_zeros(1) if fit_intercept else None
         self._grad: Tensor | None = None  # ∇f at the current (w, bias), once computed
+        # a plain L1 term in float64 on the host: the exact solution by the homotopy, walked
+        # from the last call's strength (``None`` until first used; ``False`` once it failed)
+        self._path: Homotopy | None | bool = None
+        self._path_weight: Tensor | None = None  # the L1 factors the homotopy was built for
 
     def _violators(self, spec: Spec, s: Mapping[str, Any], w: Tensor, slack: float = 1.0) -> Tensor:
         """Coordinates outside the working set whose test at zero fails (at the strengths
@@ -116,7 +134,9 @@ class WorkingSet:
 
     def seed(self, w: Tensor) -> None:
         """Start the next call from ``w`` ``(p,)`` (e.g. the mean of the folds' solutions
-        before the refit on all rows): its non-zeros become the working set."""
+        before the refit on all rows, or another fold's solution): its non-zeros become the
+        working set (and, for one ``L1`` term, the guess of :meth:`Homotopy.seed
+        <funcreg._homotopy.Homotopy.seed>` before a first walk)."""
         self.cols = w.nonzero().squeeze(1)
         self.w = w[self.cols].clone()
         self._grad = None
@@ -126,9 +146,11 @@ class WorkingSet:
     ) -> tuple[LeastSquares, Spec, Solution, Tensor]:
         """Solve the full problem; returns the restricted loss, spec and solution (K = 1)
         and the columns they cover."""
-        # before the first solve, also take in the coordinates that would fail their test
-        # at strengths ``slack`` times smaller (a strong-rule guess of the new support)
-        new = self._violators(spec, s, self.w, self.slack)
+        # the exact support where the homotopy applies; else, before the first solve, also
+        # take in the coordinates that would fail their test at strengths ``slack`` times
+        # smaller (a strong-rule guess of the new support)
+        exact = self._exact_start(spec, s)
+        new = self.cols.new_zeros(0) if exact else self._violators(spec, s, self.w, self.slack)
         if self.cols.numel() == 0 and new.numel() == 0:
             new = self.cols.new_zeros(1)  # zero solves it: keep a column to differentiate
         if new.numel():
@@ -139,12 +161,17 @@ class WorkingSet:
             if self.bias is not None:
                 init["bias"] = self.bias
             sub = restrict(spec, self.cols, self.p)
-            sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter)
+            # from the exact solution: a bound on the curvature for the step (the solve's own
+            # λ_max and homotopy would only find the start again), its first test certifies
+            lip = _gershgorin(loss) if exact else None
+            sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter, lipschitz=lip)
             self.w = sol.params["weight"][0].reshape(-1)
             self._grad = None
             if self.bias is not None:
                 self.bias = sol.params["bias"][0]
             new = self._violators(spec, s, self.w)
+            if exact and (new.numel() or int(sol.iterations.max()) > 1):
+                self._path = None  # the start was off (round-off at a tie): rebuild it cold
             if new.numel() == 0:
                 break
             self._add(new)
@@ -154,6 +181,77 @@ class WorkingSet:
             self.cols, self.w = self.cols[support], self.w[support]
         return out
 
+    def _exact_start(self, spec: Spec, s: Mapping[str, Any]) -> bool:
+        """For one ``L1`` term (float64, on the host): put the exact solution at ``s`` into
+        ``cols``, ``w`` (and ``bias``), by :class:`~funcreg._homotopy.Homotopy` on the
+        (centred, rescaled by the term's factors) Gram matrix, read by columns and walked
+        from the last call's strength: a few kinks per outer step of ``tune``. ``False``
+        (nothing changed) where that does not apply or the walk stopped early (singular
+        ``G_AA``): the working-set rounds take over."""
+        if self._path is False or len(spec) != 1:
+            return False
+        ((term, pen),) = spec.items()
+        if type(pen) is not L1 or self.X.dtype != torch.float64 or self.X.device.type != "cpu":
+            return False
+        c: Tensor | None = None
+        if pen.weight is not None:
+            if not isinstance(pen.weight, Tensor):
+                return False
+            c = pen.weight.detach().reshape(-1).to(torch.float64).expand(self.p)
+            if not bool((c > 0).all()):
+                return False
+        same = (c is None and self._path_weight is None) or (
+            c is not None and self._path_weight is not None and torch.equal(c, self._path_weight)
+        )
+        if not isinstance(self._path, Homotopy) or not same:
+            self._path, self._path_weight = self._homotopy(c), c
+        assert isinstance(self._path, Homotopy)
+        lam = float(s[term])
+        guess = self.w != 0
+        if self._path.k == 0 and bool(guess.any()):  # at λ_max: try the guess first (seed)
+            self._path.seed(lam, self.cols[guess].numpy(), self.w[guess].sign().numpy())
+        elif self._path.k and abs(math.log(lam / self._path.lam)) > JUMP:  # a long step
+            self._path.jump(lam)
+        w, done = self._path.walk(np.array([lam]))
+        if not done[0]:
+            self._path = False  # e.g. n < p at a small strength: not again for this problem
+            return False
+        u = torch.from_numpy(w[0])
+        if c is not None:
+            u = u / c
+        self.cols = u.nonzero().squeeze(1)
+        self.w = u[self.cols]
+        if self.bias is not None:
+            mean = self.X.mean(0)[self.cols]
+            self.bias = (self.y.mean() - mean @ self.w).reshape(1)
+        self._grad = None
+        return True
+
+    def _homotopy(self, c: Tensor | None) -> Homotopy:
+        """The homotopy of this problem: ``G = X̃ᵀX̃/n``, ``r = X̃ᵀỹ/n`` (``X̃``, ``ỹ`` centred
+        with an intercept), divided by ``c_i c_j`` and ``c_j`` for factors ``c``; ``G`` read
+        by columns straight from ``X`` (no copy of it): ``G_·idx = Xᵀ X̃_idx/n`` (centring the
+        few columns ``idx`` centres the product)."""
+        X = self.X.numpy()
+        y = self.y.numpy()
+        mu = X.mean(0) if self.fit_intercept else None
+        if mu is not None:
+            y = y - y.mean()
+        cn = None if c is None else c.numpy()
+        scale = np.full(self.p, float(self.n)) if cn is None else self.n * cn  # n c_j
+
+        def columns(idx: np.ndarray) -> np.ndarray:
+            left = X[:, idx] if mu is None else X[:, idx] - mu[idx]
+            out = (left / scale[idx]).T @ X
+            return out if cn is None else out / cn
+
+        rank = self.n - 1 if self.fit_intercept else self.n
+        return Homotopy(columns, X.T @ y / scale, rank=min(rank, self.p))
+
+    def full(self) -> Tensor:
+        """The current coefficients on all ``p`` features."""
+        return self.X.new_zeros(self.p).index_copy(0, self.cols, self.w)
+
     def expand(self, sol: Solution, cols: Tensor) -> dict[str, Tensor]:
         """The full ``{"weight": (1, p)[, "bias"]}`` of a restricted solution."""
         w = self.X.new_zeros(1, self.p)
@@ -162,3 +260,13 @@ class WorkingSet:
         if self.fit_intercept:
             out["bias"] = sol.params["bias"][0]
         return out
+
+
+def _gershgorin(loss: LeastSquares) -> float:
+    """An upper bound on ``λ_max`` of the loss's Hessian (with an intercept, the bordered
+    ``[[G, μ], [μᵀ, 1]]``): the largest absolute row sum."""
+    rows = loss.gram.abs().sum(1)
+    if loss.fit_intercept:
+        mu = loss.x_mean.abs()
+        return max(float((rows + mu).max()), 1.0 + float(mu.sum()))
+    return float(rows.max())

@@ -13,8 +13,8 @@ from sklearn.datasets import load_diabetes
 from sklearn.linear_model import lasso_path
 
 import funcreg as fr
+from funcreg._homotopy import Homotopy, proportional
 from funcreg._homotopy import lasso_path as homotopy_path
-from funcreg._homotopy import proportional
 from funcreg.solvers import least_squares, solve
 
 DT = torch.float64
@@ -155,3 +155,185 @@ def test_natural_route_path_is_one_solve_started_at_the_answer():
     assert np.abs(W - coefs.T).max() <= 1e-6 * np.abs(coefs).max()  # sklearn's own accuracy
     b = res.stacked["bias"][:, 0].numpy()
     np.testing.assert_allclose(b, y.mean() - W @ X.mean(0), rtol=1e-12, atol=1e-12 * abs(y.mean()))
+
+
+class _Counting(Homotopy):
+    """A homotopy that counts its kinks (joins and leaves)."""
+
+    kinks = 0
+
+    def _apply(self, kind: int, j: int) -> bool:
+        self.kinks += 1
+        return super()._apply(kind, j)
+
+
+def test_walk_down_and_up_from_the_last_strength_equals_cold_walks_and_sklearn():
+    """A warm walk from the previous strength, down or up — across kinks where a coordinate
+    leaves the active set (at about 0.30, 0.24, 0.015 and 0.002 of ``λ_max`` on this
+    design: checked below on scikit-learn's path) and above ``λ_max`` and back — gives the
+    cold walk's solution from ``λ_max`` and scikit-learn's, for only the kinks in between;
+    ``G`` is read by columns, only where a coordinate joins."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    n = len(y)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    fine = np.geomspace(top, top * 1e-3, 400)
+    _, path, _ = lasso_path(X, y, alphas=fine, tol=1e-13, max_iter=10**6)
+    on = path != 0
+    left = [fine[k] / top for k in range(1, len(fine)) if (on[:, k - 1] & ~on[:, k]).any()]
+    assert len(left) >= 3  # the design has leaving kinks to cross
+    read: list[int] = []
+
+    def columns(idx: np.ndarray) -> np.ndarray:
+        read.extend(idx.tolist())
+        return G[idx]
+
+    warm = _Counting(columns, r)
+    steps = [0.5, 0.25, 0.35, 0.2, 0.01, 0.02, 0.001, 0.3, 2.0, 0.002, 0.0025]
+    crossed, prev, prev_cold = 0, 1.0, 0
+    for frac in steps:
+        lam = frac * top
+        before = warm.kinks
+        w, done = warm.walk(np.array([lam]))
+        cold = _Counting(lambda idx: G[idx], r)
+        wc, dc = cold.walk(np.array([lam]))
+        # the kinks between the two strengths, no more: those of one cold walk but not the
+        # other (above λ_max: none, the state goes back to λ_max)
+        assert warm.kinks - before == (0 if frac >= 1 else abs(cold.kinks - prev_cold))
+        assert bool(done[0]) and bool(dc[0])
+        scale = max(np.abs(wc).max(), 1e-300)
+        np.testing.assert_allclose(w[0], wc[0], rtol=0, atol=1e-10 * scale)
+        _, ref, _ = lasso_path(X, y, alphas=[lam], tol=1e-14, max_iter=10**6)
+        np.testing.assert_allclose(w[0], ref[:, 0], rtol=0, atol=1e-6 * max(scale, 1.0))
+        g = r - G @ w[0]  # the optimality conditions, to round-off
+        act = w[0] != 0
+        assert np.abs(g[act] - lam * np.sign(w[0][act])).max(initial=0) <= 1e-12 * top
+        assert (np.abs(g[~act]) - lam).max(initial=-1) <= 1e-12 * top
+        lo, hi = sorted((frac, min(prev, 1.0)))
+        crossed += sum(lo < x < hi for x in left)
+        prev, prev_cold = frac, cold.kinks
+    assert crossed >= 4  # walked across leaving kinks, down and up
+    assert len(read) < 3 * len(steps) * 40  # columns read only where a coordinate joins
+
+
+def test_walk_visits_several_strengths_in_order_and_stops_on_a_singular_gram():
+    """Several strengths in one walk equal :func:`lasso_path`'s; where ``G_AA`` turns
+    singular the walk reports the strengths from there on as not done (``w`` zero) and goes
+    back to ``λ_max``, so the next walk starts cold."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    lam = np.geomspace(top * 0.9, top * 1e-3, 25)
+    w, done = Homotopy(lambda idx: G[idx], r).walk(lam)
+    ref, rdone = homotopy_path(torch.from_numpy(G), torch.from_numpy(r), torch.from_numpy(lam))
+    assert bool(done.all()) and bool(rdone.all())
+    np.testing.assert_allclose(w, ref.numpy(), rtol=0, atol=1e-12 * np.abs(w).max())
+    # the 5th coordinate to join comes with a column that makes G_AA singular
+    joined: list[int] = []
+
+    def columns(idx: np.ndarray) -> np.ndarray:
+        joined.extend(idx.tolist())
+        if len(joined) == 5:
+            return G[joined[:1]]  # the first column again: its Schur complement is <= 0
+        return G[idx]
+
+    h = Homotopy(columns, r)
+    w, done = h.walk(lam)
+    assert bool(done[0]) and not bool(done[-1]) and not bool(w[~done].any())
+    np.testing.assert_allclose(w[done], ref.numpy()[done], rtol=0, atol=1e-12 * np.abs(w).max())
+    assert h.lam == h.top and not h.active  # back at λ_max
+    w2, done2 = h.walk(lam[-1:])
+    assert bool(done2[0])
+    np.testing.assert_allclose(w2[0], ref.numpy()[-1], rtol=0, atol=1e-12 * np.abs(w).max())
+
+
+def test_seed_from_a_guess_is_exact_or_goes_back_to_the_top():
+    """:meth:`Homotopy.seed`: from a neighbouring problem's support and signs (another
+    subsample of the rows) the active-set rounds reach the exact solution, and the walk
+    goes on from there as from a cold walk (the wrong sign everywhere at a tiny strength is
+    repaired too); where the rounds fail (here ``G_AA`` is not positive definite) the state
+    goes back to ``λ_max``."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    Xs, ys = X[:120], y[:120]
+    Gs, rs = Xs.T @ Xs / 120, Xs.T @ ys / 120
+    lam = 0.05 * top
+    (guess,), _ = Homotopy(lambda idx: Gs[idx], rs).walk(np.array([lam]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
+    assert set(np.flatnonzero(guess)) != set(np.flatnonzero(ref))  # a guess to repair
+    h = _Counting(lambda idx: G[idx], r)
+    on = np.flatnonzero(guess)
+    assert h.seed(lam, on, np.sign(guess[on]))
+    assert h.kinks == 0 and h.lam == lam
+    (w,), done = h.walk(np.array([lam]))
+    assert bool(done[0])
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    (w2,), _ = h.walk(np.array([0.02 * top]))  # and on from there
+    (ref2,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([0.02 * top]))
+    np.testing.assert_allclose(w2, ref2, rtol=0, atol=1e-12 * np.abs(ref2).max())
+    wrong = Homotopy(lambda idx: G[idx], r)  # the wrong sign everywhere: repaired
+    assert wrong.seed(1e-4 * top, np.arange(40), -np.sign(r))
+    (w3,), _ = wrong.walk(np.array([lam]))
+    np.testing.assert_allclose(w3, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    G2 = G.copy()
+    G2[5, 5] = -1.0
+    bad = Homotopy(lambda idx: G2[idx], r)
+    assert not bad.seed(lam, np.array([0, 5]), np.sign(r[[0, 5]]))
+    assert bad.lam == bad.top and not bad.active
+
+
+def test_jump_is_a_seed_from_the_current_state_or_leaves_it_as_it_was(monkeypatch):
+    """:meth:`Homotopy.jump`: a long step by active-set rounds from the current support
+    lands on the cold walk's solution; where the rounds fail (here: one round allowed for a
+    step that needs more) the state is the one before, and walks go on from it."""
+    X, y = _ar1(150, 40, 0.9, seed=1)
+    G, r = X.T @ X / 150, X.T @ y / 150
+    top = np.abs(r).max()
+    h = _Counting(lambda idx: G[idx], r)
+    h.walk(np.array([0.3 * top]))
+    kinks = h.kinks
+    assert h.jump(0.05 * top)
+    assert h.kinks == kinks and h.lam == 0.05 * top  # no kink walked
+    for lam in (0.05 * top, 0.02 * top):
+        (w,), _ = h.walk(np.array([lam]))
+        (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
+        np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    monkeypatch.setattr("funcreg._homotopy._SEED_ROUNDS", 1)
+    before = (h.lam, h.active, h.k)
+    assert not h.jump(0.001 * top)
+    assert (h.lam, h.active, h.k) == before
+    (w,), _ = h.walk(np.array([0.01 * top]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([0.01 * top]))
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_seed_on_a_wide_design_stays_small_and_walks_on():
+    """``p ≫ n``: another subsample's support is a poor guess, with thousands of violated
+    coordinates after the first round; each round adds at most ``max(10, |A|)`` of them
+    (the worst first) and the set never outgrows the rank bound, so a failed seed reads a
+    few hundred columns, not thousands; the walk from ``λ_max`` then gives the solution."""
+    rng = np.random.default_rng(7)
+    n, p = 40, 2000
+    X = rng.standard_normal((n, p))
+    y = X[:, :5] @ rng.standard_normal(5) + 0.5 * rng.standard_normal(n)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    Xs, ys = X[:30], y[:30]
+    Gs, rs = Xs.T @ Xs / 30, Xs.T @ ys / 30
+    lam = 0.2 * top
+    (guess,), _ = Homotopy(lambda idx: Gs[idx], rs).walk(np.array([lam]))
+    on = np.flatnonzero(guess)
+    read: list[int] = []
+
+    def columns(idx: np.ndarray) -> np.ndarray:
+        read.extend(idx.tolist())
+        return G[idx]
+
+    h = Homotopy(columns, r, rank=n)
+    assert not h.seed(lam, on, np.sign(guess[on]))  # too far off here
+    assert len(read) <= len(on) + 8 * n
+    (w,), done = h.walk(np.array([lam]))
+    (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
+    assert bool(done[0])
+    np.testing.assert_allclose(w, ref, rtol=0, atol=1e-10 * np.abs(ref).max())

@@ -193,6 +193,71 @@ def test_working_set_path_equals_the_generic_path_with_intercept_and_factors() -
     torch.testing.assert_close(ws.params["bias"], gen.params["bias"], atol=1e-7, rtol=0)
 
 
+def test_l1_working_set_walks_the_homotopy_and_equals_the_generic_path() -> None:
+    # one L1 term on least squares: each fold's solve starts at the exact solution, walked
+    # from its previous strength (down and up) by the homotopy on the centred, rescaled Gram
+    # matrix, so every solve is certified at its first test; with an intercept, per-feature
+    # factors, tuned factors (the homotopy rebuilt when they change) and a wide design
+    g = torch.Generator().manual_seed(3)
+    n, p = 60, 150
+    w = torch.zeros(p, dtype=D)
+    w[:6] = torch.tensor([2.0, -1.5, 1.0, 0.7, -0.5, 0.3], dtype=D)
+    X = torch.randn(n, p, dtype=D, generator=g)
+    y = X @ w + 0.3 * torch.randn(n, dtype=D, generator=g) + 1.0
+    c = torch.linspace(0.5, 1.5, p, dtype=D)
+
+    def linear(q: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((X @ q["weight"][0] + q["bias"][0] - y) ** 2).mean()
+
+    init = {"weight": torch.zeros(1, p, dtype=D), "bias": torch.zeros(1, dtype=D)}
+    for weights in ([], ["l1"]):
+        spec = {"l1": fr.L1(weight=c)}
+        kw: dict = dict(folds=3, steps=6, patience=6, solve_tol=1e-12, weights=weights)
+        kw["optimizer"] = fr.optim.adam(lr=0.8)  # large steps, up then down
+        ws = fr.tune(fr.least_squares(X, y, fit_intercept=True), spec, init, {"l1": 0.02}, **kw)
+        gen = fr.tune(linear, spec, init, {"l1": 0.02}, (X, y), **kw)
+        s = [h["l1"] for h in ws.history["strengths"]]
+        if not weights:
+            assert any(b > a for a, b in zip(s, s[1:], strict=False))  # walked up too
+            assert any(b < a for a, b in zip(s, s[1:], strict=False))
+            assert ws.history["inner_iterations"] == [3] * len(s)  # started at the answer
+        np.testing.assert_allclose(ws.history["value"], gen.history["value"], rtol=1e-8)
+        np.testing.assert_allclose(ws.history["grad_norm"], gen.history["grad_norm"], rtol=1e-6)
+        torch.testing.assert_close(ws.params["weight"], gen.params["weight"], atol=1e-8, rtol=0)
+        torch.testing.assert_close(ws.params["bias"], gen.params["bias"], atol=1e-8, rtol=0)
+        if weights:
+            torch.testing.assert_close(ws.weights["l1"], gen.weights["l1"], atol=1e-9, rtol=1e-7)
+
+
+def test_closed_form_lasso_hypergradient_equals_hypergrad() -> None:
+    # the one-L1-term shortcut of the working-set step (an |S|×|S| solve on the support)
+    # gives fr.hypergrad's value and gradients in log s and log c, with and without intercept
+    from funcreg.tune import _lasso_hypergrad
+
+    g = torch.Generator().manual_seed(5)
+    n, p = 50, 30
+    X = torch.randn(2 * n, p, dtype=D, generator=g)
+    y = X[:, :4] @ torch.tensor([1.5, -1.0, 0.5, 0.25], dtype=D) + 0.5
+    y = y + 0.3 * torch.randn(2 * n, dtype=D, generator=g)
+    c = torch.linspace(0.5, 1.5, p, dtype=D)
+    for fit_intercept in (False, True):
+        loss = fr.least_squares(X[:n], y[:n], fit_intercept=fit_intercept)
+        spec = fr.Spec(l1=fr.L1(weight=c))
+        s = {"l1": 0.05}
+        sol = fr.solve(loss, spec, loss.init(), s, tol=1e-13)
+        assert 3 < int((sol.params["weight"] != 0).sum()) < p
+        closed = _lasso_hypergrad(loss, spec, sol, s, X[n:], y[n:], ("l1",))
+        assert closed is not None
+        val, grads = closed
+        outer = fr.least_squares(X[n:], y[n:], fit_intercept=fit_intercept)
+        hg = fr.hypergrad(outer, loss, spec, sol, s, weights=["l1"], tol=1e-14)
+        assert val == pytest.approx(float(hg.value[0]), rel=1e-12)
+        assert float(grads["l1"]) == pytest.approx(float(hg.strengths["l1"][0]), rel=1e-9)
+        torch.testing.assert_close(
+            grads["l1.weight"], hg.weights["l1"][0].reshape(-1), rtol=1e-9, atol=1e-12
+        )
+
+
 def test_inexact_early_steps_tighten_to_solve_tol() -> None:
     X, y, Xv, yv = _scaled_problem()
     r = fr.tune(
