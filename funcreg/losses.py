@@ -8,6 +8,7 @@ Gram fast path (and, for a plain Lasso, the lean fixed-step loop of :mod:`funcre
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -57,16 +58,21 @@ class LeastSquares:
         n = X.shape[0]
         self.X, self.Y, self.n = X, Y, n
         self.fit_intercept = bool(fit_intercept)
-        self.gram = X.T @ X / n  # (p, p)
         self.xty = (X.T @ Y / n).T.contiguous()  # (m, p)
         self.x_mean = X.mean(0)  # (p,)
         self.y_mean = Y.mean(0)  # (m,)
         self.const = 0.5 * Y.square().sum() / n
         # NaN/inf anywhere in X or y shows up in these (one pass less than isfinite(X))
-        if not bool(torch.isfinite(self.gram.diagonal()).all()):
+        if not bool(torch.isfinite(X.square().sum(0)).all()):
             raise ValueError("least_squares: X contains NaN or inf; clean the data first")
         if not bool(torch.isfinite(self.const)) or not bool(torch.isfinite(self.xty).all()):
             raise ValueError("least_squares: y contains NaN or inf; clean the data first")
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """``XᵀX/n`` ``(p, p)``, formed on first use: a route that reads only some columns
+        of ``X`` (the working sets of :func:`funcreg.tune`) never pays for it."""
+        return self.X.T @ self.X / self.n
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
