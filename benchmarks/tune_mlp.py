@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outer", type=int, default=25)
     ap.add_argument("--outer-lr", type=float, default=0.3)
     ap.add_argument("--polish", type=int, default=2000)
+    ap.add_argument("--start", type=float, default=START, help="every starting strength")
+    ap.add_argument("--damping", type=float, default=0.0, help="μ of the implicit route")
     ap.add_argument("--methods", default="grid,optuna,unrolled,implicit")
     ap.add_argument("--converged-optuna", action="store_true")
     ap.add_argument("--check-fd", action="store_true")
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     step = fr.train_step(loss, spec, opt)
     p0 = fr.params(net)
     F = fr.penalized(loss, spec)
-    implicit_tr = Training(opt, args.steps, "implicit", polish=args.polish)
+    implicit_tr = Training(opt, args.steps, "implicit", polish=args.polish, damping=args.damping)
     inner = _Implicit(loss, spec, (Xt, yt), implicit_tr)
-    start = {t: START for t in TERMS}
+    start = {t: args.start for t in TERMS}
     scale = float(sum((g * g).sum() for g in grad(F)(p0, start, Xt, yt).values()) ** 0.5)
     tensors = lambda s: {t: torch.tensor(float(v), dtype=torch.float64) for t, v in s.items()}  # noqa: E731
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         stat = float(sum((g * g).sum() for g in grad(F)(wc, tensors(c), Xt, yt).values()))
         _, g_imp = inner.hypergrad(wc, tensors(c), TERMS, loss, (Xv, yv))
         eps = (0.2, 0.05, 0.01, 0.002)
-        print(f"dE/d log s at all strengths {START:.2e}; central FD at ±{eps} in log s")
+        print(f"dE/d log s at all strengths {args.start:.2e}; central FD at ±{eps} in log s")
         print(f"training map: val {float(val):.4f}")
         for t in TERMS:
             fd = [

@@ -44,7 +44,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,9 +57,6 @@ from .progress import Progress
 from .spec import Spec, as_spec, penalized
 from .train import train_step
 from .unrolled import unrolled_hypergrad
-
-if TYPE_CHECKING:
-    from .tune import TuneResult
 
 __all__ = ["Training", "tune_network"]
 
@@ -237,10 +234,9 @@ def tune_network(
     gtol: float,
     xtol: float,
     progress: bool,
-) -> TuneResult:
-    """The network route of :func:`funcreg.tune` (module docstring); arguments as there."""
-    from .tune import TuneResult
-
+) -> dict[str, Any]:
+    """The network route of :func:`funcreg.tune` (module docstring); arguments as there.
+    Returns the fields of a :class:`~funcreg.TuneResult` (``tune`` builds it)."""
     who = "tune"
     _check_training(training, who)
     spec = as_spec(spec)
@@ -388,12 +384,12 @@ def tune_network(
             stacklevel=3,
         )
     i = min(range(len(history["value"])), key=lambda j: history["value"][j])
-    return TuneResult(
-        strengths=dict(history["strengths"][i]),
-        weights={},
-        value=best_val,
-        params=dict(best_w),
-        spec=spec,
-        history=history,
-        stopped=stopped,
-    )
+    return {
+        "strengths": dict(history["strengths"][i]),
+        "weights": {},
+        "value": best_val,
+        "params": dict(best_w),
+        "spec": spec,
+        "history": history,
+        "stopped": stopped,
+    }

@@ -170,10 +170,10 @@ def tune(
     if training is not None:  # a network: trained, not solved (funcreg._tune_net)
         from ._tune_net import tune_network
 
-        return tune_network(loss_fn, spec, params, strengths, data, training=training,
-                            validation=validation, folds=folds, score_fn=score_fn, terms=terms,
-                            weights=weights, optimizer=optimizer, steps=steps, patience=patience,
-                            tol=tol, gtol=gtol, xtol=xtol, progress=progress)  # fmt: skip
+        return TuneResult(**tune_network(loss_fn, spec, params, strengths, data,
+            training=training, validation=validation, folds=folds, score_fn=score_fn,
+            terms=terms, weights=weights, optimizer=optimizer, steps=steps, patience=patience,
+            tol=tol, gtol=gtol, xtol=xtol, progress=progress))  # fmt: skip
     spec = as_spec(spec)
     check_spec(spec, who)
     starts = _starts(strengths, who)
