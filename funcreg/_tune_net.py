@@ -34,8 +34,10 @@ whose hypergradient equals finite differences.
 
 The outer loop is :func:`funcreg.tune`'s: a functional optimizer on ``θ`` (default
 ``adam(lr=0.1)``) or ``"secant"``, stopping after ``steps`` outer steps, on ``patience``
-steps without relative improvement ``tol``, on ``‖∇_θ E‖ ≤ gtol``, or on a secant step
-below ``xtol``.
+steps without relative improvement ``tol``, on ``‖∇_θ E‖ ≤ gtol``, on a secant step
+below ``xtol``, or on a non-finite value or hypergradient (``stopped="nonfinite"``). The
+history has ``"step"``, ``"strengths"``, ``"value"``, ``"grad_norm"`` and ``"stationarity"``
+(``‖∇_w F‖`` at the trained weights over its value at ``params``).
 """
 
 from __future__ import annotations
