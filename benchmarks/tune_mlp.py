@@ -12,7 +12,7 @@ momentum 0.9), one L2 strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``), 
 * Optuna (TPE, seeded; skipped when ``optuna`` is not installed): ``--outer`` trainings,
   log-uniform strengths in ``[1e-4, 1e-1]``;
 * ``fr.tune(..., training=fr.Training(opt, steps, hypergrad="unrolled"))``: at most ``--outer``
-  outer steps (Adam, lr ``--outer-lr``, on log s, from all strengths at 10^-2.5), each a
+  outer steps (Adam, lr ``--outer-lr``, on log s, from all strengths at ``--start``), each a
   training from the init and its exact reverse-mode derivative (all steps, or the last
   ``--truncate``);
 * ``fr.tune(..., training=fr.Training(opt, steps, hypergrad="implicit"))``: the first outer step
