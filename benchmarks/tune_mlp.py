@@ -1,29 +1,34 @@
-"""Three per-layer L2 strengths of a small MLP: unrolled hypergradient descent vs the best
-point of a 4×4×4 ``fr.sweep`` grid (and, when installed, Optuna's TPE with as many trainings).
+"""Three per-layer L2 strengths of a small MLP: ``fr.tune`` (network route, unrolled and
+implicit hypergradients) vs the best point of a 4×4×4 ``fr.sweep`` grid and Optuna's TPE.
 
-The task is the MLP task of ``benchmarks/README.md`` at a small size so that it runs in about
-a minute: the first ``--n`` samples for training, the next ``--n`` for validation, hidden
-width ``--hidden``, full-batch Adam for ``--steps`` steps from one seeded init, one L2
-strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``). Every training is the same pure
-``fr.train_step`` loop, so the three methods differ only in which strengths they try:
+The task is the MLP task of ``benchmarks/README.md`` at a small size: the first ``--n``
+samples for training, the next ``--n`` for validation, hidden width ``--hidden``, activation
+``--act`` (ReLU: the original task; GELU: a smooth one), full-batch training for ``--steps``
+steps from one seeded init with ``--train`` (``adam``: Adam lr 1e-2; ``sgdm``: SGD lr 0.02,
+momentum 0.9), one L2 strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``), float64:
 
 * grid: ``fr.sweep`` of the 64 points ``{1e-4, 1e-3, 1e-2, 1e-1}³`` (vmapped), the best
   validation loss;
-* hypergradient descent: ``--outer`` Adam steps (lr 0.5) on the log-strengths from the
-  grid's centre, each a training from the init and a hypergradient, either *unrolled*
-  through the last ``--truncate`` steps (``funcreg.unrolled.unrolled_hypergrad``) or
-  *implicit* at the trained weights (``fr.hypergrad``: conjugate gradient on
-  Hessian-vector products, at most 50 iterations; an approximation, since the weights are
-  not an exact minimiser); the best validation loss of the strengths visited;
-* Optuna (TPE, seeded; skipped when ``optuna`` is not installed): ``--outer`` trainings, log-
-  uniform strengths in ``[1e-4, 1e-1]``.
+* Optuna (TPE, seeded; skipped when ``optuna`` is not installed): ``--outer`` trainings,
+  log-uniform strengths in ``[1e-4, 1e-1]``;
+* ``fr.tune(..., training=fr.Training(opt, steps, hypergrad="unrolled"))``: at most ``--outer``
+  outer steps (Adam, lr ``--outer-lr``, on log s, from all strengths at ``--start``), each a
+  training from the init and its exact reverse-mode derivative (all steps, or the last
+  ``--truncate``);
+* ``fr.tune(..., training=fr.Training(opt, steps, hypergrad="implicit"))``: the first outer step
+  trains ``--steps`` steps, then every step L-BFGS to a stationary point of the penalized
+  loss (warm-started from the previous step's weights) and the implicit hypergradient. Its
+  inner map (a stationary point) is not the grid's (``--steps`` optimizer steps), so its
+  best strengths are also retrained the grid's way ("retrained"), and with
+  ``--converged-optuna`` Optuna runs on the same inner map (each trial trained then
+  L-BFGS-polished from the init).
 
-    python benchmarks/tune_mlp.py [--n 256] [--hidden 32] [--steps 300] [--outer 12]
-        [--search adam|secant] [--check-fd]
+    python benchmarks/tune_mlp.py [--act relu|gelu] [--train adam|sgdm] [--outer 25]
+        [--methods unrolled,implicit,grid,optuna] [--check-fd]
 
-``--check-fd`` only compares, at the starting strengths, the unrolled (last ``--truncate``
-steps and all steps) and implicit hypergradients with central finite differences of the
-trained validation loss (±0.05 in log s).
+``--check-fd`` only compares, at the starting strengths, the hypergradients with central
+finite differences of the trained validation loss at several steps in log s, for the
+training map (the full unroll) and for the stationary-point map (the implicit gradient).
 """
 
 from __future__ import annotations
@@ -34,19 +39,24 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from common import make_data
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad
 
 import funcreg as fr
-from funcreg._secant import Secant
+from funcreg._tune_net import Training, _Implicit
 from funcreg.unrolled import unrolled_hypergrad
 
 TERMS = ("l2_0", "l2_2", "l2_4")
 GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+START = 10**-2.5
+
+
+def _reach(values: list[float], target: float) -> int | None:
+    """How many evaluations it took to reach ``target`` (None: never)."""
+    return next((i + 1 for i, x in enumerate(values) if x <= target), None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,20 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--truncate", type=int, default=50)
-    ap.add_argument("--outer", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument(
-        "--search",
-        choices=("adam", "secant"),
-        default="adam",
-        help="the outer steps: Adam (lr 0.5) or fr.tune's safeguarded secant search",
-    )
-    ap.add_argument(
-        "--check-fd",
-        action="store_true",
-        help="only compare the hypergradients at the start with central finite differences",
-    )
+    ap.add_argument("--act", choices=("relu", "gelu"), default="relu")
+    ap.add_argument("--train", choices=("adam", "sgdm"), default="adam")
+    ap.add_argument("--truncate", type=int, default=None)
+    ap.add_argument("--outer", type=int, default=25)
+    ap.add_argument("--outer-lr", type=float, default=0.3)
+    ap.add_argument("--polish", type=int, default=2000)
+    ap.add_argument("--start", type=float, default=START, help="every starting strength")
+    ap.add_argument("--damping", type=float, default=0.0, help="μ of the implicit route")
+    ap.add_argument("--methods", default="grid,optuna,unrolled,implicit")
+    ap.add_argument("--converged-optuna", action="store_true")
+    ap.add_argument("--check-fd", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     X, y = make_data(0)
@@ -75,16 +82,23 @@ def main(argv: list[str] | None = None) -> None:
     Xt, yt, Xv, yv = X[: args.n], y[: args.n], X[args.n : 2 * args.n], y[args.n : 2 * args.n]
     torch.manual_seed(0)
     h = args.hidden
-    net = nn.Sequential(nn.Linear(32, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
+    Act = nn.ReLU if args.act == "relu" else nn.GELU
+    net = nn.Sequential(nn.Linear(32, h), Act(), nn.Linear(h, h), Act(), nn.Linear(h, 1))
     net = net.double()
 
     def loss(p: dict, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ((functional_call(net, p, (X,)) - y) ** 2).mean()
 
-    spec = {t: fr.L2(f"{t[-1]}.weight") for t in TERMS}
-    opt = fr.optim.adam(args.lr)
+    spec = fr.Spec({t: fr.L2(f"{t[-1]}.weight") for t in TERMS})
+    opt = fr.optim.adam(1e-2) if args.train == "adam" else fr.optim.sgd(0.02, momentum=0.9)
     step = fr.train_step(loss, spec, opt)
     p0 = fr.params(net)
+    F = fr.penalized(loss, spec)
+    implicit_tr = Training(opt, args.steps, "implicit", polish=args.polish, damping=args.damping)
+    inner = _Implicit(loss, spec, (Xt, yt), implicit_tr)
+    start = {t: args.start for t in TERMS}
+    scale = float(sum((g * g).sum() for g in grad(F)(p0, start, Xt, yt).values()) ** 0.5)
+    tensors = lambda s: {t: torch.tensor(float(v), dtype=torch.float64) for t, v in s.items()}  # noqa: E731
 
     def trained(s: dict[str, float]) -> dict[str, torch.Tensor]:
         p, o = p0, opt.init(p0)
@@ -96,135 +110,127 @@ def main(argv: list[str] | None = None) -> None:
     def train(s: dict[str, float]) -> float:
         return float(loss(trained(s), Xv, yv))
 
-    def unrolled(s: dict[str, float]) -> tuple[float, dict[str, torch.Tensor]]:
-        val, g, _ = unrolled_hypergrad(
-            step,
-            p0,
-            opt.init(p0),
-            s,
-            [(Xt, yt)] * args.steps,
-            loss,
-            (Xv, yv),
-            truncate=args.truncate,
-        )
-        return float(val), g
+    def converged(s: dict[str, float], w: dict | None = None) -> dict[str, torch.Tensor]:
+        st = tensors(s)
+        return inner.train(trained(s) if w is None else w, st, scale, first=False)
 
-    def implicit(s: dict[str, float]) -> tuple[float, dict[str, torch.Tensor]]:
-        # the trained weights are not an exact minimiser (hypergrad warns with the measured
-        # optimality): the implicit gradient is an approximation here (Lorraine et al. 2020)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            hg = fr.hypergrad(
-                loss,
-                loss,
-                spec,
-                trained(s),
-                s,
-                Xt,
-                yt,
-                outer_data=(Xv, yv),
-                tol=1e-6,
-                max_iter=50,
-            )
-        return float(hg.value[0]), {t: v[0] for t, v in hg.strengths.items()}
-
-    if args.check_fd:  # dE/d log s at the start: finite differences vs the hypergradients
-        c = {t: math.sqrt(1e-3 * 1e-2) for t in TERMS}
-        _, g_unrolled = unrolled(c)
-        _, g_implicit = implicit(c)
-        _, g_full, _ = unrolled_hypergrad(
+    print(
+        f"MLP 32-{h}-{h}-1 ({args.act}), n = {args.n} train / {args.n} val, {args.steps} "
+        f"full-batch {args.train} steps, float64"
+    )
+    if args.check_fd:
+        c = dict(start)
+        val, g_full, _ = unrolled_hypergrad(
             step, p0, opt.init(p0), c, [(Xt, yt)] * args.steps, loss, (Xv, yv)
         )
+        wc = converged(c)
+        stat = float(sum((g * g).sum() for g in grad(F)(wc, tensors(c), Xt, yt).values()))
+        _, g_imp = inner.hypergrad(wc, tensors(c), TERMS, loss, (Xv, yv))
+        eps = (0.2, 0.05, 0.01, 0.002)
+        print(f"dE/d log s at all strengths {args.start:.2e}; central FD at ±{eps} in log s")
+        print(f"training map: val {float(val):.4f}")
+        for t in TERMS:
+            fd = [
+                (train({**c, t: c[t] * math.exp(e)}) - train({**c, t: c[t] * math.exp(-e)}))
+                / (2 * e)
+                for e in eps
+            ]
+            print(
+                f"  {t}: full unroll {float(g_full[t]):10.4g}   FD "
+                + " ".join(f"{v:9.4f}" for v in fd)
+            )
         print(
-            f"{'term':6s} {'central FD':>11s} {'unrolled':>10s} {'full unroll':>12s} "
-            f"{'implicit':>9s}"
+            f"stationary-point map (L-BFGS from the trained weights; relative ‖∇F‖ "
+            f"{stat**0.5 / scale:.1e}): val {float(loss(wc, Xv, yv)):.4f}"
         )
         for t in TERMS:
-            up, dn = (train({**c, t: c[t] * math.exp(e)}) for e in (0.05, -0.05))
+            fd = []
+            for e in eps[1:3]:
+                up, dn = (
+                    float(loss(converged({**c, t: c[t] * math.exp(sg * e)}, wc), Xv, yv))
+                    for sg in (1, -1)
+                )
+                fd.append((up - dn) / (2 * e))
             print(
-                f"{t:6s} {(up - dn) / 0.1:11.4f} {float(g_unrolled[t]):10.4f} "
-                f"{float(g_full[t]):12.4g} {float(g_implicit[t]):9.4f}"
+                f"  {t}: implicit {float(g_imp[t]):10.4f}   FD " + " ".join(f"{v:9.4f}" for v in fd)
             )
         return
 
-    def descend(
-        fn: Callable[[dict[str, float]], tuple[float, dict[str, torch.Tensor]]],
-    ) -> tuple[float, dict[str, float], float]:
-        t0 = time.perf_counter()
-        theta = {
-            t: torch.tensor(math.log(math.sqrt(1e-3 * 1e-2)), dtype=torch.float64) for t in TERMS
-        }
-        outer = fr.optim.adam(0.5)
-        state = outer.init(theta)
-        search = Secant() if args.search == "secant" else None
-        best_val, best_s = math.inf, {}
-        for _ in range(args.outer):
-            s = {t: float(v.exp()) for t, v in theta.items()}
-            val, g = fn(s)
-            if val < best_val:
-                best_val, best_s = val, s
-            if search is None:
-                theta, state = outer.step(g, state, theta, {})
-                continue
-            nxt = search.propose(theta, val, g)
-            if nxt is None:  # converged: its next step is below xtol
-                break
-            theta = nxt
-        return best_val, best_s, time.perf_counter() - t0
-
-    # grid
-    t0 = time.perf_counter()
-    points = list(itertools.product(GRID, repeat=3))
-    grid = {
-        t: torch.tensor([pt[i] for pt in points], dtype=torch.float64) for i, t in enumerate(TERMS)
-    }
-    res = fr.sweep(
-        net,
-        loss,
-        spec,
-        grid,
-        train=(Xt, yt),
-        val=(Xv, yv),
-        optimizer=opt,
-        steps=args.steps,
-        progress=False,
-    )
-    best = res.best()
-    t_grid = time.perf_counter() - t0
-    grid_check = train({t: best.strengths[t] for t in TERMS})
-
-    # hypergradient descent: unrolled through the last steps, and implicit
-    unrolled_best, unrolled_s, t_unrolled = descend(unrolled)
-    implicit_best, implicit_s, t_implicit = descend(implicit)
-
-    print(f"MLP 32-{h}-{h}-1, n = {args.n} train / {args.n} val, {args.steps} Adam steps")
-    print(f"{'method':14s} {'trainings':>9s} {'time s':>7s} {'best val loss':>13s}  strengths")
+    methods = args.methods.split(",")
     fmt = lambda s: " ".join(f"{t}={s[t]:.2e}" for t in TERMS)  # noqa: E731
-    print(f"{'4x4x4 grid':14s} {64:9d} {t_grid:7.1f} {best.value:13.5f}  {fmt(best.strengths)}")
-    print(f"{'(grid retrain)':14s} {1:9d} {'':7s} {grid_check:13.5f}")
-    name = f"unrolled T={args.truncate}"
-    for label, t, v, st in (
-        (name, t_unrolled, unrolled_best, unrolled_s),
-        ("implicit", t_implicit, implicit_best, implicit_s),
-    ):
-        print(f"{label:14s} {args.outer:9d} {t:7.1f} {v:13.5f}  {fmt(st)}")
-    try:
-        import optuna
-    except ImportError:
-        print("optuna: not installed, skipped (pip install optuna)")
-    else:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"{'method':22s} {'trainings':>9s} {'time s':>7s} {'best val loss':>13s}  strengths")
+    if "grid" in methods:
         t0 = time.perf_counter()
-        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-        study.optimize(
-            lambda tr: train({t: tr.suggest_float(t, 1e-4, 1e-1, log=True) for t in TERMS}),
-            n_trials=args.outer,
+        points = list(itertools.product(GRID, repeat=3))
+        grid = {
+            t: torch.tensor([pt[i] for pt in points], dtype=torch.float64)
+            for i, t in enumerate(TERMS)
+        }
+        res = fr.sweep(
+            net, loss, dict(spec), grid, train=(Xt, yt), val=(Xv, yv), optimizer=opt,
+            steps=args.steps, progress=False,
+        )  # fmt: skip
+        best = res.best()
+        t_grid = time.perf_counter() - t0
+        print(f"{'4x4x4 grid':22s} {64:9d} {t_grid:7.1f} {best.value:13.5f}  {fmt(best.strengths)}")
+    if "optuna" in methods:
+        try:
+            import optuna
+        except ImportError:
+            print("optuna: not installed, skipped (pip install optuna)")
+        else:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            runs = [("optuna TPE", train)]
+            if args.converged_optuna:
+                runs.append(
+                    ("optuna TPE (stationary)", lambda s: float(loss(converged(s), Xv, yv)))
+                )
+            for label, fn in runs:
+                t0 = time.perf_counter()
+                study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+                study.optimize(
+                    lambda tr, fn=fn: fn(
+                        {t: tr.suggest_float(t, 1e-4, 1e-1, log=True) for t in TERMS}
+                    ),
+                    n_trials=args.outer,
+                )
+                t_opt = time.perf_counter() - t0
+                vals = [tr.value for tr in study.trials]
+                print(
+                    f"{label:22s} {args.outer:9d} {t_opt:7.1f} {study.best_value:13.5f}  "
+                    f"{fmt(study.best_params)}"
+                )
+                print(f"{'':22s} trials to reach: " + ", ".join(
+                    f"{v}: {_reach(vals, v)}" for v in (0.56, 0.54, 0.53, 0.52, 0.50)))  # fmt: skip
+    for mode in ("unrolled", "implicit"):
+        if mode not in methods:
+            continue
+        tr = (
+            implicit_tr
+            if mode == "implicit"
+            else Training(opt, args.steps, "unrolled", truncate=args.truncate)
         )
-        t_opt = time.perf_counter() - t0
-        print(
-            f"{'optuna TPE':14s} {args.outer:9d} {t_opt:7.1f} {study.best_value:13.5f}  "
-            f"{fmt(study.best_params)}"
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            r = fr.tune(
+                loss, spec, p0, start, (Xt, yt), validation=(Xv, yv), training=tr,
+                optimizer=fr.optim.adam(args.outer_lr), steps=args.outer, patience=args.outer,
+            )  # fmt: skip
+        t_tune = time.perf_counter() - t0
+        n_tr = len(r.history["value"])
+        label = f"fr.tune {mode}" + (
+            f" T={args.truncate}" if mode == "unrolled" and args.truncate else ""
         )
+        print(f"{label:22s} {n_tr:9d} {t_tune:7.1f} {r.value:13.5f}  {fmt(r.strengths)}")
+        vals = r.history["value"]
+        print(f"{'':22s} steps to reach: " + ", ".join(
+            f"{v}: {_reach(vals, v)}" for v in (0.56, 0.54, 0.53, 0.52, 0.50)))  # fmt: skip
+        print(f"{'':22s} values: " + " ".join(f"{v:.4f}" for v in vals))
+        st = r.history["stationarity"]
+        print(f"{'':22s} relative ‖∇F‖: min {min(st):.1e} max {max(st):.1e}")
+        if mode == "implicit":
+            print(f"{'  (retrained, grid way)':22s} {1:9d} {'':7s} {train(r.strengths):13.5f}")
     print(f"load average: {os.getloadavg()[0]:.2f}")
 
 

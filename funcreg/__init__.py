@@ -9,6 +9,7 @@ import importlib.metadata as _metadata
 from . import activity, distributed, keras, optim, plot, prox
 from ._path import geometric_grid, path, strength_max
 from ._sweep import sweep
+from ._tune_net import Training
 from .declare import regularize, spec_of
 from .eager import (
     buffers,
@@ -89,6 +90,7 @@ __all__ = [
     "hypergrad",
     "unrolled_hypergrad",
     "tune",
+    "Training",
     "TuneResult",
     "strength_max",
     "solve",

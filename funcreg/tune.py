@@ -116,8 +116,15 @@ def tune(
     solve_tol_start: float | None = None,
     max_iter: int = 10_000,
     progress: bool = False,
+    training: Any = None,
 ) -> TuneResult:
     """Tune strengths (and ``weight=`` factors) by hypergradient descent in log space.
+
+    With ``training=fr.Training(optimizer, steps, ...)`` the inner problem is a network
+    training instead of a convex solve (:mod:`funcreg._tune_net`: a validation split, smooth
+    or prox-trained terms, ``"implicit"`` or ``"unrolled"`` hypergradients); the arguments
+    that only make sense for ``fr.solve`` (``weights``, ``folds``, ``solve_tol*``,
+    ``max_iter``) are then refused or unused.
 
     Args:
         loss_fn: ``loss_fn(params, *data) -> 0-dim tensor`` (mean-reduced, convex).
@@ -164,6 +171,13 @@ def tune(
             :func:`funcreg.hypergrad`).
     """
     who = "tune"
+    if training is not None:  # a network: trained, not solved (funcreg._tune_net)
+        from ._tune_net import tune_network
+
+        return TuneResult(**tune_network(loss_fn, spec, params, strengths, data,
+            training=training, validation=validation, folds=folds, score_fn=score_fn,
+            terms=terms, weights=weights, optimizer=optimizer, steps=steps, patience=patience,
+            tol=tol, gtol=gtol, xtol=xtol, progress=progress))  # fmt: skip
     spec = as_spec(spec)
     check_spec(spec, who)
     starts = _starts(strengths, who)

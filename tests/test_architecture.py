@@ -63,6 +63,7 @@ FLOORS: dict[str, int] = {
     "_implicit": 12,
     "hypergrad": 13,
     "unrolled": 13,
+    "_tune_net": 14,
     "selection": 14,
     "_working_set": 13,
     "tune": 15,
