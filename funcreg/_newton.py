@@ -40,10 +40,12 @@ not formed and FISTA runs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.func import hessian
 
 from . import _tree, prox
@@ -161,7 +163,8 @@ def prox_newton(
     ``k``'s smooth objective on the flat params ``θ (P,)``, ``tau (K, P)`` its L1
     thresholds, ``x0 (K, P)`` its start, ``scale0 (K,)`` ``max(‖∇f(0)‖, ‖∇f(x_0)‖)``;
     ``shared``: every model has the same smooth objective (only the ``L1`` thresholds
-    differ), so a warm start reuses ``f``, ``∇f`` and ``∇²f`` at the previous solution.
+    differ), so a warm start reuses ``f``, ``∇f`` and ``∇²f`` at the previous solution, and
+    one :class:`Separable` structure, found once, serves every model.
     Returns ``(x, iterations, converged, floors, optimality)`` (iterations count Newton
     steps), or ``None`` when a Hessian is not positive semidefinite."""
     K, P = x0.shape
@@ -169,6 +172,7 @@ def prox_newton(
     iterations = torch.zeros(K, dtype=torch.int64)
     report = np.zeros((K, 3))  # converged, floor, optimality
     previous: _Point | None = None
+    structure: Separable | None = None
     # the largest thresholds first: each model warm-starts from a sparser solution
     for k in torch.argsort(tau.sum(1), descending=True, stable=True).tolist():
 
@@ -182,7 +186,9 @@ def prox_newton(
             with torch.no_grad():
                 if again.objective(f, t_k) < start.objective(f, t_k):
                     start = again
-        got = _one_model(f, t_k, start, tol, max_iter, float(scale0[k]))
+        if structure is None or not shared:
+            structure = Separable.find(f, start.x)
+        got = _one_model(f, t_k, start, tol, max_iter, float(scale0[k]), structure)
         if got is None:
             return None
         previous, iterations[k], report[k] = got
@@ -190,6 +196,190 @@ def prox_newton(
     rep = torch.from_numpy(report).to(x0)
     dev = x0.device
     return out, iterations.to(dev), rep[:, 0] > 0, rep[:, 1], rep[:, 2]
+
+
+class Separable:
+    """``f(θ) = F(u(θ))`` with ``u (m,)`` affine in ``θ`` (``u = Aθ + c``) and ``F`` a sum of
+    per-entry terms ``Σ_i F_i(u_i)``, as a GLM's loss of a linear model's outputs (glmnet's
+    and IRLS's setting): then ``∇²f(θ) = Aᵀ diag(F''(u)) A``, and the Hessian costs one
+    backward to ``u`` with ``create_graph`` and one double backward through ``F`` alone
+    (the per-entry second derivatives ``F''(u) = ∇²F(u) 1`` for a separable ``F``) instead
+    of a backward batched over the ``P`` unit vectors.
+
+    :meth:`find` looks for ``u`` on the autograd graph of ``f(x)``: a tensor through which
+    every path from ``θ`` to the value runs (a cut), nearest the value first; ``A`` is its
+    Jacobian at ``x``, by one backward batched over its ``m`` entries. It is accepted only
+    when, in float64-scale tolerances, ``∇f = Aᵀ ∇_u F`` at ``x`` and at a seeded random
+    probe ``z``, and there ``∇²f(z) w = Aᵀ (F''(u) ⊙ A w)`` for a seeded random ``w``
+    (one Hessian-vector product: affine ``u`` and separable ``F``). Each later evaluation
+    finds ``u`` by the same route through the graph (node types checked; any change: the
+    general :func:`derivatives`). The solver's stopping rule and line search use ``f`` and
+    its gradient themselves, so the solutions do not rest on this structure."""
+
+    def __init__(self, route: list[tuple[int, str]], output_nr: int, A: np.ndarray) -> None:
+        self.route, self.output_nr, self.A = route, output_nr, A
+
+    @staticmethod
+    def find(f: Callable[[Tensor], Tensor], x: Tensor) -> Separable | None:
+        """The structure of ``f`` around ``x`` (class docstring), or ``None``."""
+        try:
+            with torch.enable_grad():
+                return _find_separable(f, x.detach())
+        except Exception:  # noqa: BLE001 - any failure means: not recognised
+            return None
+
+    def edge(self, v: Tensor) -> GradientEdge | None:
+        """The edge of ``u`` in the graph of the value ``v``, by the stored route."""
+        node = v.grad_fn
+        for index, name in self.route:
+            if node is None or index >= len(node.next_functions):
+                return None
+            node = node.next_functions[index][0]
+            if node is None or type(node).__name__ != name:
+                return None
+        return GradientEdge(node, self.output_nr) if node is not None else None
+
+    def derivatives(
+        self, f: Callable[[Tensor], Tensor], x: Tensor
+    ) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """``(f(x), ∇f(x), F''(u(x)))`` in float64 numpy, or ``None`` where ``u`` is not found
+        by the stored route."""
+        xr = x.detach().requires_grad_()
+        with torch.enable_grad():
+            v = f(xr)
+            e = self.edge(v)
+            if e is None:
+                return None
+            g, gu = torch.autograd.grad(v, [xr, e], create_graph=True)
+            if gu.numel() != self.A.shape[0]:
+                return None
+            d = _second(gu, e)
+        return float(v), _np(g), _np(d)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy().reshape(-1)
+
+
+def _second(gu: Tensor, e: GradientEdge, keep: bool = False) -> Tensor:
+    """``∇²F(u) 1``: the per-entry second derivatives of a separable ``F`` (``keep``: the
+    graph stays for another backward)."""
+    if not gu.requires_grad:  # F is linear in u
+        return torch.zeros_like(gu)
+    (d,) = torch.autograd.grad(gu, e, torch.ones_like(gu), retain_graph=keep, allow_unused=True)
+    return torch.zeros_like(gu) if d is None else d
+
+
+_SEPARABLE_MAX = 1 << 22  # entries of A (m · P), at most
+_CUTS_TRIED = 4
+
+
+def _find_separable(f: Callable[[Tensor], Tensor], x: Tensor) -> Separable | None:
+    """:meth:`Separable.find` (raises on any failure)."""
+    P = x.numel()
+    xr = x.requires_grad_()
+    v = f(xr)
+    if v.numel() != 1 or v.grad_fn is None:
+        return None
+    gen = torch.Generator().manual_seed(2)
+    z = (x.detach() + torch.randn(P, generator=gen, dtype=torch.float64).to(x)).requires_grad_()
+    w = torch.randn(P, generator=gen, dtype=torch.float64).numpy()
+    for route, output_nr in _cuts(v.grad_fn, xr)[:_CUTS_TRIED]:
+        found = Separable(route, output_nr, np.zeros((0, P)))
+        e = found.edge(v)
+        assert e is not None
+        (g, gu) = torch.autograd.grad(v, [xr, e], retain_graph=True)
+        m = gu.numel()
+        if m * P > _SEPARABLE_MAX:
+            continue
+        eye = torch.eye(m, dtype=gu.dtype, device=gu.device).reshape(m, *gu.shape)
+        (J,) = torch.autograd.grad(
+            [e], [xr], [eye], is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+        if J is None:
+            continue
+        A = _np(J).reshape(m, P)
+        found.A = A
+        if not _close(_np(g), A.T @ _np(gu), A.T @ np.abs(_np(gu))):
+            continue
+        vz = f(z)
+        ez = found.edge(vz)
+        if ez is None:
+            continue
+        gz, guz = torch.autograd.grad(vz, [z, ez], create_graph=True)
+        dz = _np(_second(guz, ez, keep=True))
+        (hw,) = torch.autograd.grad(gz, z, torch.from_numpy(w).to(z), allow_unused=True)
+        hw_n = np.zeros(P) if hw is None else _np(hw)
+        model = A.T @ (dz * (A @ w))
+        size = np.abs(A).T @ (np.abs(dz) * np.abs(A @ w))
+        if _close(_np(gz), A.T @ _np(guz), np.abs(A).T @ np.abs(_np(guz))) and _close(
+            hw_n, model, size
+        ):
+            return found
+    return None
+
+
+def _close(a: np.ndarray, b: np.ndarray, size: np.ndarray) -> bool:
+    """``a`` equals ``b`` up to round-off in sums whose terms have magnitudes ``size``."""
+    return bool(np.linalg.norm(a - b) <= 1e-8 * (np.linalg.norm(size) + 1e-300))
+
+
+def _cuts(root: Any, leaf: Tensor) -> list[tuple[list[tuple[int, str]], int]]:
+    """The tensors of the graph under ``root`` through which every path to ``leaf`` runs,
+    nearest ``root`` first, each as ``(route, output_nr)``: the route is the ``(index,
+    node type)`` steps through ``next_functions`` from ``root`` to the node that made it."""
+    order: list[Any] = []  # post-order: children before parents
+    kids: dict[int, list[tuple[int, Any, int]]] = {}
+    reaches: dict[int, bool] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            reaches[key] = getattr(node, "variable", None) is leaf or any(
+                reaches[id(c)] for _, c, _ in kids[key]
+            )
+            order.append(node)
+            continue
+        if key in kids:
+            continue
+        kids[key] = [(i, c, nr) for i, (c, nr) in enumerate(node.next_functions) if c is not None]
+        stack.append((node, True))
+        stack.extend((c, False) for _, c, _ in kids[key] if id(c) not in kids)
+    if not reaches.get(id(root), False):
+        return []
+    down: dict[int, int] = {}  # paths from a node to the leaf
+    for node in order:
+        key = id(node)
+        leafy = getattr(node, "variable", None) is leaf
+        down[key] = 1 if leafy else sum(down[id(c)] for _, c, _ in kids[key] if reaches[id(c)])
+    up: dict[int, int] = {id(root): 1}  # paths from root to a node
+    into: dict[tuple[int, int], int] = {}  # paths from root into a tensor (node, output_nr)
+    parent: dict[int, tuple[Any, int]] = {}
+    topo = order[::-1]
+    rank = {id(n): r for r, n in enumerate(topo)}
+    for node in topo:
+        key = id(node)
+        for i, c, nr in kids[key]:
+            if not reaches[id(c)]:
+                continue
+            up[id(c)] = up.get(id(c), 0) + up[key]
+            into[(id(c), nr)] = into.get((id(c), nr), 0) + up[key]
+            parent.setdefault(id(c), (node, i))
+    total = down[id(root)]
+    nodes = {id(n): n for n in order}
+    found = []
+    for (key, nr), count in into.items():
+        if count * down[key] == total:
+            route: list[tuple[int, str]] = []
+            at = nodes[key]
+            while id(at) != id(root):
+                above, i = parent[id(at)]
+                route.append((i, type(at).__name__))
+                at = above
+            found.append((rank[key], route[::-1], nr))
+    found.sort(key=lambda t: t[0])
+    return [(route, nr) for _, route, nr in found]
 
 
 class _Point:
@@ -209,19 +399,27 @@ class _Point:
             self.fx = float(f(self.x))
         return self.fx + float(tau @ np.abs(self.xn))
 
-    def differentiate(self, f: Callable[[Tensor], Tensor]) -> bool:
+    def differentiate(self, f: Callable[[Tensor], Tensor], structure: Separable | None) -> bool:
         """Compute ``f``, ``∇f``, ``∇²f`` and ``λ_max`` here (once); ``False`` when the
-        Hessian is not positive semidefinite."""
-        if self.H.size == 0:
-            fx, g, H = derivatives(f, self.x)
-            self.fx, self.g = float(fx), g.cpu().double().numpy()
-            Hn = H.cpu().double().numpy()
-            self.H = 0.5 * (Hn + Hn.T)
-            eig = np.linalg.eigvalsh(self.H) if self.H.size else np.zeros(1)
-            self.top = max(float(eig[-1]), _TINY)
-            if float(eig[0]) < -1e-8 * self.top:
-                return False
-        return True
+        Hessian is not positive semidefinite. With a :class:`Separable` structure and
+        ``F''(u) ≥ 0`` the Hessian ``Aᵀ diag(F'') A`` is positive semidefinite by its form;
+        otherwise it is formed by :func:`derivatives` and its eigenvalues are checked."""
+        if self.H.size:
+            return True
+        got = None if structure is None else structure.derivatives(f, self.x)
+        if got is not None and float(got[2].min(initial=0.0)) >= 0.0:
+            self.fx, self.g, d = got
+            A = structure.A  # type: ignore[union-attr]
+            self.H = (A.T * d) @ A
+            self.top = max(float(np.linalg.eigvalsh(self.H)[-1]), _TINY)
+            return True
+        fx, g, H = derivatives(f, self.x)
+        self.fx, self.g = float(fx), g.cpu().double().numpy()
+        Hn = H.cpu().double().numpy()
+        self.H = 0.5 * (Hn + Hn.T)
+        eig = np.linalg.eigvalsh(self.H) if self.H.size else np.zeros(1)
+        self.top = max(float(eig[-1]), _TINY)
+        return not float(eig[0]) < -1e-8 * self.top
 
 
 _TINY = float(np.finfo(np.float64).tiny) ** 0.5
@@ -234,6 +432,7 @@ def _one_model(
     tol: float,
     max_iter: int,
     scale0: float,
+    structure: Separable | None = None,
 ) -> tuple[_Point, int, np.ndarray] | None:
     """Proximal Newton for one model from ``at``: ``(point, iterations, [converged, floor,
     optimality])``, or ``None`` at a Hessian that is not positive semidefinite. The
@@ -243,7 +442,7 @@ def _one_model(
     report = np.zeros(3)
     eps = torch.finfo(dtype).eps
     for it in range(1, min(max_iter, _MAX_NEWTON) + 1):
-        if not at.differentiate(f):
+        if not at.differentiate(f, structure):
             return None
         assert at.fx is not None
         x, g, H, top = at.xn, at.g, at.H, at.top
