@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 from torch.func import hessian
 
-from . import _tree, prox
+from . import _tree
 from ._lasso import fista_lasso
 
 NEWTON_MAX = 256  # form the P × P Hessian up to this many parameter entries
@@ -86,12 +86,14 @@ def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -
     optimal = False
 
     def q(V: np.ndarray) -> np.ndarray:
-        return 0.5 * np.einsum("ki,ij,kj->k", V, G, V) - V @ b + np.abs(V) @ tau
+        return 0.5 * ((V @ G) * V).sum(1) - V @ b + np.abs(V) @ tau
 
+    penalised = ~free
     for _ in range(_SIGN_STEPS_PER_P * p + 10):
         if optimal:
             grad = G @ v - b
-            excess = np.where(active, -np.inf, np.abs(grad) - tau)
+            excess = np.abs(grad) - tau
+            excess[active] = -np.inf
             j = int(np.argmax(excess))
             if not excess[j] > slack:
                 return v
@@ -107,8 +109,9 @@ def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -
         if not np.isfinite(u).all():
             return None
         step = u - v
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cross = np.where(active & ~free & (v * u < 0), -v / step, np.inf)
+        crossing = active & penalised & (v * u < 0)
+        cross = np.full(p, np.inf)
+        cross[crossing] = -v[crossing] / step[crossing]
         ts = np.unique(np.append(cross[cross < 1.0], 1.0))
         values = q(np.concatenate([v[None], v[None] + ts[:, None] * step[None]]))
         at = int(np.argmin(values[1:]))
@@ -117,7 +120,7 @@ def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -
             if not np.abs(step).max() <= 1e-9 * max(np.abs(v).max(), 1.0):
                 return None  # no decrease along a real step: degenerate; the caller falls back
             t = 1.0  # u is v up to round-off (v already optimal on A): take it
-        pen = idx[~free[idx]]
+        pen = idx[penalised[idx]]
         # a full step is optimal on A when every penalised coordinate kept its sign
         optimal = t == 1.0 and bool(((np.sign(u[pen]) == sigma[pen]) | (u[pen] == 0)).all())
         v = u if t == 1.0 else v + t * step
@@ -172,6 +175,7 @@ def prox_newton(
     iterations = torch.zeros(K, dtype=torch.int64)
     report = np.zeros((K, 3))  # converged, floor, optimality
     previous: _Point | None = None
+    first: _Point | None = None  # the first model's start (its f(x_0) serves every model)
     structure: Separable | None = None
     # the largest thresholds first: each model warm-starts from a sparser solution
     for k in torch.argsort(tau.sum(1), descending=True, stable=True).tolist():
@@ -181,6 +185,9 @@ def prox_newton(
 
         t_k = tau[k].detach().cpu().double().numpy()
         start = _Point(x0[k])
+        if shared and first is not None and torch.equal(first.x, start.x):
+            start.fx = first.fx
+        first = first or start
         if previous is not None:
             again = previous if shared else _Point(previous.x)
             with torch.no_grad():
@@ -254,7 +261,7 @@ class Separable:
             if gu.numel() != self.A.shape[0]:
                 return None
             d = _second(gu, e)
-        return float(v), _np(g), _np(d)
+        return float(v.detach()), _np(g), _np(d)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -392,6 +399,15 @@ class _Point:
         self.fx: float | None = None
         self.g = self.H = np.zeros(0)
         self.top = 0.0
+        self._pending: tuple[float, np.ndarray, np.ndarray] | None = None
+
+    def prefetch(self, f: Callable[[Tensor], Tensor], structure: Separable | None) -> None:
+        """With a :class:`Separable` structure: ``f``, ``∇f`` and ``F''`` here at once (one
+        forward serves the line search's test and, when the point is taken, the Hessian)."""
+        if structure is not None and self.fx is None:
+            self._pending = structure.derivatives(f, self.x)
+            if self._pending is not None:
+                self.fx = self._pending[0]
 
     def objective(self, f: Callable[[Tensor], Tensor], tau: np.ndarray) -> float:
         """``F(x) = f(x) + Σ_j τ_j |x_j|``."""
@@ -406,7 +422,9 @@ class _Point:
         otherwise it is formed by :func:`derivatives` and its eigenvalues are checked."""
         if self.H.size:
             return True
-        got = None if structure is None else structure.derivatives(f, self.x)
+        got = self._pending
+        if got is None and structure is not None:
+            got = structure.derivatives(f, self.x)
         if got is not None and float(got[2].min(initial=0.0)) >= 0.0:
             self.fx, self.g, d = got
             A = structure.A  # type: ignore[union-attr]
@@ -447,16 +465,12 @@ def _one_model(
         assert at.fx is not None
         x, g, H, top = at.xn, at.g, at.H, at.top
         z = x - g / top
-        moved = prox.soft_threshold(torch.from_numpy(z), torch.from_numpy(tau / top)).numpy()
-        numbers = torch.tensor(
-            [top * np.linalg.norm(x - moved), np.linalg.norm(g), scale0, np.linalg.norm(x)],
-            dtype=dtype,
-        )
-        mapping, gnorm, scale, xnorm = numbers.unbind()
-        stop, ok = _tree.stopping_rule(mapping, gnorm, scale, top, xnorm, tol)
-        floor = _tree.floor_ratio(gnorm, scale, top, xnorm)
-        report = np.array([float(ok), float(floor), float(mapping / torch.maximum(scale, gnorm))])
-        if bool(stop):
+        moved = np.sign(z) * np.maximum(np.abs(z) - tau / top, 0.0)  # prox.soft_threshold
+        stop, report = _rule(
+            top * np.linalg.norm(x - moved), np.linalg.norm(g), scale0, np.linalg.norm(x),
+            top, tol, dtype,
+        )  # fmt: skip
+        if stop:
             return at, it, report
         b = H @ x - g
         w = feature_sign(H, b, tau, x)
@@ -476,6 +490,8 @@ def _one_model(
         trial = _Point(torch.from_numpy(x + d).to(at.x))
         if delta < -noise:
             total = at.fx + h_old
+            # the full step is taken almost always: its value comes with its derivatives
+            trial.prefetch(f, structure)
             with torch.no_grad():
                 for _ in range(40):
                     if trial.objective(f, tau) <= total + _ARMIJO * step * delta:
@@ -486,3 +502,37 @@ def _one_model(
     # the last step's point is not the one certified above
     report[0] = 0.0
     return at, max_iter, report
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+
+def _rule(
+    mapping: float,
+    gnorm: float,
+    scale: float,
+    xnorm: float,
+    top: float,
+    tol: float,
+    dtype: torch.dtype,
+) -> tuple[bool, np.ndarray]:
+    """:func:`funcreg._tree.stopping_rule` and :func:`~funcreg._tree.floor_ratio` on these
+    numbers rounded to the solver's ``dtype`` (numpy scalars for float64 and float32, the
+    same arithmetic without a torch call): ``(stop, [converged, floor, optimality])``."""
+    nd = _NUMPY_DTYPES.get(dtype)
+    if nd is None:
+        numbers = torch.tensor([mapping, gnorm, scale, xnorm], dtype=dtype)
+        m_t, g_t, s_t, x_t = numbers.unbind()
+        stop_t, ok_t = _tree.stopping_rule(m_t, g_t, s_t, top, x_t, tol)
+        floor_t = _tree.floor_ratio(g_t, s_t, top, x_t)
+        opt_t = m_t / torch.maximum(s_t, g_t)
+        return bool(stop_t), np.array([float(ok_t), float(floor_t), float(opt_t)])
+    m, gn, sc, xn, L = nd(mapping), nd(gnorm), nd(scale), nd(xnorm), nd(top)
+    c = nd(_tree.ROUNDOFF_FLOOR * np.finfo(nd).eps)
+    ref = max(sc, gn)
+    floor = c * (ref + L * xn)
+    target = nd(tol) * ref
+    ok = bool(m <= target) and bool(target >= floor)
+    ratio = c * (1 + L * xn / max(ref, nd(np.finfo(nd).tiny)))
+    opt = m / ref if ref > 0 else nd(np.inf if m > 0 else np.nan)
+    return bool(m <= max(target, floor)), np.array([float(ok), float(ratio), float(opt)])
