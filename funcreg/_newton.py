@@ -215,7 +215,8 @@ class Separable:
 
     :meth:`find` looks for ``u`` on the autograd graph of ``f(x)``: a tensor through which
     every path from ``θ`` to the value runs (a cut), nearest the value first; ``A`` is its
-    Jacobian at ``x``, by one backward batched over its ``m`` entries. It is accepted only
+    Jacobian at ``x`` (a backward from ``u`` with ``create_graph`` and one batched over the
+    ``P`` unit vectors). It is accepted only
     when, in float64-scale tolerances, ``∇f = Aᵀ ∇_u F`` at ``x`` and at a seeded random
     probe ``z``, and there ``∇²f(z) w = Aᵀ (F''(u) ⊙ A w)`` for a seeded random ``w``
     (one Hessian-vector product: affine ``u`` and separable ``F``). Each later evaluation
@@ -299,13 +300,14 @@ def _find_separable(f: Callable[[Tensor], Tensor], x: Tensor) -> Separable | Non
         m = gu.numel()
         if m * P > _SEPARABLE_MAX:
             continue
-        eye = torch.eye(m, dtype=gu.dtype, device=gu.device).reshape(m, *gu.shape)
-        (J,) = torch.autograd.grad(
-            [e], [xr], [eye], is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        if J is None:
-            continue
-        A = _np(J).reshape(m, P)
+        # J = ∂u/∂θ: r(w) = Jᵀw by one backward from u with create_graph, then the rows of
+        # Jᵀ as ∂r/∂w by one backward batched over the P unit vectors (batching over the m
+        # entries of u instead multiplies by an m × m identity)
+        w_u = torch.zeros_like(gu, requires_grad=True)
+        (r,) = torch.autograd.grad([e], [xr], [w_u], create_graph=True, retain_graph=True)
+        eye = torch.eye(P, dtype=r.dtype, device=r.device)
+        (Jt,) = torch.autograd.grad(r, w_u, eye, is_grads_batched=True)
+        A = _np(Jt).reshape(P, m).T.copy()
         found.A = A
         if not _close(_np(g), A.T @ _np(gu), A.T @ np.abs(_np(gu))):
             continue
