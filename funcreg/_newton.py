@@ -55,6 +55,7 @@ NEWTON_MAX = 256  # form the P × P Hessian up to this many parameter entries
 _MAX_NEWTON = 100  # outer iterations per model, at most
 _ARMIJO = 0.25
 _SIGN_STEPS_PER_P = 4  # feature-sign steps per coordinate before the FISTA fallback
+_ONE = np.ones(1)
 
 
 def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -> np.ndarray | None:
@@ -103,7 +104,7 @@ def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -
         u = np.zeros_like(v)
         if idx.size:
             try:
-                u[idx] = np.linalg.solve(G[np.ix_(idx, idx)], b[idx] - tau[idx] * sigma[idx])
+                u[idx] = np.linalg.solve(G[idx[:, None], idx], b[idx] - tau[idx] * sigma[idx])
             except np.linalg.LinAlgError:
                 return None
         if not np.isfinite(u).all():
@@ -111,10 +112,13 @@ def feature_sign(G: np.ndarray, b: np.ndarray, tau: np.ndarray, w: np.ndarray) -
         step = u - v
         crossing = active & penalised & (v * u < 0)
         cross = np.full(p, np.inf)
-        cross[crossing] = -v[crossing] / step[crossing]
-        ts = np.unique(np.append(cross[cross < 1.0], 1.0))
-        values = q(np.concatenate([v[None], v[None] + ts[:, None] * step[None]]))
-        at = int(np.argmin(values[1:]))
+        if crossing.any():
+            cross[crossing] = -v[crossing] / step[crossing]
+            ts = np.unique(np.append(cross[cross < 1.0], 1.0))
+            values = q(np.concatenate([v[None], v[None] + ts[:, None] * step[None]]))
+        else:  # the segment's least q is at u
+            ts, values = _ONE, q(np.stack([v, u]))
+        at = int(values[1:].argmin())
         t = float(ts[at])
         if not values[1 + at] < values[0]:
             if not np.abs(step).max() <= 1e-9 * max(np.abs(v).max(), 1.0):
