@@ -91,8 +91,11 @@ class Layout:
         }
 
     def single(self, theta: Tensor) -> Params:
-        """``(P,)`` -> one model's ``{name: shape}``."""
-        return {n: v[0] for n, v in self.unflatten(theta[None]).items()}
+        """``(P,)`` -> one model's ``{name: shape}`` (slices of ``theta``, no copy)."""
+        return {
+            n: theta[self.offsets[n] : self.offsets[n] + size].reshape(self.shapes[n])
+            for n, size in zip(self.names, self.sizes, strict=True)
+        }
 
 
 class Quadratic:
