@@ -40,7 +40,7 @@ not formed and FISTA runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -301,7 +301,7 @@ def _find_separable(f: Callable[[Tensor], Tensor], x: Tensor) -> Separable | Non
         found = Separable(route, output_nr, np.zeros((0, P)))
         e = found.edge(v)
         assert e is not None
-        (g, gu) = torch.autograd.grad(v, [xr, e], retain_graph=True)
+        (g, gu) = torch.autograd.grad(v, cast(Any, [xr, e]), retain_graph=True)
         m = gu.numel()
         if m * P > _SEPARABLE_MAX:
             continue
@@ -320,7 +320,7 @@ def _find_separable(f: Callable[[Tensor], Tensor], x: Tensor) -> Separable | Non
         ez = found.edge(vz)
         if ez is None:
             continue
-        gz, guz = torch.autograd.grad(vz, [z, ez], create_graph=True)
+        gz, guz = torch.autograd.grad(vz, cast(Any, [z, ez]), create_graph=True)
         dz = _np(_second(guz, ez, keep=True))
         (hw,) = torch.autograd.grad(gz, z, torch.from_numpy(w).to(z), allow_unused=True)
         hw_n = np.zeros(P) if hw is None else _np(hw)
@@ -473,13 +473,13 @@ def _one_model(
             return None
         assert at.fx is not None
         stop, report = _test(at, tau, scale0, tol, dtype)
-        if stop and at.structural:
-            # a stop is certified with autograd's own gradient; one far from the structure's
-            # means the structure does not hold here: this model goes on without it
-            g_true = _gradient(f, at.x)
-            if not np.linalg.norm(g_true - at.g) <= 1e-10 * max(scale0, np.linalg.norm(g_true)):
-                structure = None
-            at.g, at.structural = g_true, False
+        if at.structural and (stop or it % _CHECK_EVERY == 0):
+            # a stop is certified with autograd's own gradient (and the structure's is
+            # checked every few steps); one far from the structure's means the structure
+            # does not hold here: this model goes on without it, from this point
+            if not _certify(f, at, scale0):
+                structure, at = None, _Point(at.x)
+                continue
             stop, report = _test(at, tau, scale0, tol, dtype)
         if stop:
             return at, it, report
@@ -497,10 +497,16 @@ def _one_model(
         delta = gd + h_new - h_old
         noise = 64 * eps * (abs(gd) + h_new + h_old)
         if delta > noise:  # not a descent direction: no better model step
+            if at.structural:  # the report with autograd's gradient, as at a stop
+                if not _certify(f, at, scale0):
+                    structure, at = None, _Point(at.x)
+                    continue
+                _, report = _test(at, tau, scale0, tol, dtype)
             return at, it, report
         step = 1.0  # a decrease within round-off of Δ: take the Newton step as it is
         trial = _Point(torch.from_numpy(x + d).to(at.x))
         if delta < -noise:
+            assert at.fx is not None
             total = at.fx + h_old
             # the full step is taken almost always: its value comes with its derivatives
             trial.prefetch(f, structure)
@@ -523,10 +529,21 @@ def _test(
     x, g, top = at.xn, at.g, at.top
     z = x - g / top
     moved = np.sign(z) * np.maximum(np.abs(z) - tau / top, 0.0)  # prox.soft_threshold
-    return _rule(
-        top * np.linalg.norm(x - moved), np.linalg.norm(g), scale0, np.linalg.norm(x),
-        top, tol, dtype,
-    )  # fmt: skip
+    norms = [float(np.linalg.norm(v)) for v in (x - moved, g, x)]
+    return _rule(top * norms[0], norms[1], scale0, norms[2], top, tol, dtype)
+
+
+_CHECK_EVERY = 8  # Newton steps on a structure's gradient between checks against autograd's
+
+
+def _certify(f: Callable[[Tensor], Tensor], at: _Point, scale0: float) -> bool:
+    """Replace the structure's gradient at ``at`` by autograd's; ``False`` where they differ
+    by more than round-off (relative to the stopping rule's scale)."""
+    g_true = _gradient(f, at.x)
+    size = max(scale0, float(np.linalg.norm(g_true)))
+    ok = bool(np.linalg.norm(g_true - at.g) <= 1e-10 * size)
+    at.g, at.structural = g_true, False
+    return ok
 
 
 def _gradient(f: Callable[[Tensor], Tensor], x: Tensor) -> np.ndarray:
@@ -537,7 +554,7 @@ def _gradient(f: Callable[[Tensor], Tensor], x: Tensor) -> np.ndarray:
     return np.zeros(x.numel()) if g is None else _np(g)
 
 
-_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+_NUMPY_DTYPES: dict[torch.dtype, Any] = {torch.float64: np.float64, torch.float32: np.float32}
 
 
 def _rule(
@@ -560,7 +577,7 @@ def _rule(
         floor_t = _tree.floor_ratio(g_t, s_t, top, x_t)
         opt_t = m_t / torch.maximum(s_t, g_t)
         return bool(stop_t), np.array([float(ok_t), float(floor_t), float(opt_t)])
-    m, gn, sc, xn, L = nd(mapping), nd(gnorm), nd(scale), nd(xnorm), nd(top)
+    m, gn, sc, xn, L = (nd(v) for v in (mapping, gnorm, scale, xnorm, top))
     c = nd(_tree.ROUNDOFF_FLOOR * np.finfo(nd).eps)
     ref = max(sc, gn)
     floor = c * (ref + L * xn)
