@@ -4,7 +4,7 @@
 Per model, from its start ``x`` (``F = f + h``, ``h(x) = Σ_j τ_j |x_j|``)::
 
     repeat
-        f(x), g = ∇f(x), H = ∇²f(x)               (one double backward, solver's dtype)
+        f(x), g = ∇f(x), H = ∇²f(x)               (autograd, solver's dtype)
         stop when the stopping rule of solve holds at x, with L = λ_max(H)
         w = argmin_w ½ (w − x)ᵀH(w − x) + gᵀ(w − x) + h(w)
             = the Lasso on the Gram matrix H with linear term Hx − g (:func:`feature_sign`;
@@ -26,10 +26,19 @@ Newton iterations per model at ``tol=1e-8``, 4 derivative evaluations of them ne
 before, cold-started.)
 
 The problems here are small (``P ≤ NEWTON_MAX``), where an eager torch call costs more than
-its arithmetic: the Hessian comes from one backward with ``create_graph`` and one batched
-backward over the ``P`` unit vectors (``is_grads_batched``; 4× cheaper than
-``torch.func.hessian``'s forward-over-reverse here, which remains the fallback), and the
-dense ``P × P`` linear algebra (``λ_max``, the inner Lasso) runs in numpy float64 on the host.
+its arithmetic. **The Hessian of a GLM-type loss** (:class:`Separable`): where the loss is
+``F(u)`` of an affine ``u = Aθ + c`` (a linear model's outputs) with ``F`` a sum of
+per-entry terms (glmnet's and IRLS's setting, found once per call on the autograd graph and
+checked at a random probe), ``∇f = Aᵀ∇F(u)`` and ``∇²f = Aᵀ diag(F''(u)) A`` come from a
+backward that stops at ``u`` and one double backward through ``F`` alone, then a product in
+numpy; ``F'' ≥ 0`` makes this Hessian positive semidefinite by its form. Every stop (and
+every 8th step) is checked with autograd's own gradient; where it disagrees the model goes
+on without the structure. Otherwise the Hessian comes from one backward with
+``create_graph`` and one batched backward over the ``P`` unit vectors
+(``is_grads_batched``; 4× cheaper than ``torch.func.hessian``'s forward-over-reverse here,
+which remains the fallback). The dense ``P × P`` linear algebra (``λ_max``, the inner
+Lasso, the stopping rule) runs in numpy float64 on the host, and the full step's value comes
+with its derivatives (one forward for the line search's test and the next Hessian).
 
 A Hessian that is not positive semidefinite (a non-convex loss) has no such model:
 :func:`prox_newton` returns ``None`` and :func:`funcreg.solvers.solve` falls back to FISTA
