@@ -221,3 +221,21 @@ def test_numpy_stopping_rule_equals_the_torch_one(dtype: torch.dtype) -> None:
         assert stop == bool(t_stop) and report[0] == float(t_ok)
         np.testing.assert_allclose(report[1], float(_tree.floor_ratio(g, s, top, x)), rtol=1e-6)
         np.testing.assert_allclose(report[2], float(m / torch.maximum(s, g)), rtol=1e-6)
+
+
+def test_separable_loss_with_negative_curvature_still_falls_back_with_the_warning() -> None:
+    """``mean cos(Xw)`` has the separable structure, with ``F'' = −cos(u) < 0`` at 0: the
+    structure's Hessian is not taken as PSD; the general one is checked and refused, and
+    solve falls back to FISTA with the warning."""
+    from funcreg._newton import Separable
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 3, generator=gen, dtype=DT)
+
+    def loss(p: dict, X: torch.Tensor) -> torch.Tensor:
+        return torch.cos(X @ p["w"]).mean()
+
+    assert Separable.find(lambda t: loss({"w": t}, X), torch.zeros(3, dtype=DT)) is not None
+    p0 = {"w": torch.zeros(3, dtype=DT)}
+    with pytest.warns(RuntimeWarning, match="not positive semidefinite.*falling back to FISTA"):
+        solve(loss, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, X, tol=1e-6, max_iter=2000)
