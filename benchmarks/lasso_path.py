@@ -19,6 +19,7 @@ funcreg takes its lean Lasso loop here (fixed step ``1/λ_max``, convergence tes
     python benchmarks/lasso_path.py            # n = 2000; p = 200, 200 (AR(1) 0.9), 1000
     python benchmarks/lasso_path.py --quick    # CI size
     python benchmarks/lasso_path.py --real     # scikit-learn's datasets, the user's route
+    python benchmarks/lasso_path.py --logistic # only --real's L1 logistic path rows
 
 ``--real`` times the route a user takes (an ``nn.Linear`` model, an MSE loss through
 ``functional_call``, an unpenalized intercept, funcreg's defaults) on ``load_diabetes``:
@@ -208,12 +209,12 @@ def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]
 
 def real(repeats: int = 7) -> list[dict]:
     """The ``--real`` rows (module docstring)."""
-    from sklearn.datasets import load_breast_cancer, load_diabetes
-    from sklearn.linear_model import LassoCV, LogisticRegression
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LassoCV
     from sklearn.model_selection import KFold
 
     torch.set_num_threads(1)
-    rows: list[dict] = []
+    rows: list[tuple] = []
     X, y = load_diabetes(return_X_y=True)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     net = _linear(X.shape[1])
@@ -244,6 +245,21 @@ def real(repeats: int = 7) -> list[dict]:
     same = cv.strength_min == skcv.alpha_  # type: ignore[attr-defined]
     rows.append(("diabetes 5-fold cross_validate vs LassoCV", t_cv, t_skcv, float(same), 1.0))
 
+    rows += logistic(repeats)
+    _print_rows(rows)
+    return [
+        dict(zip(("task", "funcreg_s", "sklearn_s", "gap_fr", "gap_sk"), r, strict=False))
+        for r in rows
+    ]
+
+
+def logistic(repeats: int = 7) -> list[tuple]:
+    """The L1 logistic rows of ``--real`` (module docstring); ``--logistic`` runs them alone."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+
+    torch.set_num_threads(1)
+    rows: list[tuple] = []
     Xb, yb = load_breast_cancer(return_X_y=True)
     Xb = (Xb - Xb.mean(0)) / Xb.std(0)
     n = len(yb)
@@ -292,6 +308,10 @@ def real(repeats: int = 7) -> list[dict]:
     gap_sk = float(((logobj(Ws, 1.0) - ref_sk) / ref_sk).max())  # type: ignore[arg-type]
     rows.append(("breast cancer L1 logistic path, 10 C vs liblinear", t_fr, t_sk, gap_fr, gap_sk))
     rows.append(("  the same, funcreg at tol=1e-4", t_lo, t_sk, gap_lo, gap_sk))
+    return rows
+
+
+def _print_rows(rows: list[tuple]) -> None:
     print(f"threads: torch {torch.get_num_threads()}, BLAS 1 (threadpoolctl); wall seconds")
     print(f"{'task':<46} {'funcreg':>9} {'sklearn':>9} {'ratio':>6} {'gap fr':>8} {'gap sk':>8}")
     for task, a, b, ga, gb in rows:
@@ -301,10 +321,6 @@ def real(repeats: int = 7) -> list[dict]:
             else f"{'same choice' if ga else 'DIFFERENT'}"
         )
         print(f"{task:<46} {a:9.4f} {b:9.4f} {a / b:6.2f} {extra}")
-    return [
-        dict(zip(("task", "funcreg_s", "sklearn_s", "gap_fr", "gap_sk"), r, strict=False))
-        for r in rows
-    ]
 
 
 if __name__ == "__main__":
@@ -313,7 +329,11 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", action="store_true", help="sklearn datasets, the user's route")
+    parser.add_argument("--logistic", action="store_true", help="only --real's L1 logistic rows")
     args = parser.parse_args()
+    if args.logistic:
+        _print_rows(logistic(repeats=args.repeats))
+        raise SystemExit
     if args.real:
         real(repeats=args.repeats)
     main(quick=args.quick, repeats=args.repeats, seed=args.seed)

@@ -121,3 +121,121 @@ def test_l1_logistic_path_with_intercept_matches_sklearn() -> None:
         )
         np.testing.assert_allclose(W[k], sk.coef_[0], atol=1e-5, rtol=0)
         np.testing.assert_allclose(b[k], sk.intercept_[0], atol=1e-5, rtol=0)
+
+
+def _bce_value(net: torch.nn.Module, bce, X: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN202
+    """The route's flat objective ``f(θ)`` of an ``nn.Linear`` (weight then bias)."""
+    from funcreg._quadratic import Layout
+
+    layout = Layout({k: v.detach() for k, v in net.named_parameters()})
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        return bce(layout.single(theta), X, y)
+
+    return f, layout.P
+
+
+def test_separable_hessian_equals_torch_func_hessian() -> None:
+    """The user's ``nn.Linear`` + BCE loss is found to be ``F(u)`` of the linear outputs
+    ``u = Aθ + c`` (``A = [X, 1]``), and ``Aᵀ diag(F'') A`` and ``Aᵀ∇F`` equal
+    ``torch.func.hessian`` and ``grad`` at points away from the one it was found at."""
+    from funcreg._newton import Separable
+
+    Xt, yt, _, _ = _cancer()
+    net, bce = _linear_bce(Xt.shape[1])
+    f, P = _bce_value(net, bce, Xt, yt)
+    found = Separable.find(f, torch.zeros(P, dtype=DT))
+    assert found is not None
+    ones = torch.ones(len(yt), 1, dtype=DT)
+    np.testing.assert_allclose(found.A, torch.cat([Xt, ones], 1).numpy(), rtol=0, atol=1e-15)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = 0.3 * torch.randn(P, generator=gen, dtype=DT)
+        got = found.derivatives(f, x)
+        assert got is not None
+        fx, g, d = got
+        H = (found.A.T * d) @ found.A
+        np.testing.assert_allclose(fx, float(f(x)), rtol=1e-15, atol=0)
+        np.testing.assert_allclose(g, grad(f)(x).numpy(), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(H, hessian(f)(x).numpy(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "mlp"])
+def test_separable_refused_where_the_structure_does_not_hold(kind: str) -> None:
+    """A loss that couples the outputs (a log-sum-exp over the samples) or whose outputs are
+    not affine in the params (a two-layer network) has no such structure."""
+    from funcreg._newton import Separable
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, generator=gen, dtype=DT)
+    if kind == "pairwise":
+
+        def f(theta: torch.Tensor) -> torch.Tensor:
+            return torch.logsumexp(X @ theta, 0)
+
+        P = 4
+    else:
+
+        def f(theta: torch.Tensor) -> torch.Tensor:
+            W, v = theta[:12].reshape(4, 3), theta[12:]
+            return torch.nn.functional.softplus(torch.tanh(X @ W) @ v).mean()
+
+        P = 15
+    assert Separable.find(f, 0.1 * torch.randn(P, generator=gen, dtype=DT)) is None
+
+
+def test_a_wrong_structure_still_gives_the_certified_solution() -> None:
+    """The solver's stop is certified with autograd's gradient: a structure whose ``A`` is
+    off by a factor (a wrong Hessian and gradient) is dropped at the first stop it claims,
+    and the model still ends at the solution, certified."""
+    from funcreg._newton import Separable, _one_model, _Point
+
+    Xt, yt, _, _ = _cancer()
+    net, bce = _linear_bce(Xt.shape[1])
+    f, P = _bce_value(net, bce, Xt, yt)
+    found = Separable.find(f, torch.zeros(P, dtype=DT))
+    assert found is not None
+    tau = np.full(P, 0.02)
+    tau[-1] = 0.0
+    scale = float(np.linalg.norm(grad(f)(torch.zeros(P, dtype=DT)).numpy()))
+    good = _one_model(f, tau, _Point(torch.zeros(P, dtype=DT)), 1e-10, 100, scale, found)
+    assert good is not None and good[2][0] == 1.0
+    found.A = 1.5 * found.A
+    bad = _one_model(f, tau, _Point(torch.zeros(P, dtype=DT)), 1e-10, 100, scale, found)
+    assert bad is not None and bad[2][0] == 1.0
+    np.testing.assert_allclose(bad[0].xn, good[0].xn, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numpy_stopping_rule_equals_the_torch_one(dtype: torch.dtype) -> None:
+    from funcreg import _tree
+    from funcreg._newton import _rule
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        mapping, gnorm, scale, xnorm = 10.0 ** rng.uniform(-14, 1, 4)
+        top, tol = float(10.0 ** rng.uniform(-2, 3)), float(10.0 ** rng.uniform(-12, -3))
+        stop, report = _rule(mapping, gnorm, scale, xnorm, top, tol, dtype)
+        m, g, s, x = torch.tensor([mapping, gnorm, scale, xnorm], dtype=dtype).unbind()
+        t_stop, t_ok = _tree.stopping_rule(m, g, s, top, x, tol)
+        assert stop == bool(t_stop) and report[0] == float(t_ok)
+        np.testing.assert_allclose(report[1], float(_tree.floor_ratio(g, s, top, x)), rtol=1e-6)
+        np.testing.assert_allclose(report[2], float(m / torch.maximum(s, g)), rtol=1e-6)
+
+
+def test_separable_loss_with_negative_curvature_still_falls_back_with_the_warning() -> None:
+    """``mean cos(Xw)`` has the separable structure, with ``F'' = −cos(u) < 0`` at 0: the
+    structure's Hessian is not taken as PSD; the general one is checked and refused, and
+    solve falls back to FISTA with the warning."""
+    from funcreg._newton import Separable
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 3, generator=gen, dtype=DT)
+
+    def loss(p: dict, X: torch.Tensor) -> torch.Tensor:
+        return torch.cos(X @ p["w"]).mean()
+
+    assert Separable.find(lambda t: loss({"w": t}, X), torch.zeros(3, dtype=DT)) is not None
+    p0 = {"w": torch.zeros(3, dtype=DT)}
+    with pytest.warns(RuntimeWarning, match="not positive semidefinite.*falling back to FISTA"):
+        solve(loss, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, X, tol=1e-6, max_iter=2000)
