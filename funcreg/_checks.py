@@ -247,6 +247,36 @@ def check_no_sweep_keywords(where: str, extra: Mapping[str, Any], fn: Any) -> No
     )
 
 
+def tuned_terms(
+    where: str, names: Iterable[str], strengths: Mapping[str, Any], terms: Iterable[str] | None
+) -> tuple[str, ...]:
+    """The terms :func:`funcreg.tune` tunes (``terms``, default every term with a strength,
+    ``names``), each with a number as its starting strength, finite and > 0 (strengths are
+    tuned in log space); a name outside ``names`` or a missing start is refused."""
+    names = tuple(names)
+    tuned = names if terms is None else tuple(terms)
+    for t in tuned:
+        if t not in names:
+            raise ValueError(
+                f"{where}: cannot tune {t!r}: the spec's terms with a strength are {list(names)}"
+            )
+    for t in names:
+        if t not in strengths:
+            raise ValueError(f"{where}: no starting strength for term {t!r}")
+    for t in tuned:
+        v = strengths[t]
+        try:
+            x = math.nan if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several
+            x = math.nan
+        if not x > 0 or not math.isfinite(x):
+            raise ValueError(
+                f"{where}: the starting strength of {t!r} must be > 0 and finite (it is tuned "
+                f"in log space), got {v!r}"
+            )
+    return tuned
+
+
 def check_engine_args(where: str, optimizer: Any, steps: Any) -> None:
     """``optimizer=`` and ``steps=`` come together (the sweep engine) or not at all (the
     exact solver)."""

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .optim import Optimizer, adam
+
 
 class Secant:
     """Safeguarded diagonal secant steps on a dict of log-parameters (module docstring)."""
@@ -105,3 +107,65 @@ def _cubic_min(s0: float, s1: float, rise: float) -> float:
     if rise > 0 and s0 < 0:
         return -s0 / (2 * rise)
     return 0.5
+
+
+class Outer:
+    """The outer loop of :func:`funcreg.tune` (exact solves and networks alike): its step
+    rule, a :mod:`funcreg.optim` optimizer on ``θ`` (``None``: ``adam(lr=0.1)``) or
+    ``"secant"`` (:class:`Secant`), and its stopping rules: ``‖∇E‖ ≤ gtol``
+    (``"gradient"``), no relative improvement of the best value by more than ``tol`` in
+    ``patience`` steps (``"patience"``), a secant step below ``xtol`` (``"xtol"``)."""
+
+    def __init__(
+        self,
+        who: str,
+        optimizer: Optimizer | str | None,
+        theta: Mapping[str, Tensor],
+        tol: float,
+        patience: int,
+        gtol: float,
+        xtol: float,
+    ) -> None:
+        self.search: Secant | None = None
+        if isinstance(optimizer, str):
+            if optimizer != "secant":
+                raise ValueError(
+                    f"{who}: optimizer must be a funcreg.optim optimizer or 'secant', got "
+                    f"{optimizer!r}"
+                )
+            self.search = Secant(xtol=xtol)
+            optimizer = None
+        self.opt = adam(lr=0.1) if optimizer is None else optimizer
+        self.state = self.opt.init(dict(theta))
+        self.tol, self.patience, self.gtol = tol, patience, gtol
+        self.best = math.inf
+        self.since = 0
+
+    def record(self, value: float) -> bool:
+        """Count an outer step's ``value``; whether it is the best so far."""
+        b = self.best
+        improved = not math.isfinite(b) or value < b - self.tol * abs(b)
+        self.since = 0 if improved else self.since + 1
+        if value < b:
+            self.best = value
+            return True
+        return False
+
+    def step(
+        self,
+        theta: Mapping[str, Tensor],
+        value: float,
+        grads: Mapping[str, Tensor],
+        grad_norm: float,
+    ) -> tuple[dict[str, Tensor] | None, str | None]:
+        """``(next θ, None)``, or ``(None, why)`` when a stopping rule holds (after
+        :meth:`record` of this step's value)."""
+        if grad_norm <= self.gtol:
+            return None, "gradient"
+        if self.since >= self.patience:
+            return None, "patience"
+        if self.search is None:
+            nxt, self.state = self.opt.step(dict(grads), self.state, dict(theta), {})
+            return nxt, None
+        proposed = self.search.propose(theta, value, grads)
+        return (None, "xtol") if proposed is None else (proposed, None)

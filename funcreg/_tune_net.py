@@ -52,9 +52,10 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from . import _checks
 from ._implicit import cg, flat, hessian_vector, outer_grad, unflat
-from ._secant import Secant
-from .optim import Optimizer, adam
+from ._secant import Outer
+from .optim import Optimizer
 from .progress import Progress
 from .spec import Spec, as_spec, penalized
 from .train import train_step
@@ -257,28 +258,13 @@ def tune_network(
         raise ValueError(f"{who}: steps must be an integer >= 1, got {steps!r}")
     if not isinstance(params, Mapping) or not params:
         raise TypeError(f"{who}: params must be a non-empty dict {{name: tensor}}")
-    names = spec.strength_names
-    tuned = tuple(names if terms is None else terms)
-    for t in tuned:
-        if t not in names:
-            raise ValueError(
-                f"{who}: cannot tune {t!r}: the spec's terms with a strength are {list(names)}"
-            )
-    for t in names:
-        if t not in strengths:
-            raise ValueError(f"{who}: no starting strength for term {t!r}")
-    for t in tuned:
-        v = strengths[t]
+    for t, v in strengths.items():
         if isinstance(v, (list, tuple)) or (isinstance(v, Tensor) and v.dim() > 0):
             raise ValueError(
                 f"{who}: several starting points are not supported with training=; give "
                 f"{t!r} one number"
             )
-        if not float(v) > 0 or not math.isfinite(float(v)):
-            raise ValueError(
-                f"{who}: the starting strength of {t!r} must be finite and > 0 (it is tuned in "
-                f"log space), got {v!r}"
-            )
+    tuned = _checks.tuned_terms(who, spec.strength_names, strengths, terms)
     implicit = training.hypergrad == "implicit"
     if implicit:
         rough = [t for t, pen in spec.items() if not pen.smooth]
@@ -296,21 +282,12 @@ def tune_network(
         return torch.as_tensor(float(v), dtype=like.dtype, device=like.device)
 
     theta = {t: as_t(strengths[t]).log() for t in tuned}
-    search: Secant | None = None
-    if isinstance(optimizer, str):
-        if optimizer != "secant":
-            raise ValueError(
-                f"{who}: optimizer must be a funcreg.optim optimizer or 'secant', got {optimizer!r}"
-            )
-        search = Secant(xtol=xtol)
-        optimizer = None
-    opt = adam(lr=0.1) if optimizer is None else optimizer
-    ostate = opt.init(theta)
+    outer_loop = Outer(who, optimizer, theta, tol, patience, gtol, xtol)
 
     F = penalized(loss_fn, spec)
     inner = _Implicit(loss_fn, spec, data, training) if implicit else None
     step_fn = None if implicit else train_step(loss_fn, spec, training.optimizer)
-    s_fixed = {t: as_t(strengths[t]) for t in names}
+    s_fixed = {t: as_t(strengths[t]) for t in spec.strength_names}
     scale = max(_norm(grad(F)(p0, s_fixed, *data)), 1e-300)
 
     history: dict[str, list[Any]] = {
@@ -320,7 +297,7 @@ def tune_network(
         "grad_norm": [],
         "stationarity": [],
     }
-    best_val, best_w, since, stopped = math.inf, p0, 0, "steps"
+    best_w, stopped = p0, "steps"
     w = p0
     worst = 0.0
     with Progress(steps, enabled=progress, desc=who) as bar:
@@ -357,23 +334,12 @@ def tune_network(
             if not math.isfinite(val) or not math.isfinite(gnorm):
                 stopped = "nonfinite"
                 break
-            improved = not math.isfinite(best_val) or val < best_val - tol * abs(best_val)
-            since = 0 if improved else since + 1
-            if val < best_val:
-                best_val, best_w = val, w
-            bar.status(best_val, 0, 1)
-            if gnorm <= gtol:
-                stopped = "gradient"
-                break
-            if since >= patience:
-                stopped = "patience"
-                break
-            if search is None:
-                theta, ostate = opt.step(g, ostate, theta, {})
-                continue
-            nxt = search.propose(theta, val, g)
+            if outer_loop.record(val):
+                best_w = w
+            bar.status(outer_loop.best, 0, 1)
+            nxt, why = outer_loop.step(theta, val, g, gnorm)
             if nxt is None:
-                stopped = "xtol"
+                stopped = why or stopped
                 break
             theta = nxt
     if worst > 0:
@@ -389,7 +355,7 @@ def tune_network(
     return {
         "strengths": dict(history["strengths"][i]),
         "weights": {},
-        "value": best_val,
+        "value": outer_loop.best,
         "params": dict(best_w),
         "spec": spec,
         "history": history,

@@ -36,12 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _checks
 from ._folds import fold_masks
 from ._implicit import check_spec
-from ._secant import Secant
+from ._secant import Outer
 from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
-from .optim import Optimizer, adam
+from .optim import Optimizer
 from .penalties import L1, Penalty
 from .progress import Progress
 from .result import Best
@@ -219,22 +220,7 @@ def tune(
         raise TypeError(f"{who}: data must be a tuple of tensors, e.g. (X, y)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{who}: steps must be an integer >= 1, got {steps!r}")
-    names = spec.strength_names
-    tuned = tuple(names if terms is None else terms)
-    for t in tuned:
-        if t not in names:
-            raise ValueError(
-                f"{who}: cannot tune {t!r}: the spec's terms with a strength are {list(names)}"
-            )
-    for t in names:
-        if t not in strengths:
-            raise ValueError(f"{who}: no starting strength for term {t!r}")
-    for t in tuned:
-        if not float(strengths[t]) > 0:
-            raise ValueError(
-                f"{who}: the starting strength of {t!r} must be > 0 (it is tuned in log space), "
-                f"got {strengths[t]!r}"
-            )
+    tuned = _checks.tuned_terms(who, spec.strength_names, strengths, terms)
     wterms = tuple(weights)
     for t in wterms:
         if t not in spec:
@@ -280,16 +266,7 @@ def tune(
                 f"{who}: weight= factors of {t!r} must be > 0 to be tuned in log space"
             )
         theta[f"{t}.weight"] = c.detach().to(like.dtype).log()
-    search: Secant | None = None
-    if isinstance(optimizer, str):
-        if optimizer != "secant":
-            raise ValueError(
-                f"{who}: optimizer must be a funcreg.optim optimizer or 'secant', got {optimizer!r}"
-            )
-        search = Secant(xtol=xtol)
-        optimizer = None
-    opt = adam(lr=0.1) if optimizer is None else optimizer
-    state = opt.init(theta)
+    outer_loop = Outer(who, optimizer, theta, tol, patience, gtol, xtol)
     warm = [dict(params) for _ in splits]
     # a least_squares fold's Lipschitz constant σ_max(X_f)²/n_f, once (solve would estimate
     # it at every call); the general path only starts from it
@@ -301,7 +278,7 @@ def tune(
     ]
 
     def current(th: Mapping[str, Tensor]) -> tuple[dict[str, float], Spec]:
-        s = {t: float(strengths[t]) for t in names}
+        s = {t: float(strengths[t]) for t in spec.strength_names}
         s.update({t: float(th[t].exp()) for t in tuned})
         sp = spec
         if wterms:
@@ -321,7 +298,7 @@ def tune(
         "inner_iterations": [],
         "solve_tol": [],
     }
-    best_val, best_theta, since, stopped = math.inf, dict(theta), 0, "steps"
+    best_theta, stopped = dict(theta), "steps"
     with Progress(steps, enabled=progress, desc=who) as bar:
         for step in range(steps):
             s, sp = current(theta)
@@ -378,23 +355,12 @@ def tune(
             history["inner_iterations"].append(inner)
             history["solve_tol"].append(step_tol)
             bar.update()
-            improved = not math.isfinite(best_val) or total < best_val - tol * abs(best_val)
-            since = 0 if improved else since + 1
-            if total < best_val:
-                best_val, best_theta = total, {k: v.clone() for k, v in theta.items()}
-            bar.status(best_val, 0, len(splits))
-            if gnorm <= gtol:
-                stopped = "gradient"
-                break
-            if since >= patience:
-                stopped = "patience"
-                break
-            if search is None:
-                theta, state = opt.step(grads, state, theta, {})
-                continue
-            nxt = search.propose(theta, total, grads)
+            if outer_loop.record(total):
+                best_theta = {k: v.clone() for k, v in theta.items()}
+            bar.status(outer_loop.best, 0, len(splits))
+            nxt, why = outer_loop.step(theta, total, grads, gnorm)
             if nxt is None:
-                stopped = "xtol"
+                stopped = why or stopped
                 break
             theta = nxt
 
@@ -415,7 +381,7 @@ def tune(
     return TuneResult(
         strengths=s,
         weights={t: best_theta[f"{t}.weight"].exp() for t in wterms},
-        value=best_val,
+        value=outer_loop.best,
         params=best_params,
         spec=sp,
         history=history,

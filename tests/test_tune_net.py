@@ -123,7 +123,7 @@ def test_network_tune_bad_input_is_named() -> None:
         run(folds=5)
     with pytest.raises(ValueError, match="weights= is not supported with training="):
         run(weights=["a"])
-    with pytest.raises(ValueError, match="starting strength of 'a' must be finite and > 0"):
+    with pytest.raises(ValueError, match="starting strength of 'a' must be > 0 and finite"):
         run(strengths={"a": 0.0, "b": 1e-2})
     with pytest.raises(ValueError, match="several starting points are not supported"):
         run(strengths={"a": [1e-2, 1e-1], "b": 1e-2})
