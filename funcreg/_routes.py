@@ -103,14 +103,13 @@ def _newton_route(problem: Problem, x0: Params, S: Params) -> Outcome | None:
     if found is None:
         return None
     objective = penalized(problem.loss_fn, problem.smooth)
-    gen = Generic(objective, data)
-    scale = torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
+    # the smooth objective is the same for every model where only the L1 strengths vary
+    shared = all(bool((v == v[:1]).all()) for n, v in S.items() if n not in nonsmooth)
+    scale = _gradient_scale(objective, x0, S, data, shared)
 
     def value(theta: Tensor, k: int) -> Tensor:
         return objective(layout.single(theta), {n: v[k] for n, v in S.items()}, *data)
 
-    # the smooth objective is the same for every model where only the L1 strengths vary
-    shared = all(bool((v == v[:1]).all()) for n, v in S.items() if n not in nonsmooth)
     with torch.enable_grad():
         got = prox_newton(
             value, found[0], layout.flatten(x0), problem.tol, problem.max_iter, scale, shared
@@ -125,6 +124,36 @@ def _newton_route(problem: Problem, x0: Params, S: Params) -> Outcome | None:
         return None
     x, iterations, converged, floors, optimality = got
     return layout.unflatten(x), iterations, converged, floors, optimality
+
+
+def _gradient_scale(
+    objective: Callable[..., Tensor], x0: Params, S: Params, data: tuple[Any, ...], shared: bool
+) -> Tensor:
+    """``max(‖∇f(0)‖, ‖∇f(x0)‖)`` per model, the stopping rule's scale (``‖∇f(0)‖`` taken as
+    0 where it is not finite). Where every model has the same smooth objective and start (a
+    path's first solve), one model's two gradients by plain autograd serve all of them (a
+    vmapped gradient costs several times more for one small model)."""
+    k = next(iter(x0.values())).shape[0]
+    if not (shared and all(bool((v == v[:1]).all()) for v in x0.values())):
+        gen = Generic(objective, data)
+        return torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
+    s0 = {n: v[0] for n, v in S.items()}
+    norms = []
+    for point in (
+        {n: torch.zeros_like(v[0]) for n, v in x0.items()},
+        {n: v[0] for n, v in x0.items()},
+    ):
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_() for n, p in point.items()}
+            found = torch.autograd.grad(
+                objective(leaves, s0, *data),
+                list(leaves.values()),
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        norms.append(torch.sqrt(sum((g.square().sum() for g in found), torch.zeros(()))))
+    at_zero = torch.where(torch.isfinite(norms[0]), norms[0], 0.0)
+    return torch.maximum(at_zero, norms[1]).to(next(iter(x0.values())).dtype).expand(k).clone()
 
 
 def _certify_gram(

@@ -239,3 +239,37 @@ def test_separable_loss_with_negative_curvature_still_falls_back_with_the_warnin
     p0 = {"w": torch.zeros(3, dtype=DT)}
     with pytest.warns(RuntimeWarning, match="not positive semidefinite.*falling back to FISTA"):
         solve(loss, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, X, tol=1e-6, max_iter=2000)
+
+
+def test_gradient_scale_of_a_shared_start_equals_the_vmapped_one() -> None:
+    """The Newton route's stopping scale max(‖∇f(0)‖, ‖∇f(x0)‖): one model's plain-autograd
+    gradients, used when every model shares its smooth objective and start, equal the
+    vmapped per-model ones."""
+    from funcreg._fista import Generic
+    from funcreg._routes import _gradient_scale
+    from funcreg._tree import sqnorm
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    y = (torch.rand(40, generator=g) > 0.5).double()
+
+    def f(p: dict, s: dict, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = X @ p["w"] + p["b"]
+        return (
+            torch.nn.functional.binary_cross_entropy_with_logits(out, y)
+            + 0.1 * s["l2"] * (p["w"] ** 2).sum()
+        )
+
+    k = 3
+    x0 = {"w": torch.randn(5, dtype=torch.float64, generator=g).expand(k, 5).clone(),
+          "b": torch.full((k,), 0.3, dtype=torch.float64)}  # fmt: skip
+    S = {"l2": torch.full((k,), 0.5, dtype=torch.float64)}
+    gen = Generic(f, (X, y))
+    want = torch.maximum(gen.grad_norm_at_zero(x0, S), sqnorm(gen.gradient(x0, S)).sqrt())
+    got = _gradient_scale(f, x0, S, (X, y), shared=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    x0["w"][1] += 1.0  # different starts: the vmapped route, per model
+    got = _gradient_scale(f, x0, S, (X, y), shared=True)
+    want = torch.maximum(gen.grad_norm_at_zero(x0, S), sqnorm(gen.gradient(x0, S)).sqrt())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert not torch.allclose(got[0], got[1])
