@@ -57,11 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     X, y, Xt, yt = make_data(args.n, args.p, args.seed)
-    train, test = fr.selection.fold_masks(5, args.n, args.seed)
-    folds = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    folds = fr.selection.fold_pairs(5, args.n, args.seed)
     smax = float((X.T @ y).abs().max()) / args.n
 
     def held_out(w: np.ndarray) -> float:

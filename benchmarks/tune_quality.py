@@ -64,11 +64,7 @@ def evaluate(name: str, data: Split, steps: int, lr: float) -> dict[str, float]:
 
     X, y, Xt, yt = data
     n, p = X.shape
-    train, test = fr.selection.fold_masks(5, n, 0)
-    folds = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    folds = fr.selection.fold_pairs(5, n, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LassoCV's convergence warnings at tiny alphas
         cv = LassoCV(alphas=100, cv=folds, fit_intercept=False, tol=1e-10).fit(X, y)

@@ -20,7 +20,6 @@ import argparse
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 import funcreg as fr
@@ -60,11 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sklearn.linear_model import LassoCV
 
     X, y, Xt, yt = make_data(args.n, args.p, args.seed)
-    train, test = fr.selection.fold_masks(5, args.n, args.seed)
-    folds = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    folds = fr.selection.fold_pairs(5, args.n, args.seed)
 
     t0 = time.perf_counter()
     cv = LassoCV(alphas=100, cv=folds, fit_intercept=False, tol=1e-8).fit(X.numpy(), y.numpy())

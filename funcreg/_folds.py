@@ -23,6 +23,7 @@ __all__ = [
     "accepts_weight",
     "exclude_fold",
     "fold_masks",
+    "fold_pairs",
     "weighted_mean",
     "without_fold",
 ]
@@ -117,6 +118,22 @@ def fold_masks(folds: Any, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 # -------------------------------------------------------------------- weighted losses
+
+
+def fold_pairs(folds: Any, n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds of :func:`fold_masks` as scikit-learn's ``(train_idx, test_idx)`` index
+    pairs: pass them as ``cv=`` to ``LassoCV``/``cross_val_score`` to compare on exactly the
+    folds that :func:`funcreg.cross_validate` and :func:`funcreg.tune` use for the same
+    ``folds`` and ``seed``.
+
+    >>> pairs = fr.selection.fold_pairs(5, len(y))
+    >>> LassoCV(cv=pairs).fit(X, y)          # the same 5 folds as fr.tune(..., folds=5)
+    """
+    train, test = fold_masks(folds, n, seed)
+    return [
+        (np.flatnonzero(a.cpu().numpy()), np.flatnonzero(b.cpu().numpy()))
+        for a, b in zip(train, test, strict=True)
+    ]
 
 
 def accepts_weight(fn: Callable[..., Any]) -> bool:

@@ -52,6 +52,7 @@ from ._folds import (
     check_no_activity,
     exclude_fold,
     fold_masks,
+    fold_pairs,
     weighted_mean,
     without_fold,
 )
@@ -71,7 +72,7 @@ from .stack import (
     with_buffers,
 )
 
-__all__ = ["CVResult", "cross_validate"]
+__all__ = ["CVResult", "cross_validate", "fold_masks", "fold_pairs"]
 
 # ----------------------------------------------------------------------------- result
 

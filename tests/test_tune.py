@@ -29,11 +29,7 @@ def _diabetes() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fold_pairs(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """fr.tune's 5 folds (seed 0) as scikit-learn's (train, test) index pairs."""
-    train, test = fr.selection.fold_masks(5, n, 0)
-    return [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    return fr.selection.fold_pairs(5, n, 0)
 
 
 def test_one_lasso_strength_by_5fold_cv_matches_lassocv_grid_on_diabetes() -> None:

@@ -18,11 +18,7 @@ def test_one_lasso_strength_by_5fold_cv_matches_lassocv_grid_on_breast_cancer() 
     X, y = datasets.load_breast_cancer(return_X_y=True)
     X, y = (X - X.mean(0)) / X.std(0), y - y.mean()
     n, p = X.shape
-    train, test = fr.selection.fold_masks(5, n, 0)
-    folds = [
-        (np.flatnonzero(a.numpy()), np.flatnonzero(b.numpy()))
-        for a, b in zip(train, test, strict=True)
-    ]
+    folds = fr.selection.fold_pairs(5, n, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cv = linear_model.LassoCV(alphas=100, cv=folds, fit_intercept=False, tol=1e-10)
@@ -46,3 +42,15 @@ def test_one_lasso_strength_by_5fold_cv_matches_lassocv_grid_on_breast_cancer() 
         sk.fit(X[a], y[a])
         losses.append(float(((X[b] @ sk.coef_ - y[b]) ** 2).mean()) / 2)
     assert float(np.mean(losses)) == pytest.approx(r.value, rel=1e-6)
+
+
+def test_fold_pairs_are_fold_masks_as_index_pairs() -> None:
+    train, test = fr.selection.fold_masks(5, 23, 3)
+    pairs = fr.selection.fold_pairs(5, 23, 3)
+    assert len(pairs) == 5
+    seen = np.concatenate([b for _, b in pairs])
+    assert sorted(seen.tolist()) == list(range(23))  # every sample held out exactly once
+    for (a, b), tr, te in zip(pairs, train, test, strict=True):
+        assert a.tolist() == tr.nonzero().squeeze(1).tolist()
+        assert b.tolist() == te.nonzero().squeeze(1).tolist()
+        assert not set(a) & set(b)
