@@ -264,7 +264,7 @@ def adjoint(
             E[torch.arange(idx.numel()), idx] = 1.0
             A = fp.hvp_rows(E)[:, idx] + torch.diag(extra[idx])
             q = torch.zeros_like(gE)
-            q[idx] = torch.linalg.solve(A, gE[idx] / eta)
+            q[idx] = solve_on_support(A, gE[idx] / eta)
             return gE + q - eta * fp.hvp(q)
 
         def op(q: Tensor) -> Tensor:
@@ -396,3 +396,18 @@ def batched_strength_vjp(
         return vjp(Ts, s, dict(factors))[1](v)
 
     return vmap(one)(X, dict(S), V)
+
+
+def solve_on_support(A: Tensor, rhs: Tensor) -> Tensor:
+    """``A⁻¹ rhs`` for the linear system of a hypergradient on a solution's support; a
+    singular one (active columns that are collinear, e.g. duplicated) is a ``ValueError``
+    that says so, not a ``LinAlgError``."""
+    try:
+        return torch.linalg.solve(A, rhs)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(
+            f"hypergrad: the linear system on the solution's {A.shape[0]} nonzero coordinates "
+            "is singular: some of their columns are collinear (e.g. duplicated features), so "
+            "the solution and its derivative in the strengths are not unique there; drop the "
+            "duplicated columns of X or add a smooth term (ElasticNet, L2)"
+        ) from e

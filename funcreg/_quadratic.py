@@ -51,7 +51,7 @@ from torch.func import grad, grad_and_value, jacfwd, vmap
 
 from ._homotopy import HARD_MAX, exact_start
 from ._lasso import fista_lasso, gram_lipschitz
-from ._newton import derivatives
+from ._newton import derivatives, gradient
 from ._tree import Params
 from .losses import LeastSquares
 from .penalties import L1
@@ -233,21 +233,12 @@ def _bent(value: Callable[[Tensor], Tensor], zero: Tensor) -> float:
     z = torch.randn(zero.shape[0], generator=torch.Generator().manual_seed(1), dtype=zero.dtype)
     z = z.to(zero.device)
     try:
-        g0, g1, g2 = (_gradient(value, t) for t in (zero, z, 2 * z))
+        g0, g1, g2 = (gradient(value, t) for t in (zero, z, 2 * z))
     except Exception:  # noqa: BLE001 - the full test reports it
         return 0.0
     size = float(g2.norm() + 2 * g1.norm() + g0.norm())
     bent = float((g2 - 2 * g1 + g0).norm())
     return bent / size if size > 0 else 0.0
-
-
-def _gradient(value: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
-    """``∇value(θ)``, detached (zeros where the value does not depend on ``θ``)."""
-    tr = theta.detach().requires_grad_()
-    with torch.enable_grad():
-        v = value(tr)
-        (g,) = torch.autograd.grad(v, tr, allow_unused=True)
-    return torch.zeros_like(theta) if g is None else g.detach()
 
 
 def gradient_gap(

@@ -116,6 +116,12 @@ def _check_training(tr: Any, who: str) -> None:
         raise ValueError(
             f"{who}: Training.hypergrad must be 'implicit' or 'unrolled', got {tr.hypergrad!r}"
         )
+    if tr.hypergrad == "implicit" and tr.polish == 0:
+        raise ValueError(
+            f"{who}: Training(hypergrad='implicit', polish=0) would train only at the first "
+            "outer step (later steps polish the warm start to a stationary point with L-BFGS); "
+            "give polish >= 1, or use hypergrad='unrolled'"
+        )
     for name in ("gtol", "damping", "cg_tol", "check"):
         v = getattr(tr, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):

@@ -164,6 +164,8 @@ class WorkingSet:
             # from the exact solution: a bound on the curvature for the step (the solve's own
             # λ_max and homotopy would only find the start again), its first test certifies
             lip = _gershgorin(loss) if exact else None
+            if lip is not None and not lip > 0:  # all-zero columns: let solve find its step
+                lip = None
             sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter, lipschitz=lip)
             self.w = sol.params["weight"][0].reshape(-1)
             self._grad = None

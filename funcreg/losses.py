@@ -72,7 +72,8 @@ class LeastSquares:
     def gram(self) -> Tensor:
         """``XᵀX/n`` ``(p, p)``, formed on first use: a route that reads only some columns
         of ``X`` (the working sets of :func:`funcreg.tune`) never pays for it."""
-        return self.X.T @ self.X / self.n
+        with torch.inference_mode(False):  # first use under inference_mode: a normal tensor
+            return self.X.T @ self.X / self.n
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import _checks
 from ._folds import fold_masks
-from ._implicit import check_spec
+from ._implicit import check_spec, solve_on_support
 from ._secant import Outer
 from ._working_set import WorkingSet, eligible
 from .hypergrad import hypergrad
@@ -485,7 +485,7 @@ def _lasso_hypergrad(
     on = (w != 0).nonzero().squeeze(1)
     gl = torch.zeros_like(w)
     if on.numel():
-        q = torch.linalg.solve(G[on][:, on], v[on])
+        q = solve_on_support(G[on][:, on], v[on])
         gl[on] = -float(s[term]) * cw[on] * w[on].sign() * q
     g = {term: gl.sum()}
     for t in wterms:

@@ -84,7 +84,7 @@ def test_network_tune_lowers_the_validation_loss(mode: str) -> None:
 
 def test_network_tune_warns_when_training_is_not_stationary() -> None:
     net, loss, spec, data, val = _setup()
-    tr = fr.Training(fr.optim.adam(1e-2), steps=5, polish=0)
+    tr = fr.Training(fr.optim.adam(1e-2), steps=5, polish=1)  # one L-BFGS iteration: not stationary
     with pytest.warns(RuntimeWarning, match="did not reach a stationary point"):
         fr.tune(
             loss, spec, fr.params(net), {"a": 1e-2, "b": 1e-2}, data, validation=val,
@@ -113,6 +113,8 @@ def test_network_tune_bad_input_is_named() -> None:
         run(training=fr.Training(fr.optim.adam(1e-2), steps=0))
     with pytest.raises(ValueError, match="Training.hypergrad must be 'implicit' or 'unrolled'"):
         run(training=fr.Training(fr.optim.adam(1e-2), steps=5, hypergrad="fd"))
+    with pytest.raises(ValueError, match="polish=0\\) would train only at the first"):
+        run(training=fr.Training(fr.optim.adam(1e-2), steps=5, polish=0))
     with pytest.raises(ValueError, match="Training.damping must be a finite number >= 0"):
         run(training=fr.Training(fr.optim.adam(1e-2), steps=5, damping=-1.0))
     with pytest.raises(ValueError, match="Training.truncate must be None or an integer in"):

@@ -54,3 +54,50 @@ def test_fold_pairs_are_fold_masks_as_index_pairs() -> None:
         assert a.tolist() == tr.nonzero().squeeze(1).tolist()
         assert b.tolist() == te.nonzero().squeeze(1).tolist()
         assert not set(a) & set(b)
+
+
+# ------------------------------------------------------- edge cases of the exact route
+
+
+def _tune_ls(X: torch.Tensor, y: torch.Tensor, start: float, fit_intercept: bool, **kw):
+    p = X.shape[1]
+    init = {"weight": torch.zeros(1, p, dtype=X.dtype)}
+    if fit_intercept:
+        init["bias"] = torch.zeros(1, dtype=X.dtype)
+    loss = fr.least_squares(X, y, fit_intercept=fit_intercept)
+    return fr.tune(loss, {"l1": fr.L1()}, init, {"l1": start}, folds=3, **kw)
+
+
+@pytest.mark.parametrize("fit_intercept", [False, True])
+def test_a_zero_column_above_strength_max_tunes(fit_intercept: bool) -> None:
+    """A fold whose first column is all zeros, started above strength_max (the support is
+    empty, the fallback column has no curvature): tuning runs, as before the exact route."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    X[:, 0] = 0.0
+    y = X[:, 1] + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    top = float((X.T @ y / 60).abs().max())
+    r = _tune_ls(X, y, 10 * top, fit_intercept, steps=2)
+    assert all(np.isfinite(r.history["value"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_duplicated_active_columns_are_named(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(80, 6, generator=g, dtype=dtype)
+    X = torch.cat([X, X[:, :1]], 1)  # column 6 duplicates column 0
+    y = 2 * X[:, 0] + 0.1 * torch.randn(80, generator=g, dtype=dtype)
+    with pytest.raises(ValueError, match="collinear .*duplicated"):
+        _tune_ls(X, y, 0.05, False, steps=3)
+
+
+def test_gram_formed_under_inference_mode_is_a_normal_tensor() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    ls = fr.least_squares(X, X[:, 0])
+    with torch.inference_mode():
+        fr.solve(ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": 0.05})
+    assert not ls.gram.is_inference()
+    W = torch.zeros(1, 8, dtype=torch.float64, requires_grad=True)
+    ls.hessian_apply({"weight": W})["weight"].sum().backward()
+    assert W.grad is not None
