@@ -190,6 +190,7 @@ def prox_newton(
     previous: _Point | None = None
     first: _Point | None = None  # the first model's start (its f(x_0) serves every model)
     structure: Separable | None = None
+    searched = False
     # the largest thresholds first: each model warm-starts from a sparser solution
     for k in torch.argsort(tau.sum(1), descending=True, stable=True).tolist():
 
@@ -206,8 +207,8 @@ def prox_newton(
             with torch.no_grad():
                 if again.objective(f, t_k) < start.objective(f, t_k):
                     start = again
-        if structure is None or not shared:
-            structure = Separable.find(f, start.x)
+        if not shared or not searched:  # shared: one search serves every model
+            structure, searched = Separable.find(f, start.x), True
         got = _one_model(f, t_k, start, tol, max_iter, float(scale0[k]), structure)
         if got is None:
             return None

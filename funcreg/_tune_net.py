@@ -124,7 +124,7 @@ def _check_training(tr: Any, who: str) -> None:
         )
     for name in ("gtol", "damping", "cg_tol", "check"):
         v = getattr(tr, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{who}: Training.{name} must be a finite number >= 0, got {v!r}")
     if tr.truncate is not None and (
         isinstance(tr.truncate, bool)
