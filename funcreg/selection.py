@@ -63,14 +63,7 @@ from .penalties import Penalty
 from .result import Best, SweepResult, one_se_index
 from .solvers import Solution, solve
 from .spec import Spec, as_spec
-from .stack import (
-    as_data,
-    build_grid,
-    eval_mode,
-    split_model,
-    strength_values,
-    with_buffers,
-)
+from .stack import as_data, build_grid, eval_mode, split_model, strength_values, with_buffers
 
 __all__ = ["CVResult", "cross_validate", "fold_masks", "fold_pairs"]
 
