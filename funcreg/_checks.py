@@ -238,6 +238,12 @@ def check_no_sweep_keywords(where: str, extra: Mapping[str, Any], fn: Any) -> No
     if not extra:
         return
     name = next(iter(extra))
+    if name == "validation":
+        raise TypeError(
+            f"{where}: got an unexpected keyword argument 'validation': cross-validation "
+            "holds out folds=; for one held-out split pass folds=[(train_idx, val_idx)], or "
+            "tune on it with fr.tune(..., validation=(X_val, y_val))"
+        )
     own = [p for p in inspect.signature(fn).parameters if p not in ("sweep_kwargs",)]
     near = closest(name, own, 1)
     raise TypeError(

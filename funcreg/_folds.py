@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -85,6 +85,13 @@ def fold_masks(folds: Any, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
             )
         test = ids[None, :] == uniq[:, None]
         return ~test, test
+    if hasattr(folds, "split") and not isinstance(folds, str | bytes):
+        raise TypeError(
+            f"folds: a scikit-learn splitter ({type(folds).__name__}) needs the data to split; "
+            "pass its pairs, folds=list(cv.split(X, y)), or an int for funcreg's own K-fold"
+        )
+    if isinstance(folds, Iterator):  # cv.split(X): a generator of pairs
+        folds = list(folds)
     if isinstance(folds, Sequence) and not isinstance(folds, str | bytes):
         pairs = list(folds)
         if len(pairs) < 2:

@@ -409,5 +409,6 @@ def solve_on_support(A: Tensor, rhs: Tensor) -> Tensor:
             f"hypergrad: the linear system on the solution's {A.shape[0]} nonzero coordinates "
             "is singular: some of their columns are collinear (e.g. duplicated features), so "
             "the solution and its derivative in the strengths are not unique there; drop the "
-            "duplicated columns of X or add a smooth term (ElasticNet, L2)"
+            "duplicated columns of X or add a smooth term (ElasticNet, L2); for a non-convex "
+            "loss (a network), fr.tune needs training=fr.Training(...)"
         ) from e

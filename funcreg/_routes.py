@@ -117,7 +117,9 @@ def _newton_route(problem: Problem, x0: Params, S: Params) -> Outcome | None:
     if got is None:
         warnings.warn(
             "solve: the loss's Hessian is not positive semidefinite at a point of the "
-            "proximal Newton route (the problem is not convex there); falling back to FISTA",
+            "proximal Newton route (the problem is not convex there); falling back to FISTA. "
+            "A network? fr.tune trains one with training=fr.Training(...), fr.path and "
+            "fr.cross_validate with optimizer= and steps=",
             RuntimeWarning,
             stacklevel=4,
         )

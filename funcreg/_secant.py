@@ -135,6 +135,11 @@ class Outer:
                 )
             self.search = Secant(xtol=xtol)
             optimizer = None
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"{who}: optimizer= is the outer optimizer of the log-strengths: a funcreg.optim "
+                f"optimizer (e.g. fr.optim.adam(0.1)) or 'secant', got {optimizer!r}"
+            )
         self.opt = adam(lr=0.1) if optimizer is None else optimizer
         self.state = self.opt.init(dict(theta))
         self.tol, self.patience, self.gtol = tol, patience, gtol

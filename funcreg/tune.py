@@ -29,6 +29,7 @@ Folds come from :func:`funcreg.selection.fold_masks` (the same splits as
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -172,6 +173,11 @@ def tune(
             :func:`funcreg.hypergrad`).
     """
     who = "tune"
+    if not isinstance(strengths, Mapping):
+        raise TypeError(
+            f"{who}: strengths must be a dict {{term: starting strength}}, e.g. {{'l1': 0.1}}, "
+            f"got {type(strengths).__name__}"
+        )
     if training is not None:  # a network: trained, not solved (funcreg._tune_net)
         from ._tune_net import tune_network
 
@@ -348,6 +354,15 @@ def tune(
                 for k in grads:
                     grads[k] = grads[k] + g[k] / len(splits)
             gnorm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+            if step == 0 and gnorm == 0.0:
+                warnings.warn(
+                    f"{who}: the hypergradient is exactly 0 at the starting strengths {s}: "
+                    "there the solution does not move with the strengths (typically a start "
+                    "at or above strength_max, where every fold's solution is zero); start "
+                    "below it, e.g. at fr.strength_max(...) / 10",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             history["step"].append(step)
             history["strengths"].append(s)
             history["value"].append(total)
@@ -412,7 +427,7 @@ def _working_set_step(
                 c = spec[t].weight
                 assert isinstance(c, Tensor)
                 full = c.new_zeros(fold.p)
-                full[cols] = g[f"{t}.weight"]
+                full[cols] = g[f"{t}.weight"].to(full.dtype)
                 g[f"{t}.weight"] = full.reshape(c.shape)
             return val, g, int(sol.iterations.sum())
     outer: Callable[..., Tensor]

@@ -101,3 +101,46 @@ def test_gram_formed_under_inference_mode_is_a_normal_tensor() -> None:
     W = torch.zeros(1, 8, dtype=torch.float64, requires_grad=True)
     ls.hessian_apply({"weight": W})["weight"].sum().backward()
     assert W.grad is not None
+
+
+def test_new_user_misuses_are_named() -> None:
+    """What a new user tries first: a float for the strengths, torch.optim.Adam as the outer
+    optimizer, a start above strength_max, a scikit-learn splitter as folds."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    y = X[:, 1] + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    ls = fr.least_squares(X, y)
+    spec = {"l1": fr.L1()}
+    with pytest.raises(TypeError, match="strengths must be a dict"):
+        fr.tune(ls, spec, ls.init(), 0.1, folds=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="outer optimizer of the log-strengths"):
+        fr.tune(ls, spec, ls.init(), {"l1": 0.1}, folds=5, optimizer=torch.optim.Adam)  # type: ignore[arg-type]
+    top = float((X.T @ y / 60).abs().max())
+    with pytest.warns(RuntimeWarning, match="hypergradient is exactly 0 at the starting"):
+        fr.tune(ls, spec, ls.init(), {"l1": 100 * top}, folds=5, steps=2)
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    with pytest.raises(TypeError, match=r"folds=list\(cv.split\(X, y\)\)"):
+        fr.selection.fold_pairs(model_selection.KFold(5), 60)
+    pairs = fr.selection.fold_pairs(model_selection.KFold(5).split(X.numpy()), 60)  # a generator
+    assert len(pairs) == 5
+    with pytest.raises(TypeError, match="cross-validation holds out folds="):
+        fr.cross_validate(ls.init(), lambda p, X, y: ((X @ p["weight"][0] - y) ** 2).mean(),
+                          spec, [0.1], (X, y), validation=(X, y))  # fmt: skip
+
+
+def test_mixed_precision_per_feature_tuning() -> None:
+    """float32 params and factors with float64 data (the README's snippet on load_diabetes)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    y = X[:, 1] + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    r = fr.tune(
+        fr.least_squares(X, y),
+        {"l1": fr.L1(weight=torch.ones(1, 5))},
+        {"weight": torch.zeros(1, 5)},
+        {"l1": 0.01},
+        folds=3,
+        terms=[],
+        weights=["l1"],
+        steps=2,
+    )
+    assert np.isfinite(r.value)
