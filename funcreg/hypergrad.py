@@ -310,10 +310,16 @@ def hypergrad(
     def warn(k: int, opt: float) -> None:
         if opt > check:  # measured at the point itself (a solve stopped at its round-off
             # floor reports converged=False yet may be optimal to the last digits)
+            far = (
+                "; so far from optimal that these params may solve other strengths: pass the "
+                "strengths they were solved at (one per model for a path)"
+                if opt > 1e-2
+                else ""
+            )
             warnings.warn(
                 f"{who}: inner solution {k} is not converged (relative optimality {opt:.2e} > "
                 f"{check:.0e}); solve to a tighter tol (or more max_iter) before trusting its "
-                "hypergradient",
+                f"hypergradient{far}",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -144,3 +144,14 @@ def test_mixed_precision_per_feature_tuning() -> None:
         steps=2,
     )
     assert np.isfinite(r.value)
+
+
+def test_hypergrad_at_other_strengths_than_solved_says_so() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    y = X[:, 1] + 0.1 * torch.randn(60, generator=g, dtype=torch.float64)
+    ls = fr.least_squares(X, y)
+    spec = fr.Spec(l1=fr.L1())
+    sol = fr.solve(ls, spec, ls.init(), {"l1": 0.05})
+    with pytest.warns(RuntimeWarning, match="may solve other strengths"):
+        fr.hypergrad(fr.least_squares(X, y), ls, spec, sol, {"l1": 0.5})
