@@ -18,9 +18,8 @@ pays only for the kinks between the two strengths), takes ``∇_θ E`` from
 for one ``L1`` term on a working set with the default score, the same derivative in closed
 form on the support) and moves ``θ`` with a functional optimizer from
 :mod:`funcreg.optim` (default ``adam(lr=0.1)``: steps of about 10% in each strength). It
-stops after ``steps`` outer
-steps, or when the best ``E`` has not improved by more than ``tol`` (relative) in
-``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
+stops after ``steps`` outer steps, or when the best ``E`` has not improved by more than
+``tol`` (relative) in ``patience`` steps, or when ``‖∇_θ E‖ ≤ gtol``.
 
 Folds come from :func:`funcreg.selection.fold_masks` (the same splits as
 :func:`funcreg.cross_validate` for the same ``folds`` and ``seed``).
@@ -419,39 +418,37 @@ def _working_set_step(
     ``weight=`` gradients back on all features (zero off the working set)."""
     loss, sub, sol, cols = fold.solve(spec, s, tol, max_iter)
     Xh, yh = held[0], held[1]
+    closed = None
     if score_fn is None:
         closed = _lasso_hypergrad(loss, sub, sol, s, Xh[:, cols], yh, wterms)
-        if closed is not None:
-            val, g = closed
-            for t in wterms:  # back on all features (zero off the working set)
-                c = spec[t].weight
-                assert isinstance(c, Tensor)
-                full = c.new_zeros(fold.p)
-                full[cols] = g[f"{t}.weight"].to(full.dtype)
-                g[f"{t}.weight"] = full.reshape(c.shape)
-            return val, g, int(sol.iterations.sum())
-    outer: Callable[..., Tensor]
-    if score_fn is None:
-        outer = least_squares(Xh[:, cols], yh, fit_intercept=fold.fit_intercept)
-        data: tuple[Tensor, ...] = ()
+    if closed is not None:
+        val, g = closed
+        on_cols = {t: g[f"{t}.weight"] for t in wterms}
     else:
+        outer: Callable[..., Tensor]
+        if score_fn is None:
+            outer = least_squares(Xh[:, cols], yh, fit_intercept=fold.fit_intercept)
+            data: tuple[Tensor, ...] = ()
+        else:
 
-        def outer(q: Mapping[str, Tensor], *h: Tensor) -> Tensor:
-            w = Xh.new_zeros(1, fold.p).index_copy(1, cols, q["weight"])
-            return score_fn({**q, "weight": w}, *h)
+            def outer(q: Mapping[str, Tensor], *h: Tensor) -> Tensor:
+                w = Xh.new_zeros(1, fold.p).index_copy(1, cols, q["weight"])
+                return score_fn({**q, "weight": w}, *h)
 
-        data = held
-    hg = hypergrad(
-        outer, loss, sub, sol, s, outer_data=data, weights=wterms, check=max(1e-5, 10 * tol)
-    )
-    g = {t: hg.strengths[t][0] for t in hg.strengths}
-    for t in wterms:
+            data = held
+        hg = hypergrad(
+            outer, loss, sub, sol, s, outer_data=data, weights=wterms, check=max(1e-5, 10 * tol)
+        )
+        val = float(hg.value[0])
+        g = {t: hg.strengths[t][0] for t in hg.strengths}
+        on_cols = {t: hg.weights[t][0] for t in wterms}
+    for t in wterms:  # back on all features (zero off the working set)
         c = spec[t].weight
         assert isinstance(c, Tensor)
         full = c.new_zeros(fold.p)
-        full[cols] = hg.weights[t][0].reshape(-1)
+        full[cols] = on_cols[t].reshape(-1).to(full.dtype)
         g[f"{t}.weight"] = full.reshape(c.shape)
-    return float(hg.value[0]), g, int(sol.iterations.sum())
+    return val, g, int(sol.iterations.sum())
 
 
 def _lasso_hypergrad(
