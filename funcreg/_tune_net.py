@@ -160,8 +160,6 @@ class _Implicit:
             with torch.no_grad():
                 for _ in range(self.tr.steps):
                     w, state, _ = step(w, state, s, *self.data)
-        if self.tr.polish == 0:
-            return w
         x = flat(w).detach().clone().requires_grad_()
         lbfgs = torch.optim.LBFGS(
             [x],
