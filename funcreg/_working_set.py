@@ -164,8 +164,6 @@ class WorkingSet:
             # from the exact solution: a bound on the curvature for the step (the solve's own
             # λ_max and homotopy would only find the start again), its first test certifies
             lip = _gershgorin(loss) if exact else None
-            if lip is not None and not lip > 0:  # all-zero columns: let solve find its step
-                lip = None
             sol = solve(loss, sub, init, s, tol=tol, max_iter=max_iter, lipschitz=lip)
             self.w = sol.params["weight"][0].reshape(-1)
             self._grad = None
@@ -264,11 +262,13 @@ class WorkingSet:
         return out
 
 
-def _gershgorin(loss: LeastSquares) -> float:
+def _gershgorin(loss: LeastSquares) -> float | None:
     """An upper bound on ``λ_max`` of the loss's Hessian (with an intercept, the bordered
-    ``[[G, μ], [μᵀ, 1]]``): the largest absolute row sum."""
+    ``[[G, μ], [μᵀ, 1]]``): the largest absolute row sum; ``None`` where it is 0 (all-zero
+    columns: no step to bound, :func:`funcreg.solve` finds its own)."""
     rows = loss.gram.abs().sum(1)
     if loss.fit_intercept:
         mu = loss.x_mean.abs()
         return max(float((rows + mu).max()), 1.0 + float(mu.sum()))
-    return float(rows.max())
+    top = float(rows.max())
+    return top if top > 0 else None
