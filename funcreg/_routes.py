@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _tree
 from ._fista import Generic, GramOracle, Smooth, fista, make_prox, zero_loss
-from ._newton import NEWTON_MAX, prox_newton
+from ._newton import NEWTON_MAX, gradient, prox_newton
 from ._quadratic import (
     Layout,
     Quadratic,
@@ -133,29 +133,22 @@ def _gradient_scale(
 ) -> Tensor:
     """``max(‖∇f(0)‖, ‖∇f(x0)‖)`` per model, the stopping rule's scale (``‖∇f(0)‖`` taken as
     0 where it is not finite). Where every model has the same smooth objective and start (a
-    path's first solve), one model's two gradients by plain autograd serve all of them (a
-    vmapped gradient costs several times more for one small model)."""
-    k = next(iter(x0.values())).shape[0]
-    if not (shared and all(bool((v == v[:1]).all()) for v in x0.values())):
+    path's first solve), one model's two gradients by plain autograd
+    (:func:`funcreg._newton.gradient`) serve all of them (a vmapped gradient costs several
+    times more for one small model)."""
+    layout = Layout({n: v[0] for n, v in x0.items()})
+    x0f = layout.flatten(x0)
+    if not (shared and bool((x0f == x0f[:1]).all())):
         gen = Generic(objective, data)
         return torch.maximum(gen.grad_norm_at_zero(x0, S), _tree.sqnorm(gen.gradient(x0, S)).sqrt())
     s0 = {n: v[0] for n, v in S.items()}
-    norms = []
-    for point in (
-        {n: torch.zeros_like(v[0]) for n, v in x0.items()},
-        {n: v[0] for n, v in x0.items()},
-    ):
-        with torch.enable_grad():
-            leaves = {n: p.detach().requires_grad_() for n, p in point.items()}
-            found = torch.autograd.grad(
-                objective(leaves, s0, *data),
-                list(leaves.values()),
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        norms.append(torch.sqrt(sum((g.square().sum() for g in found), torch.zeros(()))))
-    at_zero = torch.where(torch.isfinite(norms[0]), norms[0], 0.0)
-    return torch.maximum(at_zero, norms[1]).to(next(iter(x0.values())).dtype).expand(k).clone()
+
+    def f(theta: Tensor) -> Tensor:
+        return objective(layout.single(theta), s0, *data)
+
+    at_zero, at_start = (gradient(f, t).norm() for t in (torch.zeros_like(x0f[0]), x0f[0]))
+    at_zero = torch.where(torch.isfinite(at_zero), at_zero, 0.0)
+    return torch.maximum(at_zero, at_start).expand(x0f.shape[0]).clone()
 
 
 def _certify_gram(
