@@ -51,6 +51,8 @@ from .spec import Spec
 HOMOTOPY_MAX = 64  # follow the path exactly for reduced problems up to this many coordinates
 HARD_MAX = 256  # ... and up to this many where G is ill-conditioned (FISTA is slow there)
 HARD_CONDITION = 100.0  # λ_max(G)/λ_min(G) from which a problem counts as ill-conditioned
+PARTIAL_MIN = 512  # from this many coordinates, walk the top of a path exactly ...
+PARTIAL_MAX = 128  # ... while |A| stays at most this (below, FISTA's steps are cheaper)
 _REFRESH = 32  # recompute G_AA⁻¹ by Cholesky after this many rank-one updates
 _KINKS_PER_P = 8  # give up after this many kinks per coordinate (cycling on ties)
 _SEED_ROUNDS = 8  # active-set rounds of Homotopy.seed before it gives up
@@ -74,17 +76,19 @@ def proportional(tau: Tensor) -> tuple[Tensor, Tensor] | None:
     return s, c
 
 
-def lasso_path(G: Tensor, r: Tensor, strengths: Tensor) -> tuple[Tensor, Tensor]:
+def lasso_path(
+    G: Tensor, r: Tensor, strengths: Tensor, max_active: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The Lasso ``½ wᵀGw − rᵀw + λ‖w‖₁`` at each of ``strengths (K,)`` (any order), by the
     homotopy of the module docstring, in float64 on the host (numpy: a few microseconds per
     small operation, where an eager torch call costs several): ``(w (K, p), done (K,)
     bool)`` as float64 CPU tensors, ``done`` false (and ``w`` zero) for the strengths below
-    where the homotopy stopped."""
+    where the homotopy stopped — also where the active set outgrew ``max_active``."""
     Gn = G.detach().to("cpu", torch.float64).numpy()
     rn = r.detach().to("cpu", torch.float64).numpy()
     lam = strengths.detach().to("cpu", torch.float64).numpy()
     order = np.argsort(-lam, kind="stable")  # walked down from λ_max
-    ws, dones = Homotopy(lambda idx: Gn[idx], rn).walk(lam[order])
+    ws, dones = Homotopy(lambda idx: Gn[idx], rn).walk(lam[order], max_active)
     w, done = np.zeros_like(ws), np.zeros_like(dones)
     w[order], done[order] = ws, dones
     return torch.from_numpy(w), torch.from_numpy(done)
@@ -313,12 +317,15 @@ class Homotopy:
         vars(self).update(saved)
         return False
 
-    def walk(self, strengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def walk(
+        self, strengths: np.ndarray, max_active: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The solutions at ``strengths (K,)``, visited in that order from the current state
         (one direction is cheapest: descending from a cold state); returns ``(w (K, p),
         done (K,))``, ``done`` false (``w`` zero) from where the walk stopped: a singular
         ``G_AA`` (the state is then reset to ``λ_max``), more than ``_KINKS_PER_P · p`` kinks,
-        a strength ``≤ 0``. The state ends at the last strength reached."""
+        a strength ``≤ 0``, a kink where the active set grows beyond ``max_active`` (the
+        state is then that kink's). The state ends at the last strength reached."""
         lams = np.asarray(strengths, dtype=np.float64).reshape(-1)
         K = lams.shape[0]
         w, done = np.zeros((K, self.p)), np.zeros(K, dtype=bool)
@@ -364,27 +371,51 @@ class Homotopy:
                         self._cold()
                         return w, done
                     seg, ev, self.lam = None, None, lam
+                    if max_active is not None and self.k > max_active:
+                        return w, done
         return w, done
 
 
-def exact_start(G: Tensor, r: Tensor, tau: Tensor, w0: Tensor, condition: float) -> Tensor:
+def exact_start(G: Tensor, r: Tensor, tau: Tensor, w0: Tensor, condition: float | None) -> Tensor:
     """``w0 (K, p)`` with its rows replaced by the exact solutions of ``½ wᵀGw − rᵀw +
-    Σ_j τ_kj |w_j|`` where the homotopy applies and reached the row's strength: thresholds
-    that are :func:`proportional` (the rescaling of the module docstring), and ``p ≤
-    HOMOTOPY_MAX``, or ``p ≤ HARD_MAX`` with ``condition`` (``λ_max/λ_min`` of ``G``) at
-    least ``HARD_CONDITION`` — there the ``O(p³)`` homotopy beats FISTA's iterations; on a
-    well-conditioned ``G`` of that size FISTA is the faster."""
+    Σ_j τ_kj |w_j|`` where the homotopy reached the row's strength, for thresholds that are
+    :func:`proportional` (the rescaling of the module docstring):
+
+    * the whole path where ``p ≤ HOMOTOPY_MAX``, or ``p ≤ HARD_MAX`` with ``condition``
+      (``λ_max/λ_min`` of ``G``; ``None``: not known) at least ``HARD_CONDITION`` — there the
+      ``O(p³)`` homotopy beats FISTA's iterations;
+    * for ``p ≥ PARTIAL_MIN``, its top, down to the kink where the active set outgrows
+      ``PARTIAL_MAX``: the strengths with sparse solutions, where a kink costs ``O(p |A|)``
+      and FISTA would spend tens of ``O(p²)`` iterations on each. There the rows below that
+      kink which start cold (all zero) start instead from the exact solution at the nearest
+      strength above. (Measured on Gaussian designs, n = 2000, 100 strengths: at p = 1000
+      the walk's 12 ms replaces about 80 ms of FISTA; at p = 200 it costs 9 ms against 3.)"""
     p = G.shape[0]
-    if p == 0 or p > HARD_MAX or (p > HOMOTOPY_MAX and condition < HARD_CONDITION):
+    if p == 0:
         return w0
     found = proportional(tau)
     if found is None:
         return w0
+    hard = condition is not None and condition >= HARD_CONDITION
+    whole = p <= HOMOTOPY_MAX or (p <= HARD_MAX and hard)
+    if not whole and p < PARTIAL_MIN:
+        return w0
     s, c = found
-    w, done = lasso_path(G / (c[:, None] * c[None, :]), r / c, s)
+    if not bool((c == 1).all()):  # a weighted L1: the plain Lasso of the rescaled problem
+        G, r = G / (c[:, None] * c[None, :]), r / c
+    w, done = lasso_path(G, r, s, None if whole else PARTIAL_MAX)
     if not bool(done.any()):
         return w0
     w = w.to(w0) / c[None, :]
+    if not whole:  # a cold row below the walk: the exact solution nearest above it
+        order = torch.argsort(s, descending=True, stable=True)
+        reached = done[order]
+        last = int(reached.nonzero()[-1])
+        below = order[last + 1 :][~reached[last + 1 :]]
+        cold = below[(w0[below.to(w0.device)] == 0).all(1).cpu()]
+        w[cold] = w[order[last]].clone()
+        done = done.clone()
+        done[cold] = True
     return torch.where(done.to(w0.device)[:, None], w, w0)
 
 

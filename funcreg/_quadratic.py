@@ -330,6 +330,8 @@ def lasso_route(
         w0 = exact_start(G, r, tau[:, u], w0, L / max(float(ev[0]), tiny))
     else:
         L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
+        if q.homotopy and L0 is None and G.dtype == torch.float64 and G.shape[0]:
+            w0 = exact_start(G, r, tau[:, u], w0, None)  # the top of the path
     w, iterations, converged, floors, optimality = fista_lasso(
         G, r[None], tau[:, u], w0, max_iter, tol, G.new_tensor([L]), restart
     )

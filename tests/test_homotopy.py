@@ -337,3 +337,46 @@ def test_seed_on_a_wide_design_stays_small_and_walks_on():
     (ref,), _ = Homotopy(lambda idx: G[idx], r).walk(np.array([lam]))
     assert bool(done[0])
     np.testing.assert_allclose(w, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+
+
+def test_walk_stops_where_the_active_set_outgrows_max_active():
+    """``walk(max_active=m)``: every strength reached is the same exact point as the
+    uncapped walk's, and the walk stops (``done`` false, ``w`` zero) at the kink where
+    ``|A|`` would exceed ``m``."""
+    X, y = _ar1(300, 60, 0.0, seed=3)
+    n = len(y)
+    G, r = X.T @ X / n, X.T @ y / n
+    top = np.abs(r).max()
+    lam = np.geomspace(top, top * 1e-3, 40)
+    w_all, done_all = Homotopy(lambda idx: G[idx], r).walk(lam)
+    h = Homotopy(lambda idx: G[idx], r)
+    w, done = h.walk(lam, max_active=8)
+    assert done_all.all() and done[0] and not done.all()
+    stop = int(np.flatnonzero(~done)[0])
+    assert not done[stop:].any() and (w[stop:] == 0).all()
+    np.testing.assert_array_equal(w[:stop], w_all[:stop])
+    assert h.k == 9 and (w[:stop] != 0).sum(1).max() <= 8
+
+
+def test_large_path_starts_its_sparse_top_at_the_answer():
+    """From ``PARTIAL_MIN`` coordinates a path's top is walked exactly up to ``PARTIAL_MAX``
+    active coordinates: those strengths stop at the first test (iteration 1), the cold rows
+    below start from the nearest exact solution, and every point equals scikit-learn's
+    ``lasso_path`` (tol 1e-14) to 1e-8 of the largest coefficient."""
+    from funcreg._homotopy import PARTIAL_MAX, PARTIAL_MIN
+
+    X, y = _ar1(1100, PARTIAL_MIN + 8, 0.0, seed=4)
+    n, p = X.shape
+    ls = least_squares(torch.from_numpy(X), torch.from_numpy(y))
+    top = float(np.abs(X.T @ y).max() / n)
+    lam = np.geomspace(top, top * 1e-3, 100)
+    x0 = {"weight": torch.zeros(100, 1, p, dtype=DT)}
+    sol = solve(ls, fr.Spec(l1=fr.L1()), x0, {"l1": torch.from_numpy(lam)}, tol=1e-12,
+                max_iter=100_000, stacked=True)  # fmt: skip
+    W = sol.params["weight"][:, 0].numpy()
+    _, coefs, _ = lasso_path(X, y, alphas=lam, tol=1e-14, max_iter=10**6)
+    assert bool(sol.converged.all())
+    np.testing.assert_allclose(W, coefs.T, rtol=0, atol=1e-8 * np.abs(coefs).max())
+    sparse = (coefs != 0).sum(0) < PARTIAL_MAX // 2  # well inside the walked top
+    assert sparse.sum() >= 5 and bool((sol.iterations[torch.from_numpy(sparse)] == 1).all())
+    assert int(sol.iterations.max()) > 1  # the rest was solved by the loop
