@@ -264,8 +264,9 @@ def path(
         chunk_size: models per vmapped chunk (``None``: one chunk, i.e. no warm starts);
             smaller chunks warm-start more often, larger ones run more models at once.
             Ignored (one chunk) where the loss is found quadratic and ``term`` is the only
-            term, a plain ``L1`` on at most 64 entries: there every strength starts from its
-            exact solution, from the homotopy (:mod:`funcreg._homotopy`).
+            term, a plain ``L1``: there every strength (up to 64 entries; else the sparse
+            top of the path) starts from its exact solution, from the homotopy
+            (:mod:`funcreg._homotopy`), and one batched solve is faster than warm chunks.
         warm_start: ``False`` starts every chunk from ``model_or_params`` (cold starts, for
             comparison; no homotopy starts either).
         descending: the order the chunks run in: ``True`` largest strength first (glmnet:
@@ -337,7 +338,7 @@ def path(
     k = s.numel()
     chunks = plan_chunks(k, chunk_size, balanced=False)  # a path's chunks follow the grid
     if q is not None and warm_start and whole_path(spec, term, params0):
-        chunks = [(0, k)]  # the homotopy starts every strength at its solution: one solve
+        chunks = [(0, k)]  # the homotopy starts the strengths it reaches at their solutions
     info: dict[str, Any] = {"warm_start": bool(warm_start), "path_axis": term}
     info["run_order"] = "descending" if descending else "ascending"
     info["chunks"] = [list(c) for c in chunks]  # in run order

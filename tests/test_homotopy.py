@@ -157,6 +157,27 @@ def test_natural_route_path_is_one_solve_started_at_the_answer():
     np.testing.assert_allclose(b, y.mean() - W @ X.mean(0), rtol=1e-12, atol=1e-12 * abs(y.mean()))
 
 
+def test_larger_natural_route_path_is_one_solve_equal_to_sklearn():
+    """Above the homotopy's whole-path size (100 features through ``nn.Linear`` + MSE +
+    intercept) a plain ``L1`` path is still one batched solve, not warm chunks, and equals
+    scikit-learn's ``lasso_path`` on centred data."""
+    X, y = _ar1(300, 100, 0.5, seed=5)
+    X, y = X + 2.0, y + 1.0
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    net = torch.nn.Linear(100, 1).double()
+
+    def mse(params, X, y):
+        r = torch.func.functional_call(net, params, (X,))[:, 0] - y
+        return 0.5 * (r**2).mean()
+
+    res = fr.path(net, mse, fr.Spec(l1=fr.L1("weight")), data=(Xt, yt), n=30, tol=1e-12)
+    assert res.meta["chunks"] == [[0, 30]] and bool(res.meta["converged"].all())
+    lam = res.grid["l1"].numpy()
+    _, coefs, _ = lasso_path(X - X.mean(0), y - y.mean(), alphas=lam, tol=1e-14, max_iter=10**6)
+    W = res.stacked["weight"][:, 0].numpy()
+    assert np.abs(W - coefs.T).max() <= 1e-8 * np.abs(coefs).max()
+
+
 class _Counting(Homotopy):
     """A homotopy that counts its kinks (joins and leaves)."""
 
