@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, jacfwd, vmap
+from torch.func import grad, grad_and_value, jacfwd, jvp, vmap
 
 from ._homotopy import HARD_MAX, exact_start
 from ._lasso import fista_lasso, gram_lipschitz
@@ -59,6 +59,7 @@ from .spec import Spec
 
 DETECT_MAX = 1024  # look for a quadratic automatically up to this many parameter entries
 _PROBE_RTOL = 1e-6
+_FORWARD_TRIAL_MIN = 256  # from this many entries, try forward mode on one tangent first
 _LINE_RTOL = 1e-3  # the quick test's bound: far above round-off, only a clear non-quadratic
 
 
@@ -188,6 +189,8 @@ def extract(
             "Hessian is not constant)"
         )
     try:  # H, ∇f(0) and f(0) from one forward-over-reverse pass
+        if layout.P >= _FORWARD_TRIAL_MIN:  # where forward mode fails, fail on one tangent
+            jvp(grad(value), (zero,), (torch.ones_like(zero),))
         H, (g0, c) = jacfwd(with_aux, has_aux=True)(zero)
         H, g0, c = H.detach(), g0.detach(), c.detach()
     except Exception:  # noqa: BLE001 - e.g. F.mse_loss: no forward-mode rule for its backward

@@ -326,3 +326,28 @@ def test_torch_mse_loss_is_found_quadratic(form):
             ref = Lasso(alpha=s, tol=1e-14, max_iter=10**6).fit(X, y)
             w = res.stacked["weight"][k, 0].numpy()
             assert np.abs(w - ref.coef_).max() <= 1e-6 * np.abs(ref.coef_).max()
+
+
+@pytest.mark.parametrize("form", ["mse_loss", "written out"])
+def test_large_linear_model_is_found_quadratic_either_way(form):
+    """From ``_FORWARD_TRIAL_MIN`` entries the forward mode is tried on one tangent first:
+    ``F.mse_loss`` (no forward-mode rule) goes straight to reverse over reverse, a loss
+    written out keeps the forward-over-reverse pass; both give ``H = 2·AᵀA/n``."""
+    import torch.nn.functional as F
+
+    from funcreg._quadratic import _FORWARD_TRIAL_MIN
+
+    n, p = 80, _FORWARD_TRIAL_MIN
+    gen = torch.Generator().manual_seed(3)
+    Xt = torch.randn(n, p, generator=gen, dtype=DT)
+    yt = torch.randn(n, generator=gen, dtype=DT)
+    net = _linear(p)
+
+    def loss(params, X, y):
+        out = torch.func.functional_call(net, params, (X,)).squeeze(-1)
+        return F.mse_loss(out, y) if form == "mse_loss" else ((out - y) ** 2).mean()
+
+    q, why = extract(loss, fr.params(net), (Xt, yt))
+    assert q is not None, why
+    A = torch.cat([Xt, torch.ones(n, 1, dtype=DT)], 1)
+    torch.testing.assert_close(q.H, 2.0 * A.T @ A / n, rtol=1e-12, atol=1e-12)
