@@ -29,7 +29,8 @@ funcreg takes its lean Lasso loop here (fixed step ``1/λ_max``, convergence tes
 ``nn.Linear`` model with an unpenalized intercept, a BCE-with-logits loss, ``fr.path`` over
 the strengths ``1/(n·C)`` of ``fr.from_sklearn_logistic``, defaults) vs 10
 ``LogisticRegression(solver="liblinear")`` fits (which penalize their intercept: each
-side's gap is against its own problem), then the three generated designs above. Each
+side's gap is against its own problem), the same ``nn.Linear`` route on the wide generated
+design (:func:`wide_route`), then the three generated designs above. Each
 row gives the wall-clock median of interleaved runs and the max relative objective gap
 against a tight reference, so that ratios are read at equal accuracy.
 """
@@ -246,11 +247,43 @@ def real(repeats: int = 7) -> list[dict]:
     rows.append(("diabetes 5-fold cross_validate vs LassoCV", t_cv, t_skcv, float(same), 1.0))
 
     rows += logistic(repeats)
+    rows.append(wide_route(min(repeats, 3)))
     _print_rows(rows)
     return [
         dict(zip(("task", "funcreg_s", "sklearn_s", "gap_fr", "gap_sk"), r, strict=False))
         for r in rows
     ]
+
+
+def wide_route(repeats: int = 3) -> tuple:
+    """The user's route on the wide generated design (n = 2000, p = 1000, not centred): an
+    ``nn.Linear`` with an intercept and ``F.mse_loss`` through ``functional_call``,
+    ``fr.path`` on ``lasso_path``'s 100 strengths (doubled: ``mse_loss`` is twice the
+    ``1/(2n)`` data term) vs ``lasso_path`` on the centred data at its default ``tol``."""
+    X, y = design(2000, 1000, 0.0, 0)
+    X, y = X + 3.0, y + 1.0
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    net = _linear(X.shape[1])
+
+    def mse(params: dict, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(net, params, (X,))[:, 0]
+        return torch.nn.functional.mse_loss(out, y)
+
+    spec = fr.Spec(l1=fr.L1("weight"))
+    Xc, yc = X - X.mean(0), y - y.mean()
+    grid = np.abs(Xc.T @ yc).max() / len(y) * np.geomspace(1, 1e-3, 100)
+    ref = objective(Xc, yc, run_sklearn(Xc, yc, grid, 1e-14), grid)
+    strengths = torch.from_numpy(2 * grid)
+    with threadpool_limits(1):
+        for _ in range(2):  # interleaved rounds, the first one warms up
+            t_fr, res = _median_time(
+                lambda: fr.path(net, mse, spec, data=(Xt, yt), strengths=strengths), repeats
+            )
+            t_sk, coefs = _median_time(lambda: run_sklearn(Xc, yc, grid, 1e-4), repeats)
+    W = res.stacked["weight"][:, 0].numpy().T  # type: ignore[attr-defined]
+    gap_fr = float(((objective(Xc, yc, W, grid) - ref) / ref).max())
+    gap_sk = float(((objective(Xc, yc, coefs, grid) - ref) / ref).max())  # type: ignore[arg-type]
+    return ("wide p=1000 nn.Linear fr.path vs lasso_path", t_fr, t_sk, gap_fr, gap_sk)
 
 
 def logistic(repeats: int = 7) -> list[tuple]:
