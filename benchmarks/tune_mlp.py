@@ -9,8 +9,8 @@ momentum 0.9), one L2 strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``), 
 
 * grid: ``fr.sweep`` of the 64 points ``{1e-4, 1e-3, 1e-2, 1e-1}³`` (vmapped), the best
   validation loss;
-* Optuna (TPE, seeded; skipped when ``optuna`` is not installed): ``--outer`` trainings,
-  log-uniform strengths in ``[1e-4, 1e-1]``;
+* Optuna (TPE, seeded by ``--optuna-seed``; skipped when ``optuna`` is not installed):
+  ``--outer`` trainings, log-uniform strengths in ``[1e-4, 1e-1]``;
 * ``fr.tune(..., training=fr.Training(opt, steps, hypergrad="unrolled"))``: at most ``--outer``
   outer steps (Adam, lr ``--outer-lr``, on log s, from all strengths at ``--start``), each a
   training from the init and its exact reverse-mode derivative (all steps, or the last
@@ -24,11 +24,15 @@ momentum 0.9), one L2 strength per Linear layer (``l2_0``, ``l2_2``, ``l2_4``), 
   L-BFGS-polished from the init).
 
     python benchmarks/tune_mlp.py [--act relu|gelu] [--train adam|sgdm] [--outer 25]
-        [--methods unrolled,implicit,grid,optuna] [--check-fd]
+        [--methods unrolled,implicit,grid,optuna] [--check-fd] [--check-smooth]
 
 ``--check-fd`` only compares, at the starting strengths, the hypergradients with central
 finite differences of the trained validation loss at several steps in log s, for the
-training map (the full unroll) and for the stationary-point map (the implicit gradient).
+training map (the full unroll, and the unroll truncated to the last 1, 5, 20, 50 steps) and
+for the stationary-point map (the implicit gradient). ``--check-smooth`` compares, at four
+points, the unroll (truncated to the last 1, 5, 20, 50 steps, and full) with the trend of
+the map: the least-squares slope of the validation loss over 96 trainings at antithetic
+Gaussian perturbations of log s (σ = 0.15, seed 2), with its standard error.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ from funcreg.unrolled import unrolled_hypergrad
 TERMS = ("l2_0", "l2_2", "l2_4")
 GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 START = 10**-2.5
+REACH = (0.56, 0.54, 0.5296, 0.5228, 0.52, 0.50)  # ReLU/Adam: the grid's, Optuna's best
+TRUNCATE = (1, 5, 20, 50)  # --check-fd, --check-smooth: the truncated unrolls they print
+SMOOTH_AT = {  # --check-smooth: the start, two points on the way, the grid's best
+    "start": (START,) * 3,
+    "mid": (1e-2, 3e-3, 3e-3),
+    "near": (3e-2, 1e-2, 3e-3),
+    "grid best": (1e-1, 1e-2, 1e-1),
+}
 
 
 def _reach(values: list[float], target: float) -> int | None:
@@ -74,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--damping", type=float, default=0.0, help="μ of the implicit route")
     ap.add_argument("--methods", default="grid,optuna,unrolled,implicit")
     ap.add_argument("--converged-optuna", action="store_true")
+    ap.add_argument("--optuna-seed", type=int, default=0, help="seed of the TPE sampler")
     ap.add_argument("--check-fd", action="store_true")
+    ap.add_argument("--check-smooth", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     X, y = make_data(0)
@@ -123,12 +137,19 @@ def main(argv: list[str] | None = None) -> None:
         val, g_full, _ = unrolled_hypergrad(
             step, p0, opt.init(p0), c, [(Xt, yt)] * args.steps, loss, (Xv, yv)
         )
+        cuts = [k for k in TRUNCATE if k < args.steps]
+        g_cut = {
+            k: unrolled_hypergrad(
+                step, p0, opt.init(p0), c, [(Xt, yt)] * args.steps, loss, (Xv, yv), truncate=k
+            )[1]
+            for k in cuts
+        }
         wc = converged(c)
         stat = float(sum((g * g).sum() for g in grad(F)(wc, tensors(c), Xt, yt).values()))
         _, g_imp = inner.hypergrad(wc, tensors(c), TERMS, loss, (Xv, yv))
         eps = (0.2, 0.05, 0.01, 0.002)
         print(f"dE/d log s at all strengths {args.start:.2e}; central FD at ±{eps} in log s")
-        print(f"training map: val {float(val):.4f}")
+        print(f"training map: val {float(val):.4f}; truncated: the last T = {cuts} steps")
         for t in TERMS:
             fd = [
                 (train({**c, t: c[t] * math.exp(e)}) - train({**c, t: c[t] * math.exp(-e)}))
@@ -138,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"  {t}: full unroll {float(g_full[t]):10.4g}   FD "
                 + " ".join(f"{v:9.4f}" for v in fd)
+                + "   truncated "
+                + " ".join(f"{float(g_cut[k][t]):10.3g}" for k in cuts)
             )
         print(
             f"stationary-point map (L-BFGS from the trained weights; relative ‖∇F‖ "
@@ -154,6 +177,47 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"  {t}: implicit {float(g_imp[t]):10.4f}   FD " + " ".join(f"{v:9.4f}" for v in fd)
             )
+        return
+
+    if args.check_smooth:
+        gen = torch.Generator().manual_seed(2)
+        sigma, half = 0.15, 48
+        print(
+            f"trend: least-squares slope of E over {2 * half} trainings at log s + N(0, {sigma}²)"
+        )
+        for name, at in SMOOTH_AT.items():
+            c = dict(zip(TERMS, at, strict=True))
+            Z = torch.randn(half, 3, generator=gen, dtype=torch.float64) * sigma
+            Z = torch.cat([Z, -Z])
+            f = torch.tensor(
+                [train({t: c[t] * math.exp(float(z[i])) for i, t in enumerate(TERMS)}) for z in Z],
+                dtype=torch.float64,
+            )
+            A = torch.cat([torch.ones(len(Z), 1, dtype=torch.float64), Z], 1)
+            coef = torch.linalg.lstsq(A, f[:, None]).solution[:, 0]
+            res = f - A @ coef
+            s2 = float(res @ res) / (len(f) - 4)
+            se = (s2 * torch.linalg.inv(A.T @ A).diag()).sqrt()
+            trend = coef[1:]
+            print(
+                f"{name} {at}: mean {float(coef[0]):.4f}, residual sd "
+                f"{s2**0.5:.4f}, trend "
+                + " ".join(
+                    f"{float(v):+.3f}±{float(e):.3f}" for v, e in zip(trend, se[1:], strict=True)
+                )
+            )
+            for k in (*TRUNCATE, args.steps):
+                _, g, _ = unrolled_hypergrad(
+                    step, p0, opt.init(p0), c, [(Xt, yt)] * args.steps, loss, (Xv, yv),
+                    truncate=k,
+                )  # fmt: skip
+                gv = torch.stack([g[t] for t in TERMS])
+                cos = float(gv @ trend / (gv.norm() * trend.norm()))
+                agree = int((gv.sign() == trend.sign()).sum())
+                print(
+                    f"  T={k:3d}: " + " ".join(f"{float(v):+10.3g}" for v in gv)
+                    + f"   signs {agree}/3, cosine {cos:+.2f}"
+                )  # fmt: skip
         return
 
     methods = args.methods.split(",")
@@ -187,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
             for label, fn in runs:
                 t0 = time.perf_counter()
-                study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+                study = optuna.create_study(
+                    sampler=optuna.samplers.TPESampler(seed=args.optuna_seed)
+                )
                 study.optimize(
                     lambda tr, fn=fn: fn(
                         {t: tr.suggest_float(t, 1e-4, 1e-1, log=True) for t in TERMS}
@@ -201,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{fmt(study.best_params)}"
                 )
                 print(f"{'':22s} trials to reach: " + ", ".join(
-                    f"{v}: {_reach(vals, v)}" for v in (0.56, 0.54, 0.53, 0.52, 0.50)))  # fmt: skip
+                    f"{v}: {_reach(vals, v)}" for v in REACH))  # fmt: skip
     for mode in ("unrolled", "implicit"):
         if mode not in methods:
             continue
@@ -225,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:22s} {n_tr:9d} {t_tune:7.1f} {r.value:13.5f}  {fmt(r.strengths)}")
         vals = r.history["value"]
         print(f"{'':22s} steps to reach: " + ", ".join(
-            f"{v}: {_reach(vals, v)}" for v in (0.56, 0.54, 0.53, 0.52, 0.50)))  # fmt: skip
+            f"{v}: {_reach(vals, v)}" for v in REACH) + f"; stopped: {r.stopped}")  # fmt: skip
         print(f"{'':22s} values: " + " ".join(f"{v:.4f}" for v in vals))
         st = r.history["stationarity"]
         print(f"{'':22s} relative ‖∇F‖: min {min(st):.1e} max {max(st):.1e}")
