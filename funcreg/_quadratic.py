@@ -31,9 +31,10 @@ a Lasso in ``u`` alone,
 
 (the Schur complement; for least squares with an intercept this is centring ``X`` and
 ``y``, as glmnet and scikit-learn do), solved by :func:`funcreg._lasso.fista_lasso` — for
-a small ``u`` and thresholds that are one pattern scaled per model (a grid of one ``L1``
-term), started from the exact solutions of the homotopy (:mod:`funcreg._homotopy`), so
-that the loop's first test certifies them: in float64 only (in a lower work dtype the
+thresholds that are one pattern scaled per model (a grid of one ``L1`` term) started from
+the exact solutions of the homotopy (:mod:`funcreg._homotopy`: every strength for a small
+``u``, the sparse top of the path for a large one; see its ``exact_start``), so that the
+loop's first test certifies them: in float64 only (in a lower work dtype the
 rule's floor is above what the start would add), and not with a given ``L0``
 (``lipschitz=``: plain FISTA from the given start, as documented there). When
 ``H_vv`` is not positive definite (a free coordinate the loss does not determine), there is

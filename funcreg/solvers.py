@@ -295,6 +295,11 @@ def solve(
     else:
         K = 1 if K is None else K
         x0 = {n: p.detach().expand(K, *p.shape).clone() for n, p in params.items()}
+    if K == 0:
+        raise ValueError(
+            "solve: no models to solve (the strengths or stacked params have K = 0); pass at "
+            "least one strength"
+        )
     single = {n: p[0] for n, p in x0.items()}
     if isinstance(loss_fn, Quadratic) and loss_fn.shapes != {
         n: tuple(p.shape) for n, p in single.items()

@@ -281,6 +281,25 @@ def test_least_squares_path_matches_the_cpu() -> None:
     assert_same(cpu.grid["l1"], dev.grid["l1"])
 
 
+def test_large_least_squares_path_with_a_partial_homotopy_start_matches_the_cpu() -> None:
+    """From ``PARTIAL_MIN`` coordinates the path's sparse top starts at the homotopy's
+    solutions, computed on the host: its bookkeeping meets device thresholds and params."""
+    from funcreg._homotopy import PARTIAL_MIN
+
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(3 * PARTIAL_MIN // 2, PARTIAL_MIN + 8, generator=gen, dtype=torch.float64)
+    y = X[:, :20].sum(1) + torch.randn(X.shape[0], generator=gen, dtype=torch.float64)
+    spec = fr.Spec(l1=fr.L1("weight"))
+
+    def run(dev: torch.device) -> fr.SweepResult:
+        ls = fr.least_squares(*on(dev, X, y))
+        return fr.path(ls.init(), ls, spec, n=20, tol=1e-10)
+
+    cpu, dev = run(CPU), run(DEVICE)
+    assert int((cpu.meta["iterations"] == 1).sum()) >= 3  # the walk started some at the answer
+    assert_same(cpu.stacked, dev.stacked, rtol=1e-7, atol=1e-8)
+
+
 def test_cross_validation_and_strength_max_match_the_cpu() -> None:
     X, y = lasso_data()
     spec = fr.Spec(l1=fr.L1("0.weight"))

@@ -311,3 +311,10 @@ def test_eager_step_refuses_a_loss_that_ignores_params():
         name = getattr(loss, "__wrapped__", loss).__name__
         with pytest.raises(ValueError, match=name + r" returned a loss that does not depend on"):
             step(p, fr.optim.sgd(0.1).init(p), {"l2": 0.1}, x, y)
+
+
+def test_solve_with_no_models_says_so():
+    X = torch.randn(20, 3, dtype=torch.float64)
+    ls = fr.solvers.least_squares(X, X[:, 0])
+    with pytest.raises(ValueError, match="no models to solve"):
+        fr.solve(ls, fr.Spec(l1=fr.L1()), ls.init(), {"l1": torch.zeros(0, dtype=torch.float64)})
