@@ -128,7 +128,9 @@ def _top_of_path(
     was found (the same gradients to round-off, without running the loss again).
 
     ``settled``: the other parameters at their optimum with ``term``'s parameters at zero
-    (or at their ``toward=`` reference): a solve at a strength above ``strength_max``.
+    (or at their ``toward=`` reference): a solve at a strength above ``strength_max`` — or,
+    for ``term`` alone on a quadratic, without ``toward=``, one linear solve
+    (:meth:`~funcreg._quadratic.Quadratic.settle`).
     ``point``: the settled point with ``term``'s parameters set exactly to zero (or to their
     reference); ``strength``: the smallest strength of ``term`` at which that point
     satisfies the KKT conditions, so that it *is* the solution there. It is
@@ -139,8 +141,15 @@ def _top_of_path(
     terms add exact zeros)."""
     exact, exact_data = (loss, data) if quadratic is None else (quadratic, ())
     names = spec.selection(params0)[term]
+    pen = spec[term]
     settled = params0
-    if set(names) != set(params0):
+    closed = None  # term alone on a quadratic: the other params by one linear solve
+    alone = set(spec) == {term} and all(pen.reference(n) is None for n in names)
+    if quadratic is not None and alone and set(names) != set(params0):
+        closed = quadratic.settle(names)
+    if closed is not None:
+        settled = {n: v.to(params0[n]) for n, v in closed.items()}
+    elif set(names) != set(params0):
         big = 1e3 * max(strength_max(exact, spec, term, params0, *exact_data), 1.0)
         for _ in range(4):
             sol = solve(
@@ -152,7 +161,6 @@ def _top_of_path(
                 break
             big = 1e3 * top
 
-    pen = spec[term]
     point = dict(settled)
     for n in names:
         ref = pen.reference(n)

@@ -43,7 +43,7 @@ no such elimination and the general loop runs instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -137,6 +137,24 @@ class Quadratic:
     def cold(self) -> Quadratic:
         """The same quadratic, solved without the homotopy's starting points."""
         return Quadratic(self.H, self.b, self.c, self.layout, homotopy=False)
+
+    def settle(self, zero: Iterable[str]) -> Params | None:
+        """The minimiser over the entries outside the params ``zero``, those held at zero:
+        ``θ_v = H_vv⁻¹ b_v`` (``v`` the other entries; e.g. the intercept of a linear model
+        with its weights at zero: the mean of the targets), in ``H``'s dtype; ``None`` where
+        ``H_vv`` is not positive definite (a free entry the loss does not determine)."""
+        free = torch.ones(self.layout.P, dtype=torch.bool, device=self.H.device)
+        for n in zero:
+            at = self.layout.offsets[n]
+            free[at : at + self.layout.sizes[self.layout.names.index(n)]] = False
+        v = free.nonzero().squeeze(1)
+        theta = torch.zeros_like(self.b)
+        if v.numel():
+            chol, info = torch.linalg.cholesky_ex(self.H[v][:, v])
+            if int(info) != 0:
+                return None
+            theta[v] = torch.cholesky_solve(self.b[v, None], chol)[:, 0]
+        return {n: t.clone() for n, t in self.layout.single(theta).items()}
 
 
 def from_least_squares(ls: LeastSquares) -> Quadratic | None:

@@ -351,3 +351,26 @@ def test_large_linear_model_is_found_quadratic_either_way(form):
     assert q is not None, why
     A = torch.cat([Xt, torch.ones(n, 1, dtype=DT)], 1)
     torch.testing.assert_close(q.H, 2.0 * A.T @ A / n, rtol=1e-12, atol=1e-12)
+
+
+def test_settle_is_the_free_coordinates_closed_form():
+    """``Quadratic.settle``: with the weights held at zero the intercept of a least-squares
+    fit is the mean of the targets (independent reference); a free entry the loss does not
+    determine (a zero column's weight, the weights left free) gives ``None``."""
+    X, y = load_diabetes(return_X_y=True)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    net = _linear(10)
+
+    def mse(params, X, y):
+        return 0.5 * ((torch.func.functional_call(net, params, (X,))[:, 0] - y) ** 2).mean()
+
+    q, why = extract(mse, fr.params(net), (Xt, yt))
+    assert q is not None, why
+    got = q.settle(["weight"])
+    assert got is not None
+    assert torch.equal(got["weight"], torch.zeros(1, 10, dtype=DT))
+    torch.testing.assert_close(got["bias"], yt.mean().reshape(1), rtol=1e-13, atol=0)
+    Xz = Xt.clone()
+    Xz[:, 3] = 0.0
+    qz, _ = extract(mse, fr.params(net), (Xz, yt))
+    assert qz is not None and qz.settle(["bias"]) is None
