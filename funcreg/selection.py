@@ -56,12 +56,12 @@ from ._folds import (
     weighted_mean,
     without_fold,
 )
-from ._quadratic import DETECT_MAX, extract
+from ._quadratic import DETECT_MAX
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import Penalty
 from .result import Best, SweepResult, one_se_index
-from .solvers import Solution, solve
+from .solvers import NotQuadratic, Solution, solve
 from .spec import Spec, as_spec
 from .stack import as_data, build_grid, eval_mode, split_model, strength_values, with_buffers
 
@@ -365,8 +365,8 @@ def _solve_by_fold(
     """The fits fold by fold (each row of ``norm_w`` with every grid point) when the
     weighted loss is a quadratic in the params (:mod:`funcreg._quadratic`): each fold then
     has its own Gram matrix and :func:`~funcreg.solvers.solve` takes the Gram route. ``None``
-    when the first fold's loss is not quadratic (or too large to look at), so that one
-    solve of every fit runs instead."""
+    when a fold's loss is not quadratic (or too large to look at), so that one solve of
+    every fit runs instead."""
     single = dict(params0)
     if sum(v.numel() for v in single.values()) > DETECT_MAX:
         return None
@@ -374,14 +374,22 @@ def _solve_by_fold(
     def fold_loss(row: Tensor) -> Callable[..., Tensor]:
         return lambda p, *d: fit_loss({**p, **bufs0}, row, *d)
 
-    with torch.enable_grad():
-        q, _ = extract(fold_loss(norm_w[0]), single, data)
-    if q is None:
+    try:  # each fold's Gram route, its quadratic found (and certified) by solve
+        parts = [
+            solve(
+                fold_loss(row),
+                spec,
+                single,
+                dict(grid),
+                *data,
+                tol=tol,
+                max_iter=max_iter,
+                quadratic=True,
+            )  # fmt: skip
+            for row in norm_w
+        ]
+    except NotQuadratic:
         return None
-    parts = [
-        solve(fold_loss(row), spec, single, dict(grid), *data, tol=tol, max_iter=max_iter)
-        for row in norm_w
-    ]
     params = {n: torch.cat([s.params[n] for s in parts]) for n in single}
     cat = [torch.cat([getattr(s, f) for s in parts]) for f in ("iterations", "converged")]
     optimality = torch.cat([s.optimality for s in parts if s.optimality is not None])

@@ -114,7 +114,14 @@ from .losses import LeastSquares, least_squares
 from .penalties import Penalty
 from .spec import Spec, as_spec
 
-__all__ = ["LeastSquares", "Solution", "from_sklearn_logistic", "least_squares", "solve"]
+__all__ = [
+    "LeastSquares",
+    "NotQuadratic",
+    "Solution",
+    "from_sklearn_logistic",
+    "least_squares",
+    "solve",
+]
 
 
 class Solution(NamedTuple):
@@ -167,6 +174,11 @@ def _sweep_size(strengths: Mapping[str, Any]) -> int | None:
                     f"({K} and {v.shape[0]}); every (K,) strength needs the same K"
                 )
     return K
+
+
+class NotQuadratic(ValueError):
+    """:func:`solve` with ``quadratic=True`` on a loss that is not a quadratic in the params
+    (a ``ValueError``; its own type so that callers that try the Gram route can fall back)."""
 
 
 def solve(
@@ -224,7 +236,8 @@ def solve(
 
         quadratic: ``None`` (default): look for a quadratic loss (the Gram route) when the
             params have at most 1024 entries; ``True``: the loss is declared quadratic (it
-            is still checked, and refused with a ``ValueError`` if it is not); ``False``:
+            is still checked, and refused with :class:`NotQuadratic`, a ``ValueError``, if
+            it is not); ``False``:
             the general loop on ``loss_fn``'s gradient.
         compute_dtype: the dtype the solver accumulates in; default float64 for
             lower-precision floating params, else the params' dtype.
@@ -361,7 +374,7 @@ def solve(
         with torch.enable_grad():
             q, why = extract(loss_fn, single, data)
         if q is None and quadratic is True:
-            raise ValueError(
+            raise NotQuadratic(
                 f"solve: quadratic=True, but the loss is not a quadratic in the params: {why}; "
                 "drop quadratic=True (the general route handles any differentiable loss)"
             )

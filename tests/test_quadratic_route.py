@@ -117,7 +117,9 @@ def test_a_loss_declared_quadratic_that_is_not_is_refused():
         return torch.nn.functional.binary_cross_entropy_with_logits(X @ p["w"], y)
 
     p0 = {"w": torch.zeros(4, dtype=DT)}
-    with pytest.raises(ValueError, match="quadratic=True, but the loss is not a quadratic"):
+    with pytest.raises(
+        fr.solvers.NotQuadratic, match="quadratic=True, but the loss is not a quadratic"
+    ):
         solve(logistic, fr.Spec(l1=fr.L1("w")), p0, {"l1": 0.01}, X, y, quadratic=True)
     q, why = extract(logistic, p0, (X, y))
     assert q is None and "Hessian is not constant" in why
