@@ -374,20 +374,9 @@ def _solve_by_fold(
     def fold_loss(row: Tensor) -> Callable[..., Tensor]:
         return lambda p, *d: fit_loss({**p, **bufs0}, row, *d)
 
+    opts: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "quadratic": True}
     try:  # each fold's Gram route, its quadratic found (and certified) by solve
-        parts = [
-            solve(
-                fold_loss(row),
-                spec,
-                single,
-                dict(grid),
-                *data,
-                tol=tol,
-                max_iter=max_iter,
-                quadratic=True,
-            )  # fmt: skip
-            for row in norm_w
-        ]
+        parts = [solve(fold_loss(row), spec, single, dict(grid), *data, **opts) for row in norm_w]
     except NotQuadratic:
         return None
     params = {n: torch.cat([s.params[n] for s in parts]) for n in single}
