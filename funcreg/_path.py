@@ -33,7 +33,7 @@ from torch.func import grad
 from . import _checks
 from ._chunking import plan_chunks
 from ._homotopy import whole_path
-from ._quadratic import DETECT_MAX, Quadratic, extract, gradient_gap
+from ._quadratic import DETECT_MAX, NotQuadraticLoss, Quadratic, extract, gradient_gap
 from ._sweep import sweep
 from .optim import Optimizer
 from .penalties import Penalty
@@ -322,15 +322,18 @@ def path(
         )
     t0 = time.perf_counter()
     q: Quadratic | None = None  # the loss's quadratic, found once for every chunk
+    solve_loss: Callable[..., Tensor] = loss  # what the solves below get where q is None
     if optimizer is None and sum(v.numel() for v in params0.values()) <= DETECT_MAX:
         with torch.enable_grad():
             q, _ = extract(loss, params0, data_t)
+        if q is None:  # found not quadratic: the solves do not look again
+            solve_loss = NotQuadraticLoss(loss)
     settled = params0
     known: tuple[dict[str, Tensor], float] | None = None  # (the top's solution, from where)
     if strengths is None:
         if optimizer is None:
             settled, known = _top_of_path(
-                loss, q, spec, term, params0, fixed, data_t, tol, max_iter
+                solve_loss, q, spec, term, params0, fixed, data_t, tol, max_iter
             )
         top_loss, top_data = (loss, data_t) if q is None else (q, ())
         top = strength_max(top_loss, spec, term, settled, *top_data)
@@ -375,7 +378,7 @@ def path(
             if todo.numel():
                 x0 = {nm: v.expand(todo.numel(), *v.shape).clone() for nm, v in start.items()}
                 strengths_ab = {**fixed, term: s[a:b][todo].to(dtype)}
-                exact, exact_data = (loss, data_t) if q is None else (q, ())
+                exact, exact_data = (solve_loss, data_t) if q is None else (q, ())
                 if q is not None and not warm_start:
                     exact = q.cold()  # cold starts, for comparison: no homotopy either
                 sol = solve(

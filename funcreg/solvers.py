@@ -104,6 +104,7 @@ from torch import Tensor
 from . import _checks
 from ._quadratic import (
     DETECT_MAX,
+    NotQuadraticLoss,
     Quadratic,
     extract,
     from_least_squares,
@@ -370,6 +371,8 @@ def solve(
         q = from_least_squares(loss_fn)
     elif isinstance(loss_fn, Quadratic):
         q = loss_fn.to(work)
+    elif isinstance(loss_fn, NotQuadraticLoss):  # examined by the caller: no quadratic
+        loss_fn = loss_fn.fn
     elif quadratic is True or (quadratic is None and _size(single) <= DETECT_MAX):
         with torch.enable_grad():
             q, why = extract(loss_fn, single, data)

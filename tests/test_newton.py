@@ -123,6 +123,39 @@ def test_l1_logistic_path_with_intercept_matches_sklearn() -> None:
         np.testing.assert_allclose(b[k], sk.intercept_[0], atol=1e-5, rtol=0)
 
 
+def test_path_looks_for_a_quadratic_once_and_still_takes_newton(monkeypatch) -> None:
+    """``fr.path`` examines the loss once (``extract``); its solves, the top of the path's
+    included, get the loss marked as examined and still take proximal Newton."""
+    import funcreg._path as path_module
+    import funcreg._routes as routes
+    import funcreg.solvers as solvers
+
+    Xt, yt, _, y = _cancer()
+    net, bce = _linear_bce(Xt.shape[1])
+    looks = {"path": 0, "solve": 0}
+    newton = {"calls": 0}
+
+    def counting(where, fn):  # noqa: ANN001, ANN202
+        def run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            looks[where] += 1
+            return fn(*a, **k)
+
+        return run
+
+    def counted_newton(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        newton["calls"] += 1
+        return real_newton(*a, **k)
+
+    real_newton = routes.prox_newton
+    monkeypatch.setattr(path_module, "extract", counting("path", path_module.extract))
+    monkeypatch.setattr(solvers, "extract", counting("solve", solvers.extract))
+    monkeypatch.setattr(routes, "prox_newton", counted_newton)
+    res = fr.path(net, bce, fr.Spec(l1=fr.L1("weight")), data=(Xt, yt), n=4, tol=1e-10)
+    assert looks == {"path": 1, "solve": 0}
+    assert newton["calls"] >= 2  # the top of the path and the grid
+    assert bool(res.meta["converged"].all())
+
+
 def _bce_value(net: torch.nn.Module, bce, X: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN202
     """The route's flat objective ``f(θ)`` of an ``nn.Linear`` (weight then bias)."""
     from funcreg._quadratic import Layout
