@@ -144,9 +144,9 @@ class Quadratic:
         with its weights at zero: the mean of the targets), in ``H``'s dtype; ``None`` where
         ``H_vv`` is not positive definite (a free entry the loss does not determine)."""
         free = torch.ones(self.layout.P, dtype=torch.bool, device=self.H.device)
+        views = self.layout.single(free)  # views of ``free``, param by param
         for n in zero:
-            at = self.layout.offsets[n]
-            free[at : at + self.layout.sizes[self.layout.names.index(n)]] = False
+            views[n].fill_(False)
         v = free.nonzero().squeeze(1)
         theta = torch.zeros_like(self.b)
         if v.numel():
@@ -358,14 +358,16 @@ def lasso_route(
         G, r = Huu, bu
     tiny = torch.finfo(G.dtype).tiny ** 0.5
     w0 = x0[:, u]
-    if q.homotopy and L0 is None and G.dtype == torch.float64 and 0 < G.shape[0] <= HARD_MAX:
+    homotopy = q.homotopy and L0 is None and G.dtype == torch.float64 and G.shape[0] > 0
+    condition: float | None = None  # λ_max/λ_min of G, where eigvalsh is cheap
+    if homotopy and G.shape[0] <= HARD_MAX:
         ev = torch.linalg.eigvalsh(G)  # λ_max for the step, λ_min for the homotopy's choice
         L = max(float(ev[-1].clamp(min=0)), tiny)
-        w0 = exact_start(G, r, tau[:, u], w0, L / max(float(ev[0]), tiny))
+        condition = L / max(float(ev[0]), tiny)
     else:
         L = max(gram_lipschitz(G), tiny) if L0 is None else float(L0.max())
-        if q.homotopy and L0 is None and G.dtype == torch.float64 and G.shape[0]:
-            w0 = exact_start(G, r, tau[:, u], w0, None)  # the top of the path
+    if homotopy:
+        w0 = exact_start(G, r, tau[:, u], w0, condition)
     w, iterations, converged, floors, optimality = fista_lasso(
         G, r[None], tau[:, u], w0, max_iter, tol, G.new_tensor([L]), restart
     )
