@@ -204,6 +204,9 @@ class Chunk:
         return t[self.start : self.stop].clone() if self.batched else t[self.start].clone()
 
 
+_C = torch.contiguous_format
+
+
 def unsplit(
     chunks: list[Chunk],
     get: Callable[[Chunk], Any],
@@ -232,7 +235,9 @@ def unsplit(
         if len(parts) > 1:
             leaves.append(torch.cat(parts))
         else:
-            leaves.append(parts[0] if release is not None else parts[0].clone())
+            # contiguous: a chunk's leaves may be views of one (k, N) tensor (funcreg._stacked)
+            one = parts[0]
+            leaves.append(one.contiguous() if release is not None else one.clone(memory_format=_C))
         if release is not None:
             del parts
             for f in flat:

@@ -27,6 +27,7 @@ from ._checkpoint import save_checkpoint
 from ._chunking import Chunk, auto_chunk_size, footprint, memory_cap, plan_chunks, unsplit
 from ._data import Batch
 from ._setup import Setup, data_loss
+from ._stacked import finite_check_tensors, stacked_step
 from .optim import Optimizer
 from .penalties import Penalty
 from .progress import Progress
@@ -100,8 +101,9 @@ def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
     on CPU): a finite total proves every entry finite, since an inf or NaN entry makes it
     inf or NaN. A non-finite total (also finite entries whose sum overflows in their own
     dtype) is settled by the largest magnitude over every tensor
-    (:func:`funcreg._tree.max_abs`)."""
-    ts = [mvec, *(p for p in params.values() if p.numel())]
+    (:func:`funcreg._tree.max_abs`). Views of one stacked tensor (:mod:`funcreg._stacked`)
+    are summed as that tensor."""
+    ts = [mvec, *(p for p in finite_check_tensors(params) if p.numel())]
     total = torch.stack([t.sum().double() for t in ts]).sum()
     if math.isfinite(float(total)):
         return True
@@ -229,10 +231,10 @@ class _Run:
             True: vmapped,
             False: one if s.compile else one_eager,
         }
-        self.eager_fns: dict[bool, Callable[..., Any]] = {
-            True: _math_attention(vmapped),
-            False: self.fns[False],
-        }
+        # eager: the update outside vmap, once on the chunk's models (funcreg._stacked)
+        split = stacked_step(wrapped, s.spec, s.optimizer, s.prox, act, names, dtype, vmapped)
+        batched = vmapped if split is None else split
+        self.eager_fns = {True: _math_attention(batched), False: self.fns[False]}
         self.val_fns: dict[bool, Callable[..., Any]] = {
             True: _math_attention(vmap(one_val, in_dims=(0, 0, None), randomness="different")),
             False: one_val,

@@ -89,6 +89,14 @@ class Optimizer(NamedTuple):
             fixed points is the prox in that metric, per coordinate ``prox`` with step
             ``η / d`` (:func:`prox_steps`). ``None`` means ``d = 1`` (SGD's Euclidean metric,
             or the decoupled prox of :func:`decoupled`).
+        elementwise: ``True`` declares that ``step`` works entry by entry on a leading model
+            axis: its state is a NamedTuple whose fields are per-model scalars (the step
+            count) or dicts with the params' keys (or empty), and given the K models'
+            params, grads and per-param state each as one ``(K, n)`` tensor under one key,
+            and the per-model scalars and ``hyper`` values as ``(K, 1)``, it returns row by
+            row what ``vmap(step)`` returns for each model. ``fr.sweep`` then applies it once
+            to a vmapped chunk's concatenated models, outside ``vmap``
+            (:mod:`funcreg._stacked`). ``False`` (the default): always under ``vmap``.
     """
 
     init: Callable[[Params], Any]
@@ -98,6 +106,7 @@ class Optimizer(NamedTuple):
     config: tuple[tuple[str, Any], ...] = ()
     step_eager: Callable[[Params, Any, Params, Hyper], tuple[Params, Any]] | None = None
     metric: Callable[[Any, Hyper], Params] | None = None
+    elementwise: bool = False
 
 
 class SGDState(NamedTuple):
@@ -442,7 +451,7 @@ def sgd(
         return _get(name, "lr", lr, hyper, _NONNEG)
 
     names = _names(lr, momentum, dampening, weight_decay)
-    return Optimizer(init, step, names, learning_rate, config)
+    return Optimizer(init, step, names, learning_rate, config, elementwise=True)
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
@@ -519,7 +528,7 @@ def _adam_like(
         return adam_metric(state, settings, hyper)
 
     names = _names(lr, beta1, beta2, eps, weight_decay)
-    return Optimizer(init, step, names, learning_rate, config, metric=metric)
+    return Optimizer(init, step, names, learning_rate, config, metric=metric, elementwise=True)
 
 
 def adam(

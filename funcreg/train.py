@@ -139,6 +139,56 @@ def _autograd_grad(
     return grad_fn
 
 
+def _gradient(
+    loss_fn: Callable[..., Tensor],
+    grad_part: Spec,
+    prox_part: Spec,
+    autograd: bool,
+    activity: Mapping[str, Activity] | None,
+) -> Callable[..., tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """``(params, strengths, *batch) -> (grads, metrics)``: the first half of
+    :func:`train_step`'s step (its metrics, ``"penalty"`` included)."""
+    if autograd:
+        grad_fn = _autograd_grad(loss_fn, grad_part, activity)
+    elif activity:
+        grad_fn = grad(activity_penalized(loss_fn, grad_part, activity, True), has_aux=True)
+    else:
+        grad_fn = grad(penalized(loss_fn, grad_part, return_parts=True), has_aux=True)
+    has_prox = len(prox_part) > 0
+
+    def gradient(
+        params: dict[str, Tensor], strengths: Mapping[str, Any], *batch: Any
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        grads, parts = grad_fn(params, strengths, *batch)
+        metrics = dict(parts)
+        if has_prox:
+            metrics.update(prox_part.parts(params, strengths))
+        penalty_total = None
+        for k, v in metrics.items():
+            if k != "loss":
+                penalty_total = v if penalty_total is None else penalty_total + v
+        metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
+        return grads, metrics
+
+    return gradient
+
+
+def gradient_step(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    prox: bool = True,
+    *,
+    activity: Mapping[str, Activity] | None = None,
+) -> tuple[Callable[..., tuple[dict[str, Tensor], dict[str, Tensor]]], Spec]:
+    """:func:`train_step`'s step cut at its optimizer: ``(gradient, prox part)``, with
+    ``gradient(params, strengths, *batch) -> (grads, metrics)`` the part before the update
+    (pure, vmappable; the same gradient and metrics) and the terms whose prox
+    (:meth:`Spec.prox <funcreg.spec.Spec.prox>`) follows it (with ``prox=False``: the
+    constraints)."""
+    grad_part, prox_part = split_spec(spec, prox)
+    return _gradient(loss_fn, grad_part, prox_part, False, activity), prox_part
+
+
 def train_step(
     loss_fn: Callable[..., Tensor],
     spec: Spec | Mapping[str, Penalty],
@@ -168,12 +218,7 @@ def train_step(
     value.
     """
     grad_part, prox_part = split_spec(spec, prox)
-    if autograd:
-        grad_fn = _autograd_grad(loss_fn, grad_part, activity)
-    elif activity:
-        grad_fn = grad(activity_penalized(loss_fn, grad_part, activity, True), has_aux=True)
-    else:
-        grad_fn = grad(penalized(loss_fn, grad_part, return_parts=True), has_aux=True)
+    gradient = _gradient(loss_fn, grad_part, prox_part, autograd, activity)
     # eager: the optimizer's _foreach or fused twin of its step, when it has one
     twin = eager_update(optimizer) if autograd else None
     update = twin if twin is not None else optimizer.step
@@ -183,15 +228,7 @@ def train_step(
     def step(
         params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
     ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
-        grads, parts = grad_fn(params, strengths, *batch)
-        metrics = dict(parts)
-        if has_prox:
-            metrics.update(prox_part.parts(params, strengths))
-        penalty_total = None
-        for k, v in metrics.items():
-            if k != "loss":
-                penalty_total = v if penalty_total is None else penalty_total + v
-        metrics["penalty"] = metrics["loss"] * 0 if penalty_total is None else penalty_total
+        grads, metrics = gradient(params, strengths, *batch)
         new_params, new_state = update(grads, state, params, strengths)
         if has_prox:
             steps = prox_steps(optimizer, new_state, strengths)

@@ -46,6 +46,7 @@ FLOORS: dict[str, int] = {
     "_plan": 8,
     "_checkpoint": 8,
     "_setup": 9,
+    "_stacked": 9,
     "_engine": 10,
     "distributed": 11,
     "_sweep": 12,
