@@ -6,10 +6,10 @@
 #   3. the same at K = 1024, minibatch and full batch (the loop alone takes ~1.5 min);
 #   4. fr.sweep(compile=True) at K = 64 and 1024 (its ratio: against the loop of 2 and 3);
 #   5. models.py on the GPU (MLP 784-512-512-10, LeNet, Transformer encoder; K = 8, 64):
-#      loop, fused loop, raw vmap, fr.sweep (measured plan) and fr.sweep(compile=True) —
-#      the rows benchmarks/README.md marks "not yet measured". A CUDA-graph capture of the
-#      whole step (torch.compile mode="reduce-overhead") is not implemented in fr.sweep yet;
-#      this run gives the baseline it would have to beat.
+#      loop, fused loop, raw vmap, fr.sweep (measured plan), the same replayed from CUDA
+#      graphs (plan={"cuda_graph": True}) and fr.sweep(compile=True) — the rows
+#      benchmarks/README.md marks "not yet measured";
+#   6. the tiny-MLP task at K = 64: sweep, CUDA-graph replay, compile=True vs raw vmap.
 # Usage, from the repository root on a machine with a CUDA build of torch (jax and optax
 # optional):  bash benchmarks/gpu.sh [OUTDIR]      (default OUTDIR: gpu-results)
 # Each part has its own time limit, so a failing part leaves the others' results.
@@ -36,5 +36,11 @@ bench sweep_gpu 240 --k 1 64 --full-k --impls loop,vmap,sweep,jax --repeats 1
 bench wide_gpu 360 --k 1024 --full-k 1024 --impls loop,vmap,sweep,jax --repeats 1
 bench compile_gpu 200 --k 64 1024 --full-k --impls sweep-compile --repeats 1
 timeout 420 "$py" benchmarks/models.py --device "${DEVICE:-cuda}" --models mlp,cnn,transformer \
-    --k 8 64 --compile --rounds 2 --json "$out/models_gpu.json" --out "$out/models_gpu.md" \
+    --k 8 64 --impls loop,fused,vmap,sweep,graph --compile --rounds 2 \
+    --json "$out/models_gpu.json" --out "$out/models_gpu.md" \
     2>&1 | tee "$out/models_gpu.log"
+# 6. the task of sweep_vs_loop.py (tiny MLP, Adam) at K = 64: the eager sweep, its CUDA-graph
+#    replay (plan={"cuda_graph": True}) and compile=True against the raw vmap(grad) step
+timeout 240 "$py" benchmarks/models.py --device "${DEVICE:-cuda}" --models tiny-adam --k 64 \
+    --impls loop,vmap,sweep,graph --compile --rounds 2 --no-memory \
+    --json "$out/graph_gpu.json" --out "$out/graph_gpu.md" 2>&1 | tee "$out/graph_gpu.log"

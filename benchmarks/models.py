@@ -28,6 +28,8 @@ that they share the machine's load (ratios come from one run):
 - ``compile`` (``--compile``): ``fr.sweep(compile=True)`` (static plan; compile time left out);
 - ``sweep-mem`` (``--impls ...,sweep-mem``): ``fr.sweep(plan={"max_memory": 1.5})``, the
   plan bounded to 1.5× a loop's estimated model memory (measured once, then replayed).
+- ``graph`` (``--impls ...,graph``): ``fr.sweep(plan={"mode": "measure", "cuda_graph": True})``,
+  the measured plan with every eager step replayed from a CUDA graph (CUDA devices only).
 
 Peak memory: one more short process per (model, largest K, implementation), the high-water
 mark of its resident set minus its resident set before training, over 3 steps (fr.sweep:
@@ -72,7 +74,7 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONHASHSEED": "0"}
 BLOCK_S = 0.4  # seconds of training per implementation per round (at least 2 steps)
 SWEEP_MIN_STEPS = 20  # fr.sweep blocks: at least this many steps per call
 RUN_STEPS = 200  # fr.sweep's ms/step: that of a run this long (its setup spread over it)
-SWEEPS = ("sweep", "sweep-mem", "compile")
+SWEEPS = ("sweep", "sweep-mem", "compile", "graph")
 
 
 # ============================================================================ the models
@@ -280,7 +282,7 @@ class Workload:
         return {**kw, "prox": False} if self.s1 is not None else kw
 
     def sweep(
-        self, compile: bool = False, max_memory: float | None = None
+        self, compile: bool = False, max_memory: float | None = None, graph: bool = False
     ) -> tuple[Callable[[int], None], dict[str, Any]]:
         import funcreg as fr
 
@@ -291,6 +293,8 @@ class Workload:
         first: Any = (
             "measure" if max_memory is None else {"mode": "measure", "max_memory": max_memory}
         )
+        if graph:  # the measured plan (eager steps), then replayed from CUDA graphs
+            first = {"mode": "measure", "cuda_graph": True}
         if compile:
             r = fr.sweep(net, loss_fn, spec, g, steps=2, **kw)
         else:
@@ -317,6 +321,8 @@ def _make(w: Workload, impl: str) -> tuple[Callable[[int], None], dict[str, Any]
         return w.sweep(max_memory=MEMORY_RATIO)
     if impl == "compile":
         return w.sweep(compile=True)
+    if impl == "graph":
+        return w.sweep(graph=True)
     raise ValueError(impl)
 
 

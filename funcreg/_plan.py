@@ -52,6 +52,7 @@ __all__ = [
     "candidates",
     "check_plan",
     "choose",
+    "cuda_graph",
     "max_memory",
     "measure",
     "within_budget",
@@ -79,7 +80,7 @@ clock otherwise (threads and devices work in parallel)."""
 MODES = ("auto", "static", "measure")
 
 
-OPTIONS = ("mode", "max_memory")
+OPTIONS = ("mode", "max_memory", "cuda_graph")
 """The keys of a ``plan=`` dict of options (a dict with other keys is a recorded plan)."""
 
 
@@ -97,13 +98,22 @@ def max_memory(plan: Any) -> float | None:
     return None
 
 
+def cuda_graph(plan: Any) -> bool:
+    """Whether ``plan=`` (options or a recorded plan) asks for CUDA-graph replay of the eager
+    steps (:mod:`funcreg._graphs`)."""
+    return isinstance(plan, Mapping) and plan.get("cuda_graph") is True
+
+
 def check_plan(plan: Any, chunk_size: int | None) -> str | int:
     """``plan=`` of ``fr.sweep`` resolved: ``"auto"`` (``None``), ``"static"``,
     ``"measure"``, or the chunk size of a recorded plan (``result.meta["plan"]``). A dict
-    of options, ``{"mode": "auto" | "static" | "measure", "max_memory": r}`` (both keys
-    optional, ``r >= 1``), resolves to its mode (see :func:`max_memory`)."""
+    of options, ``{"mode": "auto" | "static" | "measure", "max_memory": r, "cuda_graph":
+    bool}`` (every key optional, ``r >= 1``), resolves to its mode (see :func:`max_memory`,
+    :func:`cuda_graph`)."""
     if plan is None:
         return "auto"
+    if isinstance(plan, Mapping) and not isinstance(plan.get("cuda_graph", False), bool):
+        raise TypeError(f'plan: "cuda_graph" must be True or False, got {plan["cuda_graph"]!r}')
     if isinstance(plan, Mapping) and _options(plan):
         ratio = plan.get("max_memory")
         if ratio is not None and (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -146,6 +147,22 @@ def _check_prox_steps(spec: Spec, optimizer: Optimizer, grid: Mapping[str, Tenso
                 pen.check_step(v)
             except ValueError as e:
                 raise ValueError(f"sweep: term {term!r}: {e}") from None
+
+
+def _check_cuda_graph(compiled: bool, dev: torch.device) -> None:
+    """``plan={"cuda_graph": True}`` replays eager steps: refused with ``compile=True``,
+    a no-op (said once) off CUDA."""
+    if compiled:
+        raise ValueError(
+            'sweep: plan={"cuda_graph": True} replays the eager step from a CUDA graph; '
+            "compile=True compiles it instead: use one of them."
+        )
+    if dev.type != "cuda":
+        warnings.warn(
+            f'sweep: plan={{"cuda_graph": True}} applies on CUDA devices; on {dev} the steps '
+            "run eagerly.",
+            stacklevel=4,
+        )
 
 
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
@@ -359,6 +376,8 @@ def prepare(args: SweepArgs) -> Setup:
     k = next(iter(g64.values())).numel()
     _check_axes(g64, spec, optimizer, activity)
     dev = _resolve_device(model, a.device)
+    if _plan.cuda_graph(a.plan):
+        _check_cuda_graph(bool(a.compile), dev)
     params0, fixed0 = _split_model(model, dev)
     spec.validate(params0, g64)
     if prox:

@@ -149,8 +149,10 @@ def sweep(
             ``"measure"`` (always measure), or ``result.meta["plan"]`` of an earlier run
             (the same chunks, hence the same numbers). Options as a dict: ``{"max_memory":
             1.5}`` keeps the chunks within 1.5x a loop's estimated model memory (slower
-            where vmap needs many models per call), ``{"mode": "measure", ...}``. See
-            :mod:`funcreg._plan`.
+            where vmap needs many models per call), ``{"mode": "measure", ...}``,
+            ``{"cuda_graph": True}`` captures the eager step of each chunk shape once in a
+            CUDA graph and replays it (one launch instead of hundreds; CUDA devices only, not
+            with ``compile=True``; :mod:`funcreg._graphs`). See :mod:`funcreg._plan`.
         activity: activity terms whose strengths are grid axes, ``{term:
             fr.activity.Activity(penalty, module path)}``; ``loss_fn`` then returns
             ``(data loss, {module path: activation})`` and the objective gains

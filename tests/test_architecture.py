@@ -47,6 +47,7 @@ FLOORS: dict[str, int] = {
     "_checkpoint": 8,
     "_setup": 9,
     "_stacked": 9,
+    "_graphs": 8,
     "_engine": 10,
     "distributed": 11,
     "_sweep": 12,
