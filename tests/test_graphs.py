@@ -12,25 +12,18 @@ capture runs in ``tests/test_cuda.py`` on a GPU.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from test_sweep import SPEC, data, mlp, mse_of  # the small MLP task of the CPU sweep tests
+from test_sweep_stacked import _f64  # noqa: F401 - float64, one thread (autouse)
 from torch import Tensor
 
 import funcreg as fr
 from funcreg import _engine, _graphs
 from funcreg.result import SweepResult
-
-
-@pytest.fixture(autouse=True)
-def _f64(one_thread: None) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _counting(captures: list[int], fail: bool = False) -> _graphs.Capture:
