@@ -21,6 +21,7 @@ results equal those of the fully vmapped step to the bit.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -106,6 +107,38 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+class _Last:
+    """What the last steps handed back (a params dict, a state) and the ``(k, N)`` tensors
+    behind them: when a step gets those very objects back (the engine keeps a step's
+    results as they are), their flat form is known without looking at strides. One entry
+    per chunk in flight, taken when found; at most :attr:`MAX` (older ones dropped)."""
+
+    MAX = 16
+
+    def __init__(self) -> None:
+        self.seen: OrderedDict[tuple[str, int], tuple[Any, tuple[Any, ...], Any]] = OrderedDict()
+
+    def put(self, tree: Any, what: str, flat: Any) -> None:
+        self.seen[(what, id(tree))] = (tree, _parts(tree), flat)
+        while len(self.seen) > self.MAX:
+            self.seen.popitem(last=False)
+
+    def take(self, tree: Any, what: str) -> Any:
+        hit = self.seen.pop((what, id(tree)), None)
+        if hit is None or hit[0] is not tree:
+            return None
+        now = _parts(tree)
+        same = len(hit[1]) == len(now) and all(a is b for a, b in zip(hit[1], now, strict=True))
+        return hit[2] if same else None
+
+
+def _parts(tree: Any) -> tuple[Any, ...]:
+    """The objects a params dict or a state NamedTuple holds, one level into its dicts."""
+    if isinstance(tree, dict):
+        return tuple(tree.values())
+    return tuple(x for v in tree for x in (v.values() if isinstance(v, dict) else (v,)))
+
+
 def _flat_state(state: Any, layout: _Layout, k: int) -> Any | None:
     """``state`` with per-model scalars as ``(k, 1)`` and per-param dicts as one ``(k, N)``
     tensor; ``None`` when it is not a NamedTuple of those."""
@@ -161,6 +194,7 @@ def stacked_step(
 
     grads_and_metrics = vmap(one, in_dims=(0, 0, 0, None), randomness="different")
     layouts: dict[tuple[Any, ...], _Layout] = {}
+    last = _Last()
 
     def step(params: Any, state: Any, bufs: Any, hp: Any, b: Any) -> Any:
         key = tuple((n, tuple(p.shape)) for n, p in params.items())
@@ -168,8 +202,12 @@ def stacked_step(
         if layout is None:
             layout = layouts.setdefault(key, _Layout(params))
         k = next(iter(params.values())).shape[0] if params else 0
-        flat_p = layout.join(params) if params else None
-        flat_s = _flat_state(state, layout, k) if flat_p is not None else None
+        flat_p = last.take(params, "params")
+        if flat_p is None and params:
+            flat_p = layout.join(params)
+        flat_s = last.take(state, "state")
+        if flat_s is None and flat_p is not None:
+            flat_s = _flat_state(state, layout, k)
         if flat_p is None or flat_s is None:
             return vmapped(params, state, bufs, hp, b)
         grads, mvec = grads_and_metrics(params, bufs, hp, b)
@@ -180,7 +218,11 @@ def stacked_step(
         out = layout.split(new_p[_KEY])
         if len(prox_part):
             out = _prox(prox_part, out, hp, prox_steps(optimizer, new_s, hyper), layout, k)
-        return out, _unflat_state(new_s, state, layout), mvec
+        else:
+            last.put(out, "params", new_p[_KEY])
+        views = _unflat_state(new_s, state, layout)
+        last.put(views, "state", new_s)
+        return out, views, mvec
 
     return step
 
