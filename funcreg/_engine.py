@@ -570,8 +570,8 @@ class _Run:
             _seed(s.seed, s.dev)  # also seeds a shuffling DataLoader's first pass
             first = s.train.batch(self.start)
             self.plan, self.plan_record = self._choose_plan(first)
-            if _plan.cuda_graph(s.plan) or self.plan_record.get("cuda_graph"):
-                self.plan_record = {**self.plan_record, "cuda_graph": True}
+            self.plan_record = _plan.with_cuda_graph(self.plan_record, s.plan)
+            if self.plan_record.get("cuda_graph"):
                 self.eager_fns = graphed(self.eager_fns, s.dev)
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])

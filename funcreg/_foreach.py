@@ -39,11 +39,38 @@ from .optim import (
     sgd_scalars,
 )
 
-__all__ = ["eager_update"]
+__all__ = ["built_in_step", "eager_update", "stacks"]
 
 Update: TypeAlias = Callable[..., tuple[Params, Any]]
 _Scalar: TypeAlias = Tensor | float
 _Tensors: TypeAlias = tuple[Tensor, ...] | list[Tensor]  # what torch._foreach_* take and give
+
+
+_BUILT_IN = ("sgd", "adam", "adamw")
+_BUILT_IN_STEPS = ("sgd.<locals>.step", "_adam_like.<locals>.step")
+
+
+def built_in_step(opt: Optimizer) -> bool:
+    """Whether ``opt.step`` is the step that :func:`~funcreg.optim.sgd`,
+    :func:`~funcreg.optim.adam` or :func:`~funcreg.optim.adamw` built, and ``opt.config``
+    names that optimizer (not a step swapped in with ``opt._replace(step=...)``, which keeps
+    the config and the flags)."""
+    step = opt.step
+    return (
+        dict(opt.config).get("name") in _BUILT_IN
+        and getattr(step, "__module__", None) == Optimizer.__module__
+        and getattr(step, "__qualname__", "") in _BUILT_IN_STEPS
+    )
+
+
+def stacks(opt: Optimizer) -> bool:
+    """Whether ``fr.sweep`` may apply ``opt.step`` once to a chunk's concatenated models:
+    :attr:`~funcreg.optim.Optimizer.elementwise`, and for an optimizer configured as a
+    built-in one its own step (a step swapped in with ``_replace`` keeps
+    ``elementwise=True`` but not what it declares: a per-model gradient clip, say)."""
+    if not opt.elementwise:
+        return False
+    return dict(opt.config).get("name") not in _BUILT_IN or built_in_step(opt)
 
 
 def eager_update(opt: Optimizer) -> Update | None:
@@ -56,11 +83,7 @@ def eager_update(opt: Optimizer) -> Update | None:
         return opt.step_eager
     settings = dict(opt.config)
     twin = _TWINS.get(settings.get("name"))  # type: ignore[arg-type]
-    step = opt.step
-    built_here = getattr(step, "__module__", None) == Optimizer.__module__ and getattr(
-        step, "__qualname__", ""
-    ) in ("sgd.<locals>.step", "_adam_like.<locals>.step")
-    if twin is None or not built_here:
+    if twin is None or not built_in_step(opt):
         return None
     return twin(opt, settings)
 

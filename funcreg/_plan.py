@@ -55,6 +55,7 @@ __all__ = [
     "cuda_graph",
     "max_memory",
     "measure",
+    "with_cuda_graph",
     "within_budget",
 ]
 
@@ -102,6 +103,13 @@ def cuda_graph(plan: Any) -> bool:
     """Whether ``plan=`` (options or a recorded plan) asks for CUDA-graph replay of the eager
     steps (:mod:`funcreg._graphs`)."""
     return isinstance(plan, Mapping) and plan.get("cuda_graph") is True
+
+
+def with_cuda_graph(record: Mapping[str, Any], plan: Any) -> dict[str, Any]:
+    """A run's plan record marked ``"cuda_graph": True`` when this call's ``plan=`` asks for
+    it, and unmarked otherwise (a resumed run's record says what the earlier run did)."""
+    out = {k: v for k, v in record.items() if k != "cuda_graph"}
+    return {**out, "cuda_graph": True} if cuda_graph(plan) else out
 
 
 def check_plan(plan: Any, chunk_size: int | None) -> str | int:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from ._foreach import stacks
 from .activity import Activity
 from .optim import Optimizer, prox_steps
 from .penalties import Penalty
@@ -184,7 +185,7 @@ def stacked_step(
     on the stacked state. ``vmapped``: the fully vmapped step of the same signature, which
     it calls for params or state of another layout (mixed dtypes, a state that is not a
     NamedTuple of per-model scalars and per-param dicts)."""
-    if not optimizer.elementwise:
+    if not stacks(optimizer):
         return None
     gradient, prox_part = gradient_step(loss_fn, spec, prox, activity=activity)
 

@@ -96,7 +96,10 @@ class Optimizer(NamedTuple):
             and the per-model scalars and ``hyper`` values as ``(K, 1)``, it returns row by
             row what ``vmap(step)`` returns for each model. ``fr.sweep`` then applies it once
             to a vmapped chunk's concatenated models, outside ``vmap``
-            (:mod:`funcreg._stacked`). ``False`` (the default): always under ``vmap``.
+            (:mod:`funcreg._stacked`). ``False`` (the default): always under ``vmap``. A
+            step swapped into a built-in optimizer with ``_replace(step=...)`` keeps the
+            flag but is not trusted with it (:func:`funcreg._foreach.stacks`): give such
+            a step its own ``config`` name to declare it.
     """
 
     init: Callable[[Params], Any]

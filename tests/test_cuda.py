@@ -17,6 +17,7 @@ references in the other test files).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -162,7 +163,9 @@ def test_cuda_graph_replay_matches_the_eager_device_sweep(k: int, bn: bool) -> N
     g = fr.grid(l1=[1e-3, 1e-2, 3e-2, 0.1, 0.2][:k], l2=1e-3, dtype=torch.float64)
     kw: dict[str, Any] = dict(grid=g, optimizer=adam(0.03), steps=12, batch_size=16)
     eager = sweep_on(DEVICE, mlp(bn=bn), **kw)
-    graphed = sweep_on(DEVICE, mlp(bn=bn), plan={"cuda_graph": True}, **kw)
+    with warnings.catch_warnings():  # a capture that fails would run eagerly: same numbers
+        warnings.filterwarnings("error", message=".*could not be captured in a CUDA graph")
+        graphed = sweep_on(DEVICE, mlp(bn=bn), plan={"cuda_graph": True}, **kw)
     assert graphed.meta["plan"]["cuda_graph"] is True
     assert_same(eager.stacked, graphed.stacked)
     assert_same(eager.history["loss"], graphed.history["loss"])
@@ -174,6 +177,26 @@ def test_cuda_graph_replay_matches_the_eager_device_sweep(k: int, bn: bool) -> N
         optimizer=sgd(lr="lr"), steps=10, batch_size=16, plan={"cuda_graph": True},
     )  # fmt: skip
     assert bad.diverged.tolist() == [False] * 3 + [True] * 3
+
+
+def test_cuda_graph_with_dropout_resumes_to_the_same_numbers(tmp_path: Any) -> None:
+    """Replayed dropout draws from the device generator as the checkpoint carries it: a run
+    resumed at step 6 (captured again there) ends as the uninterrupted one."""
+    kw: dict[str, Any] = dict(
+        grid=fr.grid(l1=[1e-3, 1e-2, 1e-1], l2=1e-3),
+        optimizer=adam(0.02),
+        batch_size=16,
+        plan={"cuda_graph": True},
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*could not be captured in a CUDA graph")
+        full = sweep_on(DEVICE, mlp(dropout=0.2), steps=12, **kw)
+        path = tmp_path / "ck.pt"
+        sweep_on(DEVICE, mlp(dropout=0.2), steps=6, checkpoint=path, **kw)
+        resumed = sweep_on(DEVICE, mlp(dropout=0.2), steps=12, checkpoint=path, **kw)
+    for n in full.stacked:
+        assert torch.equal(resumed.stacked[n], full.stacked[n]), n
+    assert torch.equal(resumed.history["loss"], full.history["loss"])
 
 
 def test_divergence_is_isolated_on_the_device() -> None:

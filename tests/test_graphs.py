@@ -30,7 +30,7 @@ def _counting(captures: list[int], fail: bool = False) -> _graphs.Capture:
     def capture(fn: Callable[..., Any], static: tuple[Any, ...]) -> Any:
         captures.append(1)
         if fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise _graphs.CaptureFailed("operation not permitted when stream is capturing")
         return _graphs.replay_capture(fn, static)
 
     return capture

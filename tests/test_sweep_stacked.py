@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 import funcreg as fr
 from funcreg import _engine, _stacked, sweep
 from funcreg._data import batch_order
+from funcreg._foreach import stacks
 from funcreg.optim import Optimizer, adam, adamw, sgd
 from funcreg.result import SweepResult
 from funcreg.stack import grid
@@ -59,13 +60,16 @@ def mse_of(net: nn.Module) -> Callable[..., Tensor]:
 
 
 def spied(opt: Optimizer, seen: list[tuple[str, ...]]) -> Optimizer:
-    """``opt`` recording the keys of the params each of its steps is given."""
+    """``opt`` recording the keys of the params each of its steps is given: a step of its
+    own under its own name, declared elementwise as ``opt`` is (a step swapped into a
+    built-in optimizer's config does not stack: see the clip test below)."""
 
     def step(g: Any, s: Any, p: Any, h: Any = None) -> Any:
         seen.append(tuple(p))
         return opt.step(g, s, p, h)
 
-    return opt._replace(step=step)
+    config = (("name", "spied"), *((k, v) for k, v in opt.config if k != "name"))
+    return opt._replace(step=step, config=config)
 
 
 def run(
@@ -195,6 +199,28 @@ def test_optimizers_not_elementwise_keep_the_vmapped_step() -> None:
     old = run(adam(0.01), g, vmapped_update=True)
     for n in old.stacked:
         assert torch.equal(new.stacked[n], old.stacked[n]), n
+
+
+def test_a_step_swapped_into_a_built_in_optimizer_does_not_stack() -> None:
+    """A per-model gradient clip swapped in with ``_replace`` keeps ``elementwise=True`` but
+    is not elementwise across models: the chunk keeps the vmapped step, so the results equal
+    a per-model loop and a diverging model stays alone."""
+    base = sgd("lr")
+
+    def clipped(g: Any, s: Any, p: Any, h: Any = None) -> Any:
+        norm = torch.sqrt(sum((v * v).sum() for v in g.values()))
+        scale = torch.clamp(1.0 / (norm + 1e-12), max=1.0)
+        return base.step({n: v * scale for n, v in g.items()}, s, p, h)
+
+    opt = base._replace(step=clipped)
+    assert opt.elementwise and not stacks(opt) and stacks(base)
+    l2 = [0.0, 1e-3]
+    mixed = run(opt, grid(lr=[0.05, 1e300], l2=l2), steps=6)
+    alone = run(opt, grid(lr=[0.05], l2=l2), steps=6)
+    assert mixed.diverged.tolist() == [False, False, True, True]
+    for i in range(2):
+        for n, v in alone.params(i).items():
+            assert torch.allclose(mixed.params(i)[n], v, rtol=1e-12, atol=1e-14), n
 
 
 def test_optimizers_declare_elementwise() -> None:
