@@ -155,3 +155,20 @@ def test_graphed_step_returns_copies_that_the_next_replay_leaves_alone() -> None
     assert out2[0]["w"].tolist() == [4.0, 4.0, 4.0]
     assert p1["w"].tolist() == [1.0, 1.0, 1.0]
     assert isinstance(out2[2], Tensor)
+
+
+def test_a_resume_alone_does_not_turn_graphs_on(tmp_path: Any) -> None:
+    """The checkpoint's plan record says what the earlier run did; this call's ``plan=``
+    decides (a resume with ``compile=True`` would otherwise record graphs it never ran)."""
+    x, y = data()
+    net = mlp()
+    path = tmp_path / "ck.pt"
+    args: dict[str, Any] = dict(train=(x, y), progress=False, optimizer=fr.optim.sgd(0.1))
+    g = fr.grid(l1=[1e-3, 1e-2], l2=1e-3)
+    with pytest.warns(UserWarning, match="applies on CUDA devices"):
+        first = fr.sweep(
+            net, mse_of(net), SPEC, g, steps=3, checkpoint=path, plan={"cuda_graph": True}, **args
+        )
+    assert first.meta["plan"]["cuda_graph"] is True
+    resumed = fr.sweep(net, mse_of(net), SPEC, g, steps=6, checkpoint=path, **args)
+    assert resumed.steps == 6 and "cuda_graph" not in resumed.meta["plan"]
