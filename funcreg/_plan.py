@@ -7,7 +7,7 @@ is fastest per model:
 * **Candidates** (:func:`candidates`): 1 (every model alone, eager autograd with the
   optimizer's fused kernel), the static rule's size
   (:func:`funcreg._chunking.auto_chunk_size`), and vmapped chunks up to the memory cap of
-  :meth:`funcreg._chunking.Footprint.cap` (the cap itself and 8).
+  :meth:`funcreg._chunking.Footprint.cap` (the cap itself, its half, 8 and 16).
 * **Timing** (:func:`measure`): two warm-up steps, then :data:`PROBE_STEPS` interleaved
   rounds of one timed sample per candidate with :data:`clock` (a fast step repeated to
   last :data:`PROBE_SAMPLE_S`);
@@ -164,11 +164,13 @@ def check_plan(plan: Any, chunk_size: int | None) -> str | int:
 
 def candidates(k: int, static: int, cap: int) -> list[int]:
     """The chunk sizes worth timing for ``k`` models, ``static`` first: 1, ``static``, and
-    vmapped chunks of ``min(k, cap)``, ``min(k, cap, 8)`` and half of ``min(k, cap)``
-    models (when >= 2). The half: past a few MiB per temporary a chunk can get slower per
-    model (the tiny MLP of ``benchmarks/models.py`` with SGD at K = 64: 32.5 ms per step in
-    one chunk of 64, 23.4 and 24.1 ms in chunks of 16 and 32, 31.1 in chunks of 8)."""
-    sizes = [static, 1, min(k, cap), min(k, cap, 8), min(k, cap) // 2]
+    vmapped chunks of ``min(k, cap)``, ``min(k, cap, 8)``, ``min(k, cap, 16)`` and half of
+    ``min(k, cap)`` models (when >= 2). Past a few MiB per temporary a chunk can get slower
+    per model, so 16 and the half are timed too (the tiny MLP of ``benchmarks/models.py``
+    with SGD at K = 64: 32.5 ms per step in one chunk of 64, 23.4 and 24.1 ms in chunks of
+    16 and 32, 31.1 in chunks of 8; with Adam at K = 128: 55, 60, 63 and 70 ms in chunks of
+    16, 43, 64 and 8). Chunks of 16 also hold a quarter of the temporaries of 64."""
+    sizes = [static, 1, min(k, cap), min(k, cap, 8), min(k, cap, 16), min(k, cap) // 2]
     out: list[int] = []
     for c in sizes:
         if 1 <= c <= k and c not in out:

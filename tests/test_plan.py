@@ -100,7 +100,8 @@ def test_plan_argument_errors() -> None:
 def test_candidates_budget_and_choice() -> None:
     assert _plan.candidates(32, 1, 10) == [1, 10, 8, 5]
     assert _plan.candidates(6, 6, 100) == [6, 1, 3]
-    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8, 64]
+    assert _plan.candidates(128, 32, 1000) == [32, 1, 128, 8, 16, 64]
+    assert _plan.candidates(128, 127, 127) == [127, 1, 8, 16, 63]
     assert _plan.candidates(3, 3, 100) == [3, 1]
     # probe model-steps (2 + PROBE_STEPS)·c within PROBE_BUDGET of K·steps; the first stays
     assert _plan.within_budget([32, 1, 128, 8], 128, 100) == [32, 1, 8]
