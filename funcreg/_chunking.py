@@ -74,7 +74,7 @@ def auto_chunk_size(
       model at K = 2 and 1283 at K = 4, against 1118 and 1053 for the models one by one;
       at K = 6 vmap won (938 vs 1028), and SGD gave the same crossover.
     * ``A >= 3 MiB``: 1 — every model trains alone, without ``vmap``
-      (:func:`funcreg._engine.eager_step`). vmap on CPU only saves per-op dispatch
+      (:func:`funcreg.train.eager_step`). vmap on CPU only saves per-op dispatch
       overhead, which is nothing once each op handles megabytes, while its batching rules
       add copies: on the 32-64-64-1 MLP with full batch 4096 (A = 4.75 MB) a plain
       per-model step took 2.99 ms and a vmapped one 3.2-4.0 ms per model (the torch.optim

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _plan
 from . import _tree as _flat
+from . import train as _train
 from ._checkpoint import save_checkpoint
 from ._chunking import Chunk, auto_chunk_size, footprint, memory_cap, plan_chunks, unsplit
 from ._data import Batch
@@ -30,14 +31,11 @@ from ._graphs import graphed
 from ._setup import Setup, data_loss
 from ._stacked import finite_check_tensors, stacked_step
 from .optim import Optimizer
-from .penalties import Penalty
 from .progress import Progress
 from .result import SweepResult
-from .spec import Spec
 from .stack import eval_mode
-from .train import train_step
 
-__all__ = ["COMPILED", "CompileCache", "eager_step", "run_local"]
+__all__ = ["COMPILED", "CompileCache", "run_local"]
 
 
 def run_local(setup: Setup, whole_k: int | None = None) -> SweepResult:
@@ -97,15 +95,16 @@ def _finite(mvec: Tensor, params: Mapping[str, Tensor], batched: bool) -> Tensor
 
 
 def _all_finite(mvec: Tensor, params: Mapping[str, Tensor]) -> bool:
-    """``bool(_finite(...).all())`` for the whole chunk, read on the host: one sum per tensor
-    (views of one stacked tensor as that tensor; ~10x cheaper than ``abs().amax()`` on CPU)
-    proves every entry finite when finite; else (also an overflowing sum of finite entries)
-    the largest magnitude over every tensor decides (:func:`funcreg._tree.max_abs`)."""
-    ts = [mvec, *(p for p in finite_check_tensors(params) if p.numel())]
-    total = torch.stack([t.sum().double() for t in ts]).sum()
-    if math.isfinite(float(total)):
-        return True
-    return math.isfinite(_flat.max_abs(ts))
+    """``bool(_finite(...).all())`` for the whole chunk (:func:`funcreg._tree.all_finite`;
+    views of one stacked tensor summed as that tensor)."""
+    return _flat.all_finite([mvec, *finite_check_tensors(params)])
+
+
+def _fresh_state(optimizer: Optimizer, params: dict[str, Tensor], batched: bool) -> Any:
+    """A new optimizer state of owned, contiguous leaves (a lone model's step updates them
+    in place; no 0-stride leaves)."""
+    state = (vmap(optimizer.init) if batched else optimizer.init)(params)
+    return tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), state)
 
 
 def _mask(keep: Tensor, mvec: Tensor, batched: bool) -> Tensor:
@@ -123,22 +122,6 @@ def _math_attention(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args)
 
     return run
-
-
-# ------------------------------------------------------------- single-model eager step
-
-
-def eager_step(
-    loss_fn: Callable[..., Tensor],
-    spec: Spec | Mapping[str, Penalty],
-    optimizer: Optimizer,
-    prox: bool = True,
-    activity: Mapping[str, Any] | None = None,
-) -> Callable[..., tuple[dict[str, Tensor], Any, dict[str, Tensor]]]:
-    """:func:`funcreg.train.train_step` for one unbatched model with ``autograd=True``:
-    same signature, the same numbers up to rounding, less per-step overhead on CPU.
-    ``fr.sweep`` runs chunks of one model with it."""
-    return train_step(loss_fn, spec, optimizer, prox, autograd=True, activity=activity)
 
 
 # ------------------------------------------------------------------------ compile cache
@@ -212,8 +195,15 @@ class _Run:
             return one
 
         act = s.activity
-        one = with_metric_vector(train_step(wrapped, s.spec, s.optimizer, s.prox, activity=act))
-        one_eager = with_metric_vector(eager_step(wrapped, s.spec, s.optimizer, s.prox, act))
+        one = with_metric_vector(
+            _train.train_step(wrapped, s.spec, s.optimizer, s.prox, activity=act)
+        )
+
+        def eager(donate: bool) -> Callable[..., Any]:  # a lone model: autograd, fused kernels
+            step = _train.eager_step(wrapped, s.spec, s.optimizer, s.prox, act, donate)
+            return with_metric_vector(step)
+
+        one_eager, self.pure_eager = eager(True), eager(False)  # donated: the chunk's own state
         data_loss_fn = data_loss(loss_fn, act)
 
         def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
@@ -392,9 +382,7 @@ class _Run:
         params = {n: take(v) for n, v in s.stacked_p.items()}
         held: list[Any] = [
             params,
-            tree_map(
-                Tensor.contiguous, (vmap(s.optimizer.init) if batched else s.optimizer.init)(params)
-            ),
+            _fresh_state(s.optimizer, params, batched),
             {n: take(v) for n, v in s.stacked_b.items()},
         ]
         strengths = {n: take(v.to(s.dev, s.dtype)) for n, v in s.grid.items()}
@@ -435,8 +423,7 @@ class _Run:
             ch.params = {n: ch.take(v) for n, v in s.stacked_p.items()}
             ch.bufs = {n: ch.take(v) for n, v in s.stacked_b.items()}
             ch.strengths = {n: v[a:b] if batched else v[a] for n, v in hp_all.items()}
-            init = vmap(s.optimizer.init) if batched else s.optimizer.init
-            ch.state = tree_map(Tensor.contiguous, init(ch.params))  # no 0-stride leaves
+            ch.state = _fresh_state(s.optimizer, ch.params, batched)
             ch.healthy = bool(ch.alive.all())
             if prev is not None and prev.resume is not None:
                 saved = prev.resume["opt_state"]
@@ -572,7 +559,8 @@ class _Run:
             self.plan, self.plan_record = self._choose_plan(first)
             self.plan_record = _plan.with_cuda_graph(self.plan_record, s.plan)
             if self.plan_record.get("cuda_graph"):
-                self.eager_fns = graphed(self.eager_fns, s.dev)
+                pure = {True: self.eager_fns[True], False: self.pure_eager}  # graphs: no donation
+                self.eager_fns = graphed(pure, s.dev)
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])
                 if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:

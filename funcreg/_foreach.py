@@ -7,7 +7,10 @@ single-model chunks of ``fr.sweep``).
 
 A twin applies the pure step's update with one ``torch._foreach_*`` call per op over a group
 of parameters (same dtype and device), on freshly computed tensors only, so it is still pure
-(nothing passed in is modified). SGD's ops are the pure step's, in the same order: on CPU
+(nothing passed in is modified) — unless it was built with ``donate=True``: then it may
+update the optimizer state it is given in place (JAX's ``donate_argnums``: the caller
+promises never to read that state again), which saves a copy of it per step; the params
+are never modified. SGD's ops are the pure step's, in the same order: on CPU
 each ``_foreach`` op runs the ordinary kernel per tensor, so its numbers are bitwise those of
 ``step``. Adam/AdamW run torch's fused kernel (``torch.optim.Adam(fused=True)``'s; on CPU
 ``torch.optim.Adam``'s default path to a few ulps, and ``step``'s numbers up to rounding),
@@ -39,7 +42,7 @@ from .optim import (
     sgd_scalars,
 )
 
-__all__ = ["built_in_step", "eager_update", "stacks"]
+__all__ = ["built_in_step", "donates", "eager_update", "stacks"]
 
 Update: TypeAlias = Callable[..., tuple[Params, Any]]
 _Scalar: TypeAlias = Tensor | float
@@ -73,19 +76,31 @@ def stacks(opt: Optimizer) -> bool:
     return dict(opt.config).get("name") not in _BUILT_IN or built_in_step(opt)
 
 
-def eager_update(opt: Optimizer) -> Update | None:
+def donates(opt: Optimizer) -> bool:
+    """Whether ``eager_update(opt, donate=True)`` updates the state in place: the built-in
+    twins of Adam/AdamW, and of SGD with momentum (plain SGD has no state to update)."""
+    if opt.step_eager is not None or not built_in_step(opt):
+        return False
+    settings = dict(opt.config)
+    return settings["name"] != "sgd" or not is_zero(settings["momentum"])
+
+
+def eager_update(opt: Optimizer, donate: bool = False) -> Update | None:
     """The eager twin of ``opt.step``: ``opt.step_eager`` when its builder gave one, else the
     built-in twin of :func:`~funcreg.optim.sgd`, :func:`~funcreg.optim.adam` or
     :func:`~funcreg.optim.adamw`, found by the name in ``opt.config`` (only for the step
     those factories built: an optimizer that keeps their config with a step of its own gets
-    no twin); ``None`` when there is none (use ``opt.step``)."""
+    no twin); ``None`` when there is none (use ``opt.step``). ``donate=True``: the built-in
+    twins may overwrite the state they are given (Adam's moments, SGD's momentum buffers:
+    contiguous tensors that share no memory with each other or the params) instead of
+    copying it; the numbers are the same."""
     if opt.step_eager is not None:
         return opt.step_eager
     settings = dict(opt.config)
     twin = _TWINS.get(settings.get("name"))  # type: ignore[arg-type]
     if twin is None or not built_in_step(opt):
         return None
-    return twin(opt, settings)
+    return twin(opt, settings, donate)
 
 
 def _foreach_ok(params: Params, *scalars: _Scalar) -> bool:
@@ -171,6 +186,11 @@ class _MissingKernels:
 _NO_FUSED = _MissingKernels()
 
 
+def _owned(t: Tensor, donate: bool) -> Tensor:
+    """``t`` itself when donated and contiguous, else a contiguous copy for an in-place kernel."""
+    return t if donate and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
 def _fused_adam(
     decoupled: bool,
     grads: Params,
@@ -178,12 +198,15 @@ def _fused_adam(
     params: Params,
     count: Tensor,
     *scalars: _Scalar,
+    donate: bool = False,
 ) -> tuple[Params, AdamState] | None:
     """Adam/AdamW's step by ``torch._fused_adam_`` / ``torch._fused_adamw_`` — the kernel
     behind ``torch.optim.Adam(fused=True)``, one pass over each tensor — applied to
     contiguous copies (so the step stays pure; the CPU kernel walks memory in flat order,
-    so every tensor it sees is contiguous). On CPU its numbers follow
-    ``torch.optim.Adam``'s default path to a few ulps and ``step``'s up to rounding (tested).
+    so every tensor it sees is contiguous); with ``donate`` to the state's own moments
+    (the params are still copied: the caller's divergence guard may keep them). On CPU its
+    numbers follow ``torch.optim.Adam``'s default path to a few ulps and ``step``'s up to
+    rounding (tested).
     ``None`` when it cannot run here — a hyperparameter that is not a CPU number, state or
     gradients of another dtype or device than their parameter, a (device, dtype) this torch
     has no kernel for, or a ``torch`` without the op — and the caller takes the
@@ -208,8 +231,8 @@ def _fused_adam(
         fmt = torch.contiguous_format
         with torch.no_grad():
             ps = [params[k].detach().clone(memory_format=fmt) for k in keys]
-            ms = [state.exp_avg[k].clone(memory_format=fmt) for k in keys]
-            vs = [state.exp_avg_sq[k].clone(memory_format=fmt) for k in keys]
+            ms = [_owned(state.exp_avg[k], donate) for k in keys]
+            vs = [_owned(state.exp_avg_sq[k], donate) for k in keys]
             try:
                 kernel(
                     ps,
@@ -234,6 +257,8 @@ def _fused_adam(
             except RuntimeError as err:
                 if "not implemented" in str(err).lower():
                     _NO_FUSED.add(where)
+                elif donate:  # the state may be half-updated: no silent fallback
+                    raise
                 return None
         new_params.update(zip(keys, ps, strict=True))
         exp_avg.update(zip(keys, ms, strict=True))
@@ -248,9 +273,10 @@ def _fused_adam(
     )
 
 
-def _sgd_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
+def _sgd_twin(opt: Optimizer, settings: Mapping[str, Any], donate: bool = False) -> Update:
     """The eager twin of :func:`funcreg.optim.sgd`'s step: its ops, in its order, with one
-    ``torch._foreach_*`` call per op and group (bitwise the pure step's numbers on CPU)."""
+    ``torch._foreach_*`` call per op and group (bitwise the pure step's numbers on CPU);
+    ``donate``: the momentum buffers scaled in place (the same ops)."""
     use_momentum = not is_zero(settings["momentum"])
     nesterov = settings["nesterov"]
 
@@ -273,7 +299,12 @@ def _sgd_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
                 if first_now:
                     bufs = [g.clone() for g in gs]
                 else:
-                    bufs = _fe_scale([state.momentum_buffer[k] for k in keys], mu)
+                    old = [state.momentum_buffer[k] for k in keys]
+                    if donate and all(b.is_contiguous() for b in old):
+                        bufs = old
+                        torch._foreach_mul_(bufs, mu)
+                    else:
+                        bufs = _fe_scale(old, mu)
                     torch._foreach_add_(bufs, _fe_scale(gs, 1 - tau))
                     if not on_cpu:
                         first = state.step == 0
@@ -292,10 +323,11 @@ def _sgd_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
     return step_eager
 
 
-def _adam_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
+def _adam_twin(opt: Optimizer, settings: Mapping[str, Any], donate: bool = False) -> Update:
     """The eager twin of :func:`funcreg.optim.adam`/:func:`~funcreg.optim.adamw`'s step:
-    torch's fused kernel (:func:`_fused_adam`), else the pure step's arithmetic with
-    ``torch._foreach_*`` ops (equal to the pure step to rounding)."""
+    torch's fused kernel (:func:`_fused_adam`, on the state itself with ``donate``), else
+    the pure step's arithmetic with ``torch._foreach_*`` ops (equal to the pure step to
+    rounding; new tensors)."""
     name = settings["name"]
     decoupled = name == "adamw"
 
@@ -307,7 +339,9 @@ def _adam_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
         if not _foreach_ok(params, lr_, b1, b2, eps_, wd):
             return opt.step(grads, state, params, {} if hyper is None else hyper)
         count = state.step + 1
-        fused = _fused_adam(decoupled, grads, state, params, count, lr_, b1, b2, eps_, wd)
+        fused = _fused_adam(
+            decoupled, grads, state, params, count, lr_, b1, b2, eps_, wd, donate=donate
+        )
         if fused is not None:
             return fused
         cache: dict[torch.dtype, tuple[_Scalar, _Scalar]] = {}
@@ -342,7 +376,7 @@ def _adam_twin(opt: Optimizer, settings: Mapping[str, Any]) -> Update:
     return step_eager
 
 
-_TWINS: dict[str, Callable[[Optimizer, Mapping[str, Any]], Update]] = {
+_TWINS: dict[str, Callable[[Optimizer, Mapping[str, Any], bool], Update]] = {
     "sgd": _sgd_twin,
     "adam": _adam_twin,
     "adamw": _adam_twin,

@@ -277,6 +277,18 @@ def max_abs(ts: Sequence[Tensor]) -> float:
     return float(total_max([largest_abs(t) for t in ts]))
 
 
+def all_finite(ts: Sequence[Tensor]) -> bool:
+    """Whether every entry of ``ts`` is finite, read on the host: one sum per tensor (~10x
+    cheaper than ``abs().amax()`` on CPU) proves it when the total is finite; else (also a
+    sum of finite entries that overflows) the largest magnitude (:func:`max_abs`) decides."""
+    ts = [t for t in ts if t.numel()]
+    if not ts:
+        return True
+    if math.isfinite(float(torch.stack([t.sum().double() for t in ts]).sum())):
+        return True
+    return math.isfinite(max_abs(ts))
+
+
 def largest_abs(t: Tensor, dim: int | None = None) -> Tensor:
     """``max |t|`` (over ``dim``, or all of ``t``), NaN if any entry is NaN: ``abs().amax()``
     on CPU (a temporary copy of ``t``; ``vector_norm(t, inf)`` is ~10× slower there),

@@ -37,7 +37,8 @@ from torch import Tensor
 from torch.func import grad
 
 from . import _checks
-from ._foreach import eager_update
+from ._foreach import donates, eager_update
+from ._tree import all_finite
 from .activity import Activity
 from .activity import penalized as activity_penalized
 from .optim import Optimizer, prox_steps
@@ -217,11 +218,48 @@ def train_step(
     activation})`` (:func:`funcreg.activity.penalized`) and ``metrics`` gains each term's
     value.
     """
+    return _step(loss_fn, spec, optimizer, prox, autograd, activity)
+
+
+def eager_step(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    optimizer: Optimizer,
+    prox: bool = True,
+    activity: Mapping[str, Activity] | None = None,
+    donate_state: bool = False,
+) -> Step:
+    """:func:`train_step` with ``autograd=True`` for one unbatched model: the same
+    signature, the same numbers up to rounding, less per-step overhead on CPU (``fr.sweep``
+    runs chunks of one model with it). ``donate_state=True``: the optimizer's eager twin may
+    update the state it is given in place (:func:`funcreg._foreach.eager_update`), for a
+    caller that owns that state and never reads it again, one copy of it less per step; the
+    params are never modified. A step whose loss, penalty or gradients are not all finite
+    takes the copying update instead, so that a caller's divergence guard can keep the
+    state of the step before (only an update that overflows from finite gradients — a
+    learning rate near the dtype's range — changes a donated state that such a guard
+    then discards)."""
+    return _step(loss_fn, spec, optimizer, prox, True, activity, donate_state)
+
+
+def _step(
+    loss_fn: Callable[..., Tensor],
+    spec: Spec | Mapping[str, Penalty],
+    optimizer: Optimizer,
+    prox: bool,
+    autograd: bool,
+    activity: Mapping[str, Activity] | None,
+    donate_state: bool = False,
+) -> Step:
+    """:func:`train_step`'s step (``donate_state``: see :func:`eager_step`)."""
     grad_part, prox_part = split_spec(spec, prox)
     gradient = _gradient(loss_fn, grad_part, prox_part, autograd, activity)
     # eager: the optimizer's _foreach or fused twin of its step, when it has one
     twin = eager_update(optimizer) if autograd else None
     update = twin if twin is not None else optimizer.step
+    donated = (
+        eager_update(optimizer, True) if autograd and donate_state and donates(optimizer) else None
+    )
     has_prox = len(prox_part) > 0
     check_metric_prox("train_step", prox_part, optimizer.metric is not None)
 
@@ -229,7 +267,10 @@ def train_step(
         params: dict[str, Tensor], state: Any, strengths: Mapping[str, Any], *batch: Any
     ) -> tuple[dict[str, Tensor], Any, dict[str, Tensor]]:
         grads, metrics = gradient(params, strengths, *batch)
-        new_params, new_state = update(grads, state, params, strengths)
+        if donated is not None and all_finite([*grads.values(), *metrics.values()]):
+            new_params, new_state = donated(grads, state, params, strengths)
+        else:  # also a non-finite step: a divergence guard keeps the state it was given
+            new_params, new_state = update(grads, state, params, strengths)
         if has_prox:
             steps = prox_steps(optimizer, new_state, strengths)
             new_params = prox_part.prox(new_params, strengths, steps)

@@ -14,7 +14,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from funcreg import optim
-from funcreg._foreach import eager_update
+from funcreg._foreach import donates, eager_update
 from funcreg.optim import AdamState, MissingHyperparameterError, SGDState, adam, adamw, sgd
 
 DTYPE = torch.float64
@@ -554,3 +554,42 @@ def test_missing_fused_kernel_is_remembered(monkeypatch: pytest.MonkeyPatch) -> 
         assert calls == [1] and ("cpu", DTYPE) in _foreach._NO_FUSED
     finally:
         _foreach._NO_FUSED.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "opt",
+    [adam(0.05, weight_decay=0.1), adamw(0.05, weight_decay=0.1), sgd(0.1, momentum=0.9)],
+    ids=["adam", "adamw", "sgd-momentum"],
+)
+def test_donated_step_updates_the_state_in_place_with_the_same_numbers(
+    opt: optim.Optimizer, dtype: torch.dtype
+) -> None:
+    """``eager_update(opt, donate=True)``: bitwise the copying twin's params and state, the
+    state's tensors updated in place (the same storage; SGD's first step creates the
+    momentum buffer), the params it is given never modified."""
+    assert donates(opt)
+    params = make_params(dtype=dtype)
+    p1 = p2 = params
+    s1 = opt.init(params)
+    s2 = tree_map(torch.clone, s1)
+    for i in range(STEPS):
+        g = grad_fn(p1)
+        p1, s1 = eager_update(opt)(g, s1, p1, {})
+        given, snapshot = p2, tree_map(torch.clone, p2)
+        ptrs = [t.data_ptr() for t in tree_flatten(s2)[0] if t.ndim]
+        p2, s2 = eager_update(opt, donate=True)(g, s2, p2, {})
+        _assert_same_tree(given, snapshot)
+        if i > 0 or dict(opt.config)["name"] != "sgd":
+            assert [t.data_ptr() for t in tree_flatten(s2)[0] if t.ndim] == ptrs
+        _assert_same_tree((p1, s1), (p2, s2))
+
+
+def test_donation_only_where_a_built_in_twin_has_state() -> None:
+    opt = adam(0.1)
+    assert not donates(sgd(0.1))  # no state to update
+    assert not donates(opt._replace(step_eager=eager_update(opt)))  # the user's own twin
+    params, g = make_params(), grad_fn(make_params())
+    state = sgd(0.1).init(params)
+    new_p, new_s = eager_update(sgd(0.1), donate=True)(g, state, params, {})
+    _assert_same_tree((new_p, new_s), sgd(0.1).step(g, state, params, {}))

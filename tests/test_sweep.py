@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 import funcreg as fr
 from funcreg import sweep
 from funcreg._chunking import auto_chunk_size
 from funcreg._chunking import plan_chunks as _plan_chunks
 from funcreg._data import batch_order
-from funcreg._engine import eager_step
 from funcreg.optim import adam, sgd
 from funcreg.result import SweepResult
 from funcreg.stack import grid, stack
-from funcreg.train import train_step
+from funcreg.train import eager_step, train_step
 
 N, D = 48, 5
 
@@ -778,6 +779,31 @@ def test_eager_step_matches_train_step(f64: None, prox: bool) -> None:
     torch.testing.assert_close(p2, p1, rtol=0, atol=1e-14)
     torch.testing.assert_close(s2, s1, rtol=0, atol=1e-14)
     assert not any(v.requires_grad for v in p2.values())
+
+
+def test_donated_eager_step_keeps_the_state_of_a_non_finite_step(f64: None) -> None:
+    """``eager_step(..., donate_state=True)``: finite steps update the state in place with
+    the copying step's numbers; a step whose gradient is not finite leaves the state it was
+    given untouched (what ``fr.sweep``'s divergence guard keeps), and the params always."""
+    x, y = data()
+    net = mlp().double()
+    spec, opt = fr.Spec(l2=fr.L2()), adam(lr=0.05)
+    hp = {"l2": torch.tensor(1e-2)}
+    plain = eager_step(mse_of(net), spec, opt)
+    donated = eager_step(mse_of(net), spec, opt, donate_state=True)
+    p1 = p2 = fr.params(net)
+    s1, s2 = opt.init(p1), tree_map(torch.clone, opt.init(p1))
+    for _ in range(3):
+        p1, s1, _m = plain(p1, s1, hp, x, y)
+        p2, s2, _m = donated(p2, s2, hp, x, y)
+    torch.testing.assert_close((p2, s2), (p1, s1), rtol=0, atol=0)
+    before = tree_map(torch.clone, (p2, s2))
+    bad_x = x.clone()
+    bad_x[0, 0] = math.inf
+    p3, s3, m3 = donated(p2, s2, hp, bad_x, y)
+    assert not torch.isfinite(m3["loss"])
+    torch.testing.assert_close((p2, s2), before, rtol=0, atol=0, equal_nan=True)
+    assert s3.exp_avg["0.weight"].data_ptr() != s2.exp_avg["0.weight"].data_ptr()
 
 
 @pytest.mark.slow
