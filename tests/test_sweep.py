@@ -390,13 +390,20 @@ def test_divergence_is_isolated_bit_for_bit() -> None:
     assert bad.best(metric="loss").index < 5
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1], ids=["vmapped", "one-by-one"])
+@pytest.mark.parametrize(
+    ("chunk_size", "donate_min"),
+    [(None, None), (1, None), (1, 0)],
+    ids=["vmapped", "one-by-one", "one-by-one-donated"],
+)
 def test_diverged_models_keep_their_last_finite_params_and_optimizer_state(
-    chunk_size: int | None,
+    chunk_size: int | None, donate_min: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model that diverges at step ``t`` ends with the params AND the Adam state (step
     count, first and second moments) it had after step ``t - 1``: those of the same sweep
-    stopped after ``t`` steps. The healthy models end as in a sweep without the bad ones."""
+    stopped after ``t`` steps. The healthy models end as in a sweep without the bad ones.
+    Also where a lone model's step updates its state in place (``DONATE_MIN_NUMEL``)."""
+    if donate_min is not None:
+        monkeypatch.setattr(fr.train, "DONATE_MIN_NUMEL", donate_min)
     x, y = data()
     net = mlp()
     spec = fr.Spec(l1=fr.L1("0.weight"))
@@ -440,13 +447,19 @@ def test_diverged_models_keep_their_last_finite_params_and_optimizer_state(
 # ------------------------------------------------------------------------ checkpoints
 
 
-def test_checkpoint_resume_equals_uninterrupted(tmp_path: Any) -> None:
+@pytest.mark.parametrize("chunk_size", [None, 1], ids=["auto", "one-by-one-donated"])
+def test_checkpoint_resume_equals_uninterrupted(
+    tmp_path: Any, chunk_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     x, y = data()
     net = mlp(dropout=0.2)  # exercises the saved RNG state too
     g = grid(l1=[1e-3, 1e-2, 1e-1], l2=1e-3)
     kw: dict[str, Any] = dict(
-        train=(x, y), val=data(1), optimizer=adam(0.02), batch_size=16, eval_every=3, progress=False
-    )
+        train=(x, y), val=data(1), optimizer=adam(0.02), batch_size=16, eval_every=3,
+        progress=False, chunk_size=chunk_size,
+    )  # fmt: skip
+    if chunk_size == 1:  # a lone model's state updated in place: its checkpoints copy it
+        monkeypatch.setattr(fr.train, "DONATE_MIN_NUMEL", 0)
     full = sweep(net, mse_of(net), SPEC, g, steps=12, **kw)
     path = tmp_path / "ck.pt"
     first = sweep(net, mse_of(net), SPEC, g, steps=6, checkpoint=path, **kw)
@@ -781,12 +794,15 @@ def test_eager_step_matches_train_step(f64: None, prox: bool) -> None:
     assert not any(v.requires_grad for v in p2.values())
 
 
-def test_donated_eager_step_keeps_the_state_of_a_non_finite_step(f64: None) -> None:
+def test_donated_eager_step_keeps_the_state_of_a_non_finite_step(
+    f64: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``eager_step(..., donate_state=True)``: finite steps update the state in place with
     the copying step's numbers; a step whose gradient is not finite leaves the state it was
     given untouched (what ``fr.sweep``'s divergence guard keeps), and the params always."""
     x, y = data()
     net = mlp().double()
+    monkeypatch.setattr(fr.train, "DONATE_MIN_NUMEL", 0)  # a small model donates too
     spec, opt = fr.Spec(l2=fr.L2()), adam(lr=0.05)
     hp = {"l2": torch.tensor(1e-2)}
     plain = eager_step(mse_of(net), spec, opt)
@@ -795,7 +811,9 @@ def test_donated_eager_step_keeps_the_state_of_a_non_finite_step(f64: None) -> N
     s1, s2 = opt.init(p1), tree_map(torch.clone, opt.init(p1))
     for _ in range(3):
         p1, s1, _m = plain(p1, s1, hp, x, y)
+        ptr = s2.exp_avg["0.weight"].data_ptr()
         p2, s2, _m = donated(p2, s2, hp, x, y)
+        assert s2.exp_avg["0.weight"].data_ptr() == ptr  # updated in place
     torch.testing.assert_close((p2, s2), (p1, s1), rtol=0, atol=0)
     before = tree_map(torch.clone, (p2, s2))
     bad_x = x.clone()
