@@ -203,7 +203,7 @@ class _Run:
             step = _train.eager_step(wrapped, s.spec, s.optimizer, s.prox, act, donate)
             return with_metric_vector(step)
 
-        one_eager, self.pure_eager = eager(True), eager(False)  # donated: the chunk's own state
+        one_eager, self.dead_step = eager(True), eager(False)  # donated: the chunk's own state
         data_loss_fn = data_loss(loss_fn, act)
 
         def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
@@ -453,9 +453,9 @@ class _Run:
                 ch.alive = keep
             else:
                 old_b = {n: v.clone() for n, v in ch.bufs.items()}  # BatchNorm updates in place
-                new_p, new_s, mvec = self.eager_fns[ch.batched](
-                    ch.params, ch.state, ch.bufs, ch.strengths, batch
-                )
+                # a lone diverged model steps on copies: its frozen state must not drift
+                fn = self.eager_fns[ch.batched] if ch.healthy or ch.batched else self.dead_step
+                new_p, new_s, mvec = fn(ch.params, ch.state, ch.bufs, ch.strengths, batch)
                 if ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
                     ch.params, ch.state = new_p, new_s
                 else:
@@ -559,8 +559,9 @@ class _Run:
             self.plan, self.plan_record = self._choose_plan(first)
             self.plan_record = _plan.with_cuda_graph(self.plan_record, s.plan)
             if self.plan_record.get("cuda_graph"):
-                pure = {True: self.eager_fns[True], False: self.pure_eager}  # graphs: no donation
+                pure = {True: self.eager_fns[True], False: self.dead_step}  # graphs: no donation
                 self.eager_fns = graphed(pure, s.dev)
+                self.dead_step = self.eager_fns[False]
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])
                 if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:

@@ -218,16 +218,22 @@ def _fused_adam(
     new_params: Params = {}
     exp_avg: Params = {}
     exp_avg_sq: Params = {}
-    for keys in _groups(params):
+    groups = _groups(params)
+    for keys in groups:  # every group checked before any kernel runs
         first = params[keys[0]]
-        where = (first.device.type, first.dtype)
-        if where in _NO_FUSED:
+        if (first.device.type, first.dtype) in _NO_FUSED:
             return None
         for k in keys:
             p = params[k]
             others = (grads[k], state.exp_avg[k], state.exp_avg_sq[k])
             if any((t.dtype, t.device, t.shape) != (p.dtype, p.device, p.shape) for t in others):
                 return None
+    # in place only for one group: a later group's missing kernel would send the step to the
+    # _foreach path with the earlier groups' moments already updated
+    donate = donate and len(groups) == 1
+    for keys in groups:
+        first = params[keys[0]]
+        where = (first.device.type, first.dtype)
         fmt = torch.contiguous_format
         with torch.no_grad():
             ps = [params[k].detach().clone(memory_format=fmt) for k in keys]

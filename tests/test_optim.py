@@ -593,3 +593,31 @@ def test_donation_only_where_a_built_in_twin_has_state() -> None:
     state = sgd(0.1).init(params)
     new_p, new_s = eager_update(sgd(0.1), donate=True)(g, state, params, {})
     _assert_same_tree((new_p, new_s), sgd(0.1).step(g, state, params, {}))
+
+
+def test_donated_adam_with_groups_of_two_dtypes_equals_the_copying_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Params of two dtypes make two groups; when the second has no fused kernel (known
+    before, or found when it raises) the step takes the ``_foreach`` path, which must start
+    from untouched moments (found in review: the first group's were updated twice)."""
+    from funcreg import _foreach
+
+    kernel = torch._fused_adam_
+
+    def no_float64(params: list[torch.Tensor], *args: Any, **kwargs: Any) -> None:
+        if params[0].dtype == torch.float64:
+            raise NotImplementedError("_fused_adam_ not implemented for Double (test)")
+        kernel(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", no_float64)
+    monkeypatch.setattr(_foreach, "_NO_FUSED", _foreach._MissingKernels())
+    params = {"a": torch.randn(3, dtype=torch.float32), "b": torch.randn(3, dtype=torch.float64)}
+    opt = adam(0.1)
+    s1, s2 = opt.init(params), tree_map(torch.clone, opt.init(params))
+    p1 = p2 = params
+    for _ in range(3):
+        g = grad_fn(p1)
+        p2, s2 = eager_update(opt, donate=True)(g, s2, p2, {})  # first: finds the missing kernel
+        p1, s1 = eager_update(opt)(g, s1, p1, {})
+        _assert_same_tree((p1, s1), (p2, s2))

@@ -444,6 +444,42 @@ def test_diverged_models_keep_their_last_finite_params_and_optimizer_state(
             assert torch.equal(sb[k], ss[k]), j
 
 
+def test_a_lone_model_that_overflows_from_finite_gradients_keeps_its_params_and_frozen_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Donated state (forced on a small model): a learning rate near float32's range
+    overflows the params from finite gradients. The model keeps its last finite params
+    (bitwise those of the copying run); its optimizer state is that of the overflowing
+    step (documented on ``eager_step``) and then stays frozen: a dead model steps on copies
+    (found in review: its moments drifted every step)."""
+    x, y = data()
+    net = mlp()
+    kw: dict[str, Any] = dict(
+        train=(x, y), optimizer=adam(lr="lr"), batch_size=16, chunk_size=1, progress=False
+    )
+    g = grid(lr=[0.01, 3e38], l1=1e-3)  # the prox's step overflows at step 0
+    spec = fr.Spec(l1=fr.L1("0.weight"))
+    runs = {}
+    for donate_min, steps in ((10**12, 6), (0, 6), (0, 3)):
+        monkeypatch.setattr(fr.train, "DONATE_MIN_NUMEL", donate_min)
+        runs[donate_min, steps] = sweep(net, mse_of(net), spec, g, steps=steps, **kw)
+    copying, donated, early = runs[10**12, 6], runs[0, 6], runs[0, 3]
+    assert donated.diverged.tolist() == copying.diverged.tolist() == [False, True]
+    assert int(donated.diverged_at[1]) == int(copying.diverged_at[1]) < 3
+    for n in copying.stacked:
+        assert torch.equal(donated.stacked[n], copying.stacked[n])
+    torch.testing.assert_close(
+        donated.history["loss"], copying.history["loss"], rtol=0, atol=0, equal_nan=True
+    )
+    assert donated.resume is not None and early.resume is not None and copying.resume is not None
+    late, soon = donated.resume["opt_state"], early.resume["opt_state"]
+    ref = copying.resume["opt_state"]
+    assert torch.equal(late[0], ref[0])  # the step counts froze where the copying run's did
+    for a, b, r in zip(late, soon, ref, strict=True):
+        assert torch.equal(a[0], r[0])  # the healthy model: untouched by donation
+        assert torch.equal(a[1], b[1]) and torch.isfinite(a[1]).all()  # no drift once dead
+
+
 # ------------------------------------------------------------------------ checkpoints
 
 
