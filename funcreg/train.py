@@ -226,6 +226,14 @@ DONATE_MIN_NUMEL = 1 << 16
 check that donation needs costs tens of microseconds, the copy it saves ~1 ns per entry."""
 
 
+def _donates_here(params: Mapping[str, Tensor]) -> bool:
+    """Whether a donated step pays off for these params: on CPU (elsewhere its finiteness
+    check would be a second host sync per step) from :data:`DONATE_MIN_NUMEL` entries."""
+    ps = list(params.values())
+    on_cpu = bool(ps) and ps[0].device.type == "cpu"
+    return on_cpu and sum(p.numel() for p in ps) >= DONATE_MIN_NUMEL
+
+
 def eager_step(
     loss_fn: Callable[..., Tensor],
     spec: Spec | Mapping[str, Penalty],
@@ -239,8 +247,8 @@ def eager_step(
     runs chunks of one model with it). ``donate_state=True``: the optimizer's eager twin may
     update the state it is given in place (:func:`funcreg._foreach.eager_update`), for a
     caller that owns that state and never reads it again, one copy of it less per step
-    (models of at least :data:`DONATE_MIN_NUMEL` parameter entries); the params are never
-    modified. A step whose loss, penalty or gradients are not all finite
+    (on CPU, for models of at least :data:`DONATE_MIN_NUMEL` parameter entries); the params
+    are never modified. A step whose loss, penalty or gradients are not all finite
     takes the copying update instead, so that a caller's divergence guard can keep the
     state of the step before (only an update that overflows from finite gradients — a
     learning rate near the dtype's range — changes a donated state that such a guard
@@ -275,7 +283,7 @@ def _step(
         grads, metrics = gradient(params, strengths, *batch)
         if (
             donated is not None
-            and sum(p.numel() for p in params.values()) >= DONATE_MIN_NUMEL
+            and _donates_here(params)
             and all_finite([*grads.values(), *metrics.values()])
         ):
             new_params, new_state = donated(grads, state, params, strengths)
