@@ -67,3 +67,20 @@ def test_max_abs_sees_every_non_finite_value_and_never_overflows(bad, big):
     assert math.isfinite(_tree.max_abs(huge))  # a sum would overflow to inf here
     ts[1][4] = bad
     assert not math.isfinite(_tree.max_abs(ts))
+
+
+_SPECIAL = [0.0, 1.0, -2.5, 3e38, -3e38, 6e4, 1e-40, math.inf, -math.inf, math.nan]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_SPECIAL), max_size=6), max_size=4),
+    st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_all_finite_is_every_entry_finite(values: list[list[float]], dtype: torch.dtype) -> None:
+    """``all_finite`` (a sum per tensor, then the largest magnitude when the sum is not
+    finite) says what ``isfinite().all()`` says, also where finite entries sum past the
+    dtype's range, for empty lists, empty tensors, subnormals and half precision."""
+    ts = [torch.tensor(v, dtype=torch.float64).to(dtype) for v in values]
+    expected = all(bool(torch.isfinite(t).all()) for t in ts)
+    assert _tree.all_finite(ts) is expected
