@@ -203,7 +203,8 @@ class _Run:
             step = _train.eager_step(wrapped, s.spec, s.optimizer, s.prox, act, donate)
             return with_metric_vector(step)
 
-        one_eager, self.dead_step = eager(True), eager(False)  # donated: the chunk's own state
+        # donated: the chunk's own state; copying: a diverged model's and CUDA graphs' step
+        one_eager, self.copying_step = eager(True), eager(False)
         data_loss_fn = data_loss(loss_fn, act)
 
         def one_val(p: dict[str, Tensor], bufs: dict[str, Tensor], b: Batch) -> Tensor:
@@ -454,7 +455,7 @@ class _Run:
             else:
                 old_b = {n: v.clone() for n, v in ch.bufs.items()}  # BatchNorm updates in place
                 # a lone diverged model steps on copies: its frozen state must not drift
-                fn = self.eager_fns[ch.batched] if ch.healthy or ch.batched else self.dead_step
+                fn = self.eager_fns[ch.batched] if ch.healthy or ch.batched else self.copying_step
                 new_p, new_s, mvec = fn(ch.params, ch.state, ch.bufs, ch.strengths, batch)
                 if ch.healthy and _all_finite(mvec, new_p):  # nothing to undo
                     ch.params, ch.state = new_p, new_s
@@ -559,9 +560,9 @@ class _Run:
             self.plan, self.plan_record = self._choose_plan(first)
             self.plan_record = _plan.with_cuda_graph(self.plan_record, s.plan)
             if self.plan_record.get("cuda_graph"):
-                pure = {True: self.eager_fns[True], False: self.dead_step}  # graphs: no donation
+                pure = {True: self.eager_fns[True], False: self.copying_step}  # graphs: no donation
                 self.eager_fns = graphed(pure, s.dev)
-                self.dead_step = self.eager_fns[False]
+                self.copying_step = self.eager_fns[False]
             if s.prev is not None and s.prev.resume is not None:
                 torch.set_rng_state(s.prev.resume["rng"])
                 if s.dev.type == "cuda" and s.prev.resume.get("cuda_rng") is not None:
